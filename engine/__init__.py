@@ -1,0 +1,1 @@
+"""The write side: bus, pure deciders, dispatcher, consent verification."""

@@ -1,0 +1,367 @@
+"""The only door to JetStream: connect, provision, append (dedupe + OCC), read.
+
+Everything else talks to NATS through a ``Bus``; subjects and ids come from
+``schemas.subjects``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from schemas import subjects
+from schemas.events import Envelope, TbEvent, decode_event, encode_event
+
+log = structlog.get_logger("tb.bus")
+
+WRONG_LAST_SEQUENCE = 10071
+T = TypeVar("T")
+
+
+class ConcurrencyConflict(Exception):
+    """Someone appended to the aggregate since we read it (JetStream error 10071)."""
+
+    def __init__(self, stream_filter: str, expected: int) -> None:
+        super().__init__(f"{stream_filter}: expected last sequence {expected}, it moved on")
+        self.stream_filter, self.expected = stream_filter, expected
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """Stream and consumer settings; R3 and longer ack waits in scaled mode."""
+
+    replicas: int = 1
+    duplicate_window: float = 120.0
+    ack_wait: float = 60.0
+    max_deliver: int = 5
+    presence_ttl: float = 15.0
+    logs_max_age: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Appended:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Expect:
+    """Optimistic concurrency: the stream sequence of the aggregate's last event (0 = none)."""
+
+    stream_filter: str
+    last_seq: int
+
+
+class Bus:
+    def __init__(self, nc: Client, config: BusConfig) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.config = config
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, name: str, config: BusConfig | None = None, connect_timeout: float = 5.0
+    ) -> Bus:
+        async def on_error(err: Exception) -> None:
+            log.warning("nats.error", error=str(err))
+
+        nc = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=on_error,
+        )
+        return cls(nc, config or BusConfig())
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- provisioning ---------------------------------------------------------------
+
+    async def provision(self) -> None:
+        """Create or update streams, buckets and the advisory capture; safe to repeat."""
+        c = self.config
+        await self._ensure_stream(
+            StreamConfig(
+                name=subjects.EVENTS_STREAM,
+                subjects=subjects.EVENT_SUBJECTS,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                duplicate_window=c.duplicate_window,
+                discard=DiscardPolicy.OLD,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=subjects.LOGS_STREAM,
+                subjects=subjects.LOG_SUBJECTS,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                max_age=c.logs_max_age,
+                duplicate_window=c.duplicate_window,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=subjects.ADVISORIES_STREAM,
+                subjects=[subjects.max_deliveries_advisory("*")],
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
+                max_age=c.logs_max_age,
+            )
+        )
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=subjects.RUNNERS_BUCKET,
+                    ttl=c.presence_ttl,
+                    replicas=c.replicas,
+                    storage=StorageType.FILE,
+                )
+            )
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=subjects.LEASES_BUCKET,
+                    ttl=c.presence_ttl,
+                    replicas=c.replicas,
+                    storage=StorageType.FILE,
+                )
+            )
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await self.js.create_object_store(
+                subjects.DATASETS_BUCKET,
+                config=ObjectStoreConfig(
+                    replicas=c.replicas,
+                    storage=StorageType.FILE,
+                )
+            )
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        try:
+            await self.js.stream_info(config.name or "")
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+        else:
+            await self.js.update_stream(config)
+
+    async def ensure_dispatch_consumer(self, os: str, browser: str) -> str:
+        """The platform's shared durable pull consumer (never ``inactive_threshold``)."""
+        durable = subjects.dispatch_consumer(os, browser)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subjects.dispatch_subject(os, browser),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.config.ack_wait,
+            max_deliver=self.config.max_deliver,
+            max_ack_pending=10_000,
+        )
+        try:
+            await self.js.add_consumer(subjects.EVENTS_STREAM, config)
+        except nats.js.errors.BadRequestError:
+            # exists with other settings (e.g. an older ack wait): keep it working
+            pass
+        return durable
+
+    # -- writing --------------------------------------------------------------------
+
+    def _headers(self, event: TbEvent, msg_id: str, expect: Expect | None) -> dict[str, str]:
+        headers = {subjects.MSG_ID_HEADER: msg_id, subjects.TYPE_HEADER: type(event).__name__}
+        if expect is not None:
+            headers[subjects.EXPECTED_LAST_SUBJECT_SEQ] = str(expect.last_seq)
+            headers[subjects.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = expect.stream_filter
+        return headers
+
+    async def append(
+        self, event: TbEvent, *, msg_id: str, expect: Expect | None = None
+    ) -> Appended:
+        """Store one event; raises ``ConcurrencyConflict`` when ``expect`` no longer holds."""
+        subject = subjects.subject_for(event)
+        try:
+            ack = await self.js.publish(
+                subject,
+                encode_event(event),
+                stream=subjects.EVENTS_STREAM,
+                headers=self._headers(event, msg_id, expect),
+            )
+        except nats.js.errors.APIError as err:
+            if expect is not None and err.err_code == WRONG_LAST_SEQUENCE:
+                raise ConcurrencyConflict(expect.stream_filter, expect.last_seq) from err
+            raise
+        return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def append_pipelined(
+        self, items: Sequence[tuple[TbEvent, str]]
+    ) -> list[Appended]:
+        """Publish many events without waiting for each ack in turn, then await all acks."""
+        futures = [
+            await self.js.publish_async(
+                subjects.subject_for(event),
+                encode_event(event),
+                headers=self._headers(event, msg_id, None),
+            )
+            for event, msg_id in items
+        ]
+        acks = await asyncio.gather(*futures)
+        return [Appended(seq=a.seq, duplicate=bool(a.duplicate)) for a in acks]
+
+    async def publish_raw(self, subject: str, payload: bytes) -> None:
+        """Core NATS publish for non-event traffic (log lines)."""
+        await self.nc.publish(subject, payload)
+
+    # -- reading --------------------------------------------------------------------
+
+    async def last_seq(self) -> int:
+        info = await self.js.stream_info(subjects.EVENTS_STREAM)
+        return int(info.state.last_seq)
+
+    async def load(self, stream_filter: str) -> list[Envelope]:
+        """Every event of one aggregate, in order (for deciders)."""
+        envelopes: list[Envelope] = []
+        async for batch in self.read(1, stream_filter, follow=False):
+            envelopes.extend(batch)
+        return envelopes
+
+    async def read(
+        self,
+        start_seq: int,
+        stream_filter: str | list[str] | None = None,
+        *,
+        follow: bool = True,
+        batch: int = 500,
+        idle_timeout: float = 1.0,
+    ) -> AsyncIterator[list[Envelope]]:
+        """Ordered batches of events from ``start_seq`` on.
+
+        An ephemeral pull consumer without acks, recreated from the last sequence seen
+        whenever it goes away (server restart, lost heartbeat): the reader never skips
+        and never repeats. With ``follow=False`` it stops at the end of the stream.
+        """
+        next_seq = max(start_seq, 1)
+        filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
+        while True:
+            sub = None
+            try:
+                sub = await self._ephemeral_reader(next_seq, filters)
+                if not follow:
+                    info = await sub.consumer_info()
+                    remaining = int(info.num_pending)
+                    if remaining == 0:
+                        return
+                while True:
+                    try:
+                        msgs = await sub.fetch(batch, timeout=idle_timeout)
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        if not follow:
+                            return
+                        continue
+                    envelopes = []
+                    for msg in msgs:
+                        seq = msg.metadata.sequence.stream
+                        if seq < next_seq:
+                            continue
+                        next_seq = seq + 1
+                        envelope = envelope_of(msg)
+                        if envelope is not None:
+                            envelopes.append(envelope)
+                    if envelopes:
+                        yield envelopes
+                    if not follow:
+                        remaining -= len(msgs)
+                        if remaining <= 0:
+                            return
+            except (nats.js.errors.NotFoundError, nats.errors.ConnectionClosedError) as err:
+                if isinstance(err, nats.errors.ConnectionClosedError) and self.nc.is_closed:
+                    raise
+                log.warning("reader.recreate", next_seq=next_seq, error=type(err).__name__)
+                await asyncio.sleep(0.2)
+            except nats.js.errors.APIError as err:
+                log.warning("reader.recreate", next_seq=next_seq, error=str(err))
+                await asyncio.sleep(0.2)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+
+    async def _ephemeral_reader(
+        self, start_seq: int, filters: list[str] | None
+    ) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        if filters and len(filters) == 1:
+            config.filter_subject = filters[0]
+        elif filters:
+            config.filter_subjects = filters
+        return await self.js.pull_subscribe(
+            filters[0] if filters else "", stream=subjects.EVENTS_STREAM, config=config
+        )
+
+    # -- key/value ------------------------------------------------------------------
+
+    async def kv(self, bucket: str) -> KeyValue:
+        return await self.js.key_value(bucket)
+
+
+def envelope_of(msg: Msg) -> Envelope | None:
+    try:
+        event = decode_event(msg.data)
+    except msgspec.ValidationError:
+        log.error("event.undecodable", subject=msg.subject, seq=msg.metadata.sequence.stream)
+        return None
+    return Envelope(seq=msg.metadata.sequence.stream, subject=msg.subject, event=event)
+
+
+async def retry_on_conflict(
+    attempt: Callable[[], Awaitable[T]], *, tries: int = 8, base_delay: float = 0.005
+) -> T:
+    """Re-run read-decide-append when another writer won the race."""
+    for n in range(tries):
+        try:
+            return await attempt()
+        except ConcurrencyConflict:
+            if n == tries - 1:
+                raise
+            await asyncio.sleep(base_delay * (2**n))
+    raise AssertionError("unreachable")

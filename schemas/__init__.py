@@ -1,0 +1,1 @@
+"""The contract: events, commands, DTOs and subject names. Imports nothing of ours."""

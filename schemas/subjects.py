@@ -1,0 +1,123 @@
+"""Every subject, stream, bucket and message-id is spelled here and nowhere else."""
+
+from __future__ import annotations
+
+from schemas.events import (
+    ConsentEvent,
+    FlowDispatched,
+    FlowEvent,
+    JobEvent,
+    RunnerEvent,
+    TbEvent,
+)
+
+EVENTS_STREAM = "TB"
+LOGS_STREAM = "TB_LOGS"
+ADVISORIES_STREAM = "TB_ADVISORIES"
+
+EVENT_SUBJECTS = [
+    "tb.job.>",
+    "tb.dispatch.>",
+    "tb.flow.>",
+    "tb.runner.>",
+    "tb.consent.>",
+    "tb.dataset.>",
+    "tb.schedule.>",
+    "tb.user.>",
+    "tb.proxy.>",
+]
+LOG_SUBJECTS = ["tb.log.>"]
+
+RUNNERS_BUCKET = "tb_runners"
+LEASES_BUCKET = "tb_leases"
+DATASETS_BUCKET = "tb_datasets"
+
+TYPE_HEADER = "Tb-Type"
+MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+
+
+def domain_token(domain: str) -> str:
+    """A domain as one subject token: dots become underscores (hostnames never hold ``_``)."""
+    return domain.lower().replace(".", "_")
+
+
+def token_domain(token: str) -> str:
+    return token.replace("_", ".")
+
+
+def job_subject(job_id: str, event_type: str) -> str:
+    return f"tb.job.{job_id}.{event_type}"
+
+
+def job_stream_filter(job_id: str) -> str:
+    """All events of one job aggregate (the optimistic-concurrency scope)."""
+    return f"tb.job.{job_id}.*"
+
+
+def dispatch_subject(os: str, browser: str) -> str:
+    return f"tb.dispatch.{os}.{browser}"
+
+
+def dispatch_consumer(os: str, browser: str) -> str:
+    """The one shared durable pull consumer of a platform's work queue."""
+    return f"dispatch_{os}_{browser}"
+
+
+def flow_subject(job_id: str, event_type: str) -> str:
+    return f"tb.flow.{job_id}.{event_type}"
+
+
+def runner_subject(runner_id: str, event_type: str) -> str:
+    return f"tb.runner.{runner_id}.{event_type}"
+
+
+def consent_subject(domain: str, event_type: str) -> str:
+    return f"tb.consent.{domain_token(domain)}.{event_type}"
+
+
+def consent_stream_filter(domain: str) -> str:
+    return f"tb.consent.{domain_token(domain)}.*"
+
+
+def log_subject(job_id: str) -> str:
+    return f"tb.log.{job_id}"
+
+
+def subject_for(event: TbEvent) -> str:
+    """The subject an event is stored on, derived from its type and aggregate id."""
+    kind = type(event).__name__
+    if isinstance(event, FlowDispatched):
+        return dispatch_subject(event.platform.os, event.platform.browser)
+    if isinstance(event, FlowEvent):
+        return flow_subject(event.job_id, kind)
+    if isinstance(event, JobEvent):
+        return job_subject(event.job_id, kind)
+    if isinstance(event, RunnerEvent):
+        return runner_subject(event.runner_id, kind)
+    if isinstance(event, ConsentEvent):
+        return consent_subject(event.domain, kind)
+    raise TypeError(f"no subject for {kind}")
+
+
+def dispatch_msg_id(flow_id: str, attempt: int) -> str:
+    return f"dispatch:{flow_id}:{attempt}"
+
+
+def flow_msg_id(event: FlowEvent, n: int = 0) -> str:
+    """``<flow_id>:<attempt>:<type>:<n>``: a runner retrying a publish is deduplicated."""
+    return f"{event.flow_id}:{event.attempt}:{type(event).__name__}:{n}"
+
+
+def aggregate_msg_id(stream_filter: str, expected_seq: int, event_type: str) -> str:
+    """One id per (aggregate, version, type): a retried append after a lost ack dedupes."""
+    return f"{stream_filter}@{expected_seq}:{event_type}"
+
+
+def runner_msg_id(event: RunnerEvent) -> str:
+    return f"runner:{event.runner_id}:{type(event).__name__}:{event.id}"
+
+
+def max_deliveries_advisory(consumer: str) -> str:
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS_STREAM}.{consumer}"

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cli.nats_server import start_nats_server
+from engine.bus import Bus, BusConfig
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsServer:
+    def __init__(self, port: int, store: Path) -> None:
+        self.port, self.store = port, store
+        self.url = f"nats://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await start_nats_server(self.port, self.store)
+
+    async def kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(free_port(), tmp_path / "jetstream")
+    await server.start()
+    yield server
+    await server.kill()
+
+
+@pytest.fixture
+def bus_config() -> BusConfig:
+    return BusConfig(ack_wait=3.0, presence_ttl=3.0)
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer, bus_config: BusConfig) -> AsyncIterator[Bus]:
+    b = await Bus.connect(nats_server.url, name="test", config=bus_config)
+    await b.provision()
+    yield b
+    await b.close()

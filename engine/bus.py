@@ -169,7 +169,7 @@ class Bus:
                 config=ObjectStoreConfig(
                     replicas=c.replicas,
                     storage=StorageType.FILE,
-                )
+                ),
             )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
@@ -192,11 +192,9 @@ class Bus:
             max_deliver=self.config.max_deliver,
             max_ack_pending=10_000,
         )
-        try:
+        # exists with other settings (e.g. an older ack wait): keep it working
+        with contextlib.suppress(nats.js.errors.BadRequestError):
             await self.js.add_consumer(subjects.EVENTS_STREAM, config)
-        except nats.js.errors.BadRequestError:
-            # exists with other settings (e.g. an older ack wait): keep it working
-            pass
         return durable
 
     # -- writing --------------------------------------------------------------------
@@ -226,9 +224,7 @@ class Bus:
             raise
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
-    async def append_pipelined(
-        self, items: Sequence[tuple[TbEvent, str]]
-    ) -> list[Appended]:
+    async def append_pipelined(self, items: Sequence[tuple[TbEvent, str]]) -> list[Appended]:
         """Publish many events without waiting for each ack in turn, then await all acks."""
         futures = [
             await self.js.publish_async(
@@ -287,7 +283,7 @@ class Bus:
                 while True:
                     try:
                         msgs = await sub.fetch(batch, timeout=idle_timeout)
-                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    except (TimeoutError, nats.errors.TimeoutError):
                         if not follow:
                             return
                         continue

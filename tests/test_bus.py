@@ -13,8 +13,13 @@ from schemas.values import JobSettings, Target
 
 def created(job_id: str) -> JobCreated:
     return JobCreated(
-        id=new_id(), at=utcnow(), actor="test", job_id=job_id, name="n",
-        targets=[Target(url="http://127.0.0.1/")], settings=JobSettings(),
+        id=new_id(),
+        at=utcnow(),
+        actor="test",
+        job_id=job_id,
+        name="n",
+        targets=[Target(url="http://127.0.0.1/")],
+        settings=JobSettings(),
     )
 
 

@@ -1,0 +1,82 @@
+"""Finding and launching Chromium: the system browser first, else Playwright's managed one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import structlog
+from playwright.async_api import Browser, Playwright
+from playwright.async_api import Error as PlaywrightError
+
+log = structlog.get_logger("tb.agent")
+
+CHROMIUM_ENV = "TB_CHROMIUM"
+CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+INSTALL_HINT = (
+    "apt-get install chromium (Debian/Ubuntu) or: python -m playwright install --with-deps chromium"
+)
+
+
+class BrowserMissing(Exception):
+    """No Chromium could be launched; the message says what to install."""
+
+
+def find_chromium() -> str | None:
+    """The Chromium executable to use: ``$TB_CHROMIUM``, else a system install, else None."""
+    explicit = os.environ.get(CHROMIUM_ENV)
+    if explicit:
+        return explicit
+    for path in CHROMIUM_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    for name in CHROMIUM_NAMES:
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def managed_chromium_installed() -> bool:
+    """Whether ``playwright install chromium`` has put a browser in its cache."""
+    cache = os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or str(Path.home() / ".cache/ms-playwright")
+    return any(Path(cache).glob("chromium-*"))
+
+
+async def launch_chromium(playwright: Playwright, headless: bool = True) -> Browser:
+    """Launch the system Chromium, falling back to Playwright's managed build."""
+    path = find_chromium()
+    if path is not None:
+        try:
+            return await playwright.chromium.launch(
+                executable_path=path, headless=headless, args=CHROMIUM_ARGS
+            )
+        except PlaywrightError as err:
+            log.warning("browser.launch_failed", executable=path, error=first_line(err))
+    try:
+        return await playwright.chromium.launch(headless=headless, args=CHROMIUM_ARGS)
+    except PlaywrightError as err:
+        tried = (
+            f"{path} and Playwright's managed Chromium" if path else "Playwright's managed Chromium"
+        )
+        raise BrowserMissing(
+            f"no Chromium could be launched (tried {tried}: {first_line(err)}); install one: "
+            + INSTALL_HINT
+        ) from err
+
+
+def first_line(err: BaseException) -> str:
+    """Playwright errors carry a long call log after the first line."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

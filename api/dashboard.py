@@ -1,0 +1,14 @@
+"""The web dashboard: one page fed by the REST API and /ws."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from litestar import MediaType, get
+
+_PAGE = files("api").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+@get("/", media_type=MediaType.HTML, include_in_schema=False)
+async def dashboard() -> str:
+    return _PAGE

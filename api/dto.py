@@ -1,0 +1,74 @@
+"""Request and response bodies of the HTTP API (read models live in projections.queries)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from schemas.values import Domain, JobSettings, Platform, Target
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class CreateJobIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    targets: Annotated[list[Target], msgspec.Meta(min_length=1, max_length=1000)]
+    settings: JobSettings = JobSettings()
+    platform: Platform | None = None
+
+
+class Created(msgspec.Struct):
+    job_id: str
+    seq: int  # a read can wait for the projection to reach it
+
+
+class Accepted(msgspec.Struct):
+    job_id: str
+    seq: int
+    status: str
+
+
+class ClaimIn(msgspec.Struct, forbid_unknown_fields=True):
+    domain: Domain
+
+
+class Claimed(msgspec.Struct):
+    domain: str
+    token: str
+    well_known_url: str
+    seq: int
+
+
+class VerifyIn(msgspec.Struct, forbid_unknown_fields=True):
+    base_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+
+
+class Verified(msgspec.Struct):
+    domain: str
+    status: Literal["verified"]
+    evidence: str
+    expires_at: str
+    seq: int
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """Every 4xx body: ``detail`` names the field and the rule."""
+
+    status_code: int
+    detail: str
+    field: str | None = None
+    rule: str | None = None
+
+
+class AvailablePlatform(msgspec.Struct):
+    os: str
+    browser: str
+    runners: int
+    slots: int
+
+
+class Readiness(msgspec.Struct):
+    status: Literal["ready", "not ready"]
+    missing: list[str]
+    projection_seq: int

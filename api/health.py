@@ -1,0 +1,44 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+from litestar.di import NamedDependency, Provide
+
+from api.deps import services_from_state
+from api.dto import Readiness
+from api.services import Services
+from engine.presence import online_runners
+
+
+@get("/healthz", summary="The process is alive", tags=["health"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get(
+    "/readyz",
+    summary="NATS, the projector and at least one runner are up",
+    tags=["health"],
+    dependencies={"services": Provide(services_from_state, sync_to_thread=False)},
+)
+async def readyz(services: NamedDependency[Services]) -> Response[Readiness]:
+    missing: list[str] = []
+    if not services.bus.nc.is_connected:
+        missing.append("nats")
+    if not services.projector.healthy:
+        missing.append("projector")
+    if "nats" not in missing:
+        try:
+            if not any(r.status == "online" for r in await online_runners(services.bus)):
+                missing.append("runner")
+        except Exception:  # an unreachable KV answers "not ready", not a 500
+            missing.append("nats")
+    else:
+        missing.append("runner")
+    body = Readiness(
+        status="not ready" if missing else "ready",
+        missing=missing,
+        projection_seq=services.projector.position,
+    )
+    return Response(body, status_code=503 if missing else 200)

@@ -1,0 +1,89 @@
+"""Jobs: create, list, read, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from api.deps import services_from_state
+from api.dto import Accepted, Created, CreateJobIn
+from api.services import Services
+from engine.errors import NotFound, Rejected
+from engine.jobs.decider import CancelJob
+from projections import queries
+from projections.queries import JobView
+from schemas.values import Platform
+
+MAX_FLOWS_PER_JOB = 1_000_000
+JOB_STATUSES = ("created", "refused", "running", "paused", "completed", "failed", "cancelled")
+STATUS_PATTERN = "^(" + "|".join(JOB_STATUSES) + ")$"
+MIN_SEQ_HELP = "wait until the read model has applied this stream sequence (read-your-writes)"
+
+
+class JobController(Controller):
+    path = "/api/v1/jobs"
+    tags = ["jobs"]
+    dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
+
+    @post("/", status_code=201, summary="Create a job; the engine starts or refuses it")
+    async def create_job(
+        self, data: JSONBody[CreateJobIn], services: NamedDependency[Services]
+    ) -> Created:
+        total = sum(t.flows for t in data.targets)
+        if total > MAX_FLOWS_PER_JOB:
+            raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
+        job_id, appended = await services.jobs.create(
+            name=data.name,
+            targets=data.targets,
+            settings=data.settings,
+            platform=data.platform or Platform(),
+            actor="api",
+        )
+        return Created(job_id=job_id, seq=appended.seq)
+
+    @get("/", summary="Jobs, newest first")
+    async def list_jobs(
+        self,
+        services: NamedDependency[Services],
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        status: Annotated[str | None, QueryParameter(pattern=STATUS_PATTERN)] = None,
+        min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
+    ) -> list[JobView]:
+        await _wait(services, min_seq)
+        return await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
+
+    @get("/{job_id:str}", summary="One job with per-target flow and click status")
+    async def get_job(
+        self,
+        job_id: FromPath[str],
+        services: NamedDependency[Services],
+        min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
+    ) -> JobView:
+        await _wait(services, min_seq)
+        job = await queries.get_job(services.db, job_id)
+        if job is None:
+            raise NotFound("job_id", f"no job {job_id}")
+        return job
+
+    @post("/{job_id:str}/cancel", status_code=202, summary="Cancel; in-flight flows stop")
+    async def cancel_job(
+        self, job_id: FromPath[str], services: NamedDependency[Services]
+    ) -> Accepted:
+        appended = await services.jobs.execute(CancelJob(job_id, reason="cancelled by api"), "api")
+        return Accepted(job_id=job_id, seq=appended.seq, status="cancelled")
+
+
+async def _wait(services: Services, min_seq: int) -> None:
+    if min_seq <= 0:
+        return
+    try:
+        await services.projector.wait_for(min_seq, timeout=services.config.read_wait_timeout)
+    except TimeoutError:
+        raise Rejected(
+            "min_seq",
+            f"read model has not reached {min_seq} yet (at {services.projector.position})",
+        ) from None

@@ -1,0 +1,32 @@
+"""What the handlers need, opened once in the lifespan and kept on ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from engine.bus import Bus, BusConfig
+from engine.consent import ConsentCommands
+from engine.jobs.service import JobCommands
+from projections.projector import Projector
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    nats_url: str
+    db_path: Path
+    bus: BusConfig = BusConfig()
+    body_limit: int = 32 * 1024
+    read_wait_timeout: float = 5.0
+
+
+@dataclass
+class Services:
+    config: ApiConfig
+    bus: Bus
+    projector: Projector
+    db: aiosqlite.Connection  # read-only connection for queries
+    jobs: JobCommands
+    consents: ConsentCommands

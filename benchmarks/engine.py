@@ -1,0 +1,150 @@
+"""End-to-end throughput of no-op flows against raw JetStream publish, in one run.
+
+Baseline: nats-py publishing to a file-backed stream, pipelined (``publish_async``)
+and every ack awaited. Ours: one job of N no-op flows through the real path (API-level
+job command -> engine process dispatching -> runner process with a no-op executor ->
+FlowDone events -> JobCompleted), timed from JobCreated to JobCompleted.
+Both run against the same nats-server, one after the other, so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cli.nats_server import start_nats_server
+from engine.bus import Bus, BusConfig
+from engine.consent import ConsentCommands
+from engine.jobs.service import JobCommands
+from schemas import subjects
+from schemas.events import JobCompleted, JobFailed
+from schemas.values import ConsentCaps, JobSettings, Platform, Target
+from tests.conftest import free_port
+from tests.sites import recording_site
+
+PAYLOAD = b"x" * 420  # about the size of an encoded FlowDispatched
+
+
+async def raw_publish_rate(bus: Bus, count: int) -> float:
+    """Messages per second: pipelined publishes, every ack awaited."""
+    from nats.js.api import StorageType, StreamConfig
+
+    await bus.js.add_stream(
+        StreamConfig(
+            name="BENCH", subjects=["bench.>"], storage=StorageType.FILE, duplicate_window=120
+        )
+    )
+    started = time.perf_counter()
+    window: list[asyncio.Future[object]] = []
+    for n in range(count):
+        window.append(await bus.js.publish_async(f"bench.{n % 16}", PAYLOAD))
+        if len(window) >= 1000:
+            await asyncio.gather(*window)
+            window.clear()
+    await asyncio.gather(*window)
+    elapsed = time.perf_counter() - started
+    await bus.js.delete_stream("BENCH")
+    return count / elapsed
+
+
+async def flow_rate(bus: Bus, nats_url: str, flows: int, site_url: str, token_domain: str) -> float:
+    """Flows per second from JobCreated to JobCompleted."""
+    jobs = JobCommands(bus)
+    job_id, created = await jobs.create(
+        name="bench",
+        targets=[Target(url=f"{site_url}/", flows=flows)],
+        settings=JobSettings(instance_count=500, session_seconds=0),
+        platform=Platform(),
+        actor="bench",
+    )
+    started = time.perf_counter()
+    async for batch in bus.read(created.seq, subjects.job_stream_filter(job_id)):
+        for env in batch:
+            if isinstance(env.event, JobFailed):
+                raise RuntimeError(f"bench job failed: {env.event.reason}")
+            if isinstance(env.event, JobCompleted):
+                elapsed = time.perf_counter() - started
+                if env.event.flows_done != flows:
+                    raise RuntimeError(f"{env.event.flows_done} of {flows} flows done")
+                return flows / elapsed
+    raise RuntimeError("event stream ended")
+
+
+async def main(flows: int, messages: int, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        nats = await start_nats_server(port, Path(tmp) / "js")
+        url = f"nats://127.0.0.1:{port}"
+        env = {**os.environ, "TB_LOG_LEVEL": "warning"}
+        procs: list[asyncio.subprocess.Process] = []
+        try:
+            bus = await Bus.connect(url, name="bench", config=BusConfig())
+            await bus.provision()
+            consents = ConsentCommands(bus)
+            with recording_site() as site:
+                token, _ = await consents.claim(site.host, "bench")
+            with recording_site(token=token) as site:
+                await consents.verify(
+                    site.host,
+                    site.base_url,
+                    "bench",
+                    caps=ConsentCaps(max_concurrent=10_000, max_flows_per_minute=1_000_000),
+                )
+                for args in (
+                    ["engine", "--nats-url", url],
+                    ["runner", "--nats-url", url, "--executor", "noop", "--slots", "500"],
+                ):
+                    procs.append(
+                        await asyncio.create_subprocess_exec(
+                            sys.executable,
+                            "-m",
+                            "cli.main",
+                            *args,
+                            env=env,
+                            stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.DEVNULL,
+                        )
+                    )
+                await flow_rate(bus, url, 200, site.base_url, site.host)  # warm-up
+                baseline, ours = [], []
+                for _ in range(rounds):
+                    baseline.append(await raw_publish_rate(bus, messages))
+                    ours.append(await flow_rate(bus, url, flows, site.base_url, site.host))
+            raw, flow = statistics.median(baseline), statistics.median(ours)
+            print(
+                f"raw JetStream publish (pipelined, acked): {raw:,.0f} msg/s "
+                f"(median of {rounds} x {messages:,})"
+            )
+            print(
+                f"end-to-end no-op flows (engine + runner): {flow:,.0f} flows/s "
+                f"(median of {rounds} x {flows:,})"
+            )
+            print(f"ratio flows/s : publishes/s = {flow / raw:.2f}  (goal >= 0.5)")
+            await bus.close()
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+            nats.kill()
+            await nats.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--flows", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    a = parser.parse_args()
+    asyncio.run(main(a.flows, a.messages, a.rounds))

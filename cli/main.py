@@ -1,0 +1,156 @@
+"""``tb``: the TrafficBuster command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from cli.logs import configure_logging
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 1-65535 (got {raw!r})") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 1-65535 (got {value})")
+    return value
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {raw!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _nats_url(raw: str) -> str:
+    if not raw.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise argparse.ArgumentTypeError(f"must be a URL like nats://127.0.0.1:4222 (got {raw!r})")
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the whole system on embedded defaults, with a demo")
+    p.add_argument("--host", default="127.0.0.1", help="API and dashboard address")
+    p.add_argument("--port", type=_port, default=8000, help="API and dashboard port")
+    p.add_argument("--nats-port", type=_port, default=4222)
+    p.add_argument("--state-dir", type=Path, default=Path(".tb"))
+    p.add_argument("--runners", type=_positive, default=1, help="local runner agents")
+    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows per runner")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo site and demo job")
+    p.add_argument("--demo-port", type=_port, default=None, help="default: --port + 1")
+    p.add_argument("--exit-when-done", action="store_true", help="stop after the demo job")
+    p.add_argument(
+        "--executor", choices=["playwright", "noop"], default="playwright", help=argparse.SUPPRESS
+    )
+
+    p = sub.add_parser("engine", help="run the engine (dispatcher) against a NATS server")
+    p.add_argument("--nats-url", type=_nats_url, required=True)
+
+    p = sub.add_parser("api", help="run the projector, API and dashboard")
+    p.add_argument("--nats-url", type=_nats_url, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--db", type=Path, default=Path(".tb/read.db"), help="SQLite read model")
+
+    p = sub.add_parser("runner", help="run a runner agent against a NATS server")
+    p.add_argument("--nats-url", type=_nats_url, required=True)
+    p.add_argument("--api", default=None, help="the API's URL, for the log")
+    p.add_argument("--os", dest="os_name", choices=["linux", "windows", "macos"], default="linux")
+    p.add_argument("--browser", choices=["chromium", "firefox", "webkit"], default="chromium")
+    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows")
+    p.add_argument("--runner-id", default=None)
+    p.add_argument("--headful", action="store_true", help="show the browser window")
+    p.add_argument("--executor", choices=["playwright", "noop"], default="playwright")
+    p.add_argument("--screenshot-dir", type=Path, default=None)
+
+    p = sub.add_parser("demo-site", help="serve the bundled demo site")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8001)
+    p.add_argument("--token-file", type=Path, required=True)
+
+    p = sub.add_parser("replay", help="rebuild (or --verify) the read model from the event log")
+    p.add_argument("--state-dir", type=Path, default=Path(".tb"))
+    p.add_argument("--nats-port", type=_port, default=4222)
+    p.add_argument("--nats-url", type=_nats_url, default=None, help="overrides --nats-port")
+    p.add_argument("--db", type=Path, default=None, help="default: <state-dir>/read.db")
+    p.add_argument("--verify", action="store_true", help="compare instead of replacing")
+
+    sub.add_parser("schema", help="print the JSON Schema of every event")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        code = asyncio.run(_dispatch(args))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    from cli import commands
+
+    match args.command:
+        case "up":
+            from cli.up import UpOptions, up
+
+            return await up(
+                UpOptions(
+                    host=args.host,
+                    port=args.port,
+                    nats_port=args.nats_port,
+                    state_dir=args.state_dir,
+                    runners=args.runners,
+                    slots=args.slots,
+                    demo=not args.no_demo,
+                    demo_port=args.demo_port,
+                    exit_when_done=args.exit_when_done,
+                    executor=args.executor,
+                )
+            )
+        case "engine":
+            await commands.run_engine(args.nats_url)
+        case "api":
+            await commands.run_api(args.nats_url, args.host, args.port, args.db)
+        case "runner":
+            await commands.run_runner(
+                args.nats_url,
+                api_url=args.api,
+                os_name=args.os_name,
+                browser=args.browser,
+                slots=args.slots,
+                executor_kind=args.executor,
+                runner_id=args.runner_id,
+                headless=not args.headful,
+                screenshot_dir=args.screenshot_dir,
+            )
+        case "demo-site":
+            await commands.run_demo_site(args.host, args.port, args.token_file)
+        case "replay":
+            url = args.nats_url or f"nats://127.0.0.1:{args.nats_port}"
+            return await commands.run_replay(
+                url, args.db or args.state_dir / "read.db", args.verify
+            )
+        case "schema":
+            from schemas.events import event_schema
+
+            print(json.dumps(event_schema(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

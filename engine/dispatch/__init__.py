@@ -1,0 +1,1 @@
+"""Dispatcher: what runs next (pure planning) and the loop that publishes it."""

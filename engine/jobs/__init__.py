@@ -1,0 +1,1 @@
+"""The job aggregate: pure decider and the command service around it."""

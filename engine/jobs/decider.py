@@ -1,0 +1,219 @@
+"""Job lifecycle as a pure decider: ``decide(job, cmd, meta) -> events``, ``evolve(job, event)``.
+
+No clock, ids or I/O in here: ``Meta`` brings them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from engine.errors import Rejected
+from schemas.events import (
+    JobCancelled,
+    JobCompleted,
+    JobCreated,
+    JobEvent,
+    JobFailed,
+    JobPaused,
+    JobRefused,
+    JobResumed,
+    JobStarted,
+    TbEvent,
+)
+from schemas.values import JobSettings, Platform, Target
+
+
+class JobStatus(StrEnum):
+    NEW = "new"
+    CREATED = "created"
+    REFUSED = "refused"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset(
+    {JobStatus.REFUSED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+
+@dataclass(frozen=True)
+class Meta:
+    id: str
+    at: datetime
+    actor: str
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str = ""
+    status: JobStatus = JobStatus.NEW
+    name: str = ""
+    targets: tuple[Target, ...] = ()
+    settings: JobSettings = JobSettings()
+    platform: Platform = Platform()
+    flows_total: int = 0
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    version: int = 0  # stream sequence of the last event applied (0 = none)
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        return target_hosts(self.targets)
+
+
+def target_hosts(targets: tuple[Target, ...] | list[Target]) -> frozenset[str]:
+    return frozenset((urlsplit(t.url).hostname or "").lower() for t in targets)
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    job_id: str
+    name: str
+    targets: tuple[Target, ...]
+    settings: JobSettings
+    platform: Platform
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """Start if every target host has valid consent, else refuse naming the hosts."""
+
+    job_id: str
+    authorised_hosts: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PauseJob:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class ResumeJob:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    job_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FinishJob:
+    """Every flow is terminal: completed if any succeeded, failed if none did."""
+
+    job_id: str
+    flows_done: int
+    flows_failed: int
+
+
+JobCommand = CreateJob | StartJob | PauseJob | ResumeJob | CancelJob | FinishJob
+
+ALLOWED: dict[type, frozenset[JobStatus]] = {
+    CreateJob: frozenset({JobStatus.NEW}),
+    StartJob: frozenset({JobStatus.CREATED}),
+    PauseJob: frozenset({JobStatus.RUNNING}),
+    ResumeJob: frozenset({JobStatus.PAUSED}),
+    CancelJob: frozenset({JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED}),
+    FinishJob: frozenset({JobStatus.RUNNING, JobStatus.PAUSED}),
+}
+
+
+def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
+    if job.status not in ALLOWED[type(cmd)]:
+        verb = type(cmd).__name__.removesuffix("Job").lower()
+        raise Rejected("status", f"cannot {verb} a job that is {job.status.value}")
+    base = {"id": meta.id, "at": meta.at, "actor": meta.actor, "job_id": cmd.job_id}
+    match cmd:
+        case CreateJob(name=name, targets=targets, settings=settings, platform=platform):
+            if not targets:
+                raise Rejected("targets", "at least one target is required")
+            return [
+                JobCreated(
+                    **base, name=name, targets=list(targets), settings=settings, platform=platform
+                )
+            ]
+        case StartJob(authorised_hosts=authorised):
+            missing = sorted(job.hosts - authorised)
+            if missing:
+                return [
+                    JobRefused(
+                        **base,
+                        reason=f"no verified consent for host(s): {', '.join(missing)}",
+                        hosts=missing,
+                    )
+                ]
+            total = sum(t.flows for t in job.targets)
+            return [JobStarted(**base, flows_total=total, allowed_hosts=sorted(job.hosts))]
+        case PauseJob():
+            return [JobPaused(**base)]
+        case ResumeJob():
+            return [JobResumed(**base)]
+        case CancelJob(reason=reason):
+            return [JobCancelled(**base, reason=reason)]
+        case FinishJob(flows_done=done, flows_failed=failed):
+            if done < 0 or failed < 0 or done + failed != job.flows_total:
+                raise Rejected(
+                    "flows", f"done {done} + failed {failed} must equal {job.flows_total}"
+                )
+            if done == 0:
+                return [
+                    JobFailed(
+                        **base, reason="every flow failed", flows_done=done, flows_failed=failed
+                    )
+                ]
+            return [JobCompleted(**base, flows_done=done, flows_failed=failed)]
+    raise AssertionError(f"unhandled command {cmd!r}")
+
+
+STATUS_AFTER: dict[type, JobStatus] = {
+    JobCreated: JobStatus.CREATED,
+    JobRefused: JobStatus.REFUSED,
+    JobStarted: JobStatus.RUNNING,
+    JobPaused: JobStatus.PAUSED,
+    JobResumed: JobStatus.RUNNING,
+    JobCancelled: JobStatus.CANCELLED,
+    JobCompleted: JobStatus.COMPLETED,
+    JobFailed: JobStatus.FAILED,
+}
+
+
+def evolve(job: Job, event: TbEvent, seq: int = 0) -> Job:
+    """Fold one event in; a terminal job stays terminal whatever arrives after."""
+    if not isinstance(event, JobEvent):
+        return job
+    version = max(job.version, seq)
+    if job.status in TERMINAL:
+        return replace(job, version=version)
+    match event:
+        case JobCreated():
+            job = replace(
+                job,
+                job_id=event.job_id,
+                name=event.name,
+                targets=tuple(event.targets),
+                settings=event.settings,
+                platform=event.platform,
+                flows_total=sum(t.flows for t in event.targets),
+            )
+        case JobStarted():
+            job = replace(
+                job, flows_total=event.flows_total, allowed_hosts=frozenset(event.allowed_hosts)
+            )
+    status = STATUS_AFTER.get(type(event), job.status)
+    return replace(job, status=status, version=version)
+
+
+def fold(events: list[tuple[int, TbEvent]]) -> Job:
+    job = Job()
+    for seq, event in events:
+        job = evolve(job, event, seq)
+    return job

@@ -1,0 +1,31 @@
+# TrafficBuster recipes. On a fresh machine use ./dev <recipe>: it installs what they need.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+bin := venv / "bin"
+
+# list the recipes
+default:
+    @just --list
+
+# make the checkout runnable (venv, package with dev extras, Chromium)
+setup:
+    bash scripts/bootstrap.sh
+
+# the whole system on embedded defaults, with the demo job (Ctrl-C stops it)
+up *ARGS: setup
+    {{bin}}/tb up {{ARGS}}
+
+# the test suite (real nats-server, real Chromium)
+test *ARGS: setup
+    {{bin}}/python -m pytest -q {{ARGS}}
+
+# ruff, formatting and mypy --strict
+lint: setup
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+    {{bin}}/mypy
+
+# end-to-end no-op flow throughput against raw JetStream publish, in one run
+bench-engine *ARGS: setup
+    {{bin}}/python -m benchmarks.engine {{ARGS}}

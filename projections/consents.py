@@ -1,0 +1,91 @@
+"""Read model of domain consent: claimed, verified (with caps and expiry), failed, revoked."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import aiosqlite
+
+from projections.db import iso
+from schemas.events import (
+    ConsentGiven,
+    ConsentRevoked,
+    ConsentVerificationFailed,
+    DomainClaimed,
+    Envelope,
+)
+
+ConsentStatus = Literal["claimed", "verified", "failed", "revoked"]
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS consents (
+        domain TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        token TEXT,
+        method TEXT,
+        evidence TEXT,
+        expires_at TEXT,
+        max_concurrent INTEGER,
+        max_flows_per_minute INTEGER,
+        reason TEXT,
+        updated_at TEXT NOT NULL,
+        last_seq INTEGER NOT NULL
+    )""",
+)
+
+_UPSERT = (
+    "INSERT INTO consents (domain, status, updated_at, last_seq, {cols})"
+    " VALUES (?, ?, ?, ?, {marks})"
+    " ON CONFLICT (domain) DO UPDATE SET status = excluded.status,"
+    " updated_at = excluded.updated_at, last_seq = excluded.last_seq, {sets}"
+)
+
+
+async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
+    """Fold one consent event (the latest one decides); returns the domains that changed."""
+    event = env.event
+    match event:
+        case DomainClaimed():
+            # a new claim starts over: the old evidence proved a different token
+            await _upsert(
+                db, env, event.domain, "claimed",
+                token=event.token, method=None, evidence=None, expires_at=None,
+                max_concurrent=None, max_flows_per_minute=None, reason=None,
+            )  # fmt: skip
+        case ConsentGiven():
+            await _upsert(
+                db, env, event.domain, "verified",
+                method=event.method, evidence=event.evidence, expires_at=iso(event.expires_at),
+                max_concurrent=event.caps.max_concurrent,
+                max_flows_per_minute=event.caps.max_flows_per_minute, reason=None,
+            )  # fmt: skip
+        case ConsentVerificationFailed() | ConsentRevoked():
+            status: ConsentStatus = (
+                "failed" if isinstance(event, ConsentVerificationFailed) else "revoked"
+            )
+            await _upsert(db, env, event.domain, status, reason=event.reason or None)
+        case _:
+            return set()
+    return {domain_key(event.domain)}
+
+
+def domain_key(domain: str) -> str:
+    return domain.lower().rstrip(".")
+
+
+async def _upsert(
+    db: aiosqlite.Connection,
+    env: Envelope,
+    domain: str,
+    status: ConsentStatus,
+    **columns: str | int | None,
+) -> None:
+    names = list(columns)
+    sql = _UPSERT.format(
+        cols=", ".join(names),
+        marks=", ".join("?" for _ in names),
+        sets=", ".join(f"{name} = excluded.{name}" for name in names),
+    )
+    await db.execute(
+        sql, (domain_key(domain), status, iso(env.event.at), env.seq, *columns.values())
+    )

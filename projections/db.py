@@ -1,0 +1,78 @@
+"""SQLite plumbing shared by every read model: connections, transactions, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import aiosqlite
+
+CHECKPOINTS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+)
+
+
+async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:
+    """A connection in autocommit mode: writes go through ``transaction`` explicitly."""
+    if readonly:
+        db = await aiosqlite.connect(
+            f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None
+        )
+    else:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode = WAL")
+    await db.execute("PRAGMA synchronous = NORMAL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+@asynccontextmanager
+async def transaction(db: aiosqlite.Connection) -> AsyncIterator[None]:
+    """BEGIN IMMEDIATE … COMMIT; ROLLBACK on any error, cancellation included."""
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+        yield
+        await db.execute("COMMIT")
+    except BaseException:
+        await _rollback(db)
+        raise
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    # the connection's thread runs every queued call, even one whose caller was
+    # cancelled: after this round trip a cancelled BEGIN or COMMIT has run too
+    await db.execute_fetchall("SELECT 1")
+    if db.in_transaction:
+        await db.execute("ROLLBACK")
+
+
+async def create_schema(db: aiosqlite.Connection, statements: Iterable[str]) -> None:
+    """Idempotent: every statement is ``CREATE … IF NOT EXISTS``."""
+    async with transaction(db):
+        for statement in (*CHECKPOINTS_SCHEMA, *statements):
+            await db.execute(statement)
+
+
+async def checkpoint(db: aiosqlite.Connection, name: str) -> int:
+    """The last stream sequence applied to the read model ``name`` (0 = none)."""
+    rows = list(await db.execute_fetchall("SELECT seq FROM checkpoints WHERE name = ?", (name,)))
+    return int(rows[0][0]) if rows else 0
+
+
+async def set_checkpoint(db: aiosqlite.Connection, name: str, seq: int) -> None:
+    await db.execute(
+        "INSERT INTO checkpoints (name, seq) VALUES (?, ?)"
+        " ON CONFLICT(name) DO UPDATE SET seq = excluded.seq",
+        (name, seq),
+    )
+
+
+def iso(at: datetime) -> str:
+    """Event time as sortable UTC text; naive datetimes are taken as UTC."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.astimezone(UTC).isoformat()

@@ -1,0 +1,221 @@
+"""Reads for the API: each returns DTOs defined here, ready to encode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import aiosqlite
+import msgspec
+
+from projections.consents import ConsentStatus, domain_key
+from projections.flow_status import FlowStatus
+from projections.jobs import JobStatus
+from projections.runners import RunnerStatus
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class TargetView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    idx: int
+    url: str
+    label: str | None = None
+    referrer: str | None = None
+    flow_target: int
+    flow_done: int
+    flow_failed: int
+    click_target: int
+    click_done: int
+
+
+class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``GET /api/v1/jobs/{job_id}``; ``reason`` is present only for refused, failed or
+    cancelled jobs that gave one."""
+
+    job_id: str
+    name: str
+    status: JobStatus
+    reason: str | None = None
+    approval: str | None = None
+    platform_os: str
+    platform_browser: str
+    instance_count: int
+    max_attempts: int
+    priority: int
+    flows_total: int
+    flows_done: int
+    flows_failed: int
+    clicks_done: int
+    duration_ms_total: int
+    targets: list[TargetView]
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+    last_seq: int
+
+
+class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    flow_id: str
+    job_id: str
+    target_idx: int | None = None
+    status: FlowStatus
+    attempt: int
+    runner_id: str | None = None
+    reason: str | None = None
+    clicks_done: int
+    duration_ms: int
+    updated_at: datetime
+
+
+class RunnerView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    runner_id: str
+    os: str
+    browser: str
+    slots: int
+    hostname: str
+    version: str
+    status: RunnerStatus
+    reason: str | None = None
+    registered_at: datetime
+    last_event_at: datetime
+
+
+class PlatformView(msgspec.Struct, kw_only=True):
+    """A platform some non-deregistered runner serves, with the fleet's slots on it."""
+
+    os: str
+    browser: str
+    runners: int
+    slots: int
+
+
+class ConsentView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``token`` is public: the domain owner publishes it to prove control."""
+
+    domain: str
+    status: ConsentStatus
+    token: str | None = None
+    method: str | None = None
+    evidence: str | None = None
+    expires_at: datetime | None = None
+    max_concurrent: int | None = None
+    max_flows_per_minute: int | None = None
+    reason: str | None = None
+    updated_at: datetime
+
+
+_JOB_COLUMNS = (
+    "job_id, name, status, reason, approval, platform_os, platform_browser, instance_count,"
+    " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
+    " duration_ms_total, created_by, created_at, started_at, finished_at, updated_at, last_seq"
+)
+_TARGET_COLUMNS = (
+    "job_id, idx, url, label, referrer, flow_target, flow_done, flow_failed, click_target,"
+    " click_done"
+)
+
+
+async def get_job(db: aiosqlite.Connection, job_id: str) -> JobView | None:
+    jobs = await _jobs(db, f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+    return jobs[0] if jobs else None
+
+
+async def list_jobs(
+    db: aiosqlite.Connection, limit: int = 50, offset: int = 0, status: JobStatus | None = None
+) -> list[JobView]:
+    """Newest first."""
+    where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+    return await _jobs(
+        db,
+        f"SELECT {_JOB_COLUMNS} FROM jobs {where}"
+        " ORDER BY created_at DESC, job_id DESC LIMIT ? OFFSET ?",
+        (*params, limit, offset),
+    )
+
+
+async def list_flows(
+    db: aiosqlite.Connection,
+    job_id: str,
+    *,
+    status: FlowStatus | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[FlowView]:
+    where, params = (" AND status = ?", (status,)) if status else ("", ())
+    return await _fetch(
+        db,
+        FlowView,
+        "SELECT flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"
+        f" duration_ms, updated_at FROM flows WHERE job_id = ?{where}"
+        " ORDER BY updated_at DESC, flow_id LIMIT ? OFFSET ?",
+        (job_id, *params, limit, offset),
+    )
+
+
+async def list_runners(db: aiosqlite.Connection) -> list[RunnerView]:
+    return await _fetch(
+        db,
+        RunnerView,
+        "SELECT runner_id, os, browser, slots, hostname, version, status, reason,"
+        " registered_at, last_event_at FROM runners ORDER BY runner_id",
+    )
+
+
+async def list_platforms(db: aiosqlite.Connection) -> list[PlatformView]:
+    return await _fetch(
+        db,
+        PlatformView,
+        "SELECT os, browser, COUNT(*) AS runners, SUM(slots) AS slots FROM runners"
+        " WHERE status != 'deregistered' GROUP BY os, browser ORDER BY os, browser",
+    )
+
+
+_CONSENT_QUERY = (
+    "SELECT domain, status, token, method, evidence, expires_at, max_concurrent,"
+    " max_flows_per_minute, reason, updated_at FROM consents"
+)
+
+
+async def list_consents(db: aiosqlite.Connection) -> list[ConsentView]:
+    return await _fetch(db, ConsentView, f"{_CONSENT_QUERY} ORDER BY domain")
+
+
+async def get_consent(db: aiosqlite.Connection, domain: str) -> ConsentView | None:
+    found = await _fetch(
+        db, ConsentView, f"{_CONSENT_QUERY} WHERE domain = ?", (domain_key(domain),)
+    )
+    return found[0] if found else None
+
+
+async def _jobs(db: aiosqlite.Connection, sql: str, params: Sequence[object]) -> list[JobView]:
+    rows = await _rows(db, sql, params)
+    if not rows:
+        return []
+    ids = [row["job_id"] for row in rows]
+    targets: dict[str, list[dict[str, Any]]] = {job_id: [] for job_id in ids}
+    marks = ", ".join("?" for _ in ids)
+    for target in await _rows(
+        db,
+        f"SELECT {_TARGET_COLUMNS} FROM targets WHERE job_id IN ({marks}) ORDER BY job_id, idx",
+        ids,
+    ):
+        targets[target.pop("job_id")].append(target)
+    return [msgspec.convert({**row, "targets": targets[row["job_id"]]}, JobView) for row in rows]
+
+
+async def _fetch(
+    db: aiosqlite.Connection, view: type[S], sql: str, params: Sequence[object] = ()
+) -> list[S]:
+    return [msgspec.convert(row, view) for row in await _rows(db, sql, params)]
+
+
+async def _rows(
+    db: aiosqlite.Connection, sql: str, params: Iterable[object]
+) -> list[dict[str, Any]]:
+    """Rows as column-name mappings, only as input to ``msgspec.convert``."""
+    async with db.execute(sql, tuple(params)) as cur:
+        names = [column[0] for column in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]

@@ -1,0 +1,89 @@
+"""Rebuild the read model from sequence 1, and dump it to compare two builds.
+
+Run ``rebuild`` with the projector of ``db_path`` stopped: the file is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
+
+import aiosqlite
+import structlog
+
+from engine.bus import Bus
+from projections.db import connect
+from projections.read_model import applied_seq, apply_batch, open_read_model
+
+log = structlog.get_logger("tb.projections")
+
+Progress = Callable[[int, int], None]
+
+# every table of the read model with its primary key; all columns derive from events
+TABLES = {
+    "jobs": "job_id",
+    "targets": "job_id, idx",
+    "flows": "flow_id",
+    "runners": "runner_id",
+    "consents": "domain",
+}
+
+
+async def rebuild(bus: Bus, db_path: Path, *, progress: Progress | None = None) -> int:
+    """Fold the stream up to its current last sequence into a fresh file that then
+    replaces ``db_path``; returns the last applied sequence. ``progress(seq, last)``
+    is called after every batch."""
+    target = await bus.last_seq()
+    tmp = db_path.with_name(f"{db_path.name}.rebuild")
+    _remove_db_files(tmp)
+    db = await open_read_model(tmp)
+    try:
+        if target > 0:
+            await _fold(bus, db, target, progress)
+        last = await applied_seq(db)
+        # a self-contained file: no -wal to carry along when it is moved into place
+        await db.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        await db.close()
+    # a stale -wal next to the new file would be replayed into it
+    _remove_db_files(db_path, main=False)
+    os.replace(tmp, db_path)
+    log.info("replay.rebuilt", db=str(db_path), last_seq=last, stream_last_seq=target)
+    return last
+
+
+async def _fold(bus: Bus, db: aiosqlite.Connection, target: int, progress: Progress | None) -> None:
+    batches = bus.read(1, follow=False)
+    try:
+        async for batch in batches:
+            await apply_batch(db, [env for env in batch if env.seq <= target])
+            seq = min(batch[-1].seq, target)
+            if progress is not None:
+                progress(seq, target)
+            if seq >= target:
+                break
+    finally:
+        if isinstance(batches, AsyncGenerator):
+            await batches.aclose()
+
+
+async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table, ordered by primary key: equal dumps mean equal models."""
+    db = await connect(db_path, readonly=True)
+    try:
+        dump: dict[str, list[tuple[object, ...]]] = {}
+        for table, key in TABLES.items():
+            async with db.execute(f"SELECT * FROM {table} ORDER BY {key}") as cur:
+                dump[table] = [tuple(row) for row in await cur.fetchall()]
+        return dump
+    finally:
+        await db.close()
+
+
+def _remove_db_files(path: Path, *, main: bool = True) -> None:
+    names = [f"{path}-wal", f"{path}-shm"] + ([str(path)] if main else [])
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)

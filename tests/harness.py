@@ -1,0 +1,120 @@
+"""An embedded TrafficBuster for tests: real bus, engine and projector; runners in or out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.bus import Bus
+from engine.consent import ConsentCommands
+from engine.dispatcher import Dispatcher
+from engine.jobs.service import JobCommands
+from projections import queries
+from projections.db import connect
+from projections.projector import Projector
+from projections.queries import JobView
+from schemas.values import ConsentCaps, JobSettings, Platform, Target
+from tests.sites import recording_site
+
+TERMINAL = {"completed", "failed", "cancelled", "refused"}
+
+
+@dataclass
+class Embedded:
+    bus: Bus
+    nats_url: str
+    db_path: Path
+    projector: Projector
+    jobs: JobCommands
+    consents: ConsentCommands
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    async def authorise(self, host: str, caps: ConsentCaps | None = None) -> None:
+        """Claim and verify through the real well-known path."""
+        token, _ = await self.consents.claim(host, "test")
+        with recording_site(host, token=token) as site:
+            await self.consents.verify(host, site.base_url, "test", caps=caps)
+
+    async def create_job(self, targets: list[Target], **settings: object) -> str:
+        job_id, _ = await self.jobs.create(
+            name="test",
+            targets=targets,
+            settings=JobSettings(**settings),  # type: ignore[arg-type]
+            platform=Platform(),
+            actor="test",
+        )
+        return job_id
+
+    async def job(self, job_id: str) -> JobView | None:
+        db = await connect(self.db_path, readonly=True)
+        try:
+            return await queries.get_job(db, job_id)
+        finally:
+            await db.close()
+
+    async def wait_job(
+        self, job_id: str, until: Callable[[JobView], bool], timeout: float = 60
+    ) -> JobView:
+        """Await projector updates (never sleep) until the job view satisfies ``until``."""
+        updates = self.projector.subscribe()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    view = await self.job(job_id)
+                    if view is not None and until(view):
+                        return view
+                    await updates.get()
+        finally:
+            self.projector.unsubscribe(updates)
+
+    async def wait_terminal(self, job_id: str, timeout: float = 60) -> JobView:
+        return await self.wait_job(job_id, lambda v: v.status in TERMINAL, timeout)
+
+    def run(self, coro: object, name: str) -> None:
+        self.tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def spawn_runner(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli.main",
+            "runner",
+            "--nats-url",
+            self.nats_url,
+            *args,
+            env={**os.environ, "TB_ACK_WAIT": "3", "TB_PRESENCE_TTL": "3", **(env or {})},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self.procs.append(proc)
+        return proc
+
+
+@contextlib.asynccontextmanager
+async def embedded(bus: Bus, nats_url: str, tmp_path: Path) -> AsyncIterator[Embedded]:
+    projector = Projector(bus, tmp_path / "read.db")
+    await projector.start()
+    tb = Embedded(
+        bus, nats_url, tmp_path / "read.db", projector, JobCommands(bus), ConsentCommands(bus)
+    )
+    await bus.ensure_dispatch_consumer("linux", "chromium")
+    tb.run(Dispatcher(bus).run(), "dispatcher")
+    try:
+        yield tb
+    finally:
+        for proc in tb.procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        for task in tb.tasks:
+            task.cancel()
+        await asyncio.gather(*tb.tasks, return_exceptions=True)
+        await projector.stop()

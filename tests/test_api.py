@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from api.services import ApiConfig
+from engine.bus import BusConfig
+from tests.conftest import NatsServer
+from tests.sites import recording_site
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[AsyncTestClient]:
+    app = create_app(
+        ApiConfig(
+            nats_url=nats_server.url, db_path=tmp_path / "read.db", bus=BusConfig(presence_ttl=3)
+        )
+    )
+    async with AsyncTestClient(app=app) as c:
+        yield c
+
+
+JOB = {
+    "name": "j",
+    "targets": [{"url": "http://127.0.0.1:9/", "flows": 2, "clicks": 1}],
+    "settings": {"instance_count": 1, "session_seconds": 0},
+}
+
+
+async def test_health_and_openapi(client: AsyncTestClient) -> None:
+    assert (await client.get("/healthz")).status_code == 200
+    schema = (await client.get("/schema/openapi.json")).json()
+    assert "/api/v1/jobs" in schema["paths"]
+
+
+async def test_readyz_names_the_missing_runner(client: AsyncTestClient) -> None:
+    r = await client.get("/readyz")
+    assert r.status_code == 503
+    assert "runner" in r.json()["missing"]
+
+
+async def test_create_job_returns_id_and_seq_and_reads_wait_for_it(client: AsyncTestClient) -> None:
+    r = await client.post("/api/v1/jobs", json=JOB)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["job_id"].startswith("job_") and created["seq"] > 0
+    r = await client.get(f"/api/v1/jobs/{created['job_id']}?min_seq={created['seq']}")
+    assert r.status_code == 200
+    job = r.json()
+    assert job["status"] == "created"
+    assert job["flows_total"] == 2 and job["flows_done"] == 0 and job["flows_failed"] == 0
+    (target,) = job["targets"]
+    assert {
+        k: target[k] for k in ("url", "flow_done", "flow_target", "click_done", "click_target")
+    } == {
+        "url": "http://127.0.0.1:9/",
+        "flow_done": 0,
+        "flow_target": 2,
+        "click_done": 0,
+        "click_target": 2,
+    }
+    listed = (await client.get("/api/v1/jobs")).json()
+    assert [j["job_id"] for j in listed] == [created["job_id"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**JOB, "settings": {"instance_count": 0}}, "instance_count"),
+        ({**JOB, "targets": []}, "targets"),
+        ({**JOB, "targets": [{"url": "ftp://x/"}]}, "url"),
+        ({**JOB, "name": ""}, "name"),
+        ({**JOB, "surprise": 1}, "surprise"),
+        ({**JOB, "platform": {"os": "beos"}}, "os"),
+    ],
+)
+async def test_bad_job_is_a_400_naming_the_field_and_changes_nothing(
+    client: AsyncTestClient, body: dict[str, object], field: str
+) -> None:
+    r = await client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 400, r.text
+    assert field in r.text
+    assert (await client.get("/api/v1/jobs")).json() == []
+
+
+async def test_unknown_job_is_404(client: AsyncTestClient) -> None:
+    r = await client.get("/api/v1/jobs/job_nope")
+    assert r.status_code == 404 and "job_id" in r.json()["detail"]
+    assert (await client.post("/api/v1/jobs/job_nope/cancel")).status_code == 404
+
+
+async def test_cancel_created_job_then_cancel_again_is_422(client: AsyncTestClient) -> None:
+    job_id = (await client.post("/api/v1/jobs", json=JOB)).json()["job_id"]
+    r = await client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 202
+    r2 = await client.get(f"/api/v1/jobs/{job_id}?min_seq={r.json()['seq']}")
+    assert r2.json()["status"] == "cancelled"
+    again = await client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 422 and "cancelled" in again.json()["detail"]
+
+
+async def test_consent_claim_verify_and_list(client: AsyncTestClient) -> None:
+    r = await client.post("/api/v1/consents", json={"domain": "127.0.0.1"})
+    assert r.status_code == 201
+    claimed = r.json()
+    assert claimed["well_known_url"] == "https://127.0.0.1/.well-known/trafficbuster.txt"
+    with recording_site(token=claimed["token"]) as site:
+        r = await client.post("/api/v1/consents/127.0.0.1/verify", json={"base_url": site.base_url})
+    assert r.status_code == 200, r.text
+    assert r.json()["domain"] == "127.0.0.1" and r.json()["status"] == "verified"
+    consents = (await client.get("/api/v1/consents")).json()
+    assert any(c["domain"] == "127.0.0.1" for c in consents)
+
+
+async def test_verify_with_wrong_token_is_422_naming_why(client: AsyncTestClient) -> None:
+    await client.post("/api/v1/consents", json={"domain": "127.0.0.1"})
+    with recording_site(token="not-the-token") as site:
+        r = await client.post("/api/v1/consents/127.0.0.1/verify", json={"base_url": site.base_url})
+    assert r.status_code == 422
+    assert "does not serve the claimed token" in r.json()["detail"]
+
+
+async def test_verify_refuses_a_base_url_on_another_host(client: AsyncTestClient) -> None:
+    await client.post("/api/v1/consents", json={"domain": "127.0.0.1"})
+    r = await client.post(
+        "/api/v1/consents/127.0.0.1/verify", json={"base_url": "http://127.0.0.2:9"}
+    )
+    assert r.status_code == 422 and r.json()["field"] == "base_url"
+
+
+async def test_verify_unclaimed_domain_is_422(client: AsyncTestClient) -> None:
+    r = await client.post("/api/v1/consents/example.com/verify", json={})
+    assert r.status_code == 422 and "not been claimed" in r.json()["detail"]
+
+
+async def test_bad_domain_is_400(client: AsyncTestClient) -> None:
+    r = await client.post("/api/v1/consents", json={"domain": "not a domain"})
+    assert r.status_code == 400 and "domain" in r.text
+
+
+async def test_available_platforms_empty_without_runners(client: AsyncTestClient) -> None:
+    assert (await client.get("/api/v1/runners/available-platforms")).json() == []
+    assert (await client.get("/api/v1/runners")).json() == []

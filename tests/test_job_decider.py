@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from contextlib import suppress
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.errors import Rejected
+from engine.jobs.decider import (
+    TERMINAL,
+    CancelJob,
+    CreateJob,
+    FinishJob,
+    Job,
+    JobCommand,
+    JobStatus,
+    Meta,
+    PauseJob,
+    ResumeJob,
+    StartJob,
+    decide,
+    evolve,
+    fold,
+)
+from schemas.events import JobCompleted, JobFailed, JobRefused, JobStarted, TbEvent
+from schemas.values import JobSettings, Platform, Target
+
+META = Meta(id="e", at=datetime(2026, 1, 1, tzinfo=UTC), actor="test")
+TARGETS = (Target(url="http://a.test/", flows=3), Target(url="http://b.test/x", flows=2))
+
+
+def create(job_id: str = "j") -> CreateJob:
+    return CreateJob(job_id, "n", TARGETS, JobSettings(), Platform())
+
+
+def run(cmds: list[JobCommand]) -> tuple[Job, list[TbEvent]]:
+    job, log, seq = Job(), [], 0
+    for cmd in cmds:
+        with suppress(Rejected):
+            for event in decide(job, cmd, META):
+                seq += 1
+                job = evolve(job, event, seq)
+                log.append(event)
+    return job, log
+
+
+def test_created_job_starts_when_every_host_is_authorised() -> None:
+    job, log = run([create(), StartJob("j", frozenset({"a.test", "b.test"}))])
+    assert job.status == JobStatus.RUNNING
+    assert isinstance(log[-1], JobStarted) and log[-1].flows_total == 5
+
+
+def test_job_is_refused_naming_the_unauthorised_hosts() -> None:
+    job, log = run([create(), StartJob("j", frozenset({"a.test"}))])
+    assert job.status == JobStatus.REFUSED
+    refused = log[-1]
+    assert isinstance(refused, JobRefused) and refused.hosts == ["b.test"]
+    assert "b.test" in refused.reason
+
+
+def test_finish_with_no_success_fails_the_job() -> None:
+    job, log = run([create(), StartJob("j", frozenset({"a.test", "b.test"})), FinishJob("j", 0, 5)])
+    assert job.status == JobStatus.FAILED and isinstance(log[-1], JobFailed)
+
+
+def test_finish_must_account_for_every_flow() -> None:
+    job, _ = run([create(), StartJob("j", frozenset({"a.test", "b.test"}))])
+    try:
+        decide(job, FinishJob("j", 2, 1), META)
+    except Rejected as err:
+        assert err.field == "flows"
+    else:
+        raise AssertionError("a finish that loses flows must be rejected")
+
+
+def test_cannot_cancel_a_completed_job() -> None:
+    job, _ = run([create(), StartJob("j", frozenset({"a.test", "b.test"})), FinishJob("j", 5, 0)])
+    try:
+        decide(job, CancelJob("j"), META)
+    except Rejected as err:
+        assert "completed" in err.rule
+    else:
+        raise AssertionError
+
+
+COMMANDS = st.one_of(
+    st.just(create()),
+    st.sampled_from([frozenset(), frozenset({"a.test"}), frozenset({"a.test", "b.test"})]).map(
+        lambda hosts: StartJob("j", hosts)
+    ),
+    st.just(PauseJob("j")),
+    st.just(ResumeJob("j")),
+    st.just(CancelJob("j")),
+    st.tuples(st.integers(-1, 6), st.integers(-1, 6)).map(lambda t: FinishJob("j", *t)),
+)
+
+
+@given(st.lists(COMMANDS, max_size=12))
+def test_no_transition_out_of_a_terminal_state(cmds: list[JobCommand]) -> None:
+    job, seq = Job(), 0
+    for cmd in cmds:
+        before = job.status
+        with suppress(Rejected):
+            for event in decide(job, cmd, META):
+                seq += 1
+                job = evolve(job, event, seq)
+        if before in TERMINAL:
+            assert job.status == before
+
+
+@given(st.lists(COMMANDS, max_size=12))
+def test_finished_counts_never_exceed_the_planned_flows(cmds: list[JobCommand]) -> None:
+    _, log = run(cmds)
+    for event in log:
+        if isinstance(event, (JobCompleted, JobFailed)):
+            assert 0 <= event.flows_done + event.flows_failed <= 5
+            assert event.flows_done + event.flows_failed == 5
+
+
+@given(st.lists(COMMANDS, max_size=12))
+def test_replaying_the_same_events_gives_the_same_state(cmds: list[JobCommand]) -> None:
+    job, log = run(cmds)
+    assert fold(list(enumerate(log, start=1))) == job
+    assert fold(list(enumerate(log, start=1))) == fold(list(enumerate(log, start=1)))

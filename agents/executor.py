@@ -50,6 +50,11 @@ UNAUTHORISED_HOST = "unauthorised_host"
 
 WEB_SCHEMES = frozenset({"http", "https"})
 SOCKET_SCHEMES = frozenset({"ws", "wss"})
+# The guard serves navigations with route.fulfill, and Chromium gives a fulfilled
+# document no IP address space, so Local Network Access would refuse its requests to
+# private and loopback hosts (intranet targets, the demo site). The guard already
+# confines every flow to its authorised hosts, so flows get the permission.
+LOCAL_NETWORK = ["local-network-access"]
 INERT_SCHEMES = frozenset({"data", "blob", "about"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 LINKS_JS = "els => els.map(e => (typeof e.href === 'string' ? e.href : ''))"
@@ -447,6 +452,7 @@ class PlaywrightExecutor:
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._user_agent = ""
+        self._permissions: list[str] = []
 
     async def start(self) -> None:
         if self._browser is not None:
@@ -454,7 +460,7 @@ class PlaywrightExecutor:
         playwright = await async_playwright().start()
         try:
             browser = await launch_chromium(playwright, headless=self.headless)
-            default_agent = await default_user_agent(browser)
+            default_agent, self._permissions = await probe_browser(browser)
         except BaseException:
             await playwright.stop()
             raise
@@ -482,6 +488,7 @@ class PlaywrightExecutor:
                 extra_http_headers={JOB_HEADER: item.job_id},
                 viewport={"width": 1280, "height": 800},
                 service_workers="block",
+                permissions=self._permissions,
             )
         except PlaywrightError as err:
             await stop_keepalive(keepalive, flog)
@@ -520,11 +527,17 @@ class PlaywrightExecutor:
         return str(path)
 
 
-async def default_user_agent(browser: Browser) -> str:
-    context = await browser.new_context()
+async def probe_browser(browser: Browser) -> tuple[str, list[str]]:
+    """The browser's own User-Agent, and the flow context permissions it accepts."""
+    try:
+        context = await browser.new_context(permissions=LOCAL_NETWORK)
+        permissions = LOCAL_NETWORK
+    except PlaywrightError as err:  # a Playwright that does not know the permission yet
+        log.warning("executor.no_local_network_permission", error=first_line(err))
+        context, permissions = await browser.new_context(), []
     try:
         page = await context.new_page()
-        return str(await page.evaluate("navigator.userAgent"))
+        return str(await page.evaluate("navigator.userAgent")), permissions
     finally:
         await context.close()
 

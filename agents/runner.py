@@ -131,6 +131,7 @@ class Runner:
     announce: Callable[[str], None] = lambda line: None
     _flows: dict[str, tuple[str, asyncio.Task[None]]] = field(default_factory=dict)
     _cancelled_jobs: set[str] = field(default_factory=set)
+    _seen_jobs: set[str] = field(default_factory=set)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _completed: int = 0
     _failed: int = 0
@@ -199,6 +200,10 @@ class Runner:
             free.release()
             await msg.term()  # never redeliver what no runner can run
             return
+        if event.job_id not in self._seen_jobs:
+            self._seen_jobs.add(event.job_id)
+            self.announce(f"📥 Received new job: {event.job_id}")
+            self.announce(f"Starting job {event.job_id}")
         task = asyncio.create_task(self._run_flow(event, msg), name=event.flow_id)
         self._flows[event.flow_id] = (event.job_id, task)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import nats.errors
 import structlog
 from litestar import Request, Response
@@ -15,12 +17,12 @@ from engine.errors import Rejected
 log = structlog.get_logger("tb.api")
 
 
-def rejected(_: Request[object, object, object], exc: Rejected) -> Response[Problem]:
+def rejected(_: Request[Any, Any, Any], exc: Rejected) -> Response[Problem]:
     body = Problem(status_code=exc.status_code, detail=str(exc), field=exc.field, rule=exc.rule)
     return Response(body, status_code=exc.status_code)
 
 
-def validation(_: Request[object, object, object], exc: ValidationException) -> Response[Problem]:
+def validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
     detail = str(exc.detail)
     field = None
     if isinstance(exc.extra, list) and exc.extra:
@@ -32,18 +34,18 @@ def validation(_: Request[object, object, object], exc: ValidationException) -> 
     return Response(body, status_code=HTTP_400_BAD_REQUEST)
 
 
-def http_error(_: Request[object, object, object], exc: HTTPException) -> Response[Problem]:
+def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
     body = Problem(status_code=exc.status_code, detail=str(exc.detail))
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
-def unavailable(_: Request[object, object, object], exc: Exception) -> Response[Problem]:
+def unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.warning("api.nats_unavailable", error=str(exc))
     body = Problem(status_code=503, detail="event store unavailable, retry shortly")
     return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
 
 
-def conflict(_: Request[object, object, object], exc: ConcurrencyConflict) -> Response[Problem]:
+def conflict(_: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Response[Problem]:
     body = Problem(status_code=409, detail=f"concurrent update, retry: {exc}")
     return Response(body, status_code=409)
 

@@ -14,12 +14,11 @@ from api.services import Services
 from engine.errors import NotFound, Rejected
 from engine.jobs.decider import CancelJob
 from projections import queries
+from projections.jobs import JobStatus
 from projections.queries import JobView
 from schemas.values import Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
-JOB_STATUSES = ("created", "refused", "running", "paused", "completed", "failed", "cancelled")
-STATUS_PATTERN = "^(" + "|".join(JOB_STATUSES) + ")$"
 MIN_SEQ_HELP = "wait until the read model has applied this stream sequence (read-your-writes)"
 
 
@@ -50,7 +49,9 @@ class JobController(Controller):
         services: NamedDependency[Services],
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
-        status: Annotated[str | None, QueryParameter(pattern=STATUS_PATTERN)] = None,
+        status: Annotated[
+            JobStatus | None, QueryParameter(description="only jobs in this status")
+        ] = None,
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> list[JobView]:
         await _wait(services, min_seq)

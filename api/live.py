@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from litestar import WebSocket, websocket
@@ -63,9 +64,7 @@ def eta_seconds(job: JobView, now: datetime) -> float | None:
 
 
 @websocket("/ws", dependencies={"services": Provide(services_from_state, sync_to_thread=False)})
-async def live(
-    socket: WebSocket[object, object, object], services: NamedDependency[Services]
-) -> None:
+async def live(socket: WebSocket[Any, Any, Any], services: NamedDependency[Services]) -> None:
     await socket.accept()
     updates = services.projector.subscribe()
     incoming = asyncio.create_task(_until_closed(socket))
@@ -89,7 +88,7 @@ async def live(
             await socket.close()
 
 
-async def _until_closed(socket: WebSocket[object, object, object]) -> None:
+async def _until_closed(socket: WebSocket[Any, Any, Any]) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         while True:
             await socket.receive_data(mode="text")

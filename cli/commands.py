@@ -41,7 +41,7 @@ async def run_engine(nats_url: str) -> None:
     await bus.provision()
     dispatcher = Dispatcher(bus)
     task = asyncio.create_task(dispatcher.run(), name="dispatcher")
-    on_stop_signals(task.cancel)
+    on_stop_signals(lambda: _cancel(task))
     announce("✅ Engine running (dispatcher)")
     try:
         await task
@@ -49,6 +49,10 @@ async def run_engine(nats_url: str) -> None:
         pass
     finally:
         await bus.close()
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
 
 
 async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:

@@ -268,7 +268,7 @@ async def run_demo(
         announce(f"demo: job ended as {view and view.get('status')}: {view and view.get('reason')}")
         return False
     distinct, events = await _flow_done_in_stream(bus, job_id)
-    counted_once = distinct == view["flows_done"]
+    counted_once: bool = distinct == view["flows_done"]
     announce(
         f"demo: {view['flows_done']}/{view['flows_total']} flows done, "
         f"{view['flows_failed']} failed; the stream holds FlowDone for {distinct} distinct "

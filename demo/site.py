@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 from litestar import Litestar, MediaType, get
 from litestar.exceptions import NotFoundException
+from litestar.params import FromPath
 from litestar.response import Redirect
 
 EXTERNAL_URL = "https://example.org/"
@@ -69,7 +70,7 @@ async def products() -> str:
 
 
 @get("/products/{product_id:int}", media_type=MediaType.HTML)
-async def product(product_id: int) -> str:
+async def product(product_id: FromPath[int]) -> str:
     if product_id not in PRODUCTS:
         raise NotFoundException(f"product {product_id} does not exist")
     name, price, blurb = PRODUCTS[product_id]

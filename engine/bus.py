@@ -34,7 +34,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from schemas import subjects
-from schemas.events import Envelope, TbEvent, decode_event, encode_event
+from schemas.events import Envelope, Event, decode_event, encode_event
 
 log = structlog.get_logger("tb.bus")
 
@@ -199,16 +199,14 @@ class Bus:
 
     # -- writing --------------------------------------------------------------------
 
-    def _headers(self, event: TbEvent, msg_id: str, expect: Expect | None) -> dict[str, str]:
+    def _headers(self, event: Event, msg_id: str, expect: Expect | None) -> dict[str, str]:
         headers = {subjects.MSG_ID_HEADER: msg_id, subjects.TYPE_HEADER: type(event).__name__}
         if expect is not None:
             headers[subjects.EXPECTED_LAST_SUBJECT_SEQ] = str(expect.last_seq)
             headers[subjects.EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = expect.stream_filter
         return headers
 
-    async def append(
-        self, event: TbEvent, *, msg_id: str, expect: Expect | None = None
-    ) -> Appended:
+    async def append(self, event: Event, *, msg_id: str, expect: Expect | None = None) -> Appended:
         """Store one event; raises ``ConcurrencyConflict`` when ``expect`` no longer holds."""
         subject = subjects.subject_for(event)
         try:
@@ -224,7 +222,7 @@ class Bus:
             raise
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
-    async def append_pipelined(self, items: Sequence[tuple[TbEvent, str]]) -> list[Appended]:
+    async def append_pipelined(self, items: Sequence[tuple[Event, str]]) -> list[Appended]:
         """Publish many events without waiting for each ack in turn, then await all acks."""
         futures = [
             await self.js.publish_async(
@@ -277,7 +275,7 @@ class Bus:
                 sub = await self._ephemeral_reader(next_seq, filters)
                 if not follow:
                     info = await sub.consumer_info()
-                    remaining = int(info.num_pending)
+                    remaining = int(info.num_pending or 0)
                     if remaining == 0:
                         return
                 while True:

@@ -25,7 +25,7 @@ from schemas.events import (
     ConsentRevoked,
     ConsentVerificationFailed,
     DomainClaimed,
-    TbEvent,
+    Event,
 )
 from schemas.values import ConsentCaps
 
@@ -47,7 +47,7 @@ class Consent:
         return self.status == "verified" and self.expires_at is not None and self.expires_at > now
 
 
-def evolve_consent(consent: Consent, event: TbEvent, seq: int = 0) -> Consent:
+def evolve_consent(consent: Consent, event: Event, seq: int = 0) -> Consent:
     if not isinstance(event, ConsentEvent):
         return consent
     consent = replace(consent, domain=event.domain, version=max(consent.version, seq))

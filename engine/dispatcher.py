@@ -84,7 +84,7 @@ class Dispatcher:
             await self._dispatch(dispatches, now)
 
     async def _dispatch(self, dispatches: list[Dispatch], now: datetime) -> None:
-        items: list[tuple[TbEvent, str]] = []
+        items: list[tuple[FlowDispatched, str]] = []
         for d in dispatches:
             job = self.state.jobs[d.job_id].job
             target = job.targets[d.target_index]
@@ -106,8 +106,8 @@ class Dispatcher:
             )
             items.append((event, subjects.dispatch_msg_id(d.flow_id, d.attempt)))
         acks = await self.bus.append_pipelined(items)
-        for (event, _), ack in zip(items, acks, strict=True):
-            self._apply_own(ack.seq, event)
+        for (dispatched, _), ack in zip(items, acks, strict=True):
+            self._apply_own(ack.seq, dispatched)
         log.debug("dispatcher.dispatched", count=len(items))
 
     async def _transition(self, action: Action, now: datetime) -> None:

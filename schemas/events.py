@@ -235,10 +235,11 @@ _encoder = msgspec.json.Encoder()
 
 def decode_event(data: bytes) -> TbEvent:
     """Decode one event; raises ``msgspec.ValidationError`` for bytes that are not one."""
-    return _decoder.decode(data)
+    event: TbEvent = _decoder.decode(data)
+    return event
 
 
-def encode_event(event: TbEvent) -> bytes:
+def encode_event(event: Event) -> bytes:
     return _encoder.encode(event)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from schemas.events import (
     ConsentEvent,
+    Event,
     FlowDispatched,
     FlowEvent,
     JobEvent,
     RunnerEvent,
-    TbEvent,
 )
 
 EVENTS_STREAM = "TB"
@@ -85,7 +85,7 @@ def log_subject(job_id: str) -> str:
     return f"tb.log.{job_id}"
 
 
-def subject_for(event: TbEvent) -> str:
+def subject_for(event: Event) -> str:
     """The subject an event is stored on, derived from its type and aggregate id."""
     kind = type(event).__name__
     if isinstance(event, FlowDispatched):

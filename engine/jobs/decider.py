@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from engine.errors import Rejected
 from schemas.events import (
+    Event,
     JobCancelled,
     JobCompleted,
     JobCreated,
@@ -24,6 +26,8 @@ from schemas.events import (
     TbEvent,
 )
 from schemas.values import JobSettings, Platform, Target
+
+E = TypeVar("E", bound=JobEvent)
 
 
 class JobStatus(StrEnum):
@@ -131,47 +135,50 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
     if job.status not in ALLOWED[type(cmd)]:
         verb = type(cmd).__name__.removesuffix("Job").lower()
         raise Rejected("status", f"cannot {verb} a job that is {job.status.value}")
-    base = {"id": meta.id, "at": meta.at, "actor": meta.actor, "job_id": cmd.job_id}
+    job_id = cmd.job_id
     match cmd:
         case CreateJob(name=name, targets=targets, settings=settings, platform=platform):
             if not targets:
                 raise Rejected("targets", "at least one target is required")
-            return [
-                JobCreated(
-                    **base, name=name, targets=list(targets), settings=settings, platform=platform
-                )
-            ]
+            created = JobCreated(
+                id=meta.id,
+                at=meta.at,
+                actor=meta.actor,
+                job_id=job_id,
+                name=name,
+                targets=list(targets),
+                settings=settings,
+                platform=platform,
+            )
+            return [created]
         case StartJob(authorised_hosts=authorised):
             missing = sorted(job.hosts - authorised)
             if missing:
-                return [
-                    JobRefused(
-                        **base,
-                        reason=f"no verified consent for host(s): {', '.join(missing)}",
-                        hosts=missing,
-                    )
-                ]
+                reason = f"no verified consent for host(s): {', '.join(missing)}"
+                return [_emit(JobRefused, meta, job_id, reason=reason, hosts=missing)]
             total = sum(t.flows for t in job.targets)
-            return [JobStarted(**base, flows_total=total, allowed_hosts=sorted(job.hosts))]
+            hosts = sorted(job.hosts)
+            return [_emit(JobStarted, meta, job_id, flows_total=total, allowed_hosts=hosts)]
         case PauseJob():
-            return [JobPaused(**base)]
+            return [_emit(JobPaused, meta, job_id)]
         case ResumeJob():
-            return [JobResumed(**base)]
+            return [_emit(JobResumed, meta, job_id)]
         case CancelJob(reason=reason):
-            return [JobCancelled(**base, reason=reason)]
+            return [_emit(JobCancelled, meta, job_id, reason=reason)]
         case FinishJob(flows_done=done, flows_failed=failed):
             if done < 0 or failed < 0 or done + failed != job.flows_total:
                 raise Rejected(
                     "flows", f"done {done} + failed {failed} must equal {job.flows_total}"
                 )
+            counts = {"flows_done": done, "flows_failed": failed}
             if done == 0:
-                return [
-                    JobFailed(
-                        **base, reason="every flow failed", flows_done=done, flows_failed=failed
-                    )
-                ]
-            return [JobCompleted(**base, flows_done=done, flows_failed=failed)]
+                return [_emit(JobFailed, meta, job_id, reason="every flow failed", **counts)]
+            return [_emit(JobCompleted, meta, job_id, **counts)]
     raise AssertionError(f"unhandled command {cmd!r}")
+
+
+def _emit(kind: type[E], meta: Meta, job_id: str, **fields: Any) -> E:
+    return kind(id=meta.id, at=meta.at, actor=meta.actor, job_id=job_id, **fields)
 
 
 STATUS_AFTER: dict[type, JobStatus] = {
@@ -186,7 +193,7 @@ STATUS_AFTER: dict[type, JobStatus] = {
 }
 
 
-def evolve(job: Job, event: TbEvent, seq: int = 0) -> Job:
+def evolve(job: Job, event: Event, seq: int = 0) -> Job:
     """Fold one event in; a terminal job stays terminal whatever arrives after."""
     if not isinstance(event, JobEvent):
         return job
@@ -212,7 +219,7 @@ def evolve(job: Job, event: TbEvent, seq: int = 0) -> Job:
     return replace(job, status=status, version=version)
 
 
-def fold(events: list[tuple[int, TbEvent]]) -> Job:
+def fold(events: list[tuple[int, Event]]) -> Job:
     job = Job()
     for seq, event in events:
         job = evolve(job, event, seq)

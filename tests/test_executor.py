@@ -1,0 +1,521 @@
+"""The Playwright executor in real Chromium, against recording sites on loopback.
+
+127.0.0.1 plays the authorised site; a second server on 127.0.0.2 plays a host
+the flow is not authorised for, and must never see a single request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from litestar.testing import AsyncTestClient
+from playwright.async_api import async_playwright
+
+from agents.browser import (
+    BrowserMissing,
+    find_chromium,
+    launch_chromium,
+    managed_chromium_installed,
+)
+from agents.executor import FlowError, NoopExecutor, PlaywrightExecutor
+from demo.site import EXTERNAL_URL, build_demo_app, serve_demo_site
+from schemas.events import FlowDispatched
+
+VERSION = "9.9.9-test"
+JOB = "job-exec-1"
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None and not managed_chromium_installed(),
+    reason="no Chromium: apt-get install chromium, or python -m playwright install chromium",
+)
+
+
+# -- recording sites -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    body: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class RecordingSite:
+    """A loopback HTTP server that records every request; unknown paths get a 404."""
+
+    def __init__(self, host: str) -> None:
+        self.replies: dict[str, Reply] = {}
+        self.hits: list[Hit] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                site.hits.append(Hit(self.path, {k.lower(): v for k, v in self.headers.items()}))
+                reply = site.replies.get(self.path.split("?")[0], Reply(404, "not found"))
+                body = reply.body.encode()
+                self.send_response(reply.status)
+                headers = {"Content-Type": "text/html; charset=utf-8", **reply.headers}
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.origin = f"http://{host}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def page(self, path: str, body: str, status: int = 200) -> str:
+        self.replies[path] = Reply(status, f"<!doctype html><html><body>{body}</body></html>")
+        return self.origin + path
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        self.replies[path] = Reply(status, "", {"Location": location})
+        return self.origin + path
+
+    def paths(self) -> list[str]:
+        return [hit.path for hit in self.hits]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def site() -> Iterator[RecordingSite]:
+    s = RecordingSite("127.0.0.1")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def evil() -> Iterator[RecordingSite]:
+    s = RecordingSite("127.0.0.2")
+    s.page("/", "<a href='/'>you should not be here</a>")
+    yield s
+    s.close()
+
+
+@dataclass
+class RecordedReport:
+    visits: list[tuple[str, int | None]] = field(default_factory=list)
+    clicks: list[str] = field(default_factory=list)
+    skips: list[tuple[str, str]] = field(default_factory=list)
+    keepalives: int = 0
+
+    async def page_visited(self, url: str, status: int | None) -> None:
+        self.visits.append((url, status))
+
+    async def click_done(self, href: str) -> None:
+        self.clicks.append(href)
+
+    async def click_skipped(self, href: str, reason: str) -> None:
+        self.skips.append((href, reason))
+
+    async def keepalive(self) -> None:
+        self.keepalives += 1
+
+
+def flow(
+    url: str,
+    *,
+    clicks: int = 0,
+    session_seconds: float = 0.3,
+    seed: int = 1,
+    job_id: str = JOB,
+    flow_id: str = "flow-1",
+    referrer: str | None = None,
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1",),
+) -> FlowDispatched:
+    return FlowDispatched(
+        id="evt-1",
+        at=datetime.now(UTC),
+        actor="system",
+        job_id=job_id,
+        flow_id=flow_id,
+        attempt=1,
+        target_index=0,
+        url=url,
+        clicks=clicks,
+        session_seconds=session_seconds,
+        allowed_hosts=list(allowed_hosts),
+        seed=seed,
+        referrer=referrer,
+    )
+
+
+def nav(*paths: str) -> str:
+    return "<nav>" + " ".join(f"<a href='{p}'>{p}</a>" for p in paths) + "</nav>"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def executor(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PlaywrightExecutor]:
+    ex = PlaywrightExecutor(VERSION, screenshot_dir=tmp_path_factory.mktemp("screenshots"))
+    await ex.start()
+    yield ex
+    await ex.close()
+
+
+# -- identification ------------------------------------------------------------------
+
+
+@needs_chromium
+async def test_every_request_carries_job_header_and_user_agent(
+    executor: PlaywrightExecutor, site: RecordingSite
+) -> None:
+    site.replies["/style.css"] = Reply(200, "body{margin:0}", {"Content-Type": "text/css"})
+    script = "fetch('/api'); new WebSocket(location.origin.replace('http', 'ws') + '/socket')"
+    site.replies["/app.js"] = Reply(200, script, {"Content-Type": "text/javascript"})
+    site.page("/frame", "inner")
+    site.page("/api", "{}")
+    url = site.page(
+        "/",
+        "<link rel=stylesheet href='/style.css'><img src='/img.png'>"
+        "<iframe src='/frame'></iframe><script src='/app.js'></script>",
+    )
+    referrer = "https://campaign.example/landing"
+
+    await executor.run(flow(url, referrer=referrer, session_seconds=0.5), RecordedReport())
+
+    expected = {"/", "/style.css", "/img.png", "/frame", "/app.js", "/api", "/socket"}
+    assert expected <= set(site.paths())
+    for hit in site.hits:
+        assert hit.headers.get("x-trafficbuster") == JOB, hit.path
+        assert hit.headers["user-agent"].endswith(f" TrafficBuster/{VERSION}"), hit.path
+    assert site.hits[0].headers.get("referer") == referrer
+
+
+@needs_chromium
+async def test_concurrent_flows_keep_their_own_job_header(
+    executor: PlaywrightExecutor, site: RecordingSite
+) -> None:
+    for name in ("a", "b"):
+        site.page(f"/{name}", f"<img src='/{name}.png'>{nav(f'/{name}/next')}")
+        site.page(f"/{name}/next", "the end")
+
+    await asyncio.gather(
+        *(
+            executor.run(flow(f"{site.origin}/{n}", clicks=1, job_id=f"job-{n}"), RecordedReport())
+            for n in ("a", "b")
+        )
+    )
+
+    assert len(site.hits) >= 6
+    for hit in site.hits:
+        if hit.path != "/favicon.ico":
+            assert hit.headers.get("x-trafficbuster") == f"job-{hit.path[1]}", hit.path
+
+
+# -- the journey ---------------------------------------------------------------------
+
+
+@needs_chromium
+async def test_flow_follows_internal_links_for_its_session(
+    executor: PlaywrightExecutor, site: RecordingSite
+) -> None:
+    pages = ("/", "/one", "/two", "/three")
+    for path in pages:
+        links = nav(*(p for p in pages if p != path))
+        site.page(path, f"<a href='#top'>top</a> <a href='mailto:x@y.z'>mail</a>{links}<p>text</p>")
+    report = RecordedReport()
+
+    started = time.monotonic()
+    result = await executor.run(flow(site.origin + "/", clicks=2, session_seconds=1.0), report)
+    elapsed = time.monotonic() - started
+
+    assert (result.clicks_done, result.pages) == (2, 3)
+    assert len(report.clicks) == 2 and len(report.visits) == 3
+    assert [url for url, _ in report.visits[1:]] == report.clicks
+    assert all(status == 200 for _, status in report.visits)
+    assert 1.0 <= elapsed < 4.0
+    assert report.keepalives >= 1 and report.skips == []
+
+
+@needs_chromium
+async def test_same_seed_clicks_same_links(
+    executor: PlaywrightExecutor, site: RecordingSite
+) -> None:
+    pages = [f"/p{i}" for i in range(8)]
+    for path in pages:
+        site.page(path, nav(*pages))
+
+    async def clicked(seed: int) -> list[str]:
+        report = RecordedReport()
+        await executor.run(flow(site.origin + "/p0", clicks=4, seed=seed), report)
+        return report.clicks
+
+    first = await clicked(seed=7)
+    assert len(first) == 4
+    assert await clicked(seed=7) == first
+    assert await clicked(seed=8) != first
+
+
+# -- authorisation (DESIGN invariant 4) ----------------------------------------------
+
+
+@needs_chromium
+async def test_links_to_unauthorised_hosts_are_reported_never_followed(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    evil_links = [f"{evil.origin}/", f"{evil.origin}/offer"]
+    url = site.page("/", "".join(f"<a href='{href}'>out</a>" for href in evil_links))
+    report = RecordedReport()
+
+    result = await executor.run(flow(url, clicks=2), report)
+
+    assert result.clicks_done == 0
+    assert len(report.skips) == 1
+    assert report.skips[0][0] in evil_links and report.skips[0][1] == "unauthorised_host"
+    assert evil.hits == []
+
+
+@needs_chromium
+async def test_clicked_redirect_to_unauthorised_host_is_refused(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    site.redirect("/out", f"{evil.origin}/landing")
+    url = site.page("/", nav("/out"))
+    report = RecordedReport()
+
+    result = await executor.run(flow(url, clicks=1), report)
+
+    assert result.clicks_done == 0
+    assert report.skips == [(f"{evil.origin}/landing", "unauthorised_host")]
+    assert report.visits == [(url, 200)]
+    assert evil.hits == []
+
+
+@needs_chromium
+async def test_first_page_redirecting_off_site_fails_without_retry(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    url = site.redirect("/", f"{evil.origin}/")
+    report = RecordedReport()
+
+    with pytest.raises(FlowError) as failure:
+        await executor.run(flow(url), report)
+
+    assert failure.value.reason.startswith("unauthorised_host")
+    assert not failure.value.retryable
+    assert report.skips == [(f"{evil.origin}/", "unauthorised_host")]
+    assert evil.hits == []
+
+
+@needs_chromium
+async def test_every_redirect_hop_is_checked(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    # Playwright routes only the first request of a redirect chain: without the
+    # guard re-issuing each hop, the second redirect here would reach 127.0.0.2.
+    site.redirect("/hop1", "/hop2", status=301)
+    site.redirect("/hop2", "/final", status=307)
+    site.redirect("/chain1", "/chain2")
+    site.redirect("/chain2", f"{evil.origin}/chained")
+    site.redirect("/img-out", f"{evil.origin}/pixel.png")
+    site.page("/final", "<img src='/img-out'><a href='/chain1'>more</a>")
+    report = RecordedReport()
+
+    result = await executor.run(flow(site.origin + "/hop1", clicks=1), report)
+
+    assert report.visits == [(site.origin + "/final", 200)]
+    assert result.clicks_done == 0
+    assert report.skips == [(f"{evil.origin}/chained", "unauthorised_host")]
+    assert site.paths()[:3] == ["/hop1", "/hop2", "/final"]
+    assert {"/img-out", "/chain1", "/chain2"} <= set(site.paths())
+    assert evil.hits == []
+
+
+@needs_chromium
+async def test_frames_and_subresources_of_unauthorised_hosts_never_load(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    ws_url = evil.origin.replace("http:", "ws:") + "/socket"
+    url = site.page(
+        "/",
+        f"<link rel=icon href='{evil.origin}/favicon.ico'>"
+        f"<link rel=stylesheet href='{evil.origin}/style.css'>"
+        f"<iframe src='{evil.origin}/frame'></iframe><img src='{evil.origin}/pixel.png'>"
+        f"<script src='{evil.origin}/tag.js'></script>"
+        f"<script>fetch('{evil.origin}/api', {{mode: 'no-cors'}}).catch(() => 0);"
+        f"new WebSocket('{ws_url}');</script>",
+    )
+    report = RecordedReport()
+
+    await executor.run(flow(url, session_seconds=0.5), report)
+
+    assert evil.hits == []
+    assert (f"{evil.origin}/frame", "unauthorised_host") in report.skips
+
+
+@needs_chromium
+async def test_script_navigation_off_site_is_refused_and_the_page_stays(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    site.page("/next", "next page")
+    script = f"<script>setTimeout(() => {{ location.href = '{evil.origin}/away'; }}, 50)</script>"
+    url = site.page("/", script + nav("/next"))
+    report = RecordedReport()
+
+    result = await executor.run(flow(url, clicks=1, session_seconds=0.6), report)
+
+    assert report.skips == [(f"{evil.origin}/away", "unauthorised_host")]
+    assert result.clicks_done == 1
+    assert evil.hits == []
+
+
+# -- failures ------------------------------------------------------------------------
+
+
+@needs_chromium
+async def test_server_error_on_first_page_is_retryable_with_screenshot(
+    executor: PlaywrightExecutor, site: RecordingSite
+) -> None:
+    url = site.page("/", "<h1>Internal Server Error</h1>", status=500)
+
+    with pytest.raises(FlowError) as failure:
+        await executor.run(flow(url, flow_id="flow-500"), RecordedReport())
+
+    assert (failure.value.reason, failure.value.retryable) == ("http_500", True)
+    assert failure.value.screenshot is not None
+    shot = Path(failure.value.screenshot)
+    assert shot.name == "flow-500-1.png"
+    assert shot.read_bytes().startswith(b"\x89PNG")
+
+
+@needs_chromium
+async def test_missing_first_page_is_not_retryable(
+    executor: PlaywrightExecutor, site: RecordingSite
+) -> None:
+    with pytest.raises(FlowError) as failure:
+        await executor.run(flow(site.origin + "/gone"), RecordedReport())
+
+    assert (failure.value.reason, failure.value.retryable) == ("http_404", False)
+
+
+@needs_chromium
+async def test_unreachable_first_page_is_retryable(executor: PlaywrightExecutor) -> None:
+    with socket.socket() as sock:  # bound, never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        with pytest.raises(FlowError) as failure:
+            await executor.run(flow(url), RecordedReport())
+
+    assert failure.value.retryable
+    assert "ERR_CONNECTION_REFUSED" in failure.value.reason
+
+
+# -- browser discovery ---------------------------------------------------------------
+
+
+async def test_explicit_chromium_path_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TB_CHROMIUM", "/opt/custom/chrome")
+    assert find_chromium() == "/opt/custom/chrome"
+
+
+async def test_no_launchable_chromium_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TB_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    monkeypatch.setenv("PLAYWRIGHT_BROWSERS_PATH", str(tmp_path / "empty"))
+    async with async_playwright() as playwright:
+        with pytest.raises(BrowserMissing) as missing:
+            await launch_chromium(playwright)
+    assert "apt-get install chromium (Debian/Ubuntu)" in str(missing.value)
+    assert "python -m playwright install --with-deps chromium" in str(missing.value)
+
+
+async def test_noop_executor_completes_at_once() -> None:
+    result = await NoopExecutor().run(flow("http://127.0.0.1/", clicks=3), RecordedReport())
+    assert (result.clicks_done, result.pages) == (3, 1)
+
+
+# -- the demo site -------------------------------------------------------------------
+
+
+async def test_demo_site_serves_its_consent_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "trafficbuster.txt"
+    async with AsyncTestClient(app=build_demo_app(token_file)) as client:
+        missing = await client.get("/.well-known/trafficbuster.txt")
+        token_file.write_text("tb-verify-123\n")
+        served = await client.get("/.well-known/trafficbuster.txt")
+
+    assert missing.status_code == 404
+    assert served.status_code == 200
+    assert served.text == "tb-verify-123"
+    assert served.headers["content-type"].startswith("text/plain")
+
+
+async def test_demo_site_pages_link_internally_and_out(tmp_path: Path) -> None:
+    async with AsyncTestClient(app=build_demo_app(tmp_path / "token")) as client:
+        pages = ["/", "/products", "/about", "/contact"] + [f"/products/{i}" for i in range(1, 6)]
+        for path in pages:
+            response = await client.get(path)
+            assert response.status_code == 200, path
+            assert 'href="/products"' in response.text and EXTERNAL_URL in response.text
+        assert (await client.get("/products/6")).status_code == 404
+        assert (await client.get("/healthz")).text == "ok"
+        out = await client.get("/redirect-out", follow_redirects=False)
+        assert (out.status_code, out.headers["location"]) == (302, EXTERNAL_URL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def until_healthy(url: str, timeout: float) -> None:
+    async with asyncio.timeout(timeout), httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+
+
+@needs_chromium
+async def test_flow_on_demo_site_clicks_through_and_records_the_partner_link(
+    executor: PlaywrightExecutor, tmp_path: Path
+) -> None:
+    port = free_port()
+    serving = asyncio.create_task(serve_demo_site("127.0.0.1", port, tmp_path / "token"))
+    origin = f"http://127.0.0.1:{port}"
+    try:
+        await until_healthy(origin + "/healthz", timeout=10)
+        report = RecordedReport()
+        result = await executor.run(flow(origin + "/", clicks=3), report)
+    finally:
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+
+    assert result.clicks_done == 3
+    assert all(href.startswith(origin) for href in report.clicks)
+    assert (EXTERNAL_URL, "unauthorised_host") in report.skips
+    with socket.socket() as sock:  # the site is gone once cancelled
+        assert sock.connect_ex(("127.0.0.1", port)) != 0

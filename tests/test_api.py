@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+import json
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -145,3 +148,45 @@ async def test_bad_domain_is_400(client: AsyncTestClient) -> None:
 async def test_available_platforms_empty_without_runners(client: AsyncTestClient) -> None:
     assert (await client.get("/api/v1/runners/available-platforms")).json() == []
     assert (await client.get("/api/v1/runners")).json() == []
+
+
+async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_path: Path) -> None:
+    import uvicorn
+    from websockets.asyncio.client import connect
+
+    from tests.conftest import free_port
+
+    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(20):
+            while not server.started:
+                await asyncio.sleep(0.05)
+            async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                created = await asyncio.to_thread(
+                    _post_json, f"http://127.0.0.1:{port}/api/v1/jobs", JOB
+                )
+                update = json.loads(await ws.recv())
+    finally:
+        server.should_exit = True
+        await serving
+    assert update["type"] == "progressUpdate"
+    assert update["job_id"] == created["job_id"]
+    assert (update["status"], update["total"], update["success"], update["fail"]) == (
+        "created",
+        2,
+        0,
+        0,
+    )
+    assert update["targets"][0]["flow_target"] == 2
+
+
+def _post_json(url: str, body: object) -> dict[str, object]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        result: dict[str, object] = json.loads(response.read())
+        return result

@@ -154,6 +154,7 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
     import uvicorn
     from websockets.asyncio.client import connect
 
+    from cli.nats_server import wait_for_port
     from tests.conftest import free_port
 
     app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
@@ -162,8 +163,7 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
     serving = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(20):
-            while not server.started:
-                await asyncio.sleep(0.05)
+            await wait_for_port("127.0.0.1", port)
             async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
                 created = await asyncio.to_thread(
                     _post_json, f"http://127.0.0.1:{port}/api/v1/jobs", JOB

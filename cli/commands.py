@@ -18,7 +18,7 @@ from engine.bus import Bus
 log = structlog.get_logger("tb.cli")
 
 
-def on_stop_signals(stop: Callable[[], None]) -> None:
+def on_stop_signals(stop: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
@@ -35,24 +35,20 @@ async def connect_bus(url: str, name: str) -> Bus:
 
 
 async def run_engine(nats_url: str) -> None:
+    from engine.advisories import ExhaustedDeliveries
     from engine.dispatcher import Dispatcher
 
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
-    dispatcher = Dispatcher(bus)
-    task = asyncio.create_task(dispatcher.run(), name="dispatcher")
-    on_stop_signals(lambda: _cancel(task))
-    announce("✅ Engine running (dispatcher)")
+    work = asyncio.gather(Dispatcher(bus).run(), ExhaustedDeliveries(bus).run())
+    on_stop_signals(work.cancel)
+    announce("✅ Engine running (dispatcher, exhausted-delivery watch)")
     try:
-        await task
+        await work
     except asyncio.CancelledError:
         pass
     finally:
         await bus.close()
-
-
-def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
 
 
 async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:

@@ -110,6 +110,10 @@ def flow_msg_id(event: FlowEvent, n: int = 0) -> str:
     return f"{event.flow_id}:{event.attempt}:{type(event).__name__}:{n}"
 
 
+def exhausted_msg_id(flow_id: str, attempt: int) -> str:
+    return f"{flow_id}:{attempt}:FlowFailed:exhausted"
+
+
 def aggregate_msg_id(stream_filter: str, expected_seq: int, event_type: str) -> str:
     """One id per (aggregate, version, type): a retried append after a lost ack dedupes."""
     return f"{stream_filter}@{expected_seq}:{event_type}"

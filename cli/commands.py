@@ -78,7 +78,8 @@ async def run_runner(
     headless: bool,
     screenshot_dir: Path | None,
 ) -> None:
-    from agents.executor import FlowExecutor, NoopExecutor, PlaywrightExecutor
+    from agents.executor import FlowExecutor, NoopExecutor
+    from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
     from schemas import VERSION
     from schemas.values import Platform

@@ -28,7 +28,8 @@ from agents.browser import (
     launch_chromium,
     managed_chromium_installed,
 )
-from agents.executor import FlowError, NoopExecutor, PlaywrightExecutor
+from agents.executor import FlowError, NoopExecutor
+from agents.playwright_flow import PlaywrightExecutor
 from demo.site import EXTERNAL_URL, build_demo_app, serve_demo_site
 from schemas.events import FlowDispatched
 
@@ -336,16 +337,20 @@ async def test_every_redirect_hop_is_checked(
     site.redirect("/chain1", "/chain2")
     site.redirect("/chain2", f"{evil.origin}/chained")
     site.redirect("/img-out", f"{evil.origin}/pixel.png")
-    site.page("/final", "<img src='/img-out'><a href='/chain1'>more</a>")
+    site.redirect("/frame-hop", "/framed")
+    site.page("/framed", "framed")
+    site.page(
+        "/final", "<img src='/img-out'><iframe src='/frame-hop'></iframe><a href='/chain1'>more</a>"
+    )
     report = RecordedReport()
 
-    result = await executor.run(flow(site.origin + "/hop1", clicks=1), report)
+    result = await executor.run(flow(site.origin + "/hop1", clicks=1, session_seconds=0.5), report)
 
     assert report.visits == [(site.origin + "/final", 200)]
     assert result.clicks_done == 0
     assert report.skips == [(f"{evil.origin}/chained", "unauthorised_host")]
     assert site.paths()[:3] == ["/hop1", "/hop2", "/final"]
-    assert {"/img-out", "/chain1", "/chain2"} <= set(site.paths())
+    assert {"/img-out", "/framed", "/chain1", "/chain2"} <= set(site.paths())
     assert evil.hits == []
 
 
@@ -354,9 +359,12 @@ async def test_frames_and_subresources_of_unauthorised_hosts_never_load(
     executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
 ) -> None:
     ws_url = evil.origin.replace("http:", "ws:") + "/socket"
+    site.redirect("/frame-out", f"{evil.origin}/framed")
+    worker = f"fetch('{evil.origin}/worker').catch(() => 0)"
     url = site.page(
         "/",
-        f"<link rel=icon href='{evil.origin}/favicon.ico'>"
+        f"<link rel=icon href='{evil.origin}/favicon.ico'><iframe src='/frame-out'></iframe>"
+        f'<script>new Worker(URL.createObjectURL(new Blob(["{worker}"])))</script>'
         f"<link rel=stylesheet href='{evil.origin}/style.css'>"
         f"<iframe src='{evil.origin}/frame'></iframe><img src='{evil.origin}/pixel.png'>"
         f"<script src='{evil.origin}/tag.js'></script>"
@@ -369,6 +377,23 @@ async def test_frames_and_subresources_of_unauthorised_hosts_never_load(
 
     assert evil.hits == []
     assert (f"{evil.origin}/frame", "unauthorised_host") in report.skips
+    assert (f"{evil.origin}/framed", "unauthorised_host") in report.skips
+
+
+@needs_chromium
+async def test_popup_is_guarded_like_the_flow_page(
+    executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
+) -> None:
+    site.redirect("/img-out", f"{evil.origin}/pixel.png")
+    site.page("/popup", f"<img src='/img-out'><iframe src='{evil.origin}/frame'></iframe>")
+    url = site.page("/", "<script>window.open('/popup')</script>")
+    report = RecordedReport()
+
+    await executor.run(flow(url, session_seconds=0.8), report)
+
+    assert {"/popup", "/img-out"} <= set(site.paths())
+    assert report.skips == [(f"{evil.origin}/frame", "unauthorised_host")]
+    assert evil.hits == []
 
 
 @needs_chromium

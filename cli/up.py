@@ -75,17 +75,21 @@ class ProcessTree:
         return waits[next(iter(done))]
 
     async def stop(self, grace: float = 10.0) -> None:
-        for child in reversed(self.children):
+        """SIGTERM to every child at once (each stops cleanly on its own), SIGKILL after grace."""
+        for child in self.children:
             if child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(child.proc.wait(), grace)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.proc.kill()
-                    await child.proc.wait()
-            child.log.close()
+        await asyncio.gather(*(self._reap(child, grace) for child in self.children))
+
+    async def _reap(self, child: Child, grace: float) -> None:
+        try:
+            await asyncio.wait_for(child.proc.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()
+            await child.proc.wait()
+        child.log.close()
 
 
 def _check_ports(options: UpOptions, demo_port: int) -> None:

@@ -13,6 +13,7 @@ from api.dto import Accepted, Created, CreateJobIn
 from api.services import Services
 from engine.errors import NotFound, Rejected
 from engine.jobs.decider import CancelJob
+from engine.presence import online_runners
 from projections import queries
 from projections.jobs import JobStatus
 from projections.queries import JobView
@@ -34,11 +35,20 @@ class JobController(Controller):
         total = sum(t.flows for t in data.targets)
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
+        platform = data.platform or Platform()
+        online = await online_runners(services.bus)
+        if not any(
+            r.status == "online" and (r.os, r.browser) == (platform.os, platform.browser)
+            for r in online
+        ):
+            raise Rejected(
+                "platform", f"No available runners online for {platform.os}/{platform.browser}"
+            )
         job_id, appended = await services.jobs.create(
             name=data.name,
             targets=data.targets,
             settings=data.settings,
-            platform=data.platform or Platform(),
+            platform=platform,
             actor="api",
         )
         return Created(job_id=job_id, seq=appended.seq)

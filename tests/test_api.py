@@ -3,15 +3,18 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.services import ApiConfig
-from engine.bus import BusConfig
+from engine.bus import Bus, BusConfig
+from schemas import subjects
+from schemas.presence import RunnerPresence
 from tests.conftest import NatsServer
 from tests.sites import recording_site
 
@@ -20,12 +23,33 @@ from tests.sites import recording_site
 async def client(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[AsyncTestClient]:
     app = create_app(
         ApiConfig(
-            nats_url=nats_server.url, db_path=tmp_path / "read.db", bus=BusConfig(presence_ttl=3)
+            nats_url=nats_server.url, db_path=tmp_path / "read.db", bus=BusConfig(presence_ttl=30)
         )
     )
     async with AsyncTestClient(app=app) as c:
         yield c
 
+
+@pytest.fixture
+async def runner_online(nats_server: NatsServer) -> AsyncIterator[Callable[..., Awaitable[None]]]:
+    """Write runner presence from this test's own connection (the app runs on another loop)."""
+    bus = await Bus.connect(nats_server.url, name="test-runner")
+
+    async def online(os: str = "linux") -> None:
+        await put_presence(bus, os)
+
+    yield online
+    await bus.close()
+
+
+async def put_presence(bus: Bus, os: str = "linux") -> None:
+    """A runner's presence heartbeat, as a runner writes it."""
+    kv = await bus.kv(subjects.RUNNERS_BUCKET)
+    presence = RunnerPresence(runner_id=f"runner_{os}", os=os, browser="chromium", slots=2)
+    await kv.put(presence.runner_id, msgspec.json.encode(presence))
+
+
+Online = Callable[..., Awaitable[None]]
 
 JOB = {
     "name": "j",
@@ -46,7 +70,10 @@ async def test_readyz_names_the_missing_runner(client: AsyncTestClient) -> None:
     assert "runner" in r.json()["missing"]
 
 
-async def test_create_job_returns_id_and_seq_and_reads_wait_for_it(client: AsyncTestClient) -> None:
+async def test_create_job_returns_id_and_seq_and_reads_wait_for_it(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online()
     r = await client.post("/api/v1/jobs", json=JOB)
     assert r.status_code == 201, r.text
     created = r.json()
@@ -96,7 +123,10 @@ async def test_unknown_job_is_404(client: AsyncTestClient) -> None:
     assert (await client.post("/api/v1/jobs/job_nope/cancel")).status_code == 404
 
 
-async def test_cancel_created_job_then_cancel_again_is_422(client: AsyncTestClient) -> None:
+async def test_cancel_created_job_then_cancel_again_is_422(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online()
     job_id = (await client.post("/api/v1/jobs", json=JOB)).json()["job_id"]
     r = await client.post(f"/api/v1/jobs/{job_id}/cancel")
     assert r.status_code == 202
@@ -150,6 +180,29 @@ async def test_available_platforms_empty_without_runners(client: AsyncTestClient
     assert (await client.get("/api/v1/runners")).json() == []
 
 
+async def test_available_platforms_are_those_with_a_runner_online(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online("linux")
+    await runner_online("windows")
+    platforms = (await client.get("/api/v1/runners/available-platforms")).json()
+    assert [(p["os"], p["browser"], p["runners"]) for p in platforms] == [
+        ("linux", "chromium", 1),
+        ("windows", "chromium", 1),
+    ]
+
+
+async def test_job_for_a_platform_without_runners_is_422(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online("linux")
+    r = await client.post("/api/v1/jobs", json={**JOB, "platform": {"os": "macos"}})
+    assert r.status_code == 422
+    assert r.json()["field"] == "platform"
+    assert "No available runners online for macos/chromium" in r.json()["detail"]
+    assert (await client.get("/api/v1/jobs")).json() == []
+
+
 async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_path: Path) -> None:
     import uvicorn
     from websockets.asyncio.client import connect
@@ -158,6 +211,9 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
     from tests.conftest import free_port
 
     app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
+    async with await Bus.connect(nats_server.url, name="test") as bus:
+        await bus.provision()
+        await put_presence(bus)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())

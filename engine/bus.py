@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -25,6 +27,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    Header,
     KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
@@ -39,6 +42,10 @@ from schemas.events import Envelope, Event, decode_event, encode_event
 log = structlog.get_logger("tb.bus")
 
 WRONG_LAST_SEQUENCE = 10071
+PUBLISH_TIMEOUT = 10.0  # an ack not back by then fails the publish (as nats-py's js timeout)
+STATUS_HEADER = "Status"
+NO_RESPONDERS = "503"
+CONTROL = "100"
 T = TypeVar("T")
 
 
@@ -68,6 +75,147 @@ class Appended:
     duplicate: bool
 
 
+class _PubAck(msgspec.Struct):
+    """JetStream's reply to a publish: the stored position, or an API error."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
+
+
+def _settle(future: asyncio.Future[Appended], msg: Msg) -> None:
+    """Resolve a publish from its ack, with the typed nats-py error when it was refused."""
+    if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
+        future.set_exception(nats.js.errors.NoStreamResponseError())
+        return
+    try:
+        ack = _decode_pub_ack(msg.data)
+        if ack.error is not None:
+            nats.js.errors.APIError.from_error(ack.error)  # raises the typed error
+    except nats.js.errors.APIError as err:
+        future.set_exception(err)
+    except msgspec.DecodeError as err:
+        future.set_exception(nats.js.errors.APIError(description=f"bad publish ack: {err}"))
+    else:
+        future.set_result(Appended(seq=ack.seq, duplicate=ack.duplicate))
+
+
+def stream_seq(msg: Msg) -> int:
+    """The stream sequence of a JetStream delivery, read from its ack subject."""
+    return _ack_tokens(msg.reply)[0]
+
+
+def _ack_tokens(reply: str) -> tuple[int, int]:
+    """(stream sequence, pending) from ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>
+    .<cseq>.<ts>.<pending>`` or its v2 form with domain and account hash after ``ACK``."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    if len(tokens) >= 11:
+        return int(tokens[7]), int(tokens[10])
+    raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
+
+class Puller:
+    """Batches from one pull consumer over a single callback subscription.
+
+    nats-py's ``fetch`` arms a timer per message and its ``Msg.metadata`` parses every
+    reply subject into objects; at thousands of messages a second that is much of a
+    process's CPU. Here a batch is one pull request and one future. Each request has its
+    own reply subject, so a late status for an earlier request never ends a later one.
+    """
+
+    def __init__(self, nc: Client, stream: str, consumer: str, api_prefix: str) -> None:
+        self.nc, self.consumer = nc, consumer
+        self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._buffer: deque[Msg] = deque()
+        self._request = 0
+        self._want = 0
+        self._waiter: asyncio.Future[bool] | None = None
+        self._sub: Any = None
+        self.pending = -1  # messages left for this consumer after the last one delivered
+
+    async def start(self) -> Puller:
+        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        return self
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        waiter = self._waiter
+        if not msg.data and msg.headers and STATUS_HEADER in msg.headers:
+            status = msg.headers[STATUS_HEADER]
+            # 404 no messages, 408 expired, 409 conflicts: the request is over; a
+            # heartbeat (100) is not. Statuses of earlier requests are stale.
+            if (
+                status != CONTROL
+                and waiter is not None
+                and not waiter.done()
+                and msg.subject == f"{self._inbox}.{self._request}"
+            ):
+                waiter.set_result(status != NO_RESPONDERS)
+            return
+        self._buffer.append(msg)
+        if waiter is not None and not waiter.done() and len(self._buffer) >= self._want:
+            waiter.set_result(True)
+
+    async def _pull(self, batch: int, *, expires: float | None, answer_within: float) -> bool:
+        """One pull request; False when nothing answered (no consumer, no connection)."""
+        self._request += 1
+        self._want = len(self._buffer) + batch
+        request: dict[str, Any] = {"batch": batch}
+        if expires is None:
+            request["no_wait"] = True
+        else:
+            request["expires"] = int(expires * 1e9)
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        await self.nc.publish(
+            self._next_subject,
+            msgspec.json.encode(request),
+            reply=f"{self._inbox}.{self._request}",
+        )
+        try:
+            return await asyncio.wait_for(waiter, answer_within)
+        except TimeoutError:
+            return bool(self._buffer)
+        finally:
+            self._waiter = None
+
+    async def fetch(self, batch: int, linger: float) -> list[Msg]:
+        """Up to ``batch`` messages: what is there at once, else the first to arrive
+        within ``linger`` seconds (``[]`` if none did). Raises ``nats.errors.TimeoutError``
+        when the server did not answer at all."""
+        if len(self._buffer) < batch:
+            need = batch - len(self._buffer)
+            answered = await self._pull(need, expires=None, answer_within=linger)
+            if not self._buffer:
+                if not answered:
+                    raise nats.errors.TimeoutError
+                # nothing stored yet: linger for the first message only (a batch could
+                # wait until it is full), then take what came with it at once
+                expires = max(linger - 0.05, 0.01)
+                answered = await self._pull(1, expires=expires, answer_within=linger + 1.0)
+                if not answered:
+                    raise nats.errors.TimeoutError
+                if self._buffer and batch > len(self._buffer):
+                    need = batch - len(self._buffer)
+                    await self._pull(need, expires=None, answer_within=linger)
+        n = min(batch, len(self._buffer))
+        msgs = [self._buffer.popleft() for _ in range(n)]
+        if msgs:
+            self.pending = _ack_tokens(msgs[-1].reply)[1]
+        return msgs
+
+
 @dataclass(frozen=True)
 class Expect:
     """Optimistic concurrency: the stream sequence of the aggregate's last event (0 = none)."""
@@ -79,8 +227,14 @@ class Expect:
 class Bus:
     def __init__(self, nc: Client, config: BusConfig) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.config = config
+        # acks of our publishes arrive on one wildcard inbox, keyed by a counter token
+        self._ack_prefix: str | None = None
+        self._ack_ready: asyncio.Future[None] | None = None
+        self._ack_next = 0
+        self._acks: dict[int, asyncio.Future[Appended]] = {}
+        self._ack_sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -93,6 +247,7 @@ class Bus:
             url,
             name=name,
             connect_timeout=connect_timeout,
+            drain_timeout=5,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             allow_reconnect=True,
@@ -101,6 +256,8 @@ class Bus:
         return cls(nc, config or BusConfig())
 
     async def close(self) -> None:
+        if self._ack_sweeper is not None:
+            self._ack_sweeper.cancel()
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
@@ -208,32 +365,107 @@ class Bus:
 
     async def append(self, event: Event, *, msg_id: str, expect: Expect | None = None) -> Appended:
         """Store one event; raises ``ConcurrencyConflict`` when ``expect`` no longer holds."""
-        subject = subjects.subject_for(event)
         try:
-            ack = await self.js.publish(
-                subject,
-                encode_event(event),
-                stream=subjects.EVENTS_STREAM,
-                headers=self._headers(event, msg_id, expect),
-            )
+            return await (await self.append_nowait(event, msg_id=msg_id, expect=expect))
         except nats.js.errors.APIError as err:
             if expect is not None and err.err_code == WRONG_LAST_SEQUENCE:
                 raise ConcurrencyConflict(expect.stream_filter, expect.last_seq) from err
             raise
-        return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def append_nowait(
+        self, event: Event, *, msg_id: str, expect: Expect | None = None
+    ) -> asyncio.Future[Appended]:
+        """Send one event and return its ack without waiting for it.
+
+        Awaiting the future raises what ``append`` raises (but a 10071 stays a nats-py
+        ``APIError``); publishes on one connection are stored in the order they were sent.
+        """
+        headers = self._headers(event, msg_id, expect)
+        headers[Header.EXPECTED_STREAM.value] = subjects.EVENTS_STREAM
+        return await self._publish(subjects.subject_for(event), encode_event(event), headers)
 
     async def append_pipelined(self, items: Sequence[tuple[Event, str]]) -> list[Appended]:
         """Publish many events without waiting for each ack in turn, then await all acks."""
         futures = [
-            await self.js.publish_async(
+            await self._publish(
                 subjects.subject_for(event),
                 encode_event(event),
-                headers=self._headers(event, msg_id, None),
+                self._headers(event, msg_id, None),
             )
             for event, msg_id in items
         ]
-        acks = await asyncio.gather(*futures)
-        return [Appended(seq=a.seq, duplicate=bool(a.duplicate)) for a in acks]
+        return [await future for future in futures]
+
+    async def _publish(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[Appended]:
+        """A JetStream publish whose ack resolves the returned future.
+
+        Leaner than nats-py's ``publish_async`` (no semaphore, no per-publish token from
+        ``os.urandom``, the ack decoded by msgspec instead of ``PubAck.from_response``),
+        with the same errors: an ``APIError`` subclass from the ack, no responders, or
+        ``nats.errors.TimeoutError`` after ``PUBLISH_TIMEOUT``.
+        """
+        if self._ack_prefix is None:
+            await self._start_acks()
+        token = self._ack_next
+        self._ack_next = token + 1
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
+        try:
+            await self.nc.publish(
+                subject, payload, reply=f"{self._ack_prefix}{token}", headers=headers
+            )
+        except BaseException:
+            self._acks.pop(token, None)
+            raise
+        return future
+
+    async def _start_acks(self) -> None:
+        if self._ack_ready is None:
+            self._ack_ready = asyncio.ensure_future(self._subscribe_acks())
+        await asyncio.shield(self._ack_ready)
+
+    async def _subscribe_acks(self) -> None:
+        prefix = f"{self.nc.new_inbox()}."
+        cut = len(prefix)
+        acks = self._acks
+
+        async def on_ack(msg: Msg) -> None:
+            try:
+                future = acks.pop(int(msg.subject[cut:]), None)
+            except ValueError:
+                return
+            if future is not None and not future.done():
+                _settle(future, msg)
+
+        await self.nc.subscribe(f"{prefix}*", cb=on_ack)
+        self._ack_sweeper = asyncio.create_task(self._expire_acks(), name="bus-ack-timeouts")
+        self._ack_prefix = prefix
+
+    async def _expire_acks(self, every: float = 0.5) -> None:
+        """Fail publishes whose ack has not come back within ``PUBLISH_TIMEOUT``.
+
+        One timer for all publishes instead of one each: tokens grow with time, so
+        remembering the next token every ``every`` seconds bounds which ones are overdue.
+        """
+        marks: deque[tuple[float, int]] = deque()
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            marks.append((now, self._ack_next))
+            overdue = -1
+            while marks and marks[0][0] <= now - PUBLISH_TIMEOUT:
+                overdue = marks.popleft()[1]
+            expired: list[int] = []
+            for token in self._acks:  # insertion order is token order
+                if token >= overdue:
+                    break
+                expired.append(token)
+            for token in expired:
+                future = self._acks.pop(token)
+                if not future.done():
+                    future.set_exception(nats.errors.TimeoutError())
 
     async def publish_raw(self, subject: str, payload: bytes) -> None:
         """Core NATS publish for non-event traffic (log lines)."""
@@ -260,47 +492,57 @@ class Bus:
         follow: bool = True,
         batch: int = 500,
         idle_timeout: float = 1.0,
+        on_caught_up: Callable[[], None] | None = None,
     ) -> AsyncIterator[list[Envelope]]:
         """Ordered batches of events from ``start_seq`` on.
 
         An ephemeral pull consumer without acks, recreated from the last sequence seen
-        whenever it goes away (server restart, lost heartbeat): the reader never skips
-        and never repeats. With ``follow=False`` it stops at the end of the stream.
+        whenever it goes away (server restart, lost heartbeat) or stops answering: the
+        reader never skips and never repeats. With ``follow=False`` it stops at the end of
+        the stream. ``on_caught_up`` is called whenever every event stored so far (that
+        matches the filter) has been yielded.
         """
         next_seq = max(start_seq, 1)
         filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
         while True:
-            sub = None
+            puller = None
             try:
-                sub = await self._ephemeral_reader(next_seq, filters)
-                if not follow:
-                    info = await sub.consumer_info()
-                    remaining = int(info.num_pending or 0)
-                    if remaining == 0:
+                puller, remaining = await self._ephemeral_reader(next_seq, filters)
+                if remaining == 0:
+                    if not follow:
                         return
+                    if on_caught_up is not None:
+                        on_caught_up()
                 while True:
-                    try:
-                        msgs = await sub.fetch(batch, timeout=idle_timeout)
-                    except (TimeoutError, nats.errors.TimeoutError):
+                    msgs = await puller.fetch(batch, idle_timeout)
+                    if not msgs:
                         if not follow:
                             return
+                        if on_caught_up is not None:
+                            on_caught_up()
                         continue
                     envelopes = []
                     for msg in msgs:
-                        seq = msg.metadata.sequence.stream
+                        seq = stream_seq(msg)
                         if seq < next_seq:
                             continue
                         next_seq = seq + 1
-                        envelope = envelope_of(msg)
+                        envelope = _envelope(msg, seq)
                         if envelope is not None:
                             envelopes.append(envelope)
                     if envelopes:
                         yield envelopes
+                    if on_caught_up is not None and puller.pending == 0:
+                        on_caught_up()
                     if not follow:
                         remaining -= len(msgs)
                         if remaining <= 0:
                             return
-            except (nats.js.errors.NotFoundError, nats.errors.ConnectionClosedError) as err:
+            except (
+                nats.js.errors.NotFoundError,
+                nats.errors.ConnectionClosedError,
+                nats.errors.TimeoutError,
+            ) as err:
                 if isinstance(err, nats.errors.ConnectionClosedError) and self.nc.is_closed:
                     raise
                 log.warning("reader.recreate", next_seq=next_seq, error=type(err).__name__)
@@ -309,13 +551,13 @@ class Bus:
                 log.warning("reader.recreate", next_seq=next_seq, error=str(err))
                 await asyncio.sleep(0.2)
             finally:
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                if puller is not None:
+                    await puller.close()
 
     async def _ephemeral_reader(
         self, start_seq: int, filters: list[str] | None
-    ) -> JetStreamContext.PullSubscription:
+    ) -> tuple[Puller, int]:
+        """A started puller on a new ephemeral consumer, and how many events it has."""
         config = ConsumerConfig(
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -328,9 +570,17 @@ class Bus:
             config.filter_subject = filters[0]
         elif filters:
             config.filter_subjects = filters
-        return await self.js.pull_subscribe(
-            filters[0] if filters else "", stream=subjects.EVENTS_STREAM, config=config
-        )
+        info = await self.js.add_consumer(subjects.EVENTS_STREAM, config)
+        puller = await self.puller(info.name)
+        return puller, int(info.num_pending or 0)
+
+    async def puller(self, consumer: str) -> Puller:
+        """Batched pulls from an existing consumer of the events stream."""
+        return await Puller(self.nc, subjects.EVENTS_STREAM, consumer, self._api_prefix).start()
+
+    @property
+    def _api_prefix(self) -> str:
+        return str(getattr(self.js, "_prefix", "$JS.API"))
 
     # -- key/value ------------------------------------------------------------------
 
@@ -339,12 +589,16 @@ class Bus:
 
 
 def envelope_of(msg: Msg) -> Envelope | None:
+    return _envelope(msg, stream_seq(msg))
+
+
+def _envelope(msg: Msg, seq: int) -> Envelope | None:
     try:
         event = decode_event(msg.data)
     except msgspec.ValidationError:
-        log.error("event.undecodable", subject=msg.subject, seq=msg.metadata.sequence.stream)
+        log.error("event.undecodable", subject=msg.subject, seq=seq)
         return None
-    return Envelope(seq=msg.metadata.sequence.stream, subject=msg.subject, event=event)
+    return Envelope(seq=seq, subject=msg.subject, event=event)
 
 
 async def retry_on_conflict(

@@ -16,11 +16,19 @@ from engine.errors import Rejected
 from engine.ids import new_id, utcnow
 from engine.jobs.decider import FinishJob, JobCommand, Meta, StartJob, decide
 from schemas import subjects
-from schemas.events import Envelope, FlowDispatched, TbEvent
+from schemas.events import Envelope, FlowDispatched, FlowDone, FlowFailed, TbEvent
 
 log = structlog.get_logger("tb.dispatcher")
 
-DISPATCHER_INPUTS = ["tb.job.>", "tb.dispatch.>", "tb.flow.>", "tb.consent.>"]
+# only what planning folds in: FlowStarted, PageVisited, clicks… never change the plan,
+# and reading them would add a third message (or more) per flow
+DISPATCHER_INPUTS = [
+    "tb.job.>",
+    "tb.dispatch.>",
+    subjects.flow_subject("*", FlowDone.__name__),
+    subjects.flow_subject("*", FlowFailed.__name__),
+    "tb.consent.>",
+]
 
 
 @dataclass
@@ -63,7 +71,14 @@ class Dispatcher:
     async def _follow(self, catch_up_to: int) -> None:
         if catch_up_to == 0:
             self._caught_up.set()
-        async for batch in self.bus.read(self.state.position + 1, DISPATCHER_INPUTS, batch=1000):
+        # the stream's last sequence may belong to an event outside our filter (a runner
+        # registering): the reader also says when it has delivered all there was
+        async for batch in self.bus.read(
+            self.state.position + 1,
+            DISPATCHER_INPUTS,
+            batch=1000,
+            on_caught_up=self._caught_up.set,
+        ):
             for env in batch:
                 if env.seq in self._ahead:
                     self._ahead.discard(env.seq)
@@ -85,9 +100,13 @@ class Dispatcher:
 
     async def _dispatch(self, dispatches: list[Dispatch], now: datetime) -> None:
         items: list[tuple[FlowDispatched, str]] = []
+        hosts: dict[str, list[str]] = {}
         for d in dispatches:
             job = self.state.jobs[d.job_id].job
             target = job.targets[d.target_index]
+            allowed = hosts.get(d.job_id)
+            if allowed is None:
+                allowed = hosts[d.job_id] = sorted(job.allowed_hosts)
             event = FlowDispatched(
                 id=new_id(),
                 at=now,
@@ -99,7 +118,7 @@ class Dispatcher:
                 url=target.url,
                 clicks=target.clicks,
                 session_seconds=job.settings.session_seconds,
-                allowed_hosts=sorted(job.allowed_hosts),
+                allowed_hosts=allowed,
                 seed=d.seed,
                 platform=job.platform,
                 referrer=target.referrer,

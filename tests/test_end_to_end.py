@@ -7,7 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from agents.executor import NoopExecutor, PlaywrightExecutor
+from agents.executor import NoopExecutor
+from agents.playwright_flow import PlaywrightExecutor
 from agents.runner import Runner
 from engine.bus import Bus
 from schemas import VERSION, subjects
@@ -166,3 +167,31 @@ async def test_replay_rebuilds_identical_tables(
     assert proc.returncode == 0, err.decode()
     assert b"rebuilt" in out
     assert await dump_tables(tb.db_path) == before
+
+
+async def test_cancel_stops_in_flight_flows_within_a_second(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from engine.jobs.decider import CancelJob
+
+    with recording_site(pages=PAGES) as site:
+        async with embedded(bus, nats_server.url, tmp_path) as tb:
+            await tb.authorise("127.0.0.1")
+            runner = Runner(bus, PlaywrightExecutor(VERSION), slots=2)
+            tb.run(runner.run(), "runner")
+            job_id = await tb.create_job(
+                [Target(url=f"{site.base_url}/", flows=6)], instance_count=2, session_seconds=30
+            )
+            async with asyncio.timeout(30):
+                async for batch in bus.read(1, subjects.flow_subject(job_id, "PageVisited")):
+                    if batch:
+                        break  # a flow is in its 30 s session now
+            cancelled = await tb.jobs.execute(CancelJob(job_id), "test")
+            loop = asyncio.get_running_loop()
+            asked = loop.time()
+            await asyncio.wait_for(runner.wait_idle(), 5)
+            stopped_after = loop.time() - asked
+            view = await tb.wait_job(job_id, lambda v: v.status == "cancelled", timeout=10)
+    assert cancelled.seq > 0
+    assert stopped_after < 1.0
+    assert view.flows_done == 0

@@ -166,7 +166,10 @@ class DispatchState:
         slot.status = FlowStatus.IN_FLIGHT
         plan.in_flight += 1
         self.domain_in_flight[slot.host] += 1
-        self.domain_recent.setdefault(slot.host, deque()).append(at)
+        recent = self.domain_recent.get(slot.host)
+        if recent is None:
+            recent = self.domain_recent[slot.host] = deque()
+        recent.append(at)
         if plan.queue and plan.queue[0] == slot.flow_id:
             plan.queue.popleft()
         else:

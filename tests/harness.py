@@ -79,6 +79,21 @@ class Embedded:
     def run(self, coro: object, name: str) -> None:
         self.tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
 
+    async def spawn_engine(self) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli.main",
+            "engine",
+            "--nats-url",
+            self.nats_url,
+            env={**os.environ, "TB_ACK_WAIT": "3", "TB_PRESENCE_TTL": "3"},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        return proc
+
     async def spawn_runner(
         self, *args: str, env: dict[str, str] | None = None
     ) -> asyncio.subprocess.Process:
@@ -99,14 +114,17 @@ class Embedded:
 
 
 @contextlib.asynccontextmanager
-async def embedded(bus: Bus, nats_url: str, tmp_path: Path) -> AsyncIterator[Embedded]:
+async def embedded(
+    bus: Bus, nats_url: str, tmp_path: Path, *, dispatcher: bool = True
+) -> AsyncIterator[Embedded]:
     projector = Projector(bus, tmp_path / "read.db")
     await projector.start()
     tb = Embedded(
         bus, nats_url, tmp_path / "read.db", projector, JobCommands(bus), ConsentCommands(bus)
     )
     await bus.ensure_dispatch_consumer("linux", "chromium")
-    tb.run(Dispatcher(bus).run(), "dispatcher")
+    if dispatcher:
+        tb.run(Dispatcher(bus).run(), "dispatcher")
     try:
         yield tb
     finally:

@@ -1,0 +1,86 @@
+"""SIGKILL the engine or nats-server mid-job: nothing lost, nothing counted twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from pathlib import Path
+
+from agents.executor import FlowReport, FlowResult
+from agents.runner import Runner
+from engine.bus import Bus
+from schemas.events import FlowDispatched
+from schemas.values import Target
+from tests.conftest import NatsServer
+from tests.harness import embedded
+
+
+class SteadyExecutor:
+    """Flows that take a little while, so a crash lands in the middle of a job."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
+        await asyncio.sleep(self.seconds)
+        return FlowResult(clicks_done=item.clicks, pages=1)
+
+
+async def dispatches(bus: Bus, job_id: str) -> Counter[tuple[str, int]]:
+    seen: Counter[tuple[str, int]] = Counter()
+    async for batch in bus.read(1, "tb.dispatch.>", follow=False):
+        for env in batch:
+            if isinstance(env.event, FlowDispatched) and env.event.job_id == job_id:
+                seen[(env.event.flow_id, env.event.attempt)] += 1
+    return seen
+
+
+async def test_engine_sigkilled_mid_job_resumes_without_loss_or_double_dispatch(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 40
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        await tb.authorise("127.0.0.1")
+        engine = await tb.spawn_engine()
+        tb.run(Runner(bus, SteadyExecutor(0.15), slots=4).run(), "runner")
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows, clicks=1)], instance_count=4
+        )
+        await tb.wait_job(job_id, lambda v: v.flows_done >= 10, timeout=60)
+        engine.send_signal(signal.SIGKILL)
+        await engine.wait()
+        await tb.spawn_engine()
+        view = await tb.wait_terminal(job_id, timeout=60)
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    assert view.targets[0].click_done == flows
+    dispatched = await dispatches(bus, job_id)
+    assert len(dispatched) == flows
+    assert set(dispatched.values()) == {1}  # each flow handed out once
+
+
+async def test_nats_server_sigkilled_mid_job_loses_nothing(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 40
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        await tb.authorise("127.0.0.1")
+        await tb.spawn_engine()
+        tb.run(Runner(bus, SteadyExecutor(0.15), slots=4).run(), "runner")
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows)], instance_count=4
+        )
+        await tb.wait_job(job_id, lambda v: v.flows_done >= 10, timeout=60)
+        await nats_server.kill()  # SIGKILL: acknowledged writes must survive
+        await nats_server.start()
+        view = await tb.wait_terminal(job_id, timeout=90)
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    assert view.targets[0].flow_done == flows

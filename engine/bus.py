@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 import nats
@@ -36,17 +34,17 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from engine.publisher import PUBLISH_TIMEOUT, AckedPublisher, Appended
+from engine.puller import Puller, stream_seq
 from schemas import subjects
 from schemas.events import Envelope, Event, decode_event, encode_event
 
 log = structlog.get_logger("tb.bus")
 
 WRONG_LAST_SEQUENCE = 10071
-PUBLISH_TIMEOUT = 10.0  # an ack not back by then fails the publish (as nats-py's js timeout)
-STATUS_HEADER = "Status"
-NO_RESPONDERS = "503"
-CONTROL = "100"
 T = TypeVar("T")
+
+__all__ = ["Appended", "Bus", "BusConfig", "ConcurrencyConflict", "Expect", "retry_on_conflict"]
 
 
 class ConcurrencyConflict(Exception):
@@ -70,153 +68,6 @@ class BusConfig:
 
 
 @dataclass(frozen=True)
-class Appended:
-    seq: int
-    duplicate: bool
-
-
-class _PubAck(msgspec.Struct):
-    """JetStream's reply to a publish: the stored position, or an API error."""
-
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
-
-
-def _settle(future: asyncio.Future[Appended], msg: Msg) -> None:
-    """Resolve a publish from its ack, with the typed nats-py error when it was refused."""
-    if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
-        future.set_exception(nats.js.errors.NoStreamResponseError())
-        return
-    try:
-        ack = _decode_pub_ack(msg.data)
-        if ack.error is not None:
-            nats.js.errors.APIError.from_error(ack.error)  # raises the typed error
-    except nats.js.errors.APIError as err:
-        future.set_exception(err)
-    except msgspec.DecodeError as err:
-        future.set_exception(nats.js.errors.APIError(description=f"bad publish ack: {err}"))
-    else:
-        future.set_result(Appended(seq=ack.seq, duplicate=ack.duplicate))
-
-
-def stream_seq(msg: Msg) -> int:
-    """The stream sequence of a JetStream delivery, read from its ack subject."""
-    return _ack_tokens(msg.reply)[0]
-
-
-def _ack_tokens(reply: str) -> tuple[int, int]:
-    """(stream sequence, pending) from ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>
-    .<cseq>.<ts>.<pending>`` or its v2 form with domain and account hash after ``ACK``."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[10])
-    raise ValueError(f"not a JetStream ack subject: {reply!r}")
-
-
-class Puller:
-    """Batches from one pull consumer over a single callback subscription.
-
-    nats-py's ``fetch`` arms a timer per message and its ``Msg.metadata`` parses every
-    reply subject into objects; at thousands of messages a second that is much of a
-    process's CPU. Here a batch is one pull request and one future. Each request has its
-    own reply subject, so a late status for an earlier request never ends a later one.
-    """
-
-    def __init__(self, nc: Client, stream: str, consumer: str, api_prefix: str) -> None:
-        self.nc, self.consumer = nc, consumer
-        self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = nc.new_inbox()
-        self._buffer: deque[Msg] = deque()
-        self._request = 0
-        self._want = 0
-        self._waiter: asyncio.Future[bool] | None = None
-        self._sub: Any = None
-        self.pending = -1  # messages left for this consumer after the last one delivered
-
-    async def start(self) -> Puller:
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
-        return self
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    async def _on_msg(self, msg: Msg) -> None:
-        waiter = self._waiter
-        if not msg.data and msg.headers and STATUS_HEADER in msg.headers:
-            status = msg.headers[STATUS_HEADER]
-            # 404 no messages, 408 expired, 409 conflicts: the request is over; a
-            # heartbeat (100) is not. Statuses of earlier requests are stale.
-            if (
-                status != CONTROL
-                and waiter is not None
-                and not waiter.done()
-                and msg.subject == f"{self._inbox}.{self._request}"
-            ):
-                waiter.set_result(status != NO_RESPONDERS)
-            return
-        self._buffer.append(msg)
-        if waiter is not None and not waiter.done() and len(self._buffer) >= self._want:
-            waiter.set_result(True)
-
-    async def _pull(self, batch: int, *, expires: float | None, answer_within: float) -> bool:
-        """One pull request; False when nothing answered (no consumer, no connection)."""
-        self._request += 1
-        self._want = len(self._buffer) + batch
-        request: dict[str, Any] = {"batch": batch}
-        if expires is None:
-            request["no_wait"] = True
-        else:
-            request["expires"] = int(expires * 1e9)
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        await self.nc.publish(
-            self._next_subject,
-            msgspec.json.encode(request),
-            reply=f"{self._inbox}.{self._request}",
-        )
-        try:
-            return await asyncio.wait_for(waiter, answer_within)
-        except TimeoutError:
-            return bool(self._buffer)
-        finally:
-            self._waiter = None
-
-    async def fetch(self, batch: int, linger: float) -> list[Msg]:
-        """Up to ``batch`` messages: what is there at once, else the first to arrive
-        within ``linger`` seconds (``[]`` if none did). Raises ``nats.errors.TimeoutError``
-        when the server did not answer at all."""
-        if len(self._buffer) < batch:
-            need = batch - len(self._buffer)
-            answered = await self._pull(need, expires=None, answer_within=linger)
-            if not self._buffer:
-                if not answered:
-                    raise nats.errors.TimeoutError
-                # nothing stored yet: linger for the first message only (a batch could
-                # wait until it is full), then take what came with it at once
-                expires = max(linger - 0.05, 0.01)
-                answered = await self._pull(1, expires=expires, answer_within=linger + 1.0)
-                if not answered:
-                    raise nats.errors.TimeoutError
-                if self._buffer and batch > len(self._buffer):
-                    need = batch - len(self._buffer)
-                    await self._pull(need, expires=None, answer_within=linger)
-        n = min(batch, len(self._buffer))
-        msgs = [self._buffer.popleft() for _ in range(n)]
-        if msgs:
-            self.pending = _ack_tokens(msgs[-1].reply)[1]
-        return msgs
-
-
-@dataclass(frozen=True)
 class Expect:
     """Optimistic concurrency: the stream sequence of the aggregate's last event (0 = none)."""
 
@@ -229,12 +80,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.config = config
-        # acks of our publishes arrive on one wildcard inbox, keyed by a counter token
-        self._ack_prefix: str | None = None
-        self._ack_ready: asyncio.Future[None] | None = None
-        self._ack_next = 0
-        self._acks: dict[int, asyncio.Future[Appended]] = {}
-        self._ack_sweeper: asyncio.Task[None] | None = None
+        self.publisher = AckedPublisher(nc)
 
     @classmethod
     async def connect(
@@ -256,8 +102,7 @@ class Bus:
         return cls(nc, config or BusConfig())
 
     async def close(self) -> None:
-        if self._ack_sweeper is not None:
-            self._ack_sweeper.cancel()
+        await self.publisher.close()
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
@@ -302,24 +147,13 @@ class Bus:
                 max_age=c.logs_max_age,
             )
         )
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=subjects.RUNNERS_BUCKET,
-                    ttl=c.presence_ttl,
-                    replicas=c.replicas,
-                    storage=StorageType.FILE,
-                )
+        for bucket in (subjects.RUNNERS_BUCKET, subjects.LEASES_BUCKET):
+            # both hold liveness: an entry not refreshed within the TTL is gone
+            kv = KeyValueConfig(
+                bucket=bucket, ttl=c.presence_ttl, replicas=c.replicas, storage=StorageType.FILE
             )
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=subjects.LEASES_BUCKET,
-                    ttl=c.presence_ttl,
-                    replicas=c.replicas,
-                    storage=StorageType.FILE,
-                )
-            )
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await self.js.create_key_value(kv)
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await self.js.create_object_store(
                 subjects.DATASETS_BUCKET,
@@ -382,12 +216,14 @@ class Bus:
         """
         headers = self._headers(event, msg_id, expect)
         headers[Header.EXPECTED_STREAM.value] = subjects.EVENTS_STREAM
-        return await self._publish(subjects.subject_for(event), encode_event(event), headers)
+        return await self.publisher.publish(
+            subjects.subject_for(event), encode_event(event), headers
+        )
 
     async def append_pipelined(self, items: Sequence[tuple[Event, str]]) -> list[Appended]:
         """Publish many events without waiting for each ack in turn, then await all acks."""
         futures = [
-            await self._publish(
+            await self.publisher.publish(
                 subjects.subject_for(event),
                 encode_event(event),
                 self._headers(event, msg_id, None),
@@ -395,77 +231,6 @@ class Bus:
             for event, msg_id in items
         ]
         return [await future for future in futures]
-
-    async def _publish(
-        self, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> asyncio.Future[Appended]:
-        """A JetStream publish whose ack resolves the returned future.
-
-        Leaner than nats-py's ``publish_async`` (no semaphore, no per-publish token from
-        ``os.urandom``, the ack decoded by msgspec instead of ``PubAck.from_response``),
-        with the same errors: an ``APIError`` subclass from the ack, no responders, or
-        ``nats.errors.TimeoutError`` after ``PUBLISH_TIMEOUT``.
-        """
-        if self._ack_prefix is None:
-            await self._start_acks()
-        token = self._ack_next
-        self._ack_next = token + 1
-        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._acks[token] = future
-        try:
-            await self.nc.publish(
-                subject, payload, reply=f"{self._ack_prefix}{token}", headers=headers
-            )
-        except BaseException:
-            self._acks.pop(token, None)
-            raise
-        return future
-
-    async def _start_acks(self) -> None:
-        if self._ack_ready is None:
-            self._ack_ready = asyncio.ensure_future(self._subscribe_acks())
-        await asyncio.shield(self._ack_ready)
-
-    async def _subscribe_acks(self) -> None:
-        prefix = f"{self.nc.new_inbox()}."
-        cut = len(prefix)
-        acks = self._acks
-
-        async def on_ack(msg: Msg) -> None:
-            try:
-                future = acks.pop(int(msg.subject[cut:]), None)
-            except ValueError:
-                return
-            if future is not None and not future.done():
-                _settle(future, msg)
-
-        await self.nc.subscribe(f"{prefix}*", cb=on_ack)
-        self._ack_sweeper = asyncio.create_task(self._expire_acks(), name="bus-ack-timeouts")
-        self._ack_prefix = prefix
-
-    async def _expire_acks(self, every: float = 0.5) -> None:
-        """Fail publishes whose ack has not come back within ``PUBLISH_TIMEOUT``.
-
-        One timer for all publishes instead of one each: tokens grow with time, so
-        remembering the next token every ``every`` seconds bounds which ones are overdue.
-        """
-        marks: deque[tuple[float, int]] = deque()
-        while True:
-            await asyncio.sleep(every)
-            now = time.monotonic()
-            marks.append((now, self._ack_next))
-            overdue = -1
-            while marks and marks[0][0] <= now - PUBLISH_TIMEOUT:
-                overdue = marks.popleft()[1]
-            expired: list[int] = []
-            for token in self._acks:  # insertion order is token order
-                if token >= overdue:
-                    break
-                expired.append(token)
-            for token in expired:
-                future = self._acks.pop(token)
-                if not future.done():
-                    future.set_exception(nats.errors.TimeoutError())
 
     async def publish_raw(self, subject: str, payload: bytes) -> None:
         """Core NATS publish for non-event traffic (log lines)."""

@@ -150,9 +150,6 @@ class Runner:
     _completed: int = 0
     _failed: int = 0
 
-    def running_flows(self) -> int:
-        return len(self._flows)
-
     async def wait_idle(self) -> None:
         """Return once no flow is running (cancelled, finished or released)."""
         while self._flows:

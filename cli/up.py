@@ -24,6 +24,10 @@ DEMO_HOST = "127.0.0.1"
 TERMINAL = {"completed", "failed", "cancelled", "refused"}
 
 
+class StartupFailed(Exception):
+    """A process died or the system did not become ready; the message says where to look."""
+
+
 @dataclass
 class UpOptions:
     host: str = "127.0.0.1"
@@ -106,6 +110,7 @@ def _check_ports(options: UpOptions, demo_port: int) -> None:
 
 
 async def up(options: UpOptions) -> int:
+    """Start everything, run the demo, serve until Ctrl-C/SIGTERM or a child dies."""
     state = options.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     demo_port = options.demo_port or options.port + 1
@@ -115,88 +120,45 @@ async def up(options: UpOptions) -> int:
     nats = await start_nats_server(
         options.nats_port, state / "jetstream", log_file=state / "logs" / "nats.log"
     )
-    nats_url = f"nats://127.0.0.1:{options.nats_port}"
-    api_host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
-    api_url = f"http://{api_host}:{options.port}"
-    tree = ProcessTree(state)
+    system = System(options, state, demo_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    code = 0
     try:
-        bus = await Bus.connect(nats_url, name="tb-up", config=bus_config_from_env())
-        await bus.provision()
-        await bus.ensure_dispatch_consumer("linux", "chromium")
-        await tree.spawn("engine", "engine", "--nats-url", nats_url)
-        await tree.spawn(
-            "api",
-            "api",
-            "--nats-url",
-            nats_url,
-            "--host",
-            options.host,
-            "--port",
-            str(options.port),
-            "--db",
-            str(state / "read.db"),
-        )
-        token_file = state / "demo" / "trafficbuster.txt"
-        if options.demo:
-            token_file.parent.mkdir(parents=True, exist_ok=True)
-            await tree.spawn(
-                "demo-site",
-                "demo-site",
-                "--host",
-                DEMO_HOST,
-                "--port",
-                str(demo_port),
-                "--token-file",
-                str(token_file),
-            )
-        for n in range(options.runners):
-            await tree.spawn(
-                f"runner-{n + 1}",
-                "runner",
-                "--nats-url",
-                nats_url,
-                "--api",
-                api_url,
-                "--slots",
-                str(options.slots),
-                "--executor",
-                options.executor,
-                "--screenshot-dir",
-                str(state / "screenshots"),
-            )
-        await _until_ready(api_url, tree, timeout=90)
-        announce(f"TrafficBuster is up in {time.monotonic() - started:.1f}s")
-        announce(f"  dashboard  {api_url}/")
-        announce(f"  API docs   {api_url}/schema")
-        announce(f"  NATS       {nats_url}  (e.g. nats sub 'tb.>' -s {nats_url})")
-        announce(f"  logs       {state / 'logs'}")
-        announce("  login      none yet: the embedded mode listens on loopback only")
-        if options.demo:
-            demo_url = f"http://{DEMO_HOST}:{demo_port}"
-            ok = await run_demo(api_url, demo_url, token_file, bus, options)
-            code = 0 if ok else 1
-        await bus.close()
-        if options.exit_when_done:
-            return code
-        announce("Press Ctrl-C to stop.")
-        waiter = asyncio.create_task(stop.wait())
-        dying = asyncio.create_task(tree.first_exit())
-        done, _ = await asyncio.wait({waiter, dying}, return_when=asyncio.FIRST_COMPLETED)
-        if dying in done:
-            child = dying.result()
-            announce(f"{child.name} exited with {child.proc.returncode}; stopping (see logs)")
-            code = 1
-        waiter.cancel()
-        dying.cancel()
+        await system.start_processes()
+        session = asyncio.create_task(system.session(started))
+        stopping = asyncio.create_task(stop.wait())
+        dying = asyncio.create_task(system.tree.first_exit())
+        pending: set[asyncio.Task[Any]] = {session, stopping, dying}
+        code = 0
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                code = code if session.done() else 130
+                break
+            if dying in done:
+                child = dying.result()
+                announce(f"{child.name} exited with {child.proc.returncode}; stopping (see logs)")
+                code = 1
+                break
+            if session in done:
+                try:
+                    code = session.result()
+                except StartupFailed as err:
+                    announce(str(err))
+                    code = 1
+                    break
+                if options.exit_when_done:
+                    break
+                announce("Press Ctrl-C to stop.")
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         return code
     finally:
         announce("Stopping…")
-        await tree.stop()
+        await system.close()
         if nats.returncode is None:
             nats.send_signal(signal.SIGTERM)
             try:
@@ -206,13 +168,77 @@ async def up(options: UpOptions) -> int:
         announce("Stopped.")
 
 
+@dataclass
+class System:
+    """The embedded process tree and what `tb up` does with it."""
+
+    options: UpOptions
+    state: Path
+    demo_port: int
+    tree: ProcessTree = field(init=False)
+    bus: Bus | None = None
+
+    def __post_init__(self) -> None:
+        self.tree = ProcessTree(self.state)
+        self.nats_url = f"nats://127.0.0.1:{self.options.nats_port}"
+        host = self.options.host
+        self.api_url = (
+            f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.options.port}"
+        )
+        self.demo_url = f"http://{DEMO_HOST}:{self.demo_port}"
+        self.token_file = self.state / "demo" / "trafficbuster.txt"
+
+    async def start_processes(self) -> None:
+        o = self.options
+        self.bus = await Bus.connect(self.nats_url, name="tb-up", config=bus_config_from_env())
+        await self.bus.provision()
+        await self.bus.ensure_dispatch_consumer("linux", "chromium")
+        nats = ("--nats-url", self.nats_url)
+        await self.tree.spawn("engine", "engine", *nats)
+        db = str(self.state / "read.db")
+        await self.tree.spawn(
+            "api", "api", *nats, "--host", o.host, "--port", str(o.port), "--db", db
+        )
+        if o.demo:
+            self.token_file.parent.mkdir(parents=True, exist_ok=True)
+            await self.tree.spawn(
+                "demo-site", "demo-site", "--host", DEMO_HOST, "--port", str(self.demo_port),
+                "--token-file", str(self.token_file),
+            )  # fmt: skip
+        for n in range(o.runners):
+            await self.tree.spawn(
+                f"runner-{n + 1}", "runner", *nats, "--api", self.api_url,
+                "--slots", str(o.slots), "--executor", o.executor,
+                "--screenshot-dir", str(self.state / "screenshots"),
+            )  # fmt: skip
+
+    async def session(self, started: float) -> int:
+        """Wait for readiness, print where everything is, run the demo (0 = all good)."""
+        await _until_ready(self.api_url, self.tree, timeout=90)
+        announce(f"TrafficBuster is up in {time.monotonic() - started:.1f}s")
+        announce(f"  dashboard  {self.api_url}/")
+        announce(f"  API docs   {self.api_url}/schema")
+        announce(f"  NATS       {self.nats_url}  (e.g. nats sub 'tb.>' -s {self.nats_url})")
+        announce(f"  logs       {self.state / 'logs'}")
+        announce("  login      none yet: the embedded mode listens on loopback only")
+        if not self.options.demo or self.bus is None:
+            return 0
+        ok = await run_demo(self.api_url, self.demo_url, self.token_file, self.bus, self.options)
+        return 0 if ok else 1
+
+    async def close(self) -> None:
+        if self.bus is not None:
+            await self.bus.close()
+        await self.tree.stop()
+
+
 async def _until_ready(api_url: str, tree: ProcessTree, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         for child in tree.children:
             if child.proc.returncode is not None:
-                raise SystemExit(
+                raise StartupFailed(
                     f"{child.name} exited with {child.proc.returncode} during start-up; "
                     f"see {tree.state_dir / 'logs' / (child.name + '.log')}"
                 )
@@ -222,7 +248,7 @@ async def _until_ready(api_url: str, tree: ProcessTree, timeout: float) -> None:
                 return
             last = body
         await asyncio.sleep(0.25)
-    raise SystemExit(f"not ready after {timeout:.0f}s: {last}")
+    raise StartupFailed(f"not ready after {timeout:.0f}s: {last}")
 
 
 async def run_demo(

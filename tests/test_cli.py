@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,17 @@ async def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
         ["pgrep", "-f", "--", rf"(--nats-port |:){nats_port}\b"], capture_output=True, text=True
     ).stdout.split()
     assert leftovers == []
+
+
+def test_up_refuses_a_port_in_use_naming_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*TB, "up", "--port", str(port), "--nats-port", str(free_port()),
+             "--state-dir", str(tmp_path / "tb")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"--port {port}: already in use" in result.stderr

@@ -14,6 +14,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.health import healthz, readyz
 from api.jobs import JobController
 from api.live import live
+from api.openapi import StrictStructSchemaPlugin
 from api.runners import RunnerController
 from api.services import ApiConfig, Services
 from engine.bus import Bus
@@ -61,4 +62,5 @@ def create_app(config: ApiConfig) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
         request_max_body_size=config.body_limit,
+        plugins=[StrictStructSchemaPlugin()],
     )

@@ -9,9 +9,10 @@ from litestar.params import FromPath, JSONBody
 
 from api.deps import services_from_state
 from api.dto import Claimed, ClaimIn, Verified, VerifyIn
+from api.openapi import problems
 from api.services import Services
 from engine.consent import well_known_url
-from engine.errors import Rejected
+from engine.errors import Invalid
 from projections import queries
 from projections.queries import ConsentView
 from schemas.values import Domain
@@ -22,7 +23,12 @@ class ConsentController(Controller):
     tags = ["consent"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 
-    @post("/", status_code=201, summary="Claim a domain: serve the token to prove control")
+    @post(
+        "/",
+        status_code=201,
+        summary="Claim a domain: serve the token to prove control",
+        responses=problems(400, 503),
+    )
     async def claim(self, data: JSONBody[ClaimIn], services: NamedDependency[Services]) -> Claimed:
         domain = data.domain.lower()
         token, appended = await services.consents.claim(domain, actor="api")
@@ -33,7 +39,12 @@ class ConsentController(Controller):
             seq=appended.seq,
         )
 
-    @post("/{domain:str}/verify", status_code=200, summary="Fetch the token and record consent")
+    @post(
+        "/{domain:str}/verify",
+        status_code=200,
+        summary="Fetch the token and record consent",
+        responses=problems(400, 404, 422, 503),
+    )
     async def verify(
         self,
         domain: FromPath[str],
@@ -61,4 +72,4 @@ def _domain(raw: str) -> str:
     try:
         return msgspec.convert(raw, Domain).lower()
     except msgspec.ValidationError:
-        raise Rejected("domain", "must be a host name such as example.com") from None
+        raise Invalid("domain", "must be a host name such as example.com") from None

@@ -7,6 +7,7 @@ from litestar.di import NamedDependency, Provide
 
 from api.deps import services_from_state
 from api.dto import Readiness
+from api.openapi import NOT_READY
 from api.services import Services
 from engine.presence import online_runners
 
@@ -19,6 +20,7 @@ async def healthz() -> dict[str, str]:
 @get(
     "/readyz",
     summary="NATS, the projector and at least one runner are up",
+    responses=NOT_READY,
     tags=["health"],
     dependencies={"services": Provide(services_from_state, sync_to_thread=False)},
 )

@@ -10,8 +10,9 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn
+from api.openapi import problems
 from api.services import Services
-from engine.errors import NotFound, Rejected
+from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
 from engine.presence import online_runners
 from projections import queries
@@ -28,7 +29,12 @@ class JobController(Controller):
     tags = ["jobs"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 
-    @post("/", status_code=201, summary="Create a job; the engine starts or refuses it")
+    @post(
+        "/",
+        status_code=201,
+        summary="Create a job; the engine starts or refuses it",
+        responses=problems(400, 409, 422, 503),
+    )
     async def create_job(
         self, data: JSONBody[CreateJobIn], services: NamedDependency[Services]
     ) -> Created:
@@ -41,7 +47,7 @@ class JobController(Controller):
             r.status == "online" and (r.os, r.browser) == (platform.os, platform.browser)
             for r in online
         ):
-            raise Rejected(
+            raise Conflict(
                 "platform", f"No available runners online for {platform.os}/{platform.browser}"
             )
         job_id, appended = await services.jobs.create(
@@ -53,12 +59,12 @@ class JobController(Controller):
         )
         return Created(job_id=job_id, seq=appended.seq)
 
-    @get("/", summary="Jobs, newest first")
+    @get("/", summary="Jobs, newest first", responses=problems(400, 409, 503))
     async def list_jobs(
         self,
         services: NamedDependency[Services],
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Annotated[int, QueryParameter(ge=0, le=10_000_000)] = 0,
         status: Annotated[
             JobStatus | None, QueryParameter(description="only jobs in this status")
         ] = None,
@@ -67,7 +73,11 @@ class JobController(Controller):
         await _wait(services, min_seq)
         return await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
 
-    @get("/{job_id:str}", summary="One job with per-target flow and click status")
+    @get(
+        "/{job_id:str}",
+        summary="One job with per-target flow and click status",
+        responses=problems(400, 404, 409, 503),
+    )
     async def get_job(
         self,
         job_id: FromPath[str],
@@ -80,7 +90,12 @@ class JobController(Controller):
             raise NotFound("job_id", f"no job {job_id}")
         return job
 
-    @post("/{job_id:str}/cancel", status_code=202, summary="Cancel; in-flight flows stop")
+    @post(
+        "/{job_id:str}/cancel",
+        status_code=202,
+        summary="Cancel; in-flight flows stop",
+        responses=problems(404, 409, 503),
+    )
     async def cancel_job(
         self, job_id: FromPath[str], services: NamedDependency[Services]
     ) -> Accepted:
@@ -94,7 +109,7 @@ async def _wait(services: Services, min_seq: int) -> None:
     try:
         await services.projector.wait_for(min_seq, timeout=services.config.read_wait_timeout)
     except TimeoutError:
-        raise Rejected(
+        raise Conflict(
             "min_seq",
             f"read model has not reached {min_seq} yet (at {services.projector.position})",
         ) from None

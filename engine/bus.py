@@ -154,14 +154,15 @@ class Bus:
             )
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.create_key_value(kv)
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await self.js.create_object_store(
-                subjects.DATASETS_BUCKET,
-                config=ObjectStoreConfig(
-                    replicas=c.replicas,
-                    storage=StorageType.FILE,
-                ),
-            )
+        for bucket in (subjects.DATASETS_BUCKET, subjects.DISPATCHER_BUCKET):
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await self.js.create_object_store(
+                    bucket,
+                    config=ObjectStoreConfig(
+                        replicas=c.replicas,
+                        storage=StorageType.FILE,
+                    ),
+                )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         try:

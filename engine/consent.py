@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from engine.bus import Appended, Bus, Expect, retry_on_conflict
-from engine.errors import Rejected
+from engine.errors import Invalid, NotFound, Rejected
 from engine.ids import new_id, utcnow
 from schemas import VERSION, subjects
 from schemas.events import (
@@ -70,7 +70,7 @@ def well_known_url(domain: str, base_url: str | None) -> str:
         return f"https://{domain}{WELL_KNOWN_PATH}"
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Rejected("base_url", "must be an http(s) URL such as https://example.com")
+        raise Invalid("base_url", "must be an http(s) URL such as https://example.com")
     if parts.hostname.lower() != domain:
         raise Rejected("base_url", f"host must be the claimed domain {domain}")
     return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN_PATH}"
@@ -138,7 +138,7 @@ class ConsentCommands:
         url = well_known_url(domain, base_url)
         consent = await self.load(domain)
         if consent.status == "none" or not consent.token:
-            raise Rejected("domain", f"{domain} has not been claimed: POST /api/v1/consents first")
+            raise NotFound("domain", f"{domain} has not been claimed: POST /api/v1/consents first")
         now = self.clock()
         reason = await self._check(url, consent.token)
         if reason is not None:

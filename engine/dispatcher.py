@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import nats.errors
 import structlog
 
 from engine.bus import Bus, ConcurrencyConflict, Expect
+from engine.dispatch import snapshot
+from engine.dispatch.snapshot import SnapshotStore
 from engine.dispatch.state import Action, Dispatch, DispatchState, Finish, StartOrRefuse
 from engine.errors import Rejected
 from engine.ids import new_id, utcnow
@@ -33,19 +37,38 @@ DISPATCHER_INPUTS = [
 
 @dataclass
 class Dispatcher:
+    """Follows the log into a ``DispatchState``, plans, publishes.
+
+    The state is checkpointed to the object store after ``snapshot_every_events``
+    events the reader applied, or ``snapshot_interval`` seconds after the last
+    checkpoint once the log moved on, whichever comes first; a restart reads the log
+    from the checkpoint on, not from sequence 1.
+    """
+
     bus: Bus
     clock: Callable[[], datetime] = utcnow
     actor: str = "system"
     tick_interval: float = 0.5
     max_dispatches_per_tick: int = 1000
+    snapshot_every_events: int = 10_000
+    snapshot_interval: float = 5.0
     state: DispatchState = field(default_factory=DispatchState)
+    resumed_from: int = 0  # the first stream sequence this run asked the reader for
+    saved_position: int = 0  # the reader position of the last stored snapshot
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ahead: set[int] = field(default_factory=set)  # seqs applied locally before the reader saw them
     _caught_up: asyncio.Event = field(default_factory=asyncio.Event)
+    _applied: int = 0  # events the reader applied since the last snapshot was taken
+    _last_snapshot: float = field(default_factory=time.monotonic)
+    _saving: asyncio.Task[None] | None = None
+    _saved: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def run(self) -> None:
         """Catch up with the log before the first decision, then plan on every change."""
         target = await self.bus.last_seq()
+        await self._restore(target)
+        self.resumed_from = self.state.position + 1
+        log.info("dispatcher.resuming", start_seq=self.resumed_from, last_seq=target)
         reader = asyncio.create_task(self._follow(target), name="dispatcher-reader")
         try:
             while not self._caught_up.is_set():
@@ -60,6 +83,7 @@ class Dispatcher:
                 if reader.done():
                     reader.result()
                 await self.tick()
+                self._maybe_snapshot()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.tick_interval)
@@ -67,6 +91,59 @@ class Dispatcher:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            if self._saving is not None:
+                self._saving.cancel()  # the stored snapshot stays the previous, whole one
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._saving
+
+    # -- checkpoint ---------------------------------------------------------------------
+
+    async def _restore(self, last_seq: int) -> None:
+        data = await SnapshotStore(self.bus).load()
+        if data is None:
+            return
+        state = snapshot.decode(data)
+        if state is None:
+            log.warning("dispatcher.snapshot.ignored", reason="unknown format or undecodable")
+            return
+        if state.position > last_seq:
+            # the stream was recreated under the snapshot: it describes another history
+            log.warning("dispatcher.snapshot.ignored", reason="ahead of the stream")
+            return
+        self.state = state
+        self.saved_position = state.position
+
+    def _maybe_snapshot(self) -> None:
+        """Take a snapshot when one is due and none is being stored; store it in the background."""
+        if self._saving is not None and not self._saving.done():
+            return
+        position = self.state.position
+        if position <= self.saved_position:
+            return
+        elapsed = time.monotonic() - self._last_snapshot
+        if self._applied < self.snapshot_every_events and elapsed < self.snapshot_interval:
+            return
+        data = snapshot.encode(self.state)  # synchronous: a consistent cut of the state
+        self._applied = 0
+        self._last_snapshot = time.monotonic()
+        self._saving = asyncio.create_task(self._save(data, position), name="dispatcher-snapshot")
+
+    async def _save(self, data: bytes, position: int) -> None:
+        try:
+            await SnapshotStore(self.bus).save(data)
+        except (nats.errors.Error, OSError) as err:
+            # the log stays the truth: try again when the next snapshot is due
+            log.warning("dispatcher.snapshot.failed", position=position, error=repr(err))
+            return
+        async with self._saved:
+            self.saved_position = max(self.saved_position, position)
+            self._saved.notify_all()
+        log.debug("dispatcher.snapshot.saved", position=position, size=len(data))
+
+    async def wait_saved(self, position: int) -> None:
+        """Return once a snapshot at ``position`` or later is stored."""
+        async with self._saved:
+            await self._saved.wait_for(lambda: self.saved_position >= position)
 
     async def _follow(self, catch_up_to: int) -> None:
         if catch_up_to == 0:
@@ -82,8 +159,10 @@ class Dispatcher:
             for env in batch:
                 if env.seq in self._ahead:
                     self._ahead.discard(env.seq)
+                    self.state.position = max(self.state.position, env.seq)
                     continue
                 self.state.apply(env)
+            self._applied += len(batch)
             if batch[-1].seq >= catch_up_to:
                 self._caught_up.set()
             self._wake.set()

@@ -1,4 +1,9 @@
-"""Errors a caller can act on; each names the field and the rule."""
+"""Errors a caller can act on; each names the field and the rule.
+
+The status code says what kind of "no" it is: malformed input (400), something
+that does not exist (404), a request that conflicts with the current state (409),
+or well-formed input that breaks a rule (422).
+"""
 
 from __future__ import annotations
 
@@ -13,5 +18,15 @@ class Rejected(Exception):
         self.field, self.rule = field, rule
 
 
+class Invalid(Rejected):
+    status_code = 400
+
+
 class NotFound(Rejected):
     status_code = 404
+
+
+class Conflict(Rejected):
+    """Not possible in the current state (a cancelled job, no runner online, …)."""
+
+    status_code = 409

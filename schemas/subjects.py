@@ -31,6 +31,7 @@ LOG_SUBJECTS = ["tb.log.>"]
 RUNNERS_BUCKET = "tb_runners"
 LEASES_BUCKET = "tb_leases"
 DATASETS_BUCKET = "tb_datasets"
+DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
 
 TYPE_HEADER = "Tb-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"

@@ -133,7 +133,7 @@ async def test_cancel_created_job_then_cancel_again_is_422(
     r2 = await client.get(f"/api/v1/jobs/{job_id}?min_seq={r.json()['seq']}")
     assert r2.json()["status"] == "cancelled"
     again = await client.post(f"/api/v1/jobs/{job_id}/cancel")
-    assert again.status_code == 422 and "cancelled" in again.json()["detail"]
+    assert again.status_code == 409 and "cancelled" in again.json()["detail"]
 
 
 async def test_consent_claim_verify_and_list(client: AsyncTestClient) -> None:
@@ -165,9 +165,9 @@ async def test_verify_refuses_a_base_url_on_another_host(client: AsyncTestClient
     assert r.status_code == 422 and r.json()["field"] == "base_url"
 
 
-async def test_verify_unclaimed_domain_is_422(client: AsyncTestClient) -> None:
+async def test_verify_unclaimed_domain_is_404(client: AsyncTestClient) -> None:
     r = await client.post("/api/v1/consents/example.com/verify", json={})
-    assert r.status_code == 422 and "not been claimed" in r.json()["detail"]
+    assert r.status_code == 404 and "not been claimed" in r.json()["detail"]
 
 
 async def test_bad_domain_is_400(client: AsyncTestClient) -> None:
@@ -192,12 +192,12 @@ async def test_available_platforms_are_those_with_a_runner_online(
     ]
 
 
-async def test_job_for_a_platform_without_runners_is_422(
+async def test_job_for_a_platform_without_runners_is_409(
     client: AsyncTestClient, runner_online: Online
 ) -> None:
     await runner_online("linux")
     r = await client.post("/api/v1/jobs", json={**JOB, "platform": {"os": "macos"}})
-    assert r.status_code == 422
+    assert r.status_code == 409
     assert r.json()["field"] == "platform"
     assert "No available runners online for macos/chromium" in r.json()["detail"]
     assert (await client.get("/api/v1/jobs")).json() == []

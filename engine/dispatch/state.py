@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
 
 from engine.consent import Consent, evolve_consent
-from engine.jobs.decider import Job, JobStatus, evolve
+from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
 from schemas.events import (
     ConsentEvent,
     Envelope,
@@ -135,10 +135,8 @@ class DispatchState:
         plan.job = evolve(plan.job, event, seq)
         if isinstance(event, JobStarted) and before != JobStatus.RUNNING and not plan.flows:
             self._plan_flows(plan)
-        if plan.job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.REFUSED):
-            self._forget_queue(plan)
-        if plan.job.status == JobStatus.CANCELLED:
-            self._forget_queue(plan)
+        if plan.job.status in TERMINAL and before not in TERMINAL:
+            self._compact(plan)
 
     def _plan_flows(self, plan: JobPlan) -> None:
         job = plan.job
@@ -152,8 +150,18 @@ class DispatchState:
                     plan.flows[fid] = FlowSlot(fid, index, hosts[index])
                     plan.queue.append(fid)
 
-    def _forget_queue(self, plan: JobPlan) -> None:
+    def _compact(self, plan: JobPlan) -> None:
+        """A terminal job keeps only what ignores its late events: status and version.
+
+        Without slots, a late FlowDispatched, FlowDone or FlowFailed finds nothing to
+        change. Flows still in flight give their domain capacity back now: a runner drops
+        the flows of a cancelled job without reporting them, so no later event would.
+        """
+        for slot in plan.flows.values():
+            self._release(plan, slot)
+        plan.flows.clear()
         plan.queue.clear()
+        plan.job = replace(plan.job, targets=(), allowed_hosts=frozenset())
 
     def _apply_dispatched(self, event: FlowDispatched, at: datetime) -> None:
         plan = self.jobs.get(event.job_id)
@@ -169,6 +177,10 @@ class DispatchState:
         recent = self.domain_recent.get(slot.host)
         if recent is None:
             recent = self.domain_recent[slot.host] = deque()
+        # nothing older than a window before the newest dispatch can count again: this
+        # keeps the deque short while catching up on a long history without planning
+        while recent and recent[0] <= at - RATE_WINDOW:
+            recent.popleft()
         recent.append(at)
         if plan.queue and plan.queue[0] == slot.flow_id:
             plan.queue.popleft()

@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from engine.errors import Rejected
+from engine.errors import Conflict, Rejected
 from schemas.events import (
     Event,
     JobCancelled,
@@ -134,7 +134,7 @@ ALLOWED: dict[type, frozenset[JobStatus]] = {
 def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
     if job.status not in ALLOWED[type(cmd)]:
         verb = type(cmd).__name__.removesuffix("Job").lower()
-        raise Rejected("status", f"cannot {verb} a job that is {job.status.value}")
+        raise Conflict("status", f"cannot {verb} a job that is {job.status.value}")
     job_id = cmd.job_id
     match cmd:
         case CreateJob(name=name, targets=targets, settings=settings, platform=platform):

@@ -1,0 +1,161 @@
+"""The dispatcher's checkpoint: its state and the last stream sequence the reader applied.
+
+A snapshot is a cache of the log, never the truth: one that is missing, unreadable or
+of another format means "read the log from sequence 1", never an error. It may hold
+the effects of the dispatcher's own appends beyond ``position``; reading them again
+changes nothing, because ``DispatchState.apply`` is idempotent.
+
+Format (msgpack): a ``Snapshot`` map whose ``format`` is read first. Bump
+``SNAPSHOT_FORMAT`` whenever what ``apply`` folds in changes meaning (a new event
+type, a new field of ``Job``, ``Consent`` or ``FlowSlot`` that the log sets): a
+snapshot written by older code would then lack effects that a replay would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+
+from engine.bus import Bus
+from engine.consent import Consent
+from engine.dispatch.state import DispatchState, FlowSlot, FlowStatus, JobPlan
+from engine.jobs.decider import Job
+from schemas import subjects
+
+log = structlog.get_logger("tb.dispatcher.snapshot")
+
+SNAPSHOT_FORMAT = 1
+SNAPSHOT_OBJECT = "state"
+
+
+class FlowRecord(msgspec.Struct, frozen=True, array_like=True):
+    flow_id: str
+    target_index: int
+    host: str
+    attempt: int
+    status: FlowStatus
+
+
+class JobRecord(msgspec.Struct, frozen=True, array_like=True):
+    job: Job
+    created_seq: int
+    flows: list[FlowRecord]
+    queue: list[int]  # indexes into ``flows``, in queue order
+    in_flight: int
+    done: int
+    failed: int
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    format: int
+    position: int
+    jobs: list[JobRecord]
+    consents: list[Consent]
+    domain_in_flight: dict[str, int]
+    domain_recent: dict[str, list[datetime]]
+
+
+class _Header(msgspec.Struct):
+    format: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_header = msgspec.msgpack.Decoder(_Header)
+_decoder = msgspec.msgpack.Decoder(Snapshot)
+
+
+def encode(state: DispatchState) -> bytes:
+    """The whole state as bytes; synchronous, so no event can land halfway through."""
+    jobs = []
+    for plan in state.jobs.values():
+        index = {fid: n for n, fid in enumerate(plan.flows)}
+        jobs.append(
+            JobRecord(
+                job=plan.job,
+                created_seq=plan.created_seq,
+                flows=[
+                    FlowRecord(s.flow_id, s.target_index, s.host, s.attempt, s.status)
+                    for s in plan.flows.values()
+                ],
+                queue=[index[fid] for fid in plan.queue],
+                in_flight=plan.in_flight,
+                done=plan.done,
+                failed=plan.failed,
+            )
+        )
+    return _encoder.encode(
+        Snapshot(
+            format=SNAPSHOT_FORMAT,
+            position=state.position,
+            jobs=jobs,
+            consents=list(state.consents.values()),
+            domain_in_flight={d: n for d, n in state.domain_in_flight.items() if n},
+            domain_recent={d: list(r) for d, r in state.domain_recent.items() if r},
+        )
+    )
+
+
+def decode(data: bytes) -> DispatchState | None:
+    """The state a snapshot holds, or ``None`` when it is not one this code can trust."""
+    try:
+        if _header.decode(data).format != SNAPSHOT_FORMAT:
+            return None
+        snap = _decoder.decode(data)
+    except msgspec.DecodeError:  # ValidationError included
+        return None
+    state = DispatchState(position=snap.position)
+    try:
+        for record in snap.jobs:
+            flows = {
+                f.flow_id: FlowSlot(f.flow_id, f.target_index, f.host, f.attempt, f.status)
+                for f in record.flows
+            }
+            state.jobs[record.job.job_id] = JobPlan(
+                job=record.job,
+                created_seq=record.created_seq,
+                flows=flows,
+                queue=deque(record.flows[n].flow_id for n in record.queue),
+                in_flight=record.in_flight,
+                done=record.done,
+                failed=record.failed,
+            )
+    except IndexError:
+        return None
+    state.consents = {c.domain: c for c in snap.consents}
+    state.domain_in_flight = Counter(snap.domain_in_flight)
+    state.domain_recent = {d: deque(r) for d, r in snap.domain_recent.items()}
+    return state
+
+
+@dataclass
+class SnapshotStore:
+    """The snapshot's home: one object in the ``tb_dispatcher`` object store."""
+
+    bus: Bus
+    name: str = SNAPSHOT_OBJECT
+    load_timeout: float = 10.0
+
+    async def load(self) -> bytes | None:
+        """The stored bytes, or ``None`` when there are none or they cannot be fetched."""
+        try:
+            store = await self.bus.js.object_store(subjects.DISPATCHER_BUCKET)
+            # a meta entry whose chunks are gone would otherwise wait for them forever
+            async with asyncio.timeout(self.load_timeout):
+                result = await store.get(self.name)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as err:  # no bucket, a bad digest, slow
+            log.warning("dispatcher.snapshot.unreadable", error=repr(err))
+            return None
+        return bytes(result.data or b"")
+
+    async def save(self, data: bytes) -> None:
+        store = await self.bus.js.object_store(subjects.DISPATCHER_BUCKET)
+        await store.put(self.name, data)

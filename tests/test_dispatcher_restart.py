@@ -1,0 +1,262 @@
+"""The dispatcher checkpoints its state: a restart reads the log from the snapshot on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents.runner import Runner
+from engine.bus import Bus
+from engine.dispatch import snapshot
+from engine.dispatch.snapshot import SNAPSHOT_OBJECT, SnapshotStore
+from engine.dispatch.state import Dispatch, DispatchState, Finish
+from engine.dispatcher import Dispatcher
+from engine.jobs.decider import JobStatus
+from schemas import subjects
+from schemas.events import Envelope, FlowDispatched, JobCancelled, JobCompleted, TbEvent
+from schemas.values import ConsentCaps, Target
+from tests.conftest import NatsServer
+from tests.harness import embedded
+from tests.test_crashes import SteadyExecutor, dispatches
+from tests.test_dispatch_state import NOW, World, done, failed
+
+# -- the state: compaction and idempotence ----------------------------------------------
+
+
+def fingerprint(state: DispatchState) -> bytes:
+    """Everything the state holds except how far the reader got."""
+    return snapshot.encode(replace(state, position=0))
+
+
+def dispatched(d: Dispatch) -> FlowDispatched:
+    return FlowDispatched(
+        id="d",
+        at=NOW,
+        actor="t",
+        job_id=d.job_id,
+        flow_id=d.flow_id,
+        attempt=d.attempt,
+        target_index=d.target_index,
+        url="u",
+        clicks=0,
+        session_seconds=0,
+        allowed_hosts=[],
+        seed=d.seed,
+    )
+
+
+def completed(job_id: str, flows_done: int) -> JobCompleted:
+    return JobCompleted(
+        id="c", at=NOW, actor="t", job_id=job_id, flows_done=flows_done, flows_failed=0
+    )
+
+
+def test_completed_job_keeps_no_flows_and_a_late_done_changes_nothing() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=3, instance_count=3)
+    ds = w.dispatch_all()
+    for d in ds:
+        w.add(done(d))
+    assert w.state.plan(NOW) == [Finish("j1", 3, 0)]
+    w.add(completed("j1", 3))
+    plan = w.state.jobs["j1"]
+    assert plan.job.status == JobStatus.COMPLETED
+    assert (plan.flows, list(plan.queue), plan.job.targets) == ({}, [], ())
+    before = fingerprint(w.state)
+    for late in (done(ds[0]), failed(ds[1]), dispatched(replace(ds[2], attempt=2))):
+        w.add(late)  # a redelivery after the dedupe window: a new sequence
+    assert fingerprint(w.state) == before
+    assert w.state.plan(NOW) == []
+
+
+def test_cancelled_job_gives_its_in_flight_capacity_back() -> None:
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=2))
+    w.job("j1", flows=5, instance_count=5)
+    first = w.dispatch_all()
+    assert len(first) == 2
+    w.add(JobCancelled(id="x", at=NOW, actor="t", job_id="j1", reason="stop"))
+    assert w.state.jobs["j1"].flows == {}
+    assert w.state.domain_in_flight["a.test"] == 0
+    w.job("j2", flows=5, instance_count=5)
+    assert len(w.dispatch_all()) == 2
+    w.add(done(first[0]))  # the runner dropped it; had it not, its report is a no-op
+    assert w.state.domain_in_flight["a.test"] == 2
+
+
+class TwiceWorld(World):
+    """Applies every event a second time, as when the dispatcher ran ahead of the reader."""
+
+    def add(self, event: TbEvent) -> None:
+        super().add(event)
+        before = fingerprint(self.state)
+        self.state.apply(Envelope(seq=self.seq, subject="", event=event))
+        assert fingerprint(self.state) == before, type(event).__name__
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["done", "fail", "fatal", "cancel"]), st.integers(0, 30)),
+        max_size=40,
+    ),
+    st.integers(1, 4),
+)
+def test_applying_an_event_again_changes_nothing(steps: list[tuple[str, int]], cap: int) -> None:
+    w = TwiceWorld()
+    w.consent("a.test", ConsentCaps(max_concurrent=3))
+    w.job("j1", flows=6, instance_count=cap)
+    live = w.dispatch_all()
+    for kind, pick in steps:
+        if not live:
+            break
+        d = live[pick % len(live)]
+        if kind == "cancel":
+            w.add(JobCancelled(id="x", at=NOW, actor="t", job_id="j1", reason=""))
+            break
+        w.add(done(d) if kind == "done" else failed(d, retryable=kind == "fail"))
+        live.remove(d)
+        live += w.dispatch_all()
+    for action in w.state.plan(NOW):
+        if isinstance(action, Finish):
+            w.add(completed("j1", action.flows_done))
+    assert w.state.jobs["j1"].job.status in (JobStatus.COMPLETED, JobStatus.CANCELLED) or live
+
+
+# -- the snapshot format ----------------------------------------------------------------
+
+
+def test_snapshot_round_trip_plans_the_same() -> None:
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=50, max_flows_per_minute=4))
+    w.job("j1", flows=10, instance_count=5)
+    w.job("j2", flows=2, instance_count=2)
+    ds = w.dispatch_all()
+    w.add(failed(ds[0]))  # back to the front of the queue, attempt 1 spent
+    w.add(done(ds[1]))
+    restored = snapshot.decode(snapshot.encode(w.state))
+    assert restored is not None
+    assert restored.position == w.state.position
+    assert snapshot.encode(restored) == snapshot.encode(w.state)
+    assert restored.plan(NOW) == w.state.plan(NOW)
+
+
+def test_unknown_format_or_garbage_is_no_snapshot() -> None:
+    w = World()
+    w.job("j1", flows=2, instance_count=1)
+    good = msgspec.msgpack.decode(snapshot.encode(w.state))
+    assert snapshot.decode(msgspec.msgpack.encode({**good, "format": 999})) is None
+    assert snapshot.decode(msgspec.msgpack.encode({"format": snapshot.SNAPSHOT_FORMAT})) is None
+    assert snapshot.decode(b"\x00not msgpack at all") is None
+    assert snapshot.decode(b"") is None
+    broken = {**good, "jobs": [[*good["jobs"][0][:3], [7], *good["jobs"][0][4:]]]}
+    assert snapshot.decode(msgspec.msgpack.encode(broken)) is None  # queue index out of range
+
+
+# -- a real dispatcher on a real nats-server ----------------------------------------------
+
+
+class SpyBus(Bus):
+    """Records where every read of the log starts and the first sequence it delivered."""
+
+    starts: list[int]
+    first_delivered: list[int]
+
+    def read(self, start_seq: int, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        self.starts.append(start_seq)
+        return self._spy(super().read(start_seq, *args, **kwargs))
+
+    async def _spy(self, batches: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        first = True
+        async for batch in batches:
+            if first:
+                self.first_delivered.append(batch[0].seq)
+                first = False
+            yield batch
+
+
+@contextlib.asynccontextmanager
+async def spy_bus(url: str) -> AsyncIterator[SpyBus]:
+    bus = await SpyBus.connect(url, name="spy")
+    bus.starts, bus.first_delivered = [], []
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def running(dispatcher: Dispatcher) -> AsyncIterator[Dispatcher]:
+    task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+    try:
+        yield dispatcher
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_restarted_dispatcher_resumes_from_its_snapshot_and_the_job_completes(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 30
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        await tb.authorise("127.0.0.1")
+        tb.run(Runner(bus, SteadyExecutor(0.05), slots=4).run(), "runner")
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows, clicks=1)], instance_count=4
+        )
+        first = Dispatcher(bus, snapshot_every_events=1, snapshot_interval=0.1)
+        async with running(first):
+            await tb.wait_job(job_id, lambda v: v.flows_done >= 8, timeout=60)
+            await asyncio.wait_for(first.wait_saved(first.state.position), 10)
+        saved = first.saved_position
+        assert saved > 1
+        async with spy_bus(nats_server.url) as spy:
+            second = Dispatcher(spy, snapshot_every_events=1, snapshot_interval=0.1)
+            async with running(second):
+                view = await tb.wait_terminal(job_id, timeout=60)
+                # a snapshot stored while the first was stopping is at least as new
+                assert second.resumed_from >= saved + 1
+                assert spy.starts == [second.resumed_from]
+                assert all(seq >= second.resumed_from for seq in spy.first_delivered)
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    assert view.targets[0].click_done == flows
+    seen = await dispatches(bus, job_id)
+    assert len(seen) == flows
+    assert set(seen.values()) == {1}  # each flow handed out once per attempt
+
+
+async def test_corrupt_snapshot_falls_back_to_a_full_read(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 6
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        await tb.authorise("127.0.0.1")
+        store = await bus.js.object_store(subjects.DISPATCHER_BUCKET)
+        await store.put(SNAPSHOT_OBJECT, b"\x93\xa3not a snapshot")
+        assert await SnapshotStore(bus).load() is not None
+        tb.run(Runner(bus, SteadyExecutor(0.01), slots=2).run(), "runner")
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows)], instance_count=2
+        )
+        dispatcher = Dispatcher(bus, snapshot_every_events=1, snapshot_interval=0.1)
+        async with running(dispatcher):
+            view = await tb.wait_terminal(job_id, timeout=60)
+            assert dispatcher.resumed_from == 1
+            # and the corrupt one is replaced by a good one
+            await asyncio.wait_for(dispatcher.wait_saved(dispatcher.state.position), 10)
+        stored = await SnapshotStore(bus).load()
+        assert stored is not None and snapshot.decode(stored) is not None
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -56,6 +57,32 @@ async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def start_nats_server_on_any_port(
+    store_dir: Path, *, host: str = "127.0.0.1", timeout: float = 10.0
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Let the server pick a free port (no race with other processes picking the same one)."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    ports_dir = store_dir / "ports"
+    ports_dir.mkdir(exist_ok=True)
+    args = nats_server_args(-1, store_dir, host)
+    args[args.index("--server_name") + 1] = f"tb-{os.getpid()}-{store_dir.name}"
+    proc = await asyncio.create_subprocess_exec(
+        *args, "--ports_file_dir", str(ports_dir),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    ports_file = ports_dir / f"nats-server_{proc.pid}.ports"
+    deadline = time.monotonic() + timeout
+    while not ports_file.exists():
+        if proc.returncode is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"nats-server did not report its port within {timeout}s")
+        await asyncio.sleep(0.02)
+    url = json.loads(ports_file.read_text())["nats"][0]
+    port = int(url.rsplit(":", 1)[1])
+    await wait_for_port(host, port, timeout)
+    return proc, port
 
 
 async def start_nats_server(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.nats_server import start_nats_server
+from cli.nats_server import start_nats_server, start_nats_server_on_any_port
 from engine.bus import Bus, BusConfig
 
 
@@ -18,13 +18,22 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, port: int, store: Path) -> None:
-        self.port, self.store = port, store
-        self.url = f"nats://127.0.0.1:{port}"
+    """A real nats-server; the first start lets it pick a free port, restarts reuse it."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
 
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
     async def start(self) -> None:
-        self.proc = await start_nats_server(self.port, self.store)
+        if self.port:
+            self.proc = await start_nats_server(self.port, self.store)
+        else:
+            self.proc, self.port = await start_nats_server_on_any_port(self.store)
 
     async def kill(self) -> None:
         if self.proc and self.proc.returncode is None:
@@ -34,7 +43,7 @@ class NatsServer:
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(free_port(), tmp_path / "jetstream")
+    server = NatsServer(tmp_path / "jetstream")
     await server.start()
     yield server
     await server.kill()

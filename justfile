@@ -29,3 +29,7 @@ lint: setup
 # end-to-end no-op flow throughput against raw JetStream publish, in one run
 bench-engine *ARGS: setup
     {{bin}}/python -m benchmarks.engine {{ARGS}}
+
+# dispatcher restart from its snapshot against a full read of the log, in one run
+bench-restart *ARGS: setup
+    {{bin}}/python -m benchmarks.restart {{ARGS}}

@@ -140,6 +140,10 @@ class Dispatcher:
             self._saved.notify_all()
         log.debug("dispatcher.snapshot.saved", position=position, size=len(data))
 
+    async def wait_ready(self) -> None:
+        """Return once the state has caught up with the log (planning starts then)."""
+        await self._caught_up.wait()
+
     async def wait_saved(self, position: int) -> None:
         """Return once a snapshot at ``position`` or later is stored."""
         async with self._saved:

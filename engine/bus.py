@@ -233,10 +233,6 @@ class Bus:
         ]
         return [await future for future in futures]
 
-    async def publish_raw(self, subject: str, payload: bytes) -> None:
-        """Core NATS publish for non-event traffic (log lines)."""
-        await self.nc.publish(subject, payload)
-
     # -- reading --------------------------------------------------------------------
 
     async def last_seq(self) -> int:
@@ -352,10 +348,6 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         return await self.js.key_value(bucket)
-
-
-def envelope_of(msg: Msg) -> Envelope | None:
-    return _envelope(msg, stream_seq(msg))
 
 
 def _envelope(msg: Msg, seq: int) -> Envelope | None:

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.executor import FlowReport, FlowResult
 from engine.bus import Bus
 from engine.consent import ConsentCommands
 from engine.dispatcher import Dispatcher
@@ -18,6 +20,7 @@ from projections import queries
 from projections.db import connect
 from projections.projector import Projector
 from projections.queries import JobView
+from schemas.events import FlowDispatched
 from schemas.values import ConsentCaps, JobSettings, Platform, Target
 from tests.sites import recording_site
 
@@ -136,3 +139,29 @@ async def embedded(
             task.cancel()
         await asyncio.gather(*tb.tasks, return_exceptions=True)
         await projector.stop()
+
+
+class SteadyExecutor:
+    """Flows that take a little while, so a crash lands in the middle of a job."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
+        await asyncio.sleep(self.seconds)
+        return FlowResult(clicks_done=item.clicks, pages=1)
+
+
+async def dispatches(bus: Bus, job_id: str) -> Counter[tuple[str, int]]:
+    seen: Counter[tuple[str, int]] = Counter()
+    async for batch in bus.read(1, "tb.dispatch.>", follow=False):
+        for env in batch:
+            if isinstance(env.event, FlowDispatched) and env.event.job_id == job_id:
+                seen[(env.event.flow_id, env.event.attempt)] += 1
+    return seen

@@ -2,44 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
-from collections import Counter
 from pathlib import Path
 
-from agents.executor import FlowReport, FlowResult
 from agents.runner import Runner
 from engine.bus import Bus
-from schemas.events import FlowDispatched
 from schemas.values import Target
 from tests.conftest import NatsServer
-from tests.harness import embedded
-
-
-class SteadyExecutor:
-    """Flows that take a little while, so a crash lands in the middle of a job."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
-        await asyncio.sleep(self.seconds)
-        return FlowResult(clicks_done=item.clicks, pages=1)
-
-
-async def dispatches(bus: Bus, job_id: str) -> Counter[tuple[str, int]]:
-    seen: Counter[tuple[str, int]] = Counter()
-    async for batch in bus.read(1, "tb.dispatch.>", follow=False):
-        for env in batch:
-            if isinstance(env.event, FlowDispatched) and env.event.job_id == job_id:
-                seen[(env.event.flow_id, env.event.attempt)] += 1
-    return seen
+from tests.harness import SteadyExecutor, dispatches, embedded
 
 
 async def test_engine_sigkilled_mid_job_resumes_without_loss_or_double_dispatch(

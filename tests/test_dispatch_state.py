@@ -79,23 +79,25 @@ class World:
     def dispatch_all(self) -> list[Dispatch]:
         out = [a for a in self.state.plan(NOW) if isinstance(a, Dispatch)]
         for d in out:
-            self.add(
-                FlowDispatched(
-                    id="d",
-                    at=NOW,
-                    actor="t",
-                    job_id=d.job_id,
-                    flow_id=d.flow_id,
-                    attempt=d.attempt,
-                    target_index=d.target_index,
-                    url="u",
-                    clicks=0,
-                    session_seconds=0,
-                    allowed_hosts=[],
-                    seed=d.seed,
-                )
-            )
+            self.add(dispatched(d))
         return out
+
+
+def dispatched(d: Dispatch) -> FlowDispatched:
+    return FlowDispatched(
+        id="d",
+        at=NOW,
+        actor="t",
+        job_id=d.job_id,
+        flow_id=d.flow_id,
+        attempt=d.attempt,
+        target_index=d.target_index,
+        url="u",
+        clicks=0,
+        session_seconds=0,
+        allowed_hosts=[],
+        seed=d.seed,
+    )
 
 
 def done(d: Dispatch) -> FlowDone:

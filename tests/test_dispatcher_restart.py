@@ -17,16 +17,15 @@ from agents.runner import Runner
 from engine.bus import Bus
 from engine.dispatch import snapshot
 from engine.dispatch.snapshot import SNAPSHOT_OBJECT, SnapshotStore
-from engine.dispatch.state import Dispatch, DispatchState, Finish
+from engine.dispatch.state import DispatchState, Finish
 from engine.dispatcher import Dispatcher
 from engine.jobs.decider import JobStatus
 from schemas import subjects
-from schemas.events import Envelope, FlowDispatched, JobCancelled, JobCompleted, TbEvent
+from schemas.events import Envelope, JobCancelled, JobCompleted, TbEvent
 from schemas.values import ConsentCaps, Target
 from tests.conftest import NatsServer
-from tests.harness import embedded
-from tests.test_crashes import SteadyExecutor, dispatches
-from tests.test_dispatch_state import NOW, World, done, failed
+from tests.harness import SteadyExecutor, dispatches, embedded
+from tests.test_dispatch_state import NOW, World, dispatched, done, failed
 
 # -- the state: compaction and idempotence ----------------------------------------------
 
@@ -34,23 +33,6 @@ from tests.test_dispatch_state import NOW, World, done, failed
 def fingerprint(state: DispatchState) -> bytes:
     """Everything the state holds except how far the reader got."""
     return snapshot.encode(replace(state, position=0))
-
-
-def dispatched(d: Dispatch) -> FlowDispatched:
-    return FlowDispatched(
-        id="d",
-        at=NOW,
-        actor="t",
-        job_id=d.job_id,
-        flow_id=d.flow_id,
-        attempt=d.attempt,
-        target_index=d.target_index,
-        url="u",
-        clicks=0,
-        session_seconds=0,
-        allowed_hosts=[],
-        seed=d.seed,
-    )
 
 
 def completed(job_id: str, flows_done: int) -> JobCompleted:

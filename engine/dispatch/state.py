@@ -25,7 +25,6 @@ from schemas.events import (
     FlowFailed,
     JobEvent,
     JobStarted,
-    TbEvent,
 )
 
 RATE_WINDOW = timedelta(minutes=1)
@@ -291,9 +290,3 @@ class DispatchState:
         while recent and recent[0] <= now - RATE_WINDOW:
             recent.popleft()
         return len(recent)
-
-
-def apply_all(state: DispatchState, events: list[tuple[int, TbEvent]]) -> DispatchState:
-    for seq, event in events:
-        state.apply(Envelope(seq=seq, subject="", event=event))
-    return state

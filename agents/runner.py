@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 
@@ -163,7 +164,7 @@ class Runner:
 
     async def run(self) -> None:
         await self.executor.start()
-        durable = await self.bus.ensure_dispatch_consumer(self.platform.os, self.platform.browser)
+        durable = await self._work_queue()
         await self._emit(
             RunnerRegistered(
                 id=new_id(),
@@ -191,6 +192,20 @@ class Runner:
                 await cancels.unsubscribe()
             await self._deregister()
             await self.executor.close()
+
+    async def _work_queue(self) -> str:
+        """The platform's consumer; the engine provisions the streams, so wait for them."""
+        told = False
+        while True:
+            try:
+                return await self.bus.ensure_dispatch_consumer(
+                    self.platform.os, self.platform.browser
+                )
+            except nats.js.errors.NotFoundError:
+                if not told:
+                    self.announce("[INFO] Waiting for the engine to provision the event streams")
+                    told = True
+                await asyncio.sleep(1.0)
 
     async def _consume(self, durable: str) -> None:
         puller = await self.bus.puller(durable)

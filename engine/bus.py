@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -42,6 +43,7 @@ from schemas.events import Envelope, Event, decode_event, encode_event
 log = structlog.get_logger("tb.bus")
 
 WRONG_LAST_SEQUENCE = 10071
+ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
 __all__ = ["Appended", "Bus", "BusConfig", "ConcurrencyConflict", "Expect", "retry_on_conflict"]
@@ -86,8 +88,20 @@ class Bus:
     async def connect(
         cls, url: str, *, name: str, config: BusConfig | None = None, connect_timeout: float = 5.0
     ) -> Bus:
+        last: dict[str, float] = {}
+
         async def on_error(err: Exception) -> None:
-            log.warning("nats.error", error=str(err))
+            # the client retries every half second: say so once per kind of error a while
+            refused = isinstance(err, ConnectionRefusedError)
+            key = "refused" if refused else type(err).__name__
+            now = time.monotonic()
+            if now - last.get(key, -ERROR_LOG_EVERY) < ERROR_LOG_EVERY:
+                return
+            last[key] = now
+            if refused:
+                log.warning("Connection Refused", url=url, retrying=True)
+            else:
+                log.warning("nats.error", error=str(err))
 
         nc = await nats.connect(
             url,

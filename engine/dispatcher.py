@@ -86,7 +86,8 @@ class Dispatcher:
                 self._maybe_snapshot()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.tick_interval)
+                    async with asyncio.timeout(self.tick_interval):
+                        await self._wake.wait()
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -90,14 +90,18 @@ class Puller:
             request["no_wait"] = True
         else:
             request["expires"] = int(expires * 1e9)
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
         await self.nc.publish(
             self._next_subject,
             msgspec.json.encode(request),
             reply=f"{self._inbox}.{self._request}",
         )
         try:
-            return await asyncio.wait_for(waiter, answer_within)
+            # not wait_for: on 3.11 it can swallow a cancel that races the answer, and a
+            # reader that ignores its cancel never stops
+            async with asyncio.timeout(answer_within):
+                return await waiter
         except TimeoutError:
             return bool(self._buffer)
         finally:

@@ -23,6 +23,7 @@ log = structlog.get_logger("tb.projections")
 __all__ = ["ProjectionUpdate", "Projector", "ProjectorFailed"]
 
 MAX_STALL_AFTER = 300.0
+STOP_GRACE = 10.0  # a read loop that ignores its cancel must not hang shutdown
 
 
 class ProjectorFailed(RuntimeError):
@@ -73,8 +74,10 @@ class Projector:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            await asyncio.wait([task])
-            if not task.cancelled():
+            _, still = await asyncio.wait([task], timeout=STOP_GRACE)
+            if still:
+                log.error("projector.stop_timeout", grace=STOP_GRACE)
+            elif not task.cancelled():
                 task.exception()  # already logged and kept in ``failure``
         db, self._db = self._db, None
         if db is not None:

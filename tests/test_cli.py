@@ -111,3 +111,37 @@ def test_up_refuses_a_port_in_use_naming_the_flag(tmp_path: Path) -> None:
         )  # fmt: skip
     assert result.returncode == 1
     assert f"--port {port}: already in use" in result.stderr
+
+
+async def test_runner_says_connection_refused_and_keeps_retrying(tmp_path: Path) -> None:
+    from cli.nats_server import start_nats_server
+    from engine.bus import Bus
+
+    port = free_port()
+    runner = await asyncio.create_subprocess_exec(
+        *TB, "runner", "--nats-url", f"nats://127.0.0.1:{port}", "--executor", "noop",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert runner.stderr is not None
+    nats = None
+    try:
+        async with asyncio.timeout(60):
+            seen = ""
+            while "Connection Refused" not in seen:
+                seen += (await runner.stderr.readline()).decode()
+            assert runner.returncode is None
+            nats = await start_nats_server(port, tmp_path / "js")
+            while "Waiting for the engine" not in seen:
+                seen += (await runner.stderr.readline()).decode()
+            async with await Bus.connect(f"nats://127.0.0.1:{port}", name="engine") as bus:
+                await bus.provision()  # what the engine does at start
+            while "Registered as runner" not in seen:
+                line = await runner.stderr.readline()
+                assert line, seen
+                seen += line.decode()
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(runner.wait(), 30)
+        if nats is not None:
+            nats.kill()
+            await nats.wait()

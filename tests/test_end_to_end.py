@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -151,22 +154,16 @@ async def test_replay_rebuilds_identical_tables(
     assert before["jobs"] and before["flows"]
     for suffix in ("", "-wal", "-shm"):
         Path(f"{tb.db_path}{suffix}").unlink(missing_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli.main",
-        "replay",
-        "--nats-url",
-        nats_server.url,
-        "--db",
-        str(tb.db_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    assert b"rebuilt" in out
+    rebuilt = await replay_cli(nats_server.url, tb.db_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "rebuilt" in rebuilt.stdout
     assert await dump_tables(tb.db_path) == before
+    verified = await replay_cli(nats_server.url, tb.db_path, "--verify")
+    assert verified.returncode == 0 and "matches" in verified.stdout
+    with contextlib.closing(sqlite3.connect(tb.db_path)) as db, db:
+        db.execute("UPDATE jobs SET flows_done = flows_done + 1 WHERE job_id = ?", (done,))
+    tampered = await replay_cli(nats_server.url, tb.db_path, "--verify")
+    assert tampered.returncode == 1 and "DIFFERS" in tampered.stdout
 
 
 async def test_cancel_stops_in_flight_flows_within_a_second(
@@ -195,3 +192,13 @@ async def test_cancel_stops_in_flight_flows_within_a_second(
     assert cancelled.seq > 0
     assert stopped_after < 1.0
     assert view.flows_done == 0
+
+
+async def replay_cli(url: str, db: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "cli.main", "replay", "--nats-url", url, "--db", str(db), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

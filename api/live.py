@@ -52,12 +52,10 @@ def progress_update(job: JobView, now: datetime | None = None) -> ProgressUpdate
 
 
 def eta_seconds(job: JobView, now: datetime) -> float | None:
-    started = getattr(job, "started_at", None)
     finished = job.flows_done + job.flows_failed
-    if job.status != "running" or not started or finished == 0:
+    if job.status != "running" or job.started_at is None or finished == 0:
         return None
-    started_at = datetime.fromisoformat(started) if isinstance(started, str) else started
-    elapsed = (now - started_at).total_seconds()
+    elapsed = (now - job.started_at).total_seconds()
     if elapsed <= 0:
         return None
     return round((job.flows_total - finished) * elapsed / finished, 1)

@@ -12,13 +12,14 @@ from datetime import datetime
 import nats.errors
 import structlog
 
-from engine.bus import Bus, ConcurrencyConflict, Expect
+from engine.bus import Bus, ConcurrencyConflict
 from engine.dispatch import snapshot
 from engine.dispatch.snapshot import SnapshotStore
 from engine.dispatch.state import Action, Dispatch, DispatchState, Finish, StartOrRefuse
 from engine.errors import Rejected
 from engine.ids import new_id, utcnow
-from engine.jobs.decider import FinishJob, JobCommand, Meta, StartJob, decide
+from engine.jobs.decider import FinishJob, JobCommand, Meta, StartJob
+from engine.jobs.service import append_decision
 from schemas import subjects
 from schemas.events import Envelope, FlowDispatched, FlowDone, FlowFailed, TbEvent
 
@@ -224,15 +225,8 @@ class Dispatcher:
         else:
             return
         meta = Meta(id=new_id(), at=now, actor=self.actor)
-        scope = subjects.job_stream_filter(action.job_id)
         try:
-            for event in decide(plan.job, cmd, meta):
-                expected = plan.job.version
-                ack = await self.bus.append(
-                    event,
-                    msg_id=subjects.aggregate_msg_id(scope, expected, type(event).__name__),
-                    expect=Expect(scope, expected),
-                )
+            for event, ack in await append_decision(self.bus, plan.job, cmd, meta):
                 self._apply_own(ack.seq, event)
                 log.info("job." + type(event).__name__, job_id=action.job_id, seq=ack.seq)
         except ConcurrencyConflict:

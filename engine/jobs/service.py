@@ -11,6 +11,7 @@ from engine.errors import NotFound
 from engine.ids import new_id, short_id, utcnow
 from engine.jobs.decider import CreateJob, Job, JobCommand, Meta, decide, fold
 from schemas import subjects
+from schemas.events import TbEvent
 from schemas.values import JobSettings, Platform, Target
 
 
@@ -50,14 +51,27 @@ class JobCommands:
 
     async def _append(self, job: Job, cmd: JobCommand, actor: str) -> Appended:
         meta = Meta(id=new_id(), at=self.clock(), actor=actor)
-        scope = subjects.job_stream_filter(cmd.job_id)
-        appended = Appended(seq=job.version, duplicate=False)
-        expected = job.version
-        for event in decide(job, cmd, meta):
-            appended = await self.bus.append(
-                event,
-                msg_id=subjects.aggregate_msg_id(scope, expected, type(event).__name__),
-                expect=Expect(scope, expected),
-            )
-            expected = appended.seq
-        return appended
+        stored = await append_decision(self.bus, job, cmd, meta)
+        return stored[-1][1] if stored else Appended(seq=job.version, duplicate=False)
+
+
+async def append_decision(
+    bus: Bus, job: Job, cmd: JobCommand, meta: Meta
+) -> list[tuple[TbEvent, Appended]]:
+    """Decide, then append each event expecting the job's subjects not to have moved on.
+
+    Raises ``ConcurrencyConflict`` when another writer got there first and ``Rejected``
+    when the decider refuses the command; nothing is appended then.
+    """
+    scope = subjects.job_stream_filter(cmd.job_id)
+    expected = job.version
+    stored: list[tuple[TbEvent, Appended]] = []
+    for event in decide(job, cmd, meta):
+        appended = await bus.append(
+            event,
+            msg_id=subjects.aggregate_msg_id(scope, expected, type(event).__name__),
+            expect=Expect(scope, expected),
+        )
+        stored.append((event, appended))
+        expected = appended.seq
+    return stored

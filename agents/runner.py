@@ -23,7 +23,6 @@ from nats.aio.msg import Msg
 
 from agents.executor import FlowError, FlowExecutor, FlowResult
 from engine.bus import Appended, Bus
-from engine.ids import new_id, short_id, utcnow
 from schemas import VERSION, subjects
 from schemas.events import (
     ClickDone,
@@ -40,6 +39,7 @@ from schemas.events import (
     RunnerRegistered,
     decode_event,
 )
+from schemas.ids import new_id, short_id, utcnow
 from schemas.presence import RunnerPresence
 from schemas.values import Platform
 

@@ -19,9 +19,9 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.bus import Bus
-from engine.ids import new_id, utcnow
 from schemas import subjects
 from schemas.events import FlowDispatched, FlowFailed, decode_event
+from schemas.ids import new_id, utcnow
 
 log = structlog.get_logger("tb.engine")
 

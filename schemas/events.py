@@ -6,39 +6,60 @@ A breaking change bumps ``v`` and adds an upcaster in ``decode_event``.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.values import ConsentCaps, JobSettings, Platform, Target
+from schemas.values import (
+    Attempt,
+    AwareDatetime,
+    ConsentCaps,
+    Count,
+    Domain,
+    HttpStatus,
+    Id,
+    Index,
+    JobSettings,
+    Millis,
+    Platform,
+    Target,
+    Text,
+    Url,
+    url_problem,
+)
+
+Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Name = Annotated[str, msgspec.Meta(max_length=200)]
+Hosts = Annotated[list[str], msgspec.Meta(max_length=10_000)]
+
+CONSENT_REVOKED = "consent revoked"  # the FlowFailed reason when a host's consent is revoked
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, tag_field="type"):
     """Envelope fields every event carries; ``type`` is the class name."""
 
-    id: str  # UUIDv7: time-ordered
-    at: datetime  # UTC
-    actor: str  # user, runner id or "system"
-    v: int = 1
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # UUIDv7: time-ordered
+    at: AwareDatetime  # UTC
+    actor: Actor  # user, runner id or "system"
+    v: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
 
 
 # -- jobs ---------------------------------------------------------------------------
 
 
 class JobEvent(Event, frozen=True, kw_only=True):
-    job_id: str
+    job_id: Id
 
 
 class JobCreated(JobEvent, frozen=True, kw_only=True):
-    name: str
-    targets: list[Target]
+    name: Name
+    targets: Annotated[list[Target], msgspec.Meta(min_length=1, max_length=10_000)]
     settings: JobSettings
     platform: Platform = Platform()
 
 
 class JobApprovalRequested(JobEvent, frozen=True, kw_only=True):
-    reason: str = ""
+    reason: Text = ""
 
 
 class JobApproved(JobEvent, frozen=True, kw_only=True):
@@ -46,23 +67,23 @@ class JobApproved(JobEvent, frozen=True, kw_only=True):
 
 
 class JobRejected(JobEvent, frozen=True, kw_only=True):
-    reason: str = ""
+    reason: Text = ""
 
 
 class JobRefused(JobEvent, frozen=True, kw_only=True):
     """The engine would not start the job; ``hosts`` names the unauthorised ones."""
 
-    reason: str
-    hosts: list[str] = []
+    reason: Text
+    hosts: Hosts = []
 
 
 class JobStarted(JobEvent, frozen=True, kw_only=True):
-    flows_total: int
-    allowed_hosts: list[str]
+    flows_total: Count
+    allowed_hosts: Hosts
 
 
 class JobPaused(JobEvent, frozen=True, kw_only=True):
-    pass
+    reason: Text = ""
 
 
 class JobResumed(JobEvent, frozen=True, kw_only=True):
@@ -70,99 +91,123 @@ class JobResumed(JobEvent, frozen=True, kw_only=True):
 
 
 class JobCancelled(JobEvent, frozen=True, kw_only=True):
-    reason: str = ""
+    reason: Text = ""
 
 
 class JobCompleted(JobEvent, frozen=True, kw_only=True):
-    flows_done: int
-    flows_failed: int
+    flows_done: Count
+    flows_failed: Count
 
 
 class JobFailed(JobEvent, frozen=True, kw_only=True):
-    reason: str
-    flows_done: int = 0
-    flows_failed: int = 0
+    reason: Text
+    flows_done: Count = 0
+    flows_failed: Count = 0
 
 
 # -- flows --------------------------------------------------------------------------
 
 
 class FlowEvent(Event, frozen=True, kw_only=True):
-    job_id: str
-    flow_id: str
-    attempt: int
+    """``attempt`` is the dispatcher's counter; ``delivery`` the JetStream delivery of the
+    work item that a runner's event reports on (0 for the engine's own events)."""
+
+    job_id: Id
+    flow_id: Id
+    attempt: Attempt
+    delivery: Attempt = 0
 
 
 class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     """The work item a runner pulls from ``tb.dispatch.<os>.<browser>``."""
 
-    target_index: int
-    url: str
-    clicks: int
-    session_seconds: float
-    allowed_hosts: list[str]
-    seed: int
+    target_index: Index
+    url: Url
+    clicks: Annotated[int, msgspec.Meta(ge=0, le=1000)]
+    session_seconds: Annotated[float, msgspec.Meta(ge=0, le=24 * 3600)]
+    allowed_hosts: Hosts
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     platform: Platform = Platform()
-    referrer: str | None = None
+    referrer: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+
+    def __post_init__(self) -> None:
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise ValueError(f"url {problem}")
 
 
 class FlowStarted(FlowEvent, frozen=True, kw_only=True):
-    runner_id: str
+    runner_id: Actor
 
 
 class PageVisited(FlowEvent, frozen=True, kw_only=True):
-    url: str
-    status: int | None = None
-    n: int = 0
+    url: Text
+    status: HttpStatus | None = None
+    n: Index = 0
 
 
 class ClickDone(FlowEvent, frozen=True, kw_only=True):
-    target_index: int
-    href: str
-    n: int = 0
+    target_index: Index
+    href: Text
+    n: Index = 0
 
 
 class ClickSkipped(FlowEvent, frozen=True, kw_only=True):
     """A link or navigation to a host outside the authorised set: recorded, never followed."""
 
-    href: str
-    reason: str
-    n: int = 0
+    href: Text
+    reason: Text
+    n: Index = 0
 
 
 class FlowDone(FlowEvent, frozen=True, kw_only=True):
-    runner_id: str
-    target_index: int
-    clicks_done: int = 0
-    duration_ms: int = 0
+    runner_id: Actor
+    target_index: Index
+    clicks_done: Count = 0
+    duration_ms: Millis = 0
 
 
 class FlowFailed(FlowEvent, frozen=True, kw_only=True):
-    target_index: int
-    reason: str
+    target_index: Index
+    reason: Text
     retryable: bool = True
-    runner_id: str = ""
-    screenshot: str | None = None  # object-store name
+    runner_id: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    screenshot: Text | None = None  # object-store name
+
+
+class FlowStalled(FlowEvent, frozen=True, kw_only=True):
+    """The dispatcher saw no end of this attempt in time: the attempt counts as spent."""
+
+    target_index: Index
+    waited_seconds: Annotated[float, msgspec.Meta(ge=0)]
+
+
+class FlowReleased(FlowEvent, frozen=True, kw_only=True):
+    """A runner gave the work item back unrun (e.g. its job is paused): no attempt spent."""
+
+    target_index: Index
+    runner_id: Actor
+    reason: Text
 
 
 class ProxyFailed(FlowEvent, frozen=True, kw_only=True):
-    proxy: str
-    reason: str
-    n: int = 0
+    proxy: Text
+    reason: Text
+    n: Index = 0
 
 
 # -- runners ------------------------------------------------------------------------
 
 
 class RunnerEvent(Event, frozen=True, kw_only=True):
-    runner_id: str
+    runner_id: Id
 
 
 class RunnerRegistered(RunnerEvent, frozen=True, kw_only=True):
     platform: Platform
-    slots: int
-    hostname: str = ""
-    version: str = ""
+    slots: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+    hostname: Name = ""
+    version: Name = ""
 
 
 class RunnerDraining(RunnerEvent, frozen=True, kw_only=True):
@@ -170,35 +215,35 @@ class RunnerDraining(RunnerEvent, frozen=True, kw_only=True):
 
 
 class RunnerDeregistered(RunnerEvent, frozen=True, kw_only=True):
-    reason: str = ""
+    reason: Text = ""
 
 
 # -- consent ------------------------------------------------------------------------
 
 
 class ConsentEvent(Event, frozen=True, kw_only=True):
-    domain: str
+    domain: Domain
 
 
 class DomainClaimed(ConsentEvent, frozen=True, kw_only=True):
     """The token is not a secret: the owner publishes it to prove control of the domain."""
 
-    token: str
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class ConsentGiven(ConsentEvent, frozen=True, kw_only=True):
     method: Literal["well-known", "dns"] = "well-known"
-    evidence: str  # the URL (or record) that served the token
-    expires_at: datetime
+    evidence: Text  # the URL (or record) that served the token
+    expires_at: AwareDatetime
     caps: ConsentCaps = ConsentCaps()
 
 
 class ConsentVerificationFailed(ConsentEvent, frozen=True, kw_only=True):
-    reason: str
+    reason: Text
 
 
 class ConsentRevoked(ConsentEvent, frozen=True, kw_only=True):
-    reason: str = ""
+    reason: Text = ""
 
 
 JobEvents = (
@@ -222,6 +267,8 @@ FlowEvents = (
     | ClickSkipped
     | FlowDone
     | FlowFailed
+    | FlowStalled
+    | FlowReleased
     | ProxyFailed
 )
 RunnerEvents = RunnerRegistered | RunnerDraining | RunnerDeregistered
@@ -234,7 +281,9 @@ _encoder = msgspec.json.Encoder()
 
 
 def decode_event(data: bytes) -> TbEvent:
-    """Decode one event; raises ``msgspec.ValidationError`` for bytes that are not one."""
+    """Decode one event; raises ``msgspec.DecodeError`` for bytes that are not JSON and its
+    subclass ``msgspec.ValidationError`` for JSON that is not an event. Readers of the log
+    use ``schemas.stored.decode_stored``, which also checks the subject."""
     event: TbEvent = _decoder.decode(data)
     return event
 
@@ -249,6 +298,7 @@ class Envelope(msgspec.Struct, frozen=True):
     seq: int
     subject: str
     event: TbEvent
+    msg_id: str = ""  # its Nats-Msg-Id: which command (or report) stored it
 
 
 def event_schema() -> dict[str, object]:

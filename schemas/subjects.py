@@ -6,7 +6,11 @@ from schemas.events import (
     ConsentEvent,
     Event,
     FlowDispatched,
+    FlowDone,
     FlowEvent,
+    FlowFailed,
+    FlowReleased,
+    FlowStalled,
     JobEvent,
     RunnerEvent,
 )
@@ -14,6 +18,7 @@ from schemas.events import (
 EVENTS_STREAM = "TB"
 LOGS_STREAM = "TB_LOGS"
 ADVISORIES_STREAM = "TB_ADVISORIES"
+QUARANTINE_STREAM = "TB_QUARANTINE"
 
 EVENT_SUBJECTS = [
     "tb.job.>",
@@ -27,6 +32,7 @@ EVENT_SUBJECTS = [
     "tb.proxy.>",
 ]
 LOG_SUBJECTS = ["tb.log.>"]
+QUARANTINE_SUBJECTS = ["tb.quarantine.>"]
 
 RUNNERS_BUCKET = "tb_runners"
 LEASES_BUCKET = "tb_leases"
@@ -86,6 +92,30 @@ def log_subject(job_id: str) -> str:
     return f"tb.log.{job_id}"
 
 
+def all_jobs(event_type: str = "*") -> str:
+    return job_subject("*", event_type)
+
+
+def all_flows(event_type: str = "*") -> str:
+    return flow_subject("*", event_type)
+
+
+def all_consents(event_type: str = "*") -> str:
+    return f"tb.consent.*.{event_type}"
+
+
+ALL_DISPATCH = "tb.dispatch.>"
+
+# only what planning folds in: FlowStarted, PageVisited, clicks… never change the plan,
+# and reading them would add a third message (or more) per flow
+DISPATCHER_INPUTS = [
+    "tb.job.>",
+    ALL_DISPATCH,
+    *(all_flows(kind.__name__) for kind in (FlowDone, FlowFailed, FlowStalled, FlowReleased)),
+    "tb.consent.>",
+]
+
+
 def subject_for(event: Event) -> str:
     """The subject an event is stored on, derived from its type and aggregate id."""
     kind = type(event).__name__
@@ -115,9 +145,33 @@ def exhausted_msg_id(flow_id: str, attempt: int) -> str:
     return f"{flow_id}:{attempt}:FlowFailed:exhausted"
 
 
-def aggregate_msg_id(stream_filter: str, expected_seq: int, event_type: str) -> str:
-    """One id per (aggregate, version, type): a retried append after a lost ack dedupes."""
-    return f"{stream_filter}@{expected_seq}:{event_type}"
+def command_msg_id(command_id: str, n: int = 0) -> str:
+    """The ``n``-th event one command decided: a retry of the command dedupes, while a
+    different command at the same version stays different and meets the concurrency check
+    (nats-server checks ``Nats-Msg-Id`` before the expected sequence)."""
+    return f"cmd:{command_id}:{n}"
+
+
+def revoked_msg_id(flow_id: str, attempt: int) -> str:
+    """FlowFailed(consent revoked): the dispatcher and the runner write the same id."""
+    return f"{flow_id}:{attempt}:FlowFailed:revoked"
+
+
+def stalled_msg_id(flow_id: str, attempt: int) -> str:
+    return f"{flow_id}:{attempt}:FlowStalled:0"
+
+
+def released_msg_id(flow_id: str, attempt: int, delivery: int) -> str:
+    return f"{flow_id}:{attempt}:FlowReleased:{delivery}"
+
+
+def quarantine_subject(stream: str, seq: int) -> str:
+    return f"tb.quarantine.{stream}.{seq}"
+
+
+def quarantine_msg_id(stream: str, seq: int) -> str:
+    """Several readers finding one bad message record it once."""
+    return f"quarantine:{stream}:{seq}"
 
 
 def runner_msg_id(event: RunnerEvent) -> str:

@@ -1,24 +1,92 @@
-"""Value types shared by events, commands and DTOs."""
+"""Value types shared by events, commands and DTOs.
+
+Types carry their rules, so a value that breaks one fails to decode wherever it
+enters: an API body (400 naming the field) or a message on the bus (quarantined).
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
+
+from schemas.ids import ID_PATTERN
 
 OsName = Literal["linux", "windows", "macos"]
 BrowserName = Literal["chromium", "firefox", "webkit"]
 
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, min_length=1, max_length=128)]
+"""An id that becomes a subject token: a job, flow or runner id."""
+
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A point in time with its offset: a naive datetime cannot be compared with the clock."""
+
+# integers stay well inside what SQLite holds, and sums of them too
+Attempt = Annotated[int, msgspec.Meta(ge=0, le=1000)]
+Index = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+Millis = Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 3600 * 1000)]
+HttpStatus = Annotated[int, msgspec.Meta(ge=0, le=999)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DOMAIN_PATTERN = rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$(?!\n)"
+Domain = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=DOMAIN_PATTERN)]
+_DOMAIN = re.compile(DOMAIN_PATTERN)
+
 Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#]+")]
-Domain = Annotated[
-    str,
-    msgspec.Meta(
-        min_length=1,
-        max_length=253,
-        pattern=r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$",
-    ),
-]
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is not an http(s) URL a browser can be sent to, or ``None``."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError as err:
+        return f"is not a valid URL ({err})"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    host = parts.hostname or ""
+    if not host:
+        return "must name a host"
+    if port == 0:
+        return "port must be 1-65535"
+    if not host_is_valid(host):
+        return f"host {host!r} is neither a domain name nor an IP address"
+    return None
+
+
+def host_is_valid(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _DOMAIN.fullmatch(host.rstrip(".")) is not None
+    return True
+
+
+class JobStatus(StrEnum):
+    """The one spelling of a job's status (the job decider's, the read model's, the API's)."""
+
+    NEW = "new"
+    CREATED = "created"
+    REFUSED = "refused"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_JOB_STATUSES = frozenset(
+    {JobStatus.REFUSED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
 
 
 class Platform(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -36,6 +104,14 @@ class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     clicks: Annotated[int, msgspec.Meta(ge=0, le=50)] = 0
     referrer: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
     label: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError raised here as a validation error at this target
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise ValueError(f"url {problem}")
+        if self.referrer is not None and (problem := url_problem(self.referrer)) is not None:
+            raise ValueError(f"referrer {problem}")
 
 
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -92,7 +92,7 @@ def dispatched(d: Dispatch) -> FlowDispatched:
         flow_id=d.flow_id,
         attempt=d.attempt,
         target_index=d.target_index,
-        url="u",
+        url="http://a.test/",
         clicks=0,
         session_seconds=0,
         allowed_hosts=[],

@@ -24,10 +24,10 @@ import nats.js.errors
 import structlog
 
 from engine.bus import Bus
-from engine.consent import Consent
 from engine.dispatch.state import DispatchState, FlowSlot, FlowStatus, JobPlan
 from engine.jobs.decider import Job
 from schemas import subjects
+from schemas.consent_state import Consent
 
 log = structlog.get_logger("tb.dispatcher.snapshot")
 

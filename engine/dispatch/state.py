@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from engine.consent import Consent, evolve_consent
 from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
+from schemas.consent_state import Consent, evolve_consent
 from schemas.events import (
     ConsentEvent,
     Envelope,

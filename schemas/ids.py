@@ -1,11 +1,25 @@
-"""Time-ordered identifiers (UUIDv7, RFC 9562) and the clock, kept at the edge."""
+"""Identifiers (UUIDv7, RFC 9562, and readable aggregate ids) and the clock, kept at the edge.
+
+Ids that become subject tokens (job, flow and runner ids) match ``ID_PATTERN``: no
+dots, spaces or wildcards, so an id can never address another subject.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$(?!\n)"  # `$` alone accepts a final newline
+_ID = re.compile(ID_PATTERN)
+ID_RULE = "must be 1-128 characters of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit"
+
+
+def is_valid_id(value: str) -> bool:
+    # fullmatch: ``$`` alone would accept a trailing newline
+    return _ID.fullmatch(value) is not None
 
 
 def uuid7() -> uuid.UUID:

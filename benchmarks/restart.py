@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from cli.nats_server import start_nats_server_on_any_port
-from engine.bus import Bus
+from engine.bus import Bus, Expect
 from engine.dispatch.state import flow_id
 from engine.dispatcher import Dispatcher
 from schemas import subjects
@@ -94,6 +94,14 @@ async def main(events: int, rounds: int) -> None:
             built = time.perf_counter()
             batch: list[tuple[Event, str]] = []
             for item in history(events):
+                if isinstance(item[0], JobCreated):
+                    # a job's first event is stored expecting none before it, as the
+                    # job service stores it (readers refuse a JobCreated stored otherwise)
+                    await bus.append_pipelined(batch)
+                    batch.clear()
+                    scope = subjects.job_stream_filter(item[0].job_id)
+                    await bus.append(item[0], msg_id=item[1], expect=Expect(scope, 0))
+                    continue
                 batch.append(item)
                 if len(batch) == 5000:
                     await bus.append_pipelined(batch)

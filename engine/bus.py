@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import msgspec
 import nats
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -37,8 +35,11 @@ from nats.js.kv import KeyValue
 
 from engine.publisher import PUBLISH_TIMEOUT, AckedPublisher, Appended
 from engine.puller import Puller, stream_seq
+from engine.quarantine import Quarantine
 from schemas import subjects
-from schemas.events import Envelope, Event, decode_event, encode_event
+from schemas.events import Envelope, Event, encode_event
+from schemas.quarantine import QuarantinedMessage
+from schemas.stored import Undecodable, decode_stored
 
 log = structlog.get_logger("tb.bus")
 
@@ -46,7 +47,16 @@ WRONG_LAST_SEQUENCE = 10071
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
-__all__ = ["Appended", "Bus", "BusConfig", "ConcurrencyConflict", "Expect", "retry_on_conflict"]
+__all__ = [
+    "Appended",
+    "Batch",
+    "Bus",
+    "BusConfig",
+    "ConcurrencyConflict",
+    "Expect",
+    "applied_by",
+    "retry_on_conflict",
+]
 
 
 class ConcurrencyConflict(Exception):
@@ -69,6 +79,20 @@ class BusConfig:
     logs_max_age: float = 7 * 24 * 3600.0
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One read of the log: the events, and how far it got.
+
+    ``last_seq`` is the stream sequence of the last message read, quarantined ones
+    included: a reader that keeps a position (a checkpoint) moves it there, past
+    anything it had to skip.
+    """
+
+    envelopes: list[Envelope]
+    last_seq: int
+    quarantined: list[QuarantinedMessage]
+
+
 @dataclass(frozen=True)
 class Expect:
     """Optimistic concurrency: the stream sequence of the aggregate's last event (0 = none)."""
@@ -78,11 +102,13 @@ class Expect:
 
 
 class Bus:
-    def __init__(self, nc: Client, config: BusConfig) -> None:
+    def __init__(self, nc: Client, config: BusConfig, name: str = "tb") -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.config = config
+        self.name = name
         self.publisher = AckedPublisher(nc)
+        self.quarantine = Quarantine(self.publisher, detected_by=name)
 
     @classmethod
     async def connect(
@@ -113,7 +139,7 @@ class Bus:
             allow_reconnect=True,
             error_cb=on_error,
         )
-        return cls(nc, config or BusConfig())
+        return cls(nc, config or BusConfig(), name)
 
     async def close(self) -> None:
         await self.publisher.close()
@@ -149,6 +175,15 @@ class Bus:
                 storage=StorageType.FILE,
                 num_replicas=c.replicas,
                 max_age=c.logs_max_age,
+                duplicate_window=c.duplicate_window,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=subjects.QUARANTINE_STREAM,
+                subjects=subjects.QUARANTINE_SUBJECTS,
+                storage=StorageType.FILE,
+                num_replicas=c.replicas,
                 duplicate_window=c.duplicate_window,
             )
         )
@@ -254,10 +289,10 @@ class Bus:
         return int(info.state.last_seq)
 
     async def load(self, stream_filter: str) -> list[Envelope]:
-        """Every event of one aggregate, in order (for deciders)."""
+        """Every event of one aggregate, in order (for deciders); quarantined ones skipped."""
         envelopes: list[Envelope] = []
-        async for batch in self.read(1, stream_filter, follow=False):
-            envelopes.extend(batch)
+        async for batch in self.read_batches(1, stream_filter, follow=False):
+            envelopes.extend(batch.envelopes)
         return envelopes
 
     async def read(
@@ -270,13 +305,41 @@ class Bus:
         idle_timeout: float = 1.0,
         on_caught_up: Callable[[], None] | None = None,
     ) -> AsyncIterator[list[Envelope]]:
+        """``read_batches`` for readers that keep no position: non-empty event lists."""
+        batches = self.read_batches(
+            start_seq,
+            stream_filter,
+            follow=follow,
+            batch=batch,
+            idle_timeout=idle_timeout,
+            on_caught_up=on_caught_up,
+        )
+        try:
+            async for got in batches:
+                if got.envelopes:
+                    yield got.envelopes
+        finally:
+            await batches.aclose()
+
+    async def read_batches(
+        self,
+        start_seq: int,
+        stream_filter: str | list[str] | None = None,
+        *,
+        follow: bool = True,
+        batch: int = 500,
+        idle_timeout: float = 1.0,
+        on_caught_up: Callable[[], None] | None = None,
+    ) -> AsyncGenerator[Batch, None]:
         """Ordered batches of events from ``start_seq`` on.
 
         An ephemeral pull consumer without acks, recreated from the last sequence seen
         whenever it goes away (server restart, lost heartbeat) or stops answering: the
-        reader never skips and never repeats. With ``follow=False`` it stops at the end of
-        the stream. ``on_caught_up`` is called whenever every event stored so far (that
-        matches the filter) has been yielded.
+        reader never skips and never repeats. A message that is not an event where it is
+        stored is quarantined and left out, and ``Batch.last_seq`` still moves past it.
+        With ``follow=False`` it stops at the end of the stream. ``on_caught_up`` is
+        called whenever every event stored so far (that matches the filter) has been
+        yielded.
         """
         next_seq = max(start_seq, 1)
         filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
@@ -297,17 +360,30 @@ class Bus:
                         if on_caught_up is not None:
                             on_caught_up()
                         continue
-                    envelopes = []
+                    envelopes: list[Envelope] = []
+                    quarantined: list[QuarantinedMessage] = []
                     for msg in msgs:
                         seq = stream_seq(msg)
                         if seq < next_seq:
                             continue
                         next_seq = seq + 1
-                        envelope = _envelope(msg, seq)
-                        if envelope is not None:
-                            envelopes.append(envelope)
-                    if envelopes:
-                        yield envelopes
+                        try:
+                            event = decode_stored(msg.subject, msg.data, msg.headers)
+                        except Undecodable as err:
+                            quarantined.append(
+                                await self.quarantine.record(
+                                    stream=subjects.EVENTS_STREAM,
+                                    seq=seq,
+                                    subject=msg.subject,
+                                    raw=msg.data,
+                                    reason=err.reason,
+                                )
+                            )
+                            continue
+                        msg_id = msg.headers.get(subjects.MSG_ID_HEADER, "") if msg.headers else ""
+                        envelopes.append(Envelope(seq, msg.subject, event, msg_id))
+                    if envelopes or quarantined:
+                        yield Batch(envelopes, next_seq - 1, quarantined)
                     if on_caught_up is not None and puller.pending == 0:
                         on_caught_up()
                     if not follow:
@@ -364,13 +440,18 @@ class Bus:
         return await self.js.key_value(bucket)
 
 
-def _envelope(msg: Msg, seq: int) -> Envelope | None:
-    try:
-        event = decode_event(msg.data)
-    except msgspec.ValidationError:
-        log.error("event.undecodable", subject=msg.subject, seq=seq)
-        return None
-    return Envelope(seq=seq, subject=msg.subject, event=event)
+def applied_by(envelopes: Sequence[Envelope], command_id: str) -> Appended | None:
+    """Where a command's events already are in an aggregate's history, if it ran before.
+
+    Dedupe by msg-id lasts the duplicate window; the log remembers for ever, so a retry
+    of a command (same ``Idempotency-Key``) answers what the first run stored.
+    """
+    prefix = subjects.command_msg_id(command_id, 0).removesuffix("0")
+    last = None
+    for env in envelopes:
+        if env.msg_id.startswith(prefix):
+            last = env.seq
+    return None if last is None else Appended(seq=last, duplicate=True)
 
 
 async def retry_on_conflict(

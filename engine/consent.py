@@ -11,57 +11,28 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
-from engine.bus import Appended, Bus, Expect, retry_on_conflict
+from engine.bus import Appended, Bus, Expect, applied_by, retry_on_conflict
 from engine.errors import Invalid, NotFound, Rejected
-from engine.ids import new_id, utcnow
 from schemas import VERSION, subjects
+from schemas.consent_state import Consent, evolve_consent
 from schemas.events import (
     ConsentEvent,
     ConsentGiven,
     ConsentRevoked,
     ConsentVerificationFailed,
     DomainClaimed,
-    Event,
+    Envelope,
 )
+from schemas.ids import new_id, utcnow
 from schemas.values import ConsentCaps
 
 WELL_KNOWN_PATH = "/.well-known/trafficbuster.txt"
 CONSENT_VALIDITY = timedelta(days=30)
 MAX_TOKEN_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class Consent:
-    domain: str = ""
-    status: str = "none"  # none | claimed | verified | failed | revoked
-    token: str = ""
-    expires_at: datetime | None = None
-    caps: ConsentCaps = ConsentCaps()
-    version: int = 0
-
-    def valid_at(self, now: datetime) -> bool:
-        return self.status == "verified" and self.expires_at is not None and self.expires_at > now
-
-
-def evolve_consent(consent: Consent, event: Event, seq: int = 0) -> Consent:
-    if not isinstance(event, ConsentEvent):
-        return consent
-    consent = replace(consent, domain=event.domain, version=max(consent.version, seq))
-    match event:
-        case DomainClaimed(token=token):
-            return replace(consent, status="claimed", token=token, expires_at=None)
-        case ConsentGiven(expires_at=expires_at, caps=caps):
-            return replace(consent, status="verified", expires_at=expires_at, caps=caps)
-        case ConsentVerificationFailed():
-            # a failed re-check does not cancel an earlier, still valid verification
-            return consent if consent.status == "verified" else replace(consent, status="failed")
-        case ConsentRevoked():
-            return replace(consent, status="revoked", expires_at=None)
-    return consent
 
 
 def well_known_url(domain: str, base_url: str | None) -> str:
@@ -110,31 +81,57 @@ class ConsentCommands:
     clock: Callable[[], datetime] = utcnow
 
     async def load(self, domain: str) -> Consent:
-        consent = Consent(domain=domain)
-        for env in await self.bus.load(subjects.consent_stream_filter(domain)):
-            consent = evolve_consent(consent, env.event, env.seq)
-        return consent
+        return (await self._history(domain, None))[0]
 
-    async def claim(self, domain: str, actor: str) -> tuple[str, Appended]:
+    async def _history(
+        self, domain: str, command_id: str | None
+    ) -> tuple[Consent, Envelope | None]:
+        """The consent, and the event ``command_id`` stored if that command ran before."""
+        envelopes = await self.bus.load(subjects.consent_stream_filter(domain))
+        consent = Consent(domain=domain)
+        for env in envelopes:
+            consent = evolve_consent(consent, env.event, env.seq)
+        before = applied_by(envelopes, command_id) if command_id else None
+        stored = next((e for e in envelopes if before and e.seq == before.seq), None)
+        return consent, stored
+
+    async def claim(
+        self, domain: str, actor: str, command_id: str | None = None
+    ) -> tuple[str, Appended]:
         """A token to publish; claiming again returns the same token until it is verified."""
         domain = domain.lower()
+        command = command_id or new_id()  # one id for this command, kept across retries
 
         async def attempt() -> tuple[str, Appended]:
-            consent = await self.load(domain)
+            consent, before = await self._history(domain, command)
+            if before is not None and isinstance(before.event, DomainClaimed):
+                return before.event.token, Appended(seq=before.seq, duplicate=True)
             if consent.status in ("claimed", "failed") and consent.token:
                 return consent.token, Appended(seq=consent.version, duplicate=True)
             token = f"tb-verify-{secrets.token_urlsafe(24)}"
             event = DomainClaimed(
                 id=new_id(), at=self.clock(), actor=actor, domain=domain, token=token
             )
-            return token, await self._append(consent, event)
+            appended = await self._append(consent, event, command)
+            if appended.duplicate:
+                # this command was stored before (a retry): answer what the log holds
+                stored = (await self._history(domain, command))[1]
+                if stored is not None and isinstance(stored.event, DomainClaimed):
+                    return stored.event.token, appended
+            return token, appended
 
         return await retry_on_conflict(attempt)
 
     async def verify(
-        self, domain: str, base_url: str | None, actor: str, caps: ConsentCaps | None = None
+        self,
+        domain: str,
+        base_url: str | None,
+        actor: str,
+        caps: ConsentCaps | None = None,
+        command_id: str | None = None,
     ) -> tuple[ConsentGiven, Appended]:
         domain = domain.lower()
+        command = command_id or new_id()
         url = well_known_url(domain, base_url)
         consent = await self.load(domain)
         if consent.status == "none" or not consent.token:
@@ -145,7 +142,7 @@ class ConsentCommands:
             failed = ConsentVerificationFailed(
                 id=new_id(), at=now, actor=actor, domain=domain, reason=reason
             )
-            await retry_on_conflict(lambda: self._append_fresh(domain, failed))
+            await retry_on_conflict(lambda: self._append_fresh(domain, failed, command))
             raise VerificationFailed(domain, reason)
         given = ConsentGiven(
             id=new_id(),
@@ -156,15 +153,18 @@ class ConsentCommands:
             expires_at=now + CONSENT_VALIDITY,
             caps=caps or consent.caps,
         )
-        appended = await retry_on_conflict(lambda: self._append_fresh(domain, given))
+        appended = await retry_on_conflict(lambda: self._append_fresh(domain, given, command))
         return given, appended
 
-    async def revoke(self, domain: str, reason: str, actor: str) -> Appended:
+    async def revoke(
+        self, domain: str, reason: str, actor: str, command_id: str | None = None
+    ) -> Appended:
         domain = domain.lower()
+        command = command_id or new_id()
         event = ConsentRevoked(
             id=new_id(), at=self.clock(), actor=actor, domain=domain, reason=reason
         )
-        return await retry_on_conflict(lambda: self._append_fresh(domain, event))
+        return await retry_on_conflict(lambda: self._append_fresh(domain, event, command))
 
     async def _check(self, url: str, token: str) -> str | None:
         try:
@@ -177,13 +177,13 @@ class ConsentCommands:
             return f"{url} does not serve the claimed token"
         return None
 
-    async def _append_fresh(self, domain: str, event: ConsentEvent) -> Appended:
-        return await self._append(await self.load(domain), event)
+    async def _append_fresh(self, domain: str, event: ConsentEvent, command: str) -> Appended:
+        return await self._append(await self.load(domain), event, command)
 
-    async def _append(self, consent: Consent, event: ConsentEvent) -> Appended:
+    async def _append(self, consent: Consent, event: ConsentEvent, command: str) -> Appended:
         scope = subjects.consent_stream_filter(event.domain)
         return await self.bus.append(
             event,
-            msg_id=subjects.aggregate_msg_id(scope, consent.version, type(event).__name__),
+            msg_id=subjects.command_msg_id(command),
             expect=Expect(scope, consent.version),
         )

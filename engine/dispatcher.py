@@ -17,11 +17,11 @@ from engine.dispatch import snapshot
 from engine.dispatch.snapshot import SnapshotStore
 from engine.dispatch.state import Action, Dispatch, DispatchState, Finish, StartOrRefuse
 from engine.errors import Rejected
-from engine.ids import new_id, utcnow
 from engine.jobs.decider import FinishJob, JobCommand, Meta, StartJob
 from engine.jobs.service import append_decision
 from schemas import subjects
 from schemas.events import Envelope, FlowDispatched, FlowDone, FlowFailed, TbEvent
+from schemas.ids import new_id, utcnow
 
 log = structlog.get_logger("tb.dispatcher")
 
@@ -226,7 +226,7 @@ class Dispatcher:
             return
         meta = Meta(id=new_id(), at=now, actor=self.actor)
         try:
-            for event, ack in await append_decision(self.bus, plan.job, cmd, meta):
+            for event, ack in await append_decision(self.bus, plan.job, cmd, meta, new_id()):
                 self._apply_own(ack.seq, event)
                 log.info("job." + type(event).__name__, job_id=action.job_id, seq=ack.seq)
         except ConcurrencyConflict:

@@ -2,13 +2,17 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from engine.bus import Bus, ConcurrencyConflict, Expect
-from engine.ids import new_id, utcnow
+from engine.jobs.decider import CancelJob
+from engine.jobs.service import JobCommands
+from engine.quarantine import list_quarantined
 from schemas import subjects
-from schemas.events import JobCancelled, JobCreated
-from schemas.values import JobSettings, Target
+from schemas.events import JobCancelled, JobCreated, encode_event
+from schemas.ids import new_id, utcnow
+from schemas.values import JobSettings, Platform, Target
 
 
 def created(job_id: str) -> JobCreated:
@@ -23,46 +27,99 @@ def created(job_id: str) -> JobCreated:
     )
 
 
+def cancelled(job_id: str, actor: str = "test") -> JobCancelled:
+    return JobCancelled(id=new_id(), at=utcnow(), actor=actor, job_id=job_id)
+
+
+async def create(bus: Bus, job_id: str) -> int:
+    """A job's first event, stored as the job service stores it (expecting none before)."""
+    scope = subjects.job_stream_filter(job_id)
+    appended = await bus.append(created(job_id), msg_id=new_id(), expect=Expect(scope, 0))
+    return appended.seq
+
+
 async def test_provision_is_idempotent(bus: Bus) -> None:
     await bus.provision()
     await bus.provision()
 
 
 async def test_same_msg_id_is_stored_once(bus: Bus) -> None:
-    event = created("job_a")
+    await create(bus, "job_a")
+    event = cancelled("job_a")
     first = await bus.append(event, msg_id="m1")
     second = await bus.append(event, msg_id="m1")
     assert second.duplicate and second.seq == first.seq
-    assert len(await bus.load(subjects.job_stream_filter("job_a"))) == 1
+    assert len(await bus.load(subjects.job_stream_filter("job_a"))) == 2
 
 
-async def test_exactly_one_of_many_concurrent_writers_wins(bus: Bus) -> None:
-    head = await bus.append(created("job_b"), msg_id="c")
+async def test_of_fifty_commands_at_one_version_one_is_stored_and_49_conflict(
+    bus: Bus,
+) -> None:
+    head = await create(bus, "job_b")
     scope = subjects.job_stream_filter("job_b")
 
     async def writer(n: int) -> bool:
-        event = JobCancelled(id=new_id(), at=utcnow(), actor=f"w{n}", job_id="job_b")
+        # a different command each: its own command id, the same event type and version
+        msg_id = subjects.command_msg_id(f"command-{n}")
         try:
-            await bus.append(event, msg_id=f"w{n}", expect=Expect(scope, head.seq))
+            await bus.append(cancelled("job_b", f"w{n}"), msg_id=msg_id, expect=Expect(scope, head))
         except ConcurrencyConflict:
             return False
         return True
 
-    wins = await asyncio.gather(*(writer(n) for n in range(20)))
-    assert sum(wins) == 1
+    wins = await asyncio.gather(*(writer(n) for n in range(50)))
+    assert (sum(wins), wins.count(False)) == (1, 49)
     assert len(await bus.load(scope)) == 2
 
 
-async def test_expect_zero_means_no_events_yet(bus: Bus) -> None:
-    scope = subjects.job_stream_filter("job_c")
-    await bus.append(created("job_c"), msg_id="x", expect=Expect(scope, 0))
+async def test_a_command_retried_after_a_lost_ack_is_stored_once(bus: Bus) -> None:
+    jobs = JobCommands(bus)
+    job_id = "job_c"
+    head = await create(bus, job_id)
+    scope = subjects.job_stream_filter(job_id)
+    msg_id = subjects.command_msg_id("the-command")
+    # the first try reaches the server; its ack never reaches the caller
+    lost = await bus.append_nowait(cancelled(job_id), msg_id=msg_id, expect=Expect(scope, head))
+    stored = (await lost).seq
+    # resent as it was, the server refuses the stale expectation (nats-server checks the
+    # expected sequence before the msg-id) ...
     with pytest.raises(ConcurrencyConflict):
-        await bus.append(created("job_c"), msg_id="y", expect=Expect(scope, 0))
+        await bus.append(cancelled(job_id), msg_id=msg_id, expect=Expect(scope, head))
+    # ... and the command service, re-reading, finds its own command in the log
+    retry = await jobs.execute(CancelJob(job_id), "test", "the-command")
+    assert retry.duplicate and retry.seq == stored
+    assert [e.seq for e in await bus.load(scope)] == [head, stored]
+
+
+async def test_a_retried_command_answers_what_the_log_holds_after_the_dedupe_window(
+    bus: Bus,
+) -> None:
+    jobs = JobCommands(bus)
+    target = [Target(url="http://127.0.0.1/")]
+    job_id, first = await jobs.create(
+        name="n", targets=target, settings=JobSettings(), platform=Platform(), actor="t",
+        command_id="key-1",
+    )  # fmt: skip
+    cancel = await jobs.execute(CancelJob(job_id), "t", "key-2")
+    # the server's dedupe is a window; the log remembers which command stored what
+    again, seq = await jobs.create(
+        name="other", targets=target, settings=JobSettings(), platform=Platform(), actor="t",
+        command_id="key-1",
+    )  # fmt: skip
+    assert (again, seq.seq) == (job_id, first.seq)
+    assert (await jobs.execute(CancelJob(job_id), "t", "key-2")).seq == cancel.seq
+    assert len(await bus.load(subjects.job_stream_filter(job_id))) == 2
+
+
+async def test_expect_zero_means_no_events_yet(bus: Bus) -> None:
+    await create(bus, "job_d")
+    with pytest.raises(ConcurrencyConflict):
+        await create(bus, "job_d")
 
 
 async def test_read_follows_new_events_in_order(bus: Bus) -> None:
     for n in range(5):
-        await bus.append(created(f"job_{n}"), msg_id=f"r{n}")
+        await create(bus, f"job_{n}")
     seen: list[int] = []
 
     async def follow() -> None:
@@ -73,6 +130,52 @@ async def test_read_follows_new_events_in_order(bus: Bus) -> None:
 
     task = asyncio.create_task(follow())
     for n in range(5, 8):
-        await bus.append(created(f"job_{n}"), msg_id=f"r{n}")
+        await create(bus, f"job_{n}")
     await asyncio.wait_for(task, 10)
     assert seen == sorted(seen) and len(seen) == 8
+
+
+GARBAGE = {
+    "not JSON": ("tb.flow.job_q.FlowDone", b"{not json"),
+    "wrong shape": ("tb.flow.job_q.FlowDone", b'{"type": "FlowDone", "job_id": 3}'),
+    "unknown type": ("tb.job.job_q.JobExploded", b'{"type": "JobExploded"}'),
+    "wrong subject": ("tb.job.job_other.JobCancelled", encode_event(cancelled("job_q"))),
+    "forged creation": ("tb.job.job_q.JobCreated", encode_event(created("job_q"))),
+    "naive time": (
+        "tb.job.job_q.JobCancelled",
+        msgspec.json.encode(
+            {**msgspec.json.decode(encode_event(cancelled("job_q"))), "at": "2026-01-01T00:00:00"}
+        ),
+    ),
+}
+
+
+async def test_messages_that_are_not_events_are_quarantined_and_skipped(bus: Bus) -> None:
+    head = await create(bus, "job_q")
+    for subject, raw in GARBAGE.values():
+        await bus.nc.publish(subject, raw)
+    await bus.nc.flush()
+    tail = (await bus.append(cancelled("job_q"), msg_id="tail")).seq
+    batches = [b async for b in bus.read_batches(1, follow=False)]
+    events = [e.seq for b in batches for e in b.envelopes]
+    assert events == [head, tail]
+    assert batches[-1].last_seq == tail
+    assert len([q for b in batches for q in b.quarantined]) == len(GARBAGE)
+    # a second reader (another process) finds them too; each is recorded once
+    async for _ in bus.read_batches(1, follow=False):
+        pass
+    records, _ = await list_quarantined(bus.js)
+    assert sorted(r.seq for r in records) == list(range(head + 1, tail))
+    assert {r.subject for r in records} == {subject for subject, _ in GARBAGE.values()}
+    assert all(r.reason and r.detected_by == "test" for r in records)
+    assert {r.raw for r in records} == {raw for _, raw in GARBAGE.values()}
+
+
+async def test_a_quarantined_tail_still_moves_the_position(bus: Bus) -> None:
+    head = await create(bus, "job_t")
+    await bus.nc.publish("tb.flow.job_t.FlowDone", msgspec.json.encode({"type": "?"}))
+    await bus.nc.flush()
+    last = await bus.last_seq()
+    batches = [b async for b in bus.read_batches(head + 1, follow=False)]
+    assert [b.envelopes for b in batches] == [[]]
+    assert batches[-1].last_seq == last == head + 1

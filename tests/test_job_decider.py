@@ -90,7 +90,9 @@ COMMANDS = st.one_of(
         lambda hosts: StartJob("j", hosts)
     ),
     st.just(PauseJob("j")),
-    st.just(ResumeJob("j")),
+    st.sampled_from([frozenset(), frozenset({"a.test", "b.test"})]).map(
+        lambda hosts: ResumeJob("j", hosts)
+    ),
     st.just(CancelJob("j")),
     st.tuples(st.integers(-1, 6), st.integers(-1, 6)).map(lambda t: FinishJob("j", *t)),
 )

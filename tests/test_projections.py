@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.bus import Bus
+from engine.bus import Bus, Expect
 from projections import jobs
 from projections.db import connect, set_checkpoint, transaction
 from projections.flow_status import TERMINAL, FlowProgress, FlowState, flow_transition
@@ -29,6 +29,7 @@ from projections.queries import (
 )
 from projections.read_model import CHECKPOINT, applied_seq, apply_batch, open_read_model
 from projections.replay import dump_tables, rebuild
+from schemas import subjects
 from schemas.events import (
     ConsentGiven,
     ConsentRevoked,
@@ -68,7 +69,10 @@ def ev(cls: type[E], **fields: Any) -> E:
 async def append(bus: Bus, *events: TbEvent) -> int:
     seq = 0
     for event in events:
-        seq = (await bus.append(event, msg_id=event.id)).seq
+        # a job's creation is stored as its first event, as the job service stores it
+        first = isinstance(event, JobCreated)
+        expect = Expect(subjects.job_stream_filter(event.job_id), 0) if first else None
+        seq = (await bus.append(event, msg_id=event.id, expect=expect)).seq
     return seq
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -25,25 +24,13 @@ from schemas.events import (
     JobStarted,
     TbEvent,
 )
-from schemas.values import JobSettings, Platform, Target
+from schemas.values import TERMINAL_JOB_STATUSES, JobSettings, JobStatus, Platform, Target
 
 E = TypeVar("E", bound=JobEvent)
 
+__all__ = ["TERMINAL", "JobStatus"]  # the statuses live in schemas.values, spelled once
 
-class JobStatus(StrEnum):
-    NEW = "new"
-    CREATED = "created"
-    REFUSED = "refused"
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset(
-    {JobStatus.REFUSED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
-)
+TERMINAL = TERMINAL_JOB_STATUSES
 
 
 @dataclass(frozen=True)
@@ -64,6 +51,7 @@ class Job:
     flows_total: int = 0
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     version: int = 0  # stream sequence of the last event applied (0 = none)
+    created_seq: int = 0  # stream sequence of its JobCreated
 
     @property
     def hosts(self) -> frozenset[str]:
@@ -97,11 +85,15 @@ class StartJob:
 @dataclass(frozen=True)
 class PauseJob:
     job_id: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class ResumeJob:
+    """Resume only while every target host has valid consent (a revocation paused it)."""
+
     job_id: str
+    authorised_hosts: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -133,6 +125,8 @@ ALLOWED: dict[type, frozenset[JobStatus]] = {
 
 def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
     if job.status not in ALLOWED[type(cmd)]:
+        if isinstance(cmd, CreateJob):
+            raise Conflict("job_id", f"job {cmd.job_id} already exists ({job.status.value})")
         verb = type(cmd).__name__.removesuffix("Job").lower()
         raise Conflict("status", f"cannot {verb} a job that is {job.status.value}")
     job_id = cmd.job_id
@@ -159,9 +153,13 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
             total = sum(t.flows for t in job.targets)
             hosts = sorted(job.hosts)
             return [_emit(JobStarted, meta, job_id, flows_total=total, allowed_hosts=hosts)]
-        case PauseJob():
-            return [_emit(JobPaused, meta, job_id)]
-        case ResumeJob():
+        case PauseJob(reason=reason):
+            return [_emit(JobPaused, meta, job_id, reason=reason)]
+        case ResumeJob(authorised_hosts=authorised):
+            missing = sorted(job.hosts - authorised)
+            if missing:
+                named = ", ".join(missing)
+                raise Conflict("consent", f"cannot resume: no verified consent for {named}")
             return [_emit(JobResumed, meta, job_id)]
         case CancelJob(reason=reason):
             return [_emit(JobCancelled, meta, job_id, reason=reason)]
@@ -201,6 +199,8 @@ def evolve(job: Job, event: Event, seq: int = 0) -> Job:
     if job.status in TERMINAL:
         return replace(job, version=version)
     match event:
+        case JobCreated() if job.status != JobStatus.NEW:
+            return replace(job, version=version)  # a job is created once
         case JobCreated():
             job = replace(
                 job,
@@ -210,6 +210,7 @@ def evolve(job: Job, event: Event, seq: int = 0) -> Job:
                 settings=event.settings,
                 platform=event.platform,
                 flows_total=sum(t.flows for t in event.targets),
+                created_seq=seq,
             )
         case JobStarted():
             job = replace(

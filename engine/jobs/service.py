@@ -1,18 +1,39 @@
-"""Job commands at the edge: load the aggregate, decide, append with optimistic concurrency."""
+"""Job commands at the edge: load the aggregate, decide, append with optimistic concurrency.
+
+Every command carries an id (the caller's ``Idempotency-Key``, or one minted once per
+request): its events are appended with ``command_msg_id(command_id, n)``, so a retry of
+the same command dedupes while another command at the same version conflicts.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from engine.bus import Appended, Bus, Expect, retry_on_conflict
+from engine.bus import Appended, Bus, ConcurrencyConflict, Expect, applied_by, retry_on_conflict
 from engine.errors import NotFound
-from engine.ids import new_id, short_id, utcnow
-from engine.jobs.decider import CreateJob, Job, JobCommand, Meta, decide, fold
+from engine.jobs.decider import (
+    CreateJob,
+    Job,
+    JobCommand,
+    Meta,
+    PauseJob,
+    ResumeJob,
+    decide,
+    fold,
+)
 from schemas import subjects
+from schemas.consent_state import Consent, evolve_consent
 from schemas.events import TbEvent
+from schemas.ids import new_id, short_id, utcnow
 from schemas.values import JobSettings, Platform, Target
+
+
+def job_id_for(command_id: str) -> str:
+    """The job a keyed create makes: a retry of that create names the same job."""
+    return f"job_{hashlib.blake2b(command_id.encode(), digest_size=10).hexdigest()}"
 
 
 @dataclass
@@ -21,8 +42,13 @@ class JobCommands:
     clock: Callable[[], datetime] = utcnow
 
     async def load(self, job_id: str) -> Job:
+        return (await self._history(job_id, None))[0]
+
+    async def _history(self, job_id: str, command_id: str | None) -> tuple[Job, Appended | None]:
+        """The job, and where ``command_id`` already stored its events (a retried command)."""
         envelopes = await self.bus.load(subjects.job_stream_filter(job_id))
-        return fold([(e.seq, e.event) for e in envelopes])
+        job = fold([(e.seq, e.event) for e in envelopes])
+        return job, applied_by(envelopes, command_id) if command_id else None
 
     async def create(
         self,
@@ -32,31 +58,83 @@ class JobCommands:
         settings: JobSettings,
         platform: Platform,
         actor: str,
+        command_id: str | None = None,
     ) -> tuple[str, Appended]:
-        job_id = short_id("job")
+        """A new job; with a ``command_id`` (idempotency key) a retry answers the same job."""
+        if command_id is None:
+            command_id, job_id = new_id(), short_id("job")
+        else:
+            job_id = job_id_for(command_id)
+            _, before = await self._history(job_id, command_id)
+            if before is not None:
+                return job_id, before  # this create ran before: the same job
         cmd = CreateJob(job_id, name, tuple(targets), settings, platform)
-        appended = await self._append(Job(), cmd, actor)
-        return job_id, appended
+        try:
+            return job_id, await self._append(Job(), cmd, actor, command_id)
+        except ConcurrencyConflict:
+            _, before = await self._history(job_id, command_id)
+            if before is None:
+                raise
+            return job_id, before
 
-    async def execute(self, cmd: JobCommand, actor: str, *, must_exist: bool = True) -> Appended:
+    async def execute(
+        self,
+        cmd: JobCommand,
+        actor: str,
+        command_id: str | None = None,
+        *,
+        must_exist: bool = True,
+    ) -> Appended:
         """Read-decide-append, re-reading when another writer got there first."""
+        command = command_id or new_id()  # one id for this command, kept across retries
 
         async def attempt() -> Appended:
-            job = await self.load(cmd.job_id)
+            job, before = await self._history(cmd.job_id, command)
+            if before is not None:
+                return before  # a retry of a command that was stored
             if must_exist and job.version == 0:
                 raise NotFound("job_id", f"no job {cmd.job_id}")
-            return await self._append(job, cmd, actor)
+            return await self._append(job, cmd, actor, command)
 
         return await retry_on_conflict(attempt)
 
-    async def _append(self, job: Job, cmd: JobCommand, actor: str) -> Appended:
+    async def pause(
+        self, job_id: str, actor: str, command_id: str | None = None, reason: str = ""
+    ) -> Appended:
+        return await self.execute(PauseJob(job_id, reason), actor, command_id)
+
+    async def resume(self, job_id: str, actor: str, command_id: str | None = None) -> Appended:
+        """Resume when every host of the job has valid consent now."""
+        command = command_id or new_id()
+
+        async def attempt() -> Appended:
+            job, before = await self._history(job_id, command)
+            if before is not None:
+                return before
+            if job.version == 0:
+                raise NotFound("job_id", f"no job {job_id}")
+            now = self.clock()
+            authorised = frozenset(
+                [host for host in job.hosts if (await self._consent(host)).valid_at(now)]
+            )
+            return await self._append(job, ResumeJob(job_id, authorised), actor, command)
+
+        return await retry_on_conflict(attempt)
+
+    async def _consent(self, host: str) -> Consent:
+        consent = Consent(domain=host)
+        for env in await self.bus.load(subjects.consent_stream_filter(host)):
+            consent = evolve_consent(consent, env.event, env.seq)
+        return consent
+
+    async def _append(self, job: Job, cmd: JobCommand, actor: str, command_id: str) -> Appended:
         meta = Meta(id=new_id(), at=self.clock(), actor=actor)
-        stored = await append_decision(self.bus, job, cmd, meta)
+        stored = await append_decision(self.bus, job, cmd, meta, command_id)
         return stored[-1][1] if stored else Appended(seq=job.version, duplicate=False)
 
 
 async def append_decision(
-    bus: Bus, job: Job, cmd: JobCommand, meta: Meta
+    bus: Bus, job: Job, cmd: JobCommand, meta: Meta, command_id: str
 ) -> list[tuple[TbEvent, Appended]]:
     """Decide, then append each event expecting the job's subjects not to have moved on.
 
@@ -66,10 +144,10 @@ async def append_decision(
     scope = subjects.job_stream_filter(cmd.job_id)
     expected = job.version
     stored: list[tuple[TbEvent, Appended]] = []
-    for event in decide(job, cmd, meta):
+    for n, event in enumerate(decide(job, cmd, meta)):
         appended = await bus.append(
             event,
-            msg_id=subjects.aggregate_msg_id(scope, expected, type(event).__name__),
+            msg_id=subjects.command_msg_id(command_id, n),
             expect=Expect(scope, expected),
         )
         stored.append((event, appended))

@@ -16,8 +16,12 @@ setup:
 up *ARGS: setup
     {{bin}}/tb up {{ARGS}}
 
-# the test suite (real nats-server, real Chromium)
+# the default test suite (real nats-server, real Chromium), without the slow tests
 test *ARGS: setup
+    {{bin}}/python -m pytest -q -m "not slow" {{ARGS}}
+
+# every test, the slow ones too (process kills, long browser runs): what CI runs
+test-all *ARGS: setup
     {{bin}}/python -m pytest -q {{ARGS}}
 
 # ruff, formatting and mypy --strict

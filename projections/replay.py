@@ -31,11 +31,15 @@ TABLES = {
 }
 
 
-async def rebuild(bus: Bus, db_path: Path, *, progress: Progress | None = None) -> int:
-    """Fold the stream up to its current last sequence into a fresh file that then
-    replaces ``db_path``; returns the last applied sequence. ``progress(seq, last)``
-    is called after every batch."""
+async def rebuild(
+    bus: Bus, db_path: Path, *, progress: Progress | None = None, upto: int | None = None
+) -> int:
+    """Fold the stream up to its current last sequence (or ``upto``, if lower) into a
+    fresh file that then replaces ``db_path``; returns the last applied sequence.
+    ``progress(seq, last)`` is called after every batch."""
     target = await bus.last_seq()
+    if upto is not None:
+        target = min(target, upto)
     tmp = db_path.with_name(f"{db_path.name}.rebuild")
     _remove_db_files(tmp)
     db = await open_read_model(tmp)

@@ -53,6 +53,7 @@ __all__ = [
     "Bus",
     "BusConfig",
     "ConcurrencyConflict",
+    "ConsumerSettingsRefused",
     "Expect",
     "applied_by",
     "retry_on_conflict",
@@ -65,6 +66,23 @@ class ConcurrencyConflict(Exception):
     def __init__(self, stream_filter: str, expected: int) -> None:
         super().__init__(f"{stream_filter}: expected last sequence {expected}, it moved on")
         self.stream_filter, self.expected = stream_filter, expected
+
+
+class ConsumerSettingsRefused(Exception):
+    """An existing consumer keeps settings that differ from ours and the server will
+    not update it; ``settings`` names the differing ones (``ack_wait``, ``max_deliver``)."""
+
+    def __init__(
+        self, consumer: str, have: ConsumerConfig, want: ConsumerConfig, reason: str
+    ) -> None:
+        self.consumer, self.reason = consumer, reason
+        self.settings = {
+            name: (getattr(have, name), getattr(want, name))
+            for name in ("ack_wait", "max_deliver")
+            if getattr(have, name) != getattr(want, name)
+        }
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in self.settings.items())
+        super().__init__(f"consumer {consumer}: cannot apply {changes}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -233,9 +251,17 @@ class Bus:
             max_deliver=self.config.max_deliver,
             max_ack_pending=10_000,
         )
-        # exists with other settings (e.g. an older ack wait): keep it working
-        with contextlib.suppress(nats.js.errors.BadRequestError):
+        # create, or update an existing one to this ack wait and max deliver; when the
+        # server cannot (a setting it refuses to change), say which setting was not applied
+        try:
             await self.js.add_consumer(subjects.EVENTS_STREAM, config)
+        except nats.js.errors.NotFoundError:
+            raise  # no stream yet
+        except nats.js.errors.APIError as err:
+            info = await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
+            have = info.config
+            if have.ack_wait != config.ack_wait or have.max_deliver != config.max_deliver:
+                raise ConsumerSettingsRefused(durable, have, config, str(err)) from err
         return durable
 
     # -- writing --------------------------------------------------------------------

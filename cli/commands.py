@@ -1,19 +1,19 @@
-"""One coroutine per process kind: engine, api, runner, demo site, replay."""
+"""One coroutine per process kind: engine, api, runner, demo site."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from cli.logs import announce
-from cli.settings import bus_config_from_env
-from engine.bus import Bus
+from cli.logs import announce, end_progress_line, progress_line
+from cli.settings import bus_config_from_env, open_bind_warning
+from cli.supervise import supervise
+from engine.bus import Bus, ConsumerSettingsRefused
+from schemas import subjects
 
 log = structlog.get_logger("tb.cli")
 
@@ -34,13 +34,38 @@ async def connect_bus(url: str, name: str) -> Bus:
     return bus
 
 
+SETTING_NAMES = {"ack_wait": "TB_ACK_WAIT", "max_deliver": "TB_MAX_DELIVER"}
+
+
+def consumer_settings_message(err: ConsumerSettingsRefused) -> str:
+    """Name the environment settings that an existing consumer refused to take."""
+    changes = ", ".join(
+        f"{SETTING_NAMES.get(name, name)}={new} (it keeps {old})"
+        for name, (old, new) in err.settings.items()
+    )
+    return (
+        f"{changes}: the existing consumer {err.consumer} could not be updated "
+        f"({err.reason}). Remove it while no runner works (`nats consumer rm "
+        f"{subjects.EVENTS_STREAM} {err.consumer}`), or set the setting back."
+    )
+
+
 async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.dispatcher import Dispatcher
 
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
-    work = asyncio.gather(Dispatcher(bus).run(), ExhaustedDeliveries(bus).run())
+
+    async def dispatcher() -> None:
+        await Dispatcher(bus).run()  # a fresh one resumes from its snapshot and the log
+
+    async def exhausted() -> None:
+        await ExhaustedDeliveries(bus).run()
+
+    work = asyncio.gather(
+        supervise("dispatcher", dispatcher), supervise("exhausted-delivery watch", exhausted)
+    )
     on_stop_signals(work.cancel)
     announce("✅ Engine running (dispatcher, exhausted-delivery watch)")
     try:
@@ -57,6 +82,9 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     from api.app import create_app
     from api.services import ApiConfig
 
+    warning = open_bind_warning(host, port)  # only reached with AUTH_ENABLED=false
+    if warning:
+        announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     app = create_app(ApiConfig(nats_url=nats_url, db_path=db_path, bus=bus_config_from_env()))
     server = uvicorn.Server(
@@ -81,24 +109,40 @@ async def run_runner(
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
+    from engine.ids import short_id
     from schemas import VERSION
     from schemas.values import Platform
 
     if api_url:
         announce(f"[INFO] Connecting to Backend: {api_url}")
     bus = await connect_bus(nats_url, "tb-runner")
-    executor: FlowExecutor
-    if executor_kind == "noop":
-        executor = NoopExecutor()
-    else:
-        executor = PlaywrightExecutor(VERSION, headless=headless, screenshot_dir=screenshot_dir)
     platform = Platform(os=os_name, browser=browser)  # type: ignore[arg-type]
-    runner = Runner(bus, executor, platform=platform, slots=slots, announce=announce)
-    if runner_id:
-        runner.runner_id = runner_id
-    on_stop_signals(runner.stop)
+    name = runner_id or short_id("runner")
+    stopping = asyncio.Event()
+    current: Runner | None = None
+
+    def executor() -> FlowExecutor:
+        if executor_kind == "noop":
+            return NoopExecutor()
+        return PlaywrightExecutor(VERSION, headless=headless, screenshot_dir=screenshot_dir)
+
+    async def run_once() -> None:
+        nonlocal current
+        # a fresh runner and browser under the same id: work it held is redelivered
+        current = Runner(bus, executor(), platform=platform, slots=slots, announce=announce)
+        current.runner_id = name
+        if stopping.is_set():
+            return
+        await current.run()
+
+    def stop() -> None:
+        stopping.set()
+        if current is not None:
+            current.stop()
+
+    on_stop_signals(stop)
     try:
-        await runner.run()
+        await supervise(f"runner {name}", run_once, stopping=stopping)
     finally:
         await bus.close()
 
@@ -108,31 +152,6 @@ async def run_demo_site(host: str, port: int, token_file: Path) -> None:
 
     announce(f"✅ Demo site on http://{host}:{port}/")
     await serve_demo_site(host, port, token_file)
-
-
-async def run_replay(nats_url: str, db_path: Path, verify: bool) -> int:
-    from projections.replay import dump_tables, rebuild
-
-    bus = await connect_bus(nats_url, "tb-replay")
-    try:
-        total = await bus.last_seq()
-        bar = ProgressBar("replay", total)
-        if verify:
-            scratch = db_path.with_suffix(".verify.db")
-            await rebuild(bus, scratch, progress=bar.update)
-            bar.finish()
-            same = db_path.exists() and await dump_tables(scratch) == await dump_tables(db_path)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(f"{scratch}{suffix}").unlink()
-            print("read model matches the event log" if same else "read model DIFFERS from the log")
-            return 0 if same else 1
-        last = await rebuild(bus, db_path, progress=bar.update)
-        bar.finish()
-        print(f"rebuilt {db_path} from the event log up to sequence {last}")
-        return 0
-    finally:
-        await bus.close()
 
 
 class ProgressBar:
@@ -148,14 +167,12 @@ class ProgressBar:
         frac = min(1.0, done / self.total) if self.total else 1.0
         filled = int(frac * self.width)
         line = (
-            f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
             f"{done}/{self.total} {suffix}"
         )
         if line != self._last:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            progress_line(line)
             self._last = line
 
     def finish(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        end_progress_line()

@@ -18,7 +18,10 @@ def configure_logging(level: str | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.dev.ConsoleRenderer(colors=False),
+            # plain tracebacks: one screen per crash, and no local variables in the log
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -26,6 +29,29 @@ def configure_logging(level: str | None = None) -> None:
     )
 
 
+_open_line = False  # a progress line without its newline is on the terminal
+
+
 def announce(line: str) -> None:
     """Human-facing milestone lines (registration, connection) on stderr."""
+    global _open_line
+    if _open_line:
+        sys.stderr.write("\n")  # below the progress bar, not glued to it
+        _open_line = False
     print(line, file=sys.stderr, flush=True)
+
+
+def progress_line(text: str) -> None:
+    """Redraw the current line (a progress bar); the next ``announce`` starts a new one."""
+    global _open_line
+    sys.stderr.write(f"\r{text}")
+    sys.stderr.flush()
+    _open_line = True
+
+
+def end_progress_line() -> None:
+    global _open_line
+    if _open_line:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+        _open_line = False

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cli.logs import configure_logging
+from cli.settings import bind_refusal
 
 
 def _port(raw: str) -> int:
@@ -31,6 +32,16 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {raw!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def _nats_url(raw: str) -> str:
     if not raw.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise argparse.ArgumentTypeError(f"must be a URL like nats://127.0.0.1:4222 (got {raw!r})")
@@ -42,11 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="start the whole system on embedded defaults, with a demo")
-    p.add_argument("--host", default="127.0.0.1", help="API and dashboard address")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="API and dashboard address (beyond loopback only with AUTH_ENABLED=false)",
+    )
     p.add_argument("--port", type=_port, default=8000, help="API and dashboard port")
     p.add_argument("--nats-port", type=_port, default=4222)
     p.add_argument("--state-dir", type=Path, default=Path(".tb"))
-    p.add_argument("--runners", type=_positive, default=1, help="local runner agents")
+    p.add_argument(
+        "--runners",
+        type=_count,
+        default=1,
+        help="local runner agents (0: wait for runners started elsewhere)",
+    )
     p.add_argument("--slots", type=_positive, default=2, help="concurrent flows per runner")
     p.add_argument("--no-demo", action="store_true", help="skip the demo site and demo job")
     p.add_argument("--demo-port", type=_port, default=None, help="default: --port + 1")
@@ -60,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("api", help="run the projector, API and dashboard")
     p.add_argument("--nats-url", type=_nats_url, required=True)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="beyond loopback only with AUTH_ENABLED=false"
+    )
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--db", type=Path, default=Path(".tb/read.db"), help="SQLite read model")
 
@@ -93,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command in ("up", "api") and (refusal := bind_refusal(args.host)):
+        print(f"tb {args.command}: error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     configure_logging()
     try:
         code = asyncio.run(_dispatch(args))
@@ -141,10 +166,22 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "demo-site":
             await commands.run_demo_site(args.host, args.port, args.token_file)
         case "replay":
-            url = args.nats_url or f"nats://127.0.0.1:{args.nats_port}"
-            return await commands.run_replay(
-                url, args.db or args.state_dir / "read.db", args.verify
-            )
+            from cli.event_store import Unreachable, event_store
+            from cli.replay import rebuild_read_model, verify_read_model
+            from cli.state_dir import StateDir
+
+            state = StateDir(args.state_dir)
+            db = args.db or state.read_db
+            try:
+                async with event_store(
+                    state, nats_url=args.nats_url, nats_port=args.nats_port, name="tb-replay"
+                ) as bus:
+                    if args.verify:
+                        return await verify_read_model(bus, db)
+                    return await rebuild_read_model(bus, db)
+            except Unreachable as err:
+                print(f"tb replay: {err}", file=sys.stderr)
+                return 1
         case "schema":
             from schemas.events import event_schema
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 from engine.bus import BusConfig
@@ -43,4 +44,47 @@ def bus_config_from_env() -> BusConfig:
         ack_wait=_float("TB_ACK_WAIT", default.ack_wait),
         presence_ttl=_float("TB_PRESENCE_TTL", default.presence_ttl),
         max_deliver=_int("TB_MAX_DELIVER", default.max_deliver),
+    )
+
+
+def auth_disabled_explicitly() -> bool:
+    """AUTH_ENABLED=false (or 0/no/off): the operator accepts an API without login."""
+    return os.environ.get("AUTH_ENABLED", "").strip().lower() in ("false", "0", "no", "off")
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1; anything else (0.0.0.0, '', a name) reaches further."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(host: str, flag: str = "--host") -> str | None:
+    """Why ``host`` may not be bound, or None when it may.
+
+    Until users and roles exist, nothing authenticates a request: binding beyond
+    loopback hands the API, and with it browser traffic from this machine, to anyone
+    who reaches the port.
+    """
+    if is_loopback(host) or auth_disabled_explicitly():
+        return None
+    return (
+        f"{flag} {host!r}: refused: there is no authentication yet (no users or roles), so "
+        f"anyone who reaches the port could create jobs and run browser traffic from this "
+        f"machine. Bind to loopback (127.0.0.1, ::1, localhost), or set AUTH_ENABLED=false "
+        f"to serve {host!r} without login anyway."
+    )
+
+
+def open_bind_warning(host: str, port: int) -> str | None:
+    """The one warning printed when AUTH_ENABLED=false opens the API beyond loopback."""
+    if is_loopback(host):
+        return None
+    return (
+        f"WARNING: AUTH_ENABLED=false and --host {host!r}: the API on port {port} has no "
+        f"login; anyone who reaches it can create jobs and run browser traffic"
     )

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cli.commands import ProgressBar
+from cli.commands import ProgressBar, consumer_settings_message
 from cli.http import call
 from cli.logs import announce
-from cli.nats_server import port_is_open, start_nats_server
-from cli.settings import bus_config_from_env
-from engine.bus import Bus
+from cli.nats_server import nats_server_args, port_is_open, wait_for_port
+from cli.settings import bus_config_from_env, is_loopback, open_bind_warning
+from cli.state_dir import StateDir, StateDirBusy
+from cli.supervise import Backoff
+from engine.bus import Bus, ConsumerSettingsRefused
 from schemas import subjects
 from schemas.events import FlowDone
 
@@ -44,56 +48,125 @@ class UpOptions:
 
 @dataclass
 class Child:
+    """One process of the tree; ``proc`` is its current incarnation."""
+
     name: str
-    proc: asyncio.subprocess.Process
-    log: IO[bytes]
+    argv: list[str]
+    log_path: Path
+    last: bool = False  # stopped after the others (nats-server: they need it to stop cleanly)
+    proc: asyncio.subprocess.Process | None = None
+    log: IO[bytes] | None = None
+    started_at: float = 0.0
+    exits: int = 0  # exits since `tb up` started, restarts included
+    backoff: Backoff = field(default_factory=Backoff)
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
 
 
 @dataclass
 class ProcessTree:
-    state_dir: Path
+    """Starts the children and keeps them running: a child that exits is restarted with
+    capped, jittered back-off (DESIGN §1.8) until ``stop()``. Each child's pid is in
+    ``<state-dir>/pids/<name>.pid``, its output in ``<state-dir>/logs/<name>.log``."""
+
+    state: StateDir
+    announce: Callable[[str], None] = announce
+    backoff: Callable[[], Backoff] = Backoff  # one per child
     children: list[Child] = field(default_factory=list)
+    _watchers: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: bool = False
 
     async def spawn(self, name: str, *args: str) -> Child:
-        logs = self.state_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cli.main",
-            *args,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,  # Ctrl-C reaches us once; we stop children in order
-        )
-        child = Child(name, proc, out)
+        """A ``tb <args>`` child."""
+        return await self.spawn_exec(name, [sys.executable, "-m", "cli.main", *args])
+
+    async def spawn_exec(self, name: str, argv: list[str], *, last: bool = False) -> Child:
+        self.state.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.state.logs / f"{name}.log"
+        child = Child(name, argv, log_path, last=last, backoff=self.backoff())
+        await self._start(child)
         self.children.append(child)
+        self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch-{name}"))
         return child
 
-    async def first_exit(self) -> Child:
-        waits = {asyncio.create_task(c.proc.wait()): c for c in self.children}
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        return waits[next(iter(done))]
+    async def _start(self, child: Child) -> None:
+        out = open(child.log_path, "ab")  # noqa: SIM115 - closed when the process exits
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *child.argv,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # Ctrl-C reaches us once; we stop children in order
+            )
+        except BaseException:
+            out.close()
+            raise
+        child.proc, child.log, child.started_at = proc, out, time.monotonic()
+        self.state.write_pid(child.name, proc.pid)
+
+    async def _watch(self, child: Child) -> None:
+        """Restart ``child`` whenever it exits, until the tree stops."""
+        while True:
+            assert child.proc is not None
+            code = await child.proc.wait()
+            if child.log is not None:
+                child.log.close()
+            if self._stopping:
+                return
+            child.exits += 1
+            child.backoff.ran_for(time.monotonic() - child.started_at)
+            first = child.backoff.new_episode
+            delay = child.backoff.next_delay()
+            line = (
+                f"{child.name} exited with {code}; restarting in {delay:.1f}s "
+                f"(restart {child.backoff.restarts})"
+            )
+            if first:
+                line += f"; see {child.log_path}"
+            elif child.backoff.capped:
+                line += f"; it keeps crashing, see {child.log_path}"
+            self.announce(line)
+            await asyncio.sleep(delay)
+            while True:
+                try:
+                    await self._start(child)
+                    break
+                except OSError as err:
+                    delay = child.backoff.next_delay()
+                    self.announce(f"{child.name} could not start ({err}); retrying in {delay:.1f}s")
+                    await asyncio.sleep(delay)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to every child at once (each stops cleanly on its own), SIGKILL after grace."""
-        for child in self.children:
-            if child.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
-        await asyncio.gather(*(self._reap(child, grace) for child in self.children))
+        """No more restarts; SIGTERM to every child at once (each stops cleanly on its
+        own), then to the ``last`` ones; SIGKILL after ``grace``."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        for wave in (
+            [c for c in self.children if not c.last],
+            [c for c in self.children if c.last],
+        ):
+            for child in wave:
+                if child.proc is not None and child.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.send_signal(signal.SIGTERM)
+            await asyncio.gather(*(self._reap(child, grace) for child in wave))
 
     async def _reap(self, child: Child, grace: float) -> None:
+        if child.proc is None:
+            return
         try:
             await asyncio.wait_for(child.proc.wait(), grace)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.kill()
             await child.proc.wait()
-        child.log.close()
+        if child.log is not None:
+            child.log.close()
+        self.state.remove_pid(child.name)
 
 
 def _check_ports(options: UpOptions, demo_port: int) -> None:
@@ -110,37 +183,37 @@ def _check_ports(options: UpOptions, demo_port: int) -> None:
 
 
 async def up(options: UpOptions) -> int:
-    """Start everything, run the demo, serve until Ctrl-C/SIGTERM or a child dies."""
-    state = options.state_dir.resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    """Start everything, run the demo, serve until Ctrl-C/SIGTERM (children that exit
+    are restarted, see ``ProcessTree``)."""
+    state = StateDir(options.state_dir.resolve())
     demo_port = options.demo_port or options.port + 1
-    _check_ports(options, demo_port)
+    try:
+        with state.owned():
+            _check_ports(options, demo_port)
+            return await _serve(options, state, demo_port)
+    except StateDirBusy as err:
+        raise SystemExit(f"{err}: stop that `tb up` first, or choose another --state-dir") from None
+
+
+async def _serve(options: UpOptions, state: StateDir, demo_port: int) -> int:
     started = time.monotonic()
-    (state / "logs").mkdir(exist_ok=True)
-    nats = await start_nats_server(
-        options.nats_port, state / "jetstream", log_file=state / "logs" / "nats.log"
-    )
+    warning = open_bind_warning(options.host, options.port)
+    if warning:
+        announce(warning)
     system = System(options, state, demo_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    session = asyncio.create_task(system.session(started))
+    stopping = asyncio.create_task(stop.wait())
+    pending: set[asyncio.Task[Any]] = {session, stopping}
+    code = 0
     try:
-        await system.start_processes()
-        session = asyncio.create_task(system.session(started))
-        stopping = asyncio.create_task(stop.wait())
-        dying = asyncio.create_task(system.tree.first_exit())
-        pending: set[asyncio.Task[Any]] = {session, stopping, dying}
-        code = 0
         while True:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if stopping in done:
                 code = code if session.done() else 130
-                break
-            if dying in done:
-                child = dying.result()
-                announce(f"{child.name} exited with {child.proc.returncode}; stopping (see logs)")
-                code = 1
                 break
             if session in done:
                 try:
@@ -152,19 +225,13 @@ async def up(options: UpOptions) -> int:
                 if options.exit_when_done:
                     break
                 announce("Press Ctrl-C to stop.")
+        return code
+    finally:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        return code
-    finally:
         announce("Stopping…")
         await system.close()
-        if nats.returncode is None:
-            nats.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(nats.wait(), 10)
-            except TimeoutError:
-                nats.kill()
         announce("Stopped.")
 
 
@@ -173,7 +240,7 @@ class System:
     """The embedded process tree and what `tb up` does with it."""
 
     options: UpOptions
-    state: Path
+    state: StateDir
     demo_port: int
     tree: ProcessTree = field(init=False)
     bus: Bus | None = None
@@ -181,24 +248,35 @@ class System:
     def __post_init__(self) -> None:
         self.tree = ProcessTree(self.state)
         self.nats_url = f"nats://127.0.0.1:{self.options.nats_port}"
-        host = self.options.host
-        self.api_url = (
-            f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.options.port}"
-        )
+        self.api_url = f"http://{_client_host(self.options.host)}:{self.options.port}"
         self.demo_url = f"http://{DEMO_HOST}:{self.demo_port}"
-        self.token_file = self.state / "demo" / "trafficbuster.txt"
+        self.token_file = self.state.root / "demo" / "trafficbuster.txt"
 
     async def start_processes(self) -> None:
         o = self.options
+        await self.tree.spawn_exec(
+            "nats-server", nats_server_args(o.nats_port, self.state.store), last=True
+        )
+        try:
+            await wait_for_port("127.0.0.1", o.nats_port)
+        except TimeoutError:
+            raise StartupFailed(
+                f"nats-server did not listen on port {o.nats_port}; "
+                f"see {self.state.logs / 'nats-server.log'}"
+            ) from None
+        self.state.nats_url_file.write_text(self.nats_url + "\n", encoding="utf-8")
         self.bus = await Bus.connect(self.nats_url, name="tb-up", config=bus_config_from_env())
         await self.bus.provision()
-        await self.bus.ensure_dispatch_consumer("linux", "chromium")
+        try:
+            await self.bus.ensure_dispatch_consumer("linux", "chromium")
+        except ConsumerSettingsRefused as err:
+            raise StartupFailed(consumer_settings_message(err)) from None
         nats = ("--nats-url", self.nats_url)
         await self.tree.spawn("engine", "engine", *nats)
-        db = str(self.state / "read.db")
         await self.tree.spawn(
-            "api", "api", *nats, "--host", o.host, "--port", str(o.port), "--db", db
-        )
+            "api", "api", *nats, "--host", o.host, "--port", str(o.port),
+            "--db", str(self.state.read_db),
+        )  # fmt: skip
         if o.demo:
             self.token_file.parent.mkdir(parents=True, exist_ok=True)
             await self.tree.spawn(
@@ -209,18 +287,27 @@ class System:
             await self.tree.spawn(
                 f"runner-{n + 1}", "runner", *nats, "--api", self.api_url,
                 "--slots", str(o.slots), "--executor", o.executor,
-                "--screenshot-dir", str(self.state / "screenshots"),
+                "--screenshot-dir", str(self.state.root / "screenshots"),
             )  # fmt: skip
 
     async def session(self, started: float) -> int:
-        """Wait for readiness, print where everything is, run the demo (0 = all good)."""
-        await _until_ready(self.api_url, self.tree, timeout=90)
+        """Start, wait for readiness, print where everything is, run the demo (0 = all good)."""
+        await self.start_processes()
+        external = self.options.runners == 0
+        await _until_ready(self.api_url, self.tree, timeout=90, without_runner=external)
         announce(f"TrafficBuster is up in {time.monotonic() - started:.1f}s")
         announce(f"  dashboard  {self.api_url}/")
         announce(f"  API docs   {self.api_url}/schema")
         announce(f"  NATS       {self.nats_url}  (e.g. nats sub 'tb.>' -s {self.nats_url})")
-        announce(f"  logs       {self.state / 'logs'}")
-        announce("  login      none yet: the embedded mode listens on loopback only")
+        announce(f"  logs       {self.state.logs}")
+        announce(f"  login      {login_note(self.options.host, self.options.port)}")
+        if external:
+            announce(
+                "waiting for a runner to register: start one with "
+                f"`tb runner --nats-url {self.nats_url}`"
+            )
+            await _until_ready(self.api_url, self.tree, timeout=None)
+            announce("a runner registered: the system is ready")
         if not self.options.demo or self.bus is None:
             return 0
         ok = await run_demo(self.api_url, self.demo_url, self.token_file, self.bus, self.options)
@@ -230,36 +317,67 @@ class System:
         if self.bus is not None:
             await self.bus.close()
         await self.tree.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.state.nats_url_file.unlink()
 
 
-async def _until_ready(api_url: str, tree: ProcessTree, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def login_note(host: str, port: int) -> str:
+    if is_loopback(host):
+        return "none yet: the embedded mode listens on loopback only"
+    return f"none: AUTH_ENABLED=false, anyone who reaches {host} port {port} can use the API"
+
+
+def _client_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+STARTUP_EXITS = 3  # a child that exits this often before the system is ready is broken
+
+
+async def _until_ready(
+    api_url: str, tree: ProcessTree, timeout: float | None, *, without_runner: bool = False
+) -> None:
+    """Until /readyz answers 200 (or only a runner is missing, with ``without_runner``);
+    ``StartupFailed`` after ``timeout`` or when a child keeps exiting."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     last: Any = None
-    while time.monotonic() < deadline:
+    while deadline is None or time.monotonic() < deadline:
         for child in tree.children:
-            if child.proc.returncode is not None:
+            if child.exits >= STARTUP_EXITS:
                 raise StartupFailed(
-                    f"{child.name} exited with {child.proc.returncode} during start-up; "
-                    f"see {tree.state_dir / 'logs' / (child.name + '.log')}"
+                    f"{child.name} exited {child.exits} times during start-up "
+                    f"(last with {child.returncode}); see {child.log_path}"
                 )
         with contextlib.suppress(OSError):
             status, body = await call("GET", f"{api_url}/readyz", timeout=2)
             if status == 200:
+                return
+            if without_runner and isinstance(body, dict) and body.get("missing") == ["runner"]:
                 return
             last = body
         await asyncio.sleep(0.25)
     raise StartupFailed(f"not ready after {timeout:.0f}s: {last}")
 
 
-async def run_demo(
-    api_url: str, demo_url: str, token_file: Path, bus: Bus, options: UpOptions
-) -> bool:
-    """Prove consent through the real path, run a job of 20+ flows, show progress."""
+async def _demo_consent(api_url: str, demo_url: str, token_file: Path) -> bool:
+    """Claim the demo host (or find it verified by an earlier run) and verify it through
+    the well-known path the demo site serves from ``token_file``."""
     status, claimed = await call("POST", f"{api_url}/api/v1/consents", {"domain": DEMO_HOST})
-    if status != 201:
+    if status == 201:
+        token_file.write_text(claimed["token"] + "\n", encoding="utf-8")
+    elif status == 409 and "verified" in json.dumps(claimed):
+        # an earlier run on this state dir verified it: re-verify with the token it stored
+        if not token_file.exists():
+            announce(f"demo: {DEMO_HOST} is verified but {token_file} is gone: {claimed}")
+            return False
+    else:
         announce(f"demo: claim failed: {claimed}")
         return False
-    token_file.write_text(claimed["token"] + "\n", encoding="utf-8")
     status, verified = await call(
         "POST", f"{api_url}/api/v1/consents/{DEMO_HOST}/verify", {"base_url": demo_url}
     )
@@ -267,6 +385,15 @@ async def run_demo(
         announce(f"demo: verification failed: {verified}")
         return False
     announce(f"demo: consent for {DEMO_HOST} verified via {verified['evidence']}")
+    return True
+
+
+async def run_demo(
+    api_url: str, demo_url: str, token_file: Path, bus: Bus, options: UpOptions
+) -> bool:
+    """Prove consent through the real path, run a job of 20+ flows, show progress."""
+    if not await _demo_consent(api_url, demo_url, token_file):
+        return False
     job = {
         "name": "demo: browse the bundled shop",
         "targets": [
@@ -274,7 +401,11 @@ async def run_demo(
             {"url": f"{demo_url}/products", "flows": 6, "clicks": 2},
             {"url": f"{demo_url}/about", "flows": 6, "clicks": 1},
         ],
-        "settings": {"instance_count": options.runners * options.slots, "session_seconds": 1.0},
+        "settings": {
+            # with --runners 0 the runner that registered has at least --slots slots
+            "instance_count": max(options.runners, 1) * options.slots,
+            "session_seconds": 1.0,
+        },
     }
     status, created = await call("POST", f"{api_url}/api/v1/jobs", job)
     if status != 201:
@@ -286,12 +417,15 @@ async def run_demo(
     view: Any = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status, view = await call("GET", f"{api_url}/api/v1/jobs/{job_id}?min_seq={created['seq']}")
-        if status == 200:
-            finished = view["flows_done"] + view["flows_failed"]
-            bar.update(finished, view["flows_total"] or 20, view["status"])
-            if view["status"] in TERMINAL:
-                break
+        with contextlib.suppress(OSError):  # the API may be restarting: ask again
+            status, view = await call(
+                "GET", f"{api_url}/api/v1/jobs/{job_id}?min_seq={created['seq']}"
+            )
+            if status == 200:
+                finished = view["flows_done"] + view["flows_failed"]
+                bar.update(finished, view["flows_total"] or 20, view["status"])
+                if view["status"] in TERMINAL:
+                    break
         await asyncio.sleep(0.5)
     bar.finish()
     if not view or view.get("status") != "completed":

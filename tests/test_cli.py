@@ -155,6 +155,9 @@ async def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
             assert line, "".join(lines)
             lines.append(line.decode())
     assert port_is_open("127.0.0.1", port) and port_is_open("127.0.0.1", nats_port)
+    pids = {p.stem: int(p.read_text()) for p in (tmp_path / "tb" / "pids").glob("*.pid")}
+    assert sorted(pids) == ["api", "engine", "nats-server", "runner-1"]
+    assert b"nats-server" in Path(f"/proc/{pids['nats-server']}/cmdline").read_bytes()
     proc.send_signal(signal.SIGTERM)
     rest, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, "".join(lines) + rest.decode()
@@ -164,6 +167,7 @@ async def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
         ["pgrep", "-f", "--", rf"(--nats-port |:){nats_port}\b"], capture_output=True, text=True
     ).stdout.split()
     assert leftovers == []
+    assert not list((tmp_path / "tb" / "pids").glob("*.pid"))
 
 
 def test_up_refuses_a_port_in_use_naming_the_flag(tmp_path: Path) -> None:

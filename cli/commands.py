@@ -34,6 +34,7 @@ async def connect_bus(url: str, name: str) -> Bus:
     return bus
 
 
+STOP_GRACE = 5.0  # seconds a component gets to stop before its connection is closed
 SETTING_NAMES = {"ack_wait": "TB_ACK_WAIT", "max_deliver": "TB_MAX_DELIVER"}
 
 
@@ -63,17 +64,32 @@ async def run_engine(nats_url: str) -> None:
     async def exhausted() -> None:
         await ExhaustedDeliveries(bus).run()
 
-    work = asyncio.gather(
-        supervise("dispatcher", dispatcher), supervise("exhausted-delivery watch", exhausted)
-    )
-    on_stop_signals(work.cancel)
+    stopping = asyncio.Event()
+    components = [
+        asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
+        for name, run in (("dispatcher", dispatcher), ("exhausted-delivery watch", exhausted))
+    ]
+
+    def stop() -> None:
+        stopping.set()
+        for task in components:
+            task.cancel()
+
+    on_stop_signals(stop)
     announce("✅ Engine running (dispatcher, exhausted-delivery watch)")
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
-        await work
-    except asyncio.CancelledError:
-        pass
+        # components end only when stopped (or on SystemExit)
+        await asyncio.wait([*components, stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stop()
+        stopped.cancel()
+        _, stuck = await asyncio.wait(components, timeout=STOP_GRACE)
+        # Python 3.11's wait_for can swallow a cancel (inside nats-py's fetch): such a
+        # component sees it only when its connection closes, and then stops
         await bus.close()
+        if stuck:
+            await asyncio.wait(stuck, timeout=STOP_GRACE)
 
 
 async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:

@@ -74,15 +74,22 @@ async def start_nats_server_on_any_port(
     )  # fmt: skip
     ports_file = ports_dir / f"nats-server_{proc.pid}.ports"
     deadline = time.monotonic() + timeout
-    while not ports_file.exists():
+    while (url := _reported_url(ports_file)) is None:
         if proc.returncode is not None or time.monotonic() > deadline:
             proc.kill()
             raise TimeoutError(f"nats-server did not report its port within {timeout}s")
         await asyncio.sleep(0.02)
-    url = json.loads(ports_file.read_text())["nats"][0]
     port = int(url.rsplit(":", 1)[1])
     await wait_for_port(host, port, timeout)
     return proc, port
+
+
+def _reported_url(ports_file: Path) -> str | None:
+    """The client URL from the server's ports file, once it is written in full."""
+    try:
+        return str(json.loads(ports_file.read_text())["nats"][0])
+    except (FileNotFoundError, ValueError, KeyError, IndexError):
+        return None  # not there yet, or caught half-written
 
 
 async def start_nats_server(

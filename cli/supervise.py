@@ -84,6 +84,9 @@ async def supervise(
             await run()
             return
         except Exception as err:
+            if _being_cancelled():
+                # a library turned our cancel into another error: stop, don't restart
+                raise asyncio.CancelledError() from err
             backoff.ran_for(clock() - started)
             first = backoff.new_episode
             delay = backoff.next_delay()
@@ -98,8 +101,15 @@ async def supervise(
                 log.warning(
                     "component.crashed_again", error=repr(err), capped=backoff.capped, **fields
                 )
+        # asyncio.wait, not a timeout scope: a cancel that lands as the deadline
+        # passes is never mistaken for the deadline (Python 3.11 timeouts can)
+        waiter = asyncio.ensure_future(stopping.wait())
         try:
-            async with asyncio.timeout(delay):
-                await stopping.wait()
-        except TimeoutError:
-            pass
+            await asyncio.wait([waiter], timeout=delay)
+        finally:
+            waiter.cancel()
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -274,6 +274,24 @@ async def test_supervise_passes_cancellation_through_and_stops_waiting_when_aske
     with pytest.raises(asyncio.CancelledError):
         await task
 
+    swallowed = asyncio.Event()
+    runs: list[int] = []
+
+    async def swallows_its_cancel() -> None:
+        runs.append(1)
+        try:
+            swallowed.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ConnectionError("closed") from None  # what a library may turn it into
+
+    task = asyncio.create_task(supervise("swallower", swallows_its_cancel))
+    await asyncio.wait_for(swallowed.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert runs == [1]  # stopped, not restarted
+
     stopping = asyncio.Event()
 
     async def crash() -> None:

@@ -125,8 +125,8 @@ async def run_runner(
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
-    from engine.ids import short_id
     from schemas import VERSION
+    from schemas.ids import short_id
     from schemas.values import Platform
 
     if api_url:

@@ -6,10 +6,15 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.logs import configure_logging
 from cli.settings import bind_refusal
+
+if TYPE_CHECKING:
+    from engine.bus import Bus
 
 
 def _port(raw: str) -> int:
@@ -109,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=Path, default=None, help="default: <state-dir>/read.db")
     p.add_argument("--verify", action="store_true", help="compare instead of replacing")
 
+    p = sub.add_parser(
+        "quarantine", help="list messages readers set aside (running or stopped system)"
+    )
+    p.add_argument("--state-dir", type=Path, default=Path(".tb"))
+    p.add_argument("--nats-port", type=_port, default=4222)
+    p.add_argument("--nats-url", type=_nats_url, default=None, help="overrides --nats-port")
+    p.add_argument("--after", type=_count, default=0, help="continue after this record")
+    p.add_argument("--limit", type=_positive, default=100)
+
     sub.add_parser("schema", help="print the JSON Schema of every event")
     return parser
 
@@ -166,27 +180,46 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "demo-site":
             await commands.run_demo_site(args.host, args.port, args.token_file)
         case "replay":
-            from cli.event_store import Unreachable, event_store
             from cli.replay import rebuild_read_model, verify_read_model
-            from cli.state_dir import StateDir
 
-            state = StateDir(args.state_dir)
-            db = args.db or state.read_db
-            try:
-                async with event_store(
-                    state, nats_url=args.nats_url, nats_port=args.nats_port, name="tb-replay"
-                ) as bus:
-                    if args.verify:
-                        return await verify_read_model(bus, db)
-                    return await rebuild_read_model(bus, db)
-            except Unreachable as err:
-                print(f"tb replay: {err}", file=sys.stderr)
-                return 1
+            db = args.db or args.state_dir / "read.db"
+            if args.verify:
+                return await _on_event_log(args, "replay", lambda bus: verify_read_model(bus, db))
+            return await _on_event_log(args, "replay", lambda bus: rebuild_read_model(bus, db))
+        case "quarantine":
+            from cli.quarantine import show_quarantined
+
+            return await _on_event_log(
+                args,
+                "quarantine",
+                lambda bus: show_quarantined(bus, after=args.after, limit=args.limit),
+            )
         case "schema":
             from schemas.events import event_schema
 
             print(json.dumps(event_schema(), indent=2))
     return 0
+
+
+async def _on_event_log(
+    args: argparse.Namespace, command: str, action: Callable[[Bus], Awaitable[int]]
+) -> int:
+    """Run ``action`` on the event log of --state-dir: the running system's, or the
+    stopped system's store served for the occasion."""
+    from cli.event_store import Unreachable, event_store
+    from cli.state_dir import StateDir
+
+    try:
+        async with event_store(
+            StateDir(args.state_dir),
+            nats_url=args.nats_url,
+            nats_port=args.nats_port,
+            name=f"tb-{command}",
+        ) as bus:
+            return await action(bus)
+    except Unreachable as err:
+        print(f"tb {command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

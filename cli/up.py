@@ -23,9 +23,9 @@ from cli.supervise import Backoff
 from engine.bus import Bus, ConsumerSettingsRefused
 from schemas import subjects
 from schemas.events import FlowDone
+from schemas.values import TERMINAL_JOB_STATUSES
 
 DEMO_HOST = "127.0.0.1"
-TERMINAL = {"completed", "failed", "cancelled", "refused"}
 
 
 class StartupFailed(Exception):
@@ -424,7 +424,7 @@ async def run_demo(
             if status == 200:
                 finished = view["flows_done"] + view["flows_failed"]
                 bar.update(finished, view["flows_total"] or 20, view["status"])
-                if view["status"] in TERMINAL:
+                if view["status"] in TERMINAL_JOB_STATUSES:
                     break
         await asyncio.sleep(0.5)
     bar.finish()

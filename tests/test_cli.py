@@ -705,3 +705,32 @@ async def test_a_second_up_on_the_same_state_dir_runs_the_demo_again(tmp_path: P
         async with stopped_on_exit(up):
             assert await up.finish(180) == 0, f"run {run}:\n{up.text}"
         assert "every flow counted exactly once" in up.text, f"run {run}:\n{up.text}"
+
+
+# -- quarantine -----------------------------------------------------------------------
+
+
+async def test_quarantine_lists_a_garbage_flow_message_once_a_reader_has_met_it(
+    bus: object, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from engine.bus import Bus
+    from schemas import subjects
+
+    assert isinstance(bus, Bus)
+    subject = subjects.flow_subject("job_garbage", "FlowDone")
+    garbage = b"\x00\xff{not json at all" + b"x" * 100
+    ack = await bus.js.publish(subject, garbage)
+    online = ("--nats-url", nats_server.url)
+    before = await tb_cli("quarantine", *online)
+    assert before.returncode == 0, before.stderr
+    assert "no quarantined messages" in before.stdout  # nobody has read it yet
+    replay = await tb_cli("replay", *online, "--db", str(tmp_path / "read.db"))
+    assert replay.returncode == 0, replay.stderr
+    for args in (online, ("--state-dir", str(tmp_path), "--nats-port", str(free_port()))):
+        listed = await tb_cli("quarantine", *args)
+        assert listed.returncode == 0, listed.stderr
+        assert f"TB {ack.seq}  {subject}" in listed.stdout
+        assert "reason: " in listed.stdout
+        assert f"raw:    {len(garbage)} bytes: \\x00\\xff{{not json at all" in listed.stdout
+        await nats_server.kill()  # the second round reads the stopped system's store
+    assert "The system is stopped" in listed.stderr

@@ -46,9 +46,12 @@ def nats_server_args(port: int, store_dir: Path, host: str = "127.0.0.1") -> lis
 
 
 def port_is_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
+    """Something accepts connections on host:port (IPv4 or IPv6)."""
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

@@ -177,7 +177,7 @@ def _check_ports(options: UpOptions, demo_port: int) -> None:
     if options.demo:
         wanted.append(("--demo-port", DEMO_HOST, demo_port))
     for flag, host, port in wanted:
-        probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        probe = _client_host(host)
         if port_is_open(probe, port):
             raise SystemExit(f"{flag} {port}: already in use on {probe}; choose another port")
 
@@ -310,7 +310,13 @@ class System:
             announce("a runner registered: the system is ready")
         if not self.options.demo or self.bus is None:
             return 0
-        ok = await run_demo(self.api_url, self.demo_url, self.token_file, self.bus, self.options)
+        try:
+            ok = await run_demo(
+                self.api_url, self.demo_url, self.token_file, self.bus, self.options
+            )
+        except OSError as err:  # the API went away mid-demo (it is being restarted)
+            announce(f"demo: the API did not answer: {err}")
+            return 1
         return 0 if ok else 1
 
     async def close(self) -> None:
@@ -365,22 +371,26 @@ async def _until_ready(
 
 
 async def _demo_consent(api_url: str, demo_url: str, token_file: Path) -> bool:
-    """Claim the demo host (or find it verified by an earlier run) and verify it through
-    the well-known path the demo site serves from ``token_file``."""
-    status, claimed = await call("POST", f"{api_url}/api/v1/consents", {"domain": DEMO_HOST})
-    if status == 201:
-        token_file.write_text(claimed["token"] + "\n", encoding="utf-8")
-    elif status == 409 and "verified" in json.dumps(claimed):
-        # an earlier run on this state dir verified it: re-verify with the token it stored
-        if not token_file.exists():
-            announce(f"demo: {DEMO_HOST} is verified but {token_file} is gone: {claimed}")
-            return False
-    else:
+    """Claim the demo host and verify it through the well-known path the demo site
+    serves from ``token_file``; a host an earlier run verified is verified again."""
+    consents = f"{api_url}/api/v1/consents"
+    verify = f"{consents}/{DEMO_HOST}/verify"
+    status, claimed = await call("POST", consents, {"domain": DEMO_HOST})
+    if status == 409 and "verified" in json.dumps(claimed):
+        # verified by an earlier run on this state dir: renew it with the token it stored
+        if token_file.exists():
+            status, verified = await call("POST", verify, {"base_url": demo_url})
+            if status == 200:
+                announce(f"demo: consent for {DEMO_HOST} renewed via {verified['evidence']}")
+                return True
+        # that token is gone (or is not the current one): start the claim over
+        await call("POST", f"{consents}/{DEMO_HOST}/revoke", {"reason": "demo token lost"})
+        status, claimed = await call("POST", consents, {"domain": DEMO_HOST})
+    if status != 201:
         announce(f"demo: claim failed: {claimed}")
         return False
-    status, verified = await call(
-        "POST", f"{api_url}/api/v1/consents/{DEMO_HOST}/verify", {"base_url": demo_url}
-    )
+    token_file.write_text(claimed["token"] + "\n", encoding="utf-8")
+    status, verified = await call("POST", verify, {"base_url": demo_url})
     if status != 200:
         announce(f"demo: verification failed: {verified}")
         return False

@@ -108,6 +108,8 @@ def test_bad_flags_exit_2_naming_the_flag() -> None:
 
 
 async def test_up_runs_the_demo_job_counting_every_flow_once(tmp_path: Path) -> None:
+    # no browser here, to keep the default suite short: the demo in real Chromium runs
+    # in the slow restart test below, and flows in Chromium in test_end_to_end
     port, nats_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         *TB,
@@ -121,6 +123,8 @@ async def test_up_runs_the_demo_job_counting_every_flow_once(tmp_path: Path) -> 
         "--state-dir",
         str(tmp_path / "tb"),
         "--exit-when-done",
+        "--executor",
+        "noop",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -123,7 +123,7 @@ async def test_unknown_job_is_404(client: AsyncTestClient) -> None:
     assert (await client.post("/api/v1/jobs/job_nope/cancel")).status_code == 404
 
 
-async def test_cancel_created_job_then_cancel_again_is_422(
+async def test_cancel_created_job_then_cancel_again_is_409(
     client: AsyncTestClient, runner_online: Online
 ) -> None:
     await runner_online()

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
+from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.dashboard import dashboard
 from api.errors import EXCEPTION_HANDLERS
@@ -59,6 +60,7 @@ def create_app(config: ApiConfig) -> Litestar:
             RunnerController,
         ],
         lifespan=[lifespan],
+        before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
         request_max_body_size=config.body_limit,

@@ -1,20 +1,35 @@
-"""Map domain errors to 4xx bodies that name the field and the rule; never a bare 500."""
+"""Map errors to bodies that name the field and the rule; a 5xx is logged with its traceback.
+
+4xx: the caller can act on it (``Problem.field`` and ``Problem.rule``). 5xx: the body
+says nothing about internals; the log line (with ``error_id``) says everything.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import nats.errors
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
 
 from api.dto import Problem
 from engine.bus import ConcurrencyConflict
 from engine.errors import Rejected
+from engine.ids import new_id
 
 log = structlog.get_logger("tb.api")
+
+# msgspec names a missing or unknown field in its message, at the path of its parent
+_NAMED_FIELD = re.compile(r"Object (?:missing required|contains unknown) field `([^`]+)`")
+# a value type's own check (``__post_init__``) says "<field> <rule>", e.g. "url must …"
+_FIELD_RULE = re.compile(r"([a-z_][a-z0-9_]*) (.+)", re.DOTALL)
 
 
 def rejected(_: Request[Any, Any, Any], exc: Rejected) -> Response[Problem]:
@@ -23,18 +38,31 @@ def rejected(_: Request[Any, Any, Any], exc: Rejected) -> Response[Problem]:
 
 
 def validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
-    detail = str(exc.detail)
-    field = None
-    if isinstance(exc.extra, list) and exc.extra:
+    field, rule = None, str(exc.detail)
+    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):
         first = exc.extra[0]
-        if isinstance(first, dict):
-            field = str(first.get("key") or "") or None
-            detail = str(first.get("message") or detail)
-    body = Problem(status_code=HTTP_400_BAD_REQUEST, detail=detail, field=field)
+        field, rule = field_and_rule(str(first.get("key") or ""), str(first.get("message") or rule))
+    detail = f"{field}: {rule}" if field else rule
+    body = Problem(status_code=HTTP_400_BAD_REQUEST, detail=detail, field=field, rule=rule)
     return Response(body, status_code=HTTP_400_BAD_REQUEST)
 
 
-def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+def field_and_rule(key: str, message: str) -> tuple[str | None, str]:
+    """The full path of the field a decode error is about (``targets[0].url``) and the rule."""
+    if named := _NAMED_FIELD.match(message):
+        return _join(key, named.group(1)), message
+    if own := _FIELD_RULE.fullmatch(message):
+        return _join(key, own.group(1)), own.group(2)
+    return key or None, message
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    if exc.status_code >= HTTP_500_INTERNAL_SERVER_ERROR:
+        return internal_error(request, exc)
     body = Problem(status_code=exc.status_code, detail=str(exc.detail))
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
@@ -50,6 +78,22 @@ def conflict(_: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Response[Pr
     return Response(body, status_code=409)
 
 
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    """Anything unexpected: logged with its traceback, answered without internals."""
+    error_id = new_id()
+    status = getattr(exc, "status_code", HTTP_500_INTERNAL_SERVER_ERROR)
+    log.error(
+        "api.internal_error",
+        error_id=error_id,
+        method=request.method,
+        path=request.url.path,
+        status=status,
+        exc_info=exc,
+    )
+    body = Problem(status_code=status, detail=f"internal error {error_id}; see the API log")
+    return Response(body, status_code=status)
+
+
 EXCEPTION_HANDLERS = {
     Rejected: rejected,
     ValidationException: validation,
@@ -58,4 +102,6 @@ EXCEPTION_HANDLERS = {
     nats.errors.TimeoutError: unavailable,
     nats.errors.NoRespondersError: unavailable,
     nats.errors.ConnectionClosedError: unavailable,
+    HTTP_500_INTERNAL_SERVER_ERROR: internal_error,
+    Exception: internal_error,
 }

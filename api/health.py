@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from litestar import Response, get
 from litestar.di import NamedDependency, Provide
 
@@ -10,6 +11,8 @@ from api.dto import Readiness
 from api.openapi import NOT_READY
 from api.services import Services
 from engine.presence import online_runners
+
+log = structlog.get_logger("tb.api")
 
 
 @get("/healthz", summary="The process is alive", tags=["health"])
@@ -35,6 +38,7 @@ async def readyz(services: NamedDependency[Services]) -> Response[Readiness]:
             if not any(r.status == "online" for r in await online_runners(services.bus)):
                 missing.append("runner")
         except Exception:  # an unreachable KV answers "not ready", not a 500
+            log.exception("readyz.presence_unavailable")
             missing.append("nats")
     else:
         missing.append("runner")

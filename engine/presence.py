@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import msgspec
 import nats.js.errors
+import structlog
 
 from engine.bus import Bus
 from schemas import subjects
 from schemas.presence import RunnerPresence
 
+log = structlog.get_logger("tb.presence")
+
 _decode = msgspec.json.Decoder(RunnerPresence).decode
+_reported: set[tuple[str, int]] = set()  # (key, revision): say it once, not on every read
 
 
 async def online_runners(bus: Bus) -> list[RunnerPresence]:
@@ -27,6 +31,10 @@ async def online_runners(bus: Bus) -> list[RunnerPresence]:
         if entry.value:
             try:
                 found.append(_decode(entry.value))
-            except msgspec.ValidationError:
-                continue
+            except msgspec.DecodeError as err:  # not JSON, or not a presence: no runner
+                if (key, entry.revision or 0) not in _reported:
+                    if len(_reported) >= 1024:
+                        _reported.clear()
+                    _reported.add((key, entry.revision or 0))
+                    log.warning("presence.undecodable", key=key, error=str(err))
     return found

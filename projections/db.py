@@ -72,7 +72,15 @@ async def set_checkpoint(db: aiosqlite.Connection, name: str, seq: int) -> None:
 
 
 def iso(at: datetime) -> str:
-    """Event time as sortable UTC text; naive datetimes are taken as UTC."""
+    """Event time as sortable UTC text; naive datetimes are taken as UTC.
+
+    A time at the edge of the calendar (9999-12-31T23:00-05:00) has no UTC spelling:
+    it is kept as the last (or first) representable instant instead of failing the batch.
+    """
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    return at.astimezone(UTC).isoformat()
+    try:
+        return at.astimezone(UTC).isoformat()
+    except OverflowError:
+        edge = datetime.max if at.year > 1 else datetime.min
+        return edge.replace(tzinfo=UTC).isoformat()

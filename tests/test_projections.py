@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -316,6 +316,27 @@ async def test_a_failed_batch_leaves_rows_and_checkpoint_untouched(db_path: Path
         assert await applied_seq(db) == 0
         assert await get_job(db, "job_x") is None
         assert (await apply_batch(db, [envelope])) == ProjectionUpdate(seq=1, job_ids={"job_x"})
+    finally:
+        await db.close()
+
+
+async def test_times_at_the_edge_of_the_calendar_fold_and_read_back(db_path: Path) -> None:
+    # the log can hold these (a timezone is all a time needs); their UTC spelling overflows
+    late = datetime(9999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-5)))
+    early = datetime(1, 1, 1, 0, 0, tzinfo=timezone(timedelta(hours=5)))
+    created = msgspec.structs.replace(job("job_t"), at=late)
+    given = ev(ConsentGiven, domain="edge.test", evidence="e", expires_at=early)
+    db = await open_read_model(db_path)
+    try:
+        envelopes = [
+            Envelope(seq=1, subject="tb.job.job_t.JobCreated", event=created),
+            Envelope(seq=2, subject="tb.consent.edge_test.ConsentGiven", event=given),
+        ]
+        assert (await apply_batch(db, envelopes)) is not None
+        view = await get_job(db, "job_t")
+        assert view is not None and view.created_at == datetime.max.replace(tzinfo=UTC)
+        (consent,) = await list_consents(db)
+        assert consent.expires_at == datetime.min.replace(tzinfo=UTC)
     finally:
         await db.close()
 

@@ -1,19 +1,23 @@
-"""Read model of jobs, their targets' progress and every flow's status."""
+"""Read model of jobs, their targets' progress and every flow's status.
+
+What a flow's events mean is ``schemas.flow_lifecycle`` (the dispatcher applies the
+same rule), and a job that is closed (refused, completed, failed or cancelled) keeps
+its status and counts whatever arrives after.
+"""
 
 from __future__ import annotations
-
-from typing import Literal
 
 import aiosqlite
 import msgspec
 
 from projections.db import iso
-from projections.flow_status import FlowProgress, FlowState, FlowStatus, flow_transition
 from schemas.events import (
     Envelope,
     FlowDispatched,
     FlowDone,
     FlowFailed,
+    FlowReleased,
+    FlowStalled,
     FlowStarted,
     JobApprovalRequested,
     JobApproved,
@@ -27,9 +31,8 @@ from schemas.events import (
     JobResumed,
     JobStarted,
 )
-from schemas.values import JobSettings
-
-JobStatus = Literal["created", "refused", "running", "paused", "completed", "failed", "cancelled"]
+from schemas.flow_lifecycle import FlowProgress, FlowState, FlowStatus, flow_transition
+from schemas.values import TERMINAL_JOB_STATUSES, JobSettings, JobStatus, Platform
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -78,6 +81,7 @@ SCHEMA = (
         target_idx INTEGER,
         status TEXT NOT NULL,
         attempt INTEGER NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 0,
         runner_id TEXT,
         reason TEXT,
         clicks_done INTEGER NOT NULL DEFAULT 0,
@@ -87,7 +91,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS flows_by_job ON flows (job_id, status)",
 )
 
-_FINISHED: frozenset[JobStatus] = frozenset({"refused", "completed", "failed", "cancelled"})
+_CLOSED = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_JOB_STATUSES))
 
 
 async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
@@ -96,32 +100,38 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
     match event:
         case JobCreated():
             return await _created(db, env, event)
-        case FlowDispatched() | FlowStarted() | FlowDone() | FlowFailed():
+        case (
+            FlowDispatched() | FlowStarted() | FlowDone() | FlowFailed() | FlowStalled()
+            | FlowReleased()
+        ):  # fmt: skip
             return await _flow(db, env, event)
         case JobApprovalRequested() | JobApproved():
             approval = "requested" if isinstance(event, JobApprovalRequested) else "approved"
             return await _update(db, env, event.job_id, "approval = ?", approval)
         case JobStarted():
             return await _status(
-                db, env, event.job_id, "running", None,
+                db, env, event.job_id, JobStatus.RUNNING, None,
                 "flows_total = ?, started_at = COALESCE(started_at, ?)",
                 event.flows_total, iso(event.at),
             )  # fmt: skip
         case JobRefused(reason=reason, hosts=hosts):
-            return await _status(db, env, event.job_id, "refused", refusal(reason, hosts))
+            await _placeholder(db, env, event)
+            return await _status(db, env, event.job_id, JobStatus.REFUSED, refusal(reason, hosts))
         case JobRejected(reason=reason):
             rejected = f"approval rejected: {reason}" if reason else "approval rejected"
             return await _status(
-                db, env, event.job_id, "refused", rejected, "approval = ?", "rejected"
+                db, env, event.job_id, JobStatus.REFUSED, rejected, "approval = ?", "rejected"
             )
-        case JobPaused() | JobResumed():
-            status: JobStatus = "paused" if isinstance(event, JobPaused) else "running"
-            return await _status(db, env, event.job_id, status, None)
-        case JobCancelled(reason=reason) | JobFailed(reason=reason):
-            status = "cancelled" if isinstance(event, JobCancelled) else "failed"
-            return await _status(db, env, event.job_id, status, reason)
+        case JobPaused(reason=reason):
+            return await _status(db, env, event.job_id, JobStatus.PAUSED, reason)
+        case JobResumed():
+            return await _status(db, env, event.job_id, JobStatus.RUNNING, None)
+        case JobCancelled(reason=reason):
+            return await _status(db, env, event.job_id, JobStatus.CANCELLED, reason)
+        case JobFailed(reason=reason):
+            return await _status(db, env, event.job_id, JobStatus.FAILED, reason)
         case JobCompleted():
-            return await _status(db, env, event.job_id, "completed", None)
+            return await _status(db, env, event.job_id, JobStatus.COMPLETED, None)
     return set()
 
 
@@ -159,11 +169,29 @@ async def _created(db: aiosqlite.Connection, env: Envelope, event: JobCreated) -
     return {event.job_id}
 
 
+async def _placeholder(db: aiosqlite.Connection, env: Envelope, event: JobRefused) -> None:
+    """A row for a job the log holds no valid creation of (its JobCreated was
+    quarantined): a refusal must still show on ``GET /api/v1/jobs/{job_id}``."""
+    settings, platform = JobSettings(), Platform()
+    await db.execute(
+        "INSERT INTO jobs (job_id, name, status, platform_os, platform_browser, instance_count,"
+        " max_attempts, priority, flows_total, created_by, created_at, updated_at, last_seq)"
+        " VALUES (?, '', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+        (
+            event.job_id, JobStatus.CREATED.value, platform.os, platform.browser,
+            settings.instance_count, settings.max_attempts, settings.priority,
+            event.actor, iso(event.at), iso(event.at), env.seq,
+        ),
+    )  # fmt: skip
+
+
 async def _update(
     db: aiosqlite.Connection, env: Envelope, job_id: str, assignments: str, *params: object
 ) -> set[str]:
+    """Change an open job's row; a closed job's row stays as it closed."""
     cur = await db.execute(
-        f"UPDATE jobs SET {assignments}, updated_at = ?, last_seq = ? WHERE job_id = ?",
+        f"UPDATE jobs SET {assignments}, updated_at = ?, last_seq = ?"
+        f" WHERE job_id = ? AND status NOT IN ({_CLOSED})",
         (*params, iso(env.event.at), env.seq, job_id),
     )
     return {job_id} if cur.rowcount else set()
@@ -178,10 +206,12 @@ async def _status(
     more: str = "",
     *params: object,
 ) -> set[str]:
-    finished = "finished_at = COALESCE(finished_at, ?)" if status in _FINISHED else ""
+    finished = "finished_at = COALESCE(finished_at, ?)" if status in TERMINAL_JOB_STATUSES else ""
     assignments = ", ".join(a for a in ("status = ?, reason = ?", more, finished) if a)
     extra = (iso(env.event.at),) if finished else ()
-    return await _update(db, env, job_id, assignments, status, reason or None, *params, *extra)
+    return await _update(
+        db, env, job_id, assignments, status.value, reason or None, *params, *extra
+    )
 
 
 class _FlowRow(msgspec.Struct, array_like=True):
@@ -189,6 +219,7 @@ class _FlowRow(msgspec.Struct, array_like=True):
     target_idx: int | None = None
     status: FlowStatus = "queued"
     attempt: int = 0
+    tries: int = 0
     runner_id: str | None = None
     reason: str | None = None
     clicks_done: int = 0
@@ -196,19 +227,20 @@ class _FlowRow(msgspec.Struct, array_like=True):
 
 
 async def _flow(db: aiosqlite.Connection, env: Envelope, event: FlowProgress) -> set[str]:
-    row, max_attempts = await _flow_row(db, event)
-    old = FlowState(row.status, row.attempt) if row else None
-    step = flow_transition(old, event, max_attempts)
-    if row is not None and step.state == old:
-        return set()  # a duplicate or stale report: the first one already counted
+    row, max_attempts, job_open = await _flow_row(db, event)
+    old = FlowState(row.status, row.attempt, row.tries) if row else None
+    step = flow_transition(old, event, max_attempts=max_attempts, job_open=job_open)
+    if step.state is None or step.state == old:
+        return set()  # a duplicate, stale or late report: the flow's state stands
     new = _next_row(row or _FlowRow(job_id=event.job_id), event, step.state)
     await db.execute(
-        "INSERT INTO flows (flow_id, job_id, target_idx, status, attempt, runner_id, reason,"
-        " clicks_done, duration_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO flows (flow_id, job_id, target_idx, status, attempt, tries, runner_id,"
+        " reason, clicks_done, duration_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (flow_id) DO UPDATE SET target_idx = excluded.target_idx,"
-        " status = excluded.status, attempt = excluded.attempt, runner_id = excluded.runner_id,"
-        " reason = excluded.reason, clicks_done = excluded.clicks_done,"
-        " duration_ms = excluded.duration_ms, updated_at = excluded.updated_at",
+        " status = excluded.status, attempt = excluded.attempt, tries = excluded.tries,"
+        " runner_id = excluded.runner_id, reason = excluded.reason,"
+        " clicks_done = excluded.clicks_done, duration_ms = excluded.duration_ms,"
+        " updated_at = excluded.updated_at",
         (event.flow_id, *msgspec.structs.astuple(new), iso(event.at)),
     )
     clicks = new.clicks_done if step.done else 0
@@ -229,37 +261,49 @@ async def _flow(db: aiosqlite.Connection, env: Envelope, event: FlowProgress) ->
 
 
 def _next_row(row: _FlowRow, event: FlowProgress, state: FlowState) -> _FlowRow:
-    runner_id = row.runner_id
-    if isinstance(event, FlowDispatched):
-        runner_id = None  # a new attempt waits for whichever runner pulls it
-    elif event.runner_id:
-        runner_id = event.runner_id
+    runner_id, reason = row.runner_id, row.reason
+    match event:
+        case FlowDispatched():
+            runner_id = None  # a new attempt waits for whichever runner pulls it
+        case FlowStarted() | FlowDone() | FlowFailed() | FlowReleased():
+            runner_id = event.runner_id or runner_id
+    match event:
+        case FlowFailed() | FlowReleased():
+            reason = event.reason
+        case FlowStalled():
+            reason = f"no end reported after {event.waited_seconds:g}s"
+        case FlowDone():
+            reason = None
     new = msgspec.structs.replace(
         row,
         status=state.status,
         attempt=state.attempt,
+        tries=state.tries,
         runner_id=runner_id,
+        reason=reason,
         target_idx=row.target_idx if isinstance(event, FlowStarted) else event.target_index,
     )
-    if isinstance(event, FlowFailed):
-        return msgspec.structs.replace(new, reason=event.reason)
     if isinstance(event, FlowDone):
         return msgspec.structs.replace(
-            new, reason=None, clicks_done=event.clicks_done, duration_ms=event.duration_ms
+            new, clicks_done=event.clicks_done, duration_ms=event.duration_ms
         )
     return new
 
 
-async def _flow_row(db: aiosqlite.Connection, event: FlowProgress) -> tuple[_FlowRow | None, int]:
-    """The flow's row, if any, and its job's attempt limit, in one round trip."""
+async def _flow_row(
+    db: aiosqlite.Connection, event: FlowProgress
+) -> tuple[_FlowRow | None, int, bool]:
+    """The flow's row, if any, its job's attempt limit and whether the job is still open,
+    in one round trip (a flow whose job has no row counts as open, with default limits)."""
     rows = await db.execute_fetchall(
-        "SELECT f.job_id, f.target_idx, f.status, f.attempt, f.runner_id, f.reason,"
-        " f.clicks_done, f.duration_ms, j.max_attempts"
+        "SELECT f.job_id, f.target_idx, f.status, f.attempt, f.tries, f.runner_id, f.reason,"
+        " f.clicks_done, f.duration_ms, j.max_attempts, j.status"
         " FROM (SELECT ? AS flow_id, ? AS job_id) AS k"
         " LEFT JOIN flows AS f ON f.flow_id = k.flow_id"
         " LEFT JOIN jobs AS j ON j.job_id = k.job_id",
         (event.flow_id, event.job_id),
     )
-    [(*flow, max_attempts)] = rows
+    [(*flow, max_attempts, job_status)] = rows
     row = msgspec.convert(flow, _FlowRow) if flow[0] is not None else None
-    return row, max_attempts or JobSettings().max_attempts
+    job_open = job_status not in TERMINAL_JOB_STATUSES
+    return row, max_attempts or JobSettings().max_attempts, job_open

@@ -8,7 +8,6 @@ the loop is restarted from the checkpoint.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import aiosqlite
@@ -144,7 +143,7 @@ class Projector:
                     reader.cancel()
                     await asyncio.wait([reader])
                 self.restarts += 1
-                # an undecodable tail never advances the checkpoint: back off, don't spin
+                # a reader that stalls again without any progress: back off, don't spin
                 no_progress = self._position == restarted_at
                 stall_after = (
                     min(stall_after * 2, MAX_STALL_AFTER) if no_progress else self._stall_after
@@ -186,15 +185,15 @@ class Projector:
         db = self.db
         # the checkpoint on disk, not the counter: a commit can land after a cancel
         start = await applied_seq(db) + 1
-        batches = self.bus.read(start, follow=True)
+        # quarantined messages are left out of a batch, and its last_seq moves past them
+        batches = self.bus.read_batches(start, follow=True)
         try:
             async for batch in batches:
-                update = await apply_batch(db, batch)
+                update = await apply_batch(db, batch.envelopes, batch.last_seq)
                 if update is not None:
                     await self._advance(update)
         finally:
-            if isinstance(batches, AsyncGenerator):
-                await batches.aclose()  # unsubscribes its consumer now, not at GC
+            await batches.aclose()  # unsubscribes its consumer now, not at GC
 
     async def _advance(self, update: ProjectionUpdate) -> None:
         async with self._changed:

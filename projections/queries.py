@@ -10,9 +10,9 @@ import aiosqlite
 import msgspec
 
 from projections.consents import ConsentStatus, domain_key
-from projections.flow_status import FlowStatus
-from projections.jobs import JobStatus
 from projections.runners import RunnerStatus
+from schemas.flow_lifecycle import FlowStatus
+from schemas.values import JobStatus
 
 S = TypeVar("S", bound=msgspec.Struct)
 

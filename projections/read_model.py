@@ -14,6 +14,8 @@ from schemas.events import ConsentEvent, Envelope, FlowEvent, JobEvent, RunnerEv
 
 CHECKPOINT = "read_model"
 SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA)
+# bump when a table changes: a read model of another version is rebuilt from the log
+SCHEMA_VERSION = 2
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -26,27 +28,45 @@ class ProjectionUpdate(msgspec.Struct, frozen=True):
 
 
 async def open_read_model(path: Path) -> aiosqlite.Connection:
+    """Open (or create) the read model; one of another schema version starts over empty,
+    and the projector refolds the log into it from sequence 1."""
     db = await connect(path)
     try:
+        [(version,)] = await db.execute_fetchall("PRAGMA user_version")
+        if version != SCHEMA_VERSION:
+            await _drop_everything(db)
         await create_schema(db, SCHEMA)
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         await db.close()
         raise
     return db
 
 
+async def _drop_everything(db: aiosqlite.Connection) -> None:
+    async with transaction(db):
+        tables = await db.execute_fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+        for (name,) in tables:
+            await db.execute(f'DROP TABLE IF EXISTS "{name}"')
+
+
 async def apply_batch(
-    db: aiosqlite.Connection, batch: Sequence[Envelope]
+    db: aiosqlite.Connection, batch: Sequence[Envelope], last_seq: int = 0
 ) -> ProjectionUpdate | None:
     """Apply ordered envelopes and the new checkpoint in one transaction.
 
-    Returns None when every envelope was already applied.
+    ``last_seq``: how far the read got, past messages it skipped (quarantined ones): the
+    checkpoint moves there too, so a bad message never holds the read model back.
+    Returns None when everything was already applied.
     """
     update = ProjectionUpdate(seq=0)
     async with transaction(db):
         applied = await checkpoint(db, CHECKPOINT)
         fresh = [env for env in batch if env.seq > applied]
-        if not fresh:
+        seq = max([last_seq, *(env.seq for env in fresh)])
+        if seq <= applied:
             return None  # redelivered after a crash: already counted
         for env in fresh:
             event = env.event
@@ -56,7 +76,6 @@ async def apply_batch(
                 update.runner_ids.update(await runners.apply(db, env))
             elif isinstance(event, ConsentEvent):
                 update.domains.update(await consents.apply(db, env))
-        seq = max(env.seq for env in fresh)
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
@@ -59,18 +59,17 @@ async def rebuild(
 
 
 async def _fold(bus: Bus, db: aiosqlite.Connection, target: int, progress: Progress | None) -> None:
-    batches = bus.read(1, follow=False)
+    batches = bus.read_batches(1, follow=False)
     try:
         async for batch in batches:
-            await apply_batch(db, [env for env in batch if env.seq <= target])
-            seq = min(batch[-1].seq, target)
+            seq = min(batch.last_seq, target)
+            await apply_batch(db, [env for env in batch.envelopes if env.seq <= target], seq)
             if progress is not None:
                 progress(seq, target)
             if seq >= target:
                 break
     finally:
-        if isinstance(batches, AsyncGenerator):
-            await batches.aclose()
+        await batches.aclose()
 
 
 async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -10,13 +10,10 @@ from typing import Any, TypeVar
 import aiosqlite
 import msgspec
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from engine.bus import Bus, Expect
+from engine.bus import Batch, Bus, Expect
 from projections import jobs
 from projections.db import connect, set_checkpoint, transaction
-from projections.flow_status import TERMINAL, FlowProgress, FlowState, flow_transition
 from projections.projector import ProjectionUpdate, Projector, ProjectorFailed
 from projections.queries import (
     get_consent,
@@ -39,9 +36,13 @@ from schemas.events import (
     FlowDispatched,
     FlowDone,
     FlowFailed,
+    FlowReleased,
+    FlowStalled,
     FlowStarted,
+    JobCancelled,
     JobCompleted,
     JobCreated,
+    JobFailed,
     JobPaused,
     JobRefused,
     JobResumed,
@@ -256,7 +257,7 @@ async def test_retryable_failure_then_done_counts_done_once(
     assert (flow.status, flow.attempt, flow.reason) == ("done", 2, None)
 
 
-async def test_terminal_failure_counts_and_a_late_success_moves_it_to_done(
+async def test_terminal_failure_counts_and_the_first_outcome_stands(
     bus: Bus, projector: Projector, reader: aiosqlite.Connection
 ) -> None:
     seq = await append(
@@ -273,11 +274,110 @@ async def test_terminal_failure_counts_and_a_late_success_moves_it_to_done(
     assert view is not None and (view.flows_done, view.flows_failed) == (1, 2)
     assert view.targets[0].flow_failed == 2
 
+    # a late success of a failed flow: the dispatcher already counted it failed, and so
+    # does JobCompleted; the read model agrees with both (schemas.flow_lifecycle)
     seq = await append(bus, done("job_f", "f1", clicks=1))
     await projector.wait_for(seq, timeout=WAIT)
     view = await get_job(reader, "job_f")
-    assert view is not None and (view.flows_done, view.flows_failed, view.clicks_done) == (2, 1, 2)
-    assert (view.targets[0].flow_done, view.targets[0].flow_failed) == (2, 1)
+    assert view is not None and (view.flows_done, view.flows_failed, view.clicks_done) == (1, 2, 1)
+    assert (view.targets[0].flow_done, view.targets[0].flow_failed) == (1, 2)
+
+
+async def test_a_stalled_attempt_is_spent_and_a_released_one_is_not(
+    bus: Bus, projector: Projector, reader: aiosqlite.Connection
+) -> None:
+    def stalled(flow_id: str, attempt: int) -> FlowStalled:
+        return ev(
+            FlowStalled,
+            job_id="job_s",
+            flow_id=flow_id,
+            attempt=attempt,
+            target_index=0,
+            waited_seconds=600.0,
+        )
+
+    def released(flow_id: str, attempt: int) -> FlowReleased:
+        return ev(
+            FlowReleased,
+            job_id="job_s",
+            flow_id=flow_id,
+            attempt=attempt,
+            target_index=0,
+            runner_id="r1",
+            reason="job paused",
+        )
+
+    seq = await append(
+        bus,
+        job("job_s", Target(url="http://site.test/", flows=2), max_attempts=2),
+        dispatched("job_s", "f1", attempt=1),
+        stalled("f1", 1),
+        dispatched("job_s", "f1", attempt=2),
+        stalled("f1", 2),  # the second stall spends the last attempt
+        dispatched("job_s", "f2", attempt=1),
+        released("f2", 1),
+        dispatched("job_s", "f2", attempt=2),
+        released("f2", 2),  # released twice: no attempt spent, still waiting
+    )
+    await projector.wait_for(seq, timeout=WAIT)
+    view = await get_job(reader, "job_s")
+    assert view is not None and (view.flows_done, view.flows_failed) == (0, 1)
+    flows = {f.flow_id: f for f in await list_flows(reader, "job_s")}
+    assert (flows["f1"].status, flows["f1"].attempt) == ("failed", 2)
+    assert flows["f1"].reason == "no end reported after 600s"
+    assert (flows["f2"].status, flows["f2"].reason) == ("released", "job paused")
+
+    seq = await append(bus, dispatched("job_s", "f2", attempt=3), done("job_s", "f2", attempt=3))
+    await projector.wait_for(seq, timeout=WAIT)
+    view = await get_job(reader, "job_s")
+    assert view is not None and (view.flows_done, view.flows_failed) == (1, 1)
+
+
+async def test_nothing_changes_for_a_job_once_it_is_closed(
+    bus: Bus, projector: Projector, reader: aiosqlite.Connection
+) -> None:
+    seq = await append(
+        bus,
+        job("job_z", Target(url="http://site.test/", flows=2)),
+        ev(JobStarted, job_id="job_z", flows_total=2, allowed_hosts=["site.test"]),
+        dispatched("job_z", "f1"),
+        dispatched("job_z", "f2"),
+        done("job_z", "f1"),
+        failed("job_z", "f2", retryable=False),
+        ev(JobCompleted, job_id="job_z", flows_done=1, flows_failed=1),
+    )
+    await projector.wait_for(seq, timeout=WAIT)
+    before = await get_job(reader, "job_z")
+    assert before is not None and before.status == "completed"
+    seq = await append(
+        bus,
+        dispatched("job_z", "f3"),
+        done("job_z", "f3"),
+        done("job_z", "f2", attempt=2),
+        ev(JobPaused, job_id="job_z", reason="late"),
+        ev(JobCancelled, job_id="job_z", reason="late"),
+        ev(JobFailed, job_id="job_z", reason="late"),
+    )
+    await projector.wait_for(seq, timeout=WAIT)
+    assert await get_job(reader, "job_z") == before
+    assert {f.flow_id for f in await list_flows(reader, "job_z")} == {"f1", "f2"}
+
+
+async def test_a_refusal_of_a_job_without_a_valid_creation_shows(
+    bus: Bus, projector: Projector, reader: aiosqlite.Connection
+) -> None:
+    # its JobCreated was quarantined (it did not decode), so only the refusal is an event
+    refused = ev(JobRefused, job_id="job_q", reason="JobCreated did not decode", hosts=[])
+    seq = await append(bus, refused)
+    await projector.wait_for(seq, timeout=WAIT)
+    view = await get_job(reader, "job_q")
+    assert view is not None
+    assert (view.status, view.reason, view.flows_total) == (
+        "refused",
+        "JobCreated did not decode",
+        0,
+    )
+    assert view.finished_at == refused.at and view.targets == []
 
 
 async def test_reapplying_applied_envelopes_changes_nothing(
@@ -504,17 +604,17 @@ class FirstReadStalls(Bus):
         super().__init__(bus.nc, bus.config)
         self.reads = 0
 
-    def read(
+    def read_batches(
         self, start_seq: int, stream_filter: str | list[str] | None = None, **kw: Any
-    ) -> AsyncIterator[list[Envelope]]:
+    ) -> AsyncGenerator[Batch, None]:
         self.reads += 1
         if self.reads == 1:
             return self._silent()
-        return super().read(start_seq, stream_filter, **kw)
+        return super().read_batches(start_seq, stream_filter, **kw)
 
-    async def _silent(self) -> AsyncIterator[list[Envelope]]:
+    async def _silent(self) -> AsyncGenerator[Batch, None]:
         await asyncio.Event().wait()
-        yield []
+        yield Batch([], 0, [])
 
 
 async def test_a_stalled_reader_is_restarted_from_the_checkpoint(bus: Bus, db_path: Path) -> None:
@@ -540,33 +640,3 @@ async def test_an_apply_error_fails_the_projector_loudly(
         await projector.wait_for(seq, timeout=WAIT)
     assert not projector.healthy and projector.failure is not None
     assert projector.position == seq - 1
-
-
-# -- the counting rule, as a property ----------------------------------------------------
-
-attempts = st.integers(min_value=1, max_value=5)
-flow_events = st.one_of(
-    st.builds(lambda a: dispatched("j", "f", attempt=a), attempts),
-    st.builds(
-        lambda a: ev(FlowStarted, job_id="j", flow_id="f", attempt=a, runner_id="r"), attempts
-    ),
-    st.builds(lambda a, c: done("j", "f", attempt=a, clicks=c), attempts, st.integers(0, 3)),
-    st.builds(lambda a, r: failed("j", "f", attempt=a, retryable=r), attempts, st.booleans()),
-)
-
-
-@given(st.lists(flow_events, max_size=40), st.integers(min_value=1, max_value=5))
-def test_a_flow_is_counted_at_most_once(events: list[FlowProgress], max_attempts: int) -> None:
-    state: FlowState | None = None
-    done_count = failed_count = 0
-    for event in events:
-        was_done = state is not None and state.status == "done"
-        step = flow_transition(state, event, max_attempts)
-        state = step.state
-        done_count += step.done
-        failed_count += step.failed
-        assert 0 <= done_count <= 1 and failed_count >= 0
-        assert done_count + failed_count <= 1
-        assert (done_count + failed_count == 1) == (state.status in TERMINAL)
-        assert (done_count == 1) == (state.status == "done")
-        assert not was_done or state.status == "done"

@@ -16,6 +16,7 @@ from api.health import healthz, readyz
 from api.jobs import JobController
 from api.live import live
 from api.openapi import StrictStructSchemaPlugin
+from api.quarantine import QuarantineController
 from api.runners import RunnerController
 from api.services import ApiConfig, Services
 from engine.bus import Bus
@@ -58,6 +59,7 @@ def create_app(config: ApiConfig) -> Litestar:
             JobController,
             ConsentController,
             RunnerController,
+            QuarantineController,
         ],
         lifespan=[lifespan],
         before_request=refuse_deep_json,

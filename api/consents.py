@@ -1,37 +1,45 @@
-"""Consent: claim a domain, verify control of it, list consents."""
+"""Consent: claim a domain, verify control of it, revoke it, list consents."""
 
 from __future__ import annotations
 
-import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
 from api.deps import services_from_state
-from api.dto import Claimed, ClaimIn, Verified, VerifyIn
+from api.dto import Claimed, ClaimIn, Revoked, RevokeIn, Verified, VerifyIn
+from api.inputs import command_id, domain_in_path
 from api.openapi import problems
 from api.services import Services
-from engine.consent import well_known_url
-from engine.errors import Invalid
+from engine.consent.service import well_known_url
 from projections import queries
 from projections.queries import ConsentView
-from schemas.values import Domain
 
 
 class ConsentController(Controller):
     path = "/api/v1/consents"
     tags = ["consent"]
-    dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
+    dependencies = {
+        "services": Provide(services_from_state, sync_to_thread=False),
+        "command_id": Provide(command_id, sync_to_thread=False),
+    }
 
     @post(
         "/",
         status_code=201,
         summary="Claim a domain: serve the token to prove control",
-        responses=problems(400, 503),
+        description="Claiming a claimed domain answers its current token; a verified one"
+        " is a 409 (revoke it first, or verify again to renew).",
+        responses=problems(400, 409, 503),
     )
-    async def claim(self, data: JSONBody[ClaimIn], services: NamedDependency[Services]) -> Claimed:
+    async def claim(
+        self,
+        data: JSONBody[ClaimIn],
+        services: NamedDependency[Services],
+        command_id: NamedDependency[str],
+    ) -> Claimed:
         domain = data.domain.lower()
-        token, appended = await services.consents.claim(domain, actor="api")
+        token, appended = await services.consents.claim(domain, "api", command_id)
         return Claimed(
             domain=domain,
             token=token,
@@ -42,34 +50,47 @@ class ConsentController(Controller):
     @post(
         "/{domain:str}/verify",
         status_code=200,
-        summary="Fetch the token and record consent",
-        responses=problems(400, 404, 422, 503),
+        summary="Fetch the token and record consent (again, to renew it)",
+        responses=problems(400, 404, 409, 422, 503),
     )
     async def verify(
         self,
         domain: FromPath[str],
         services: NamedDependency[Services],
+        command_id: NamedDependency[str],
         data: JSONBody[VerifyIn | None] = None,
     ) -> Verified:
-        domain = _domain(domain)
+        domain = domain_in_path(domain)
         given, appended = await services.consents.verify(
-            domain, data.base_url if data else None, actor="api"
+            domain, data.base_url if data else None, "api", command_id
         )
         return Verified(
             domain=domain,
             status="verified",
             evidence=given.evidence,
-            expires_at=given.expires_at.isoformat(),
+            expires_at=given.expires_at,
             seq=appended.seq,
         )
+
+    @post(
+        "/{domain:str}/revoke",
+        status_code=202,
+        summary="Revoke: the token is retired, flows on the host end, its jobs pause",
+        responses=problems(400, 404, 409, 503),
+    )
+    async def revoke(
+        self,
+        domain: FromPath[str],
+        services: NamedDependency[Services],
+        command_id: NamedDependency[str],
+        data: JSONBody[RevokeIn | None] = None,
+    ) -> Revoked:
+        domain = domain_in_path(domain)
+        appended = await services.consents.revoke(
+            domain, data.reason if data else "", "api", command_id
+        )
+        return Revoked(domain=domain, status="revoked", seq=appended.seq)
 
     @get("/", summary="Every claimed domain and its consent status")
     async def list_consents(self, services: NamedDependency[Services]) -> list[ConsentView]:
         return await queries.list_consents(services.db)
-
-
-def _domain(raw: str) -> str:
-    try:
-        return msgspec.convert(raw, Domain).lower()
-    except msgspec.ValidationError:
-        raise Invalid("domain", "must be a host name such as example.com") from None

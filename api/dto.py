@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -16,6 +17,17 @@ class CreateJobIn(msgspec.Struct, forbid_unknown_fields=True):
     targets: Annotated[list[Target], msgspec.Meta(min_length=1, max_length=1000)]
     settings: JobSettings = JobSettings()
     platform: Platform | None = None
+
+
+Reason = Annotated[str, msgspec.Meta(max_length=500)]
+
+
+class PauseIn(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Reason = "paused by api"
+
+
+class RevokeIn(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Reason = ""
 
 
 class Created(msgspec.Struct):
@@ -48,7 +60,13 @@ class Verified(msgspec.Struct):
     domain: str
     status: Literal["verified"]
     evidence: str
-    expires_at: str
+    expires_at: datetime
+    seq: int
+
+
+class Revoked(msgspec.Struct):
+    domain: str
+    status: Literal["revoked"]
     seq: int
 
 

@@ -22,7 +22,8 @@ from litestar.status_codes import (
 from api.dto import Problem
 from engine.bus import ConcurrencyConflict
 from engine.errors import Rejected
-from engine.ids import new_id
+from projections.projector import ProjectorFailed
+from schemas.ids import new_id
 
 log = structlog.get_logger("tb.api")
 
@@ -73,6 +74,12 @@ def unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
 
 
+def read_model_down(_: Request[Any, Any, Any], exc: ProjectorFailed) -> Response[Problem]:
+    log.error("api.projector_failed", error=str(exc), exc_info=exc)
+    body = Problem(status_code=503, detail="read model stopped; see /readyz and the API log")
+    return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+
+
 def conflict(_: Request[Any, Any, Any], exc: ConcurrencyConflict) -> Response[Problem]:
     body = Problem(status_code=409, detail=f"concurrent update, retry: {exc}")
     return Response(body, status_code=409)
@@ -102,6 +109,7 @@ EXCEPTION_HANDLERS = {
     nats.errors.TimeoutError: unavailable,
     nats.errors.NoRespondersError: unavailable,
     nats.errors.ConnectionClosedError: unavailable,
+    ProjectorFailed: read_model_down,
     HTTP_500_INTERNAL_SERVER_ERROR: internal_error,
     Exception: internal_error,
 }

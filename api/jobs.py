@@ -1,4 +1,4 @@
-"""Jobs: create, list, read, cancel."""
+"""Jobs: create, list, read, cancel, pause, resume."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.deps import services_from_state
-from api.dto import Accepted, Created, CreateJobIn
+from api.dto import Accepted, Created, CreateJobIn, PauseIn
+from api.inputs import command_id, job_id_in_path
 from api.openapi import problems
 from api.services import Services
 from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
 from engine.presence import online_runners
 from projections import queries
-from projections.jobs import JobStatus
 from projections.queries import JobView
-from schemas.values import Platform
+from schemas.values import JobStatus, Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
 MIN_SEQ_HELP = "wait until the read model has applied this stream sequence (read-your-writes)"
@@ -27,7 +27,10 @@ MIN_SEQ_HELP = "wait until the read model has applied this stream sequence (read
 class JobController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]
-    dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
+    dependencies = {
+        "services": Provide(services_from_state, sync_to_thread=False),
+        "command_id": Provide(command_id, sync_to_thread=False),
+    }
 
     @post(
         "/",
@@ -36,7 +39,10 @@ class JobController(Controller):
         responses=problems(400, 409, 422, 503),
     )
     async def create_job(
-        self, data: JSONBody[CreateJobIn], services: NamedDependency[Services]
+        self,
+        data: JSONBody[CreateJobIn],
+        services: NamedDependency[Services],
+        command_id: NamedDependency[str],
     ) -> Created:
         total = sum(t.flows for t in data.targets)
         if total > MAX_FLOWS_PER_JOB:
@@ -56,6 +62,7 @@ class JobController(Controller):
             settings=data.settings,
             platform=platform,
             actor="api",
+            command_id=command_id,
         )
         return Created(job_id=job_id, seq=appended.seq)
 
@@ -84,6 +91,7 @@ class JobController(Controller):
         services: NamedDependency[Services],
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> JobView:
+        job_id = job_id_in_path(job_id)
         await _wait(services, min_seq)
         job = await queries.get_job(services.db, job_id)
         if job is None:
@@ -94,18 +102,61 @@ class JobController(Controller):
         "/{job_id:str}/cancel",
         status_code=202,
         summary="Cancel; in-flight flows stop",
-        responses=problems(404, 409, 503),
+        responses=problems(400, 404, 409, 503),
     )
     async def cancel_job(
-        self, job_id: FromPath[str], services: NamedDependency[Services]
+        self,
+        job_id: FromPath[str],
+        services: NamedDependency[Services],
+        command_id: NamedDependency[str],
     ) -> Accepted:
-        appended = await services.jobs.execute(CancelJob(job_id, reason="cancelled by api"), "api")
-        return Accepted(job_id=job_id, seq=appended.seq, status="cancelled")
+        job_id = job_id_in_path(job_id)
+        appended = await services.jobs.execute(
+            CancelJob(job_id, reason="cancelled by api"), "api", command_id
+        )
+        return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.CANCELLED)
+
+    @post(
+        "/{job_id:str}/pause",
+        status_code=202,
+        summary="Pause: in-flight flows finish, nothing new starts",
+        responses=problems(400, 404, 409, 503),
+    )
+    async def pause_job(
+        self,
+        job_id: FromPath[str],
+        services: NamedDependency[Services],
+        command_id: NamedDependency[str],
+        data: JSONBody[PauseIn | None] = None,
+    ) -> Accepted:
+        job_id = job_id_in_path(job_id)
+        reason = data.reason if data else "paused by api"
+        appended = await services.jobs.pause(job_id, "api", command_id, reason)
+        return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.PAUSED)
+
+    @post(
+        "/{job_id:str}/resume",
+        status_code=202,
+        summary="Resume a paused job; refused while a host of it has no valid consent",
+        responses=problems(400, 404, 409, 503),
+    )
+    async def resume_job(
+        self,
+        job_id: FromPath[str],
+        services: NamedDependency[Services],
+        command_id: NamedDependency[str],
+    ) -> Accepted:
+        job_id = job_id_in_path(job_id)
+        appended = await services.jobs.resume(job_id, "api", command_id)
+        return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.RUNNING)
 
 
 async def _wait(services: Services, min_seq: int) -> None:
     if min_seq <= 0:
         return
+    last = await services.bus.last_seq()
+    if min_seq > last:  # no write answered this sequence: waiting would not bring it
+        raise Conflict("min_seq", f"the log holds no sequence {min_seq} (its last is {last})")
     try:
         await services.projector.wait_for(min_seq, timeout=services.config.read_wait_timeout)
     except TimeoutError:

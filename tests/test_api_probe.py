@@ -4,6 +4,7 @@ never a 500 without a log line, and stores nothing."""
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 import pytest
 import structlog
@@ -86,3 +87,78 @@ async def test_an_unexpected_error_is_a_500_logged_with_its_traceback(
     assert entry["exc_info"].__traceback__ is not None
     assert entry["path"] == "/test-only/boom"
     assert entry["error_id"] in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://[::1",
+        "http://127.0.0.1:abc",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "ftp://127.0.0.1",
+        "http://",
+        "http://127.0.0.1 :80",
+    ],
+)
+async def test_verify_with_a_base_url_that_does_not_parse_is_400_naming_base_url(
+    client: AsyncTestClient, base_url: str
+) -> None:
+    await client.post("/api/v1/consents", json={"domain": "127.0.0.1"})
+    async with asyncio.timeout(WAIT):
+        r = await client.post("/api/v1/consents/127.0.0.1/verify", json={"base_url": base_url})
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == "base_url"
+
+
+MALFORMED_IDS = ["*", ">", "job x", "job_x\n", "job_x ", "a.b", "-job", "x" * 129, "jöb"]
+
+
+@pytest.mark.parametrize("job_id", MALFORMED_IDS)
+async def test_a_malformed_job_id_is_400_and_stores_nothing(
+    client: AsyncTestClient, nats_server: NatsServer, job_id: str
+) -> None:
+    path = f"/api/v1/jobs/{quote(job_id, safe='*>')}"
+    async with asyncio.timeout(WAIT):
+        for method, url in [
+            ("GET", path),
+            ("POST", f"{path}/cancel"),
+            ("POST", f"{path}/pause"),
+            ("POST", f"{path}/resume"),
+        ]:
+            r = await client.request(method, url)
+            assert r.status_code == 400, (method, url, r.text)
+            assert r.json()["field"] == "job_id"
+    assert await stored_events(nats_server) == 0
+
+
+async def test_a_well_formed_unknown_job_id_is_404(client: AsyncTestClient) -> None:
+    async with asyncio.timeout(WAIT):
+        for method, url in [
+            ("GET", "/api/v1/jobs/job_nope"),
+            ("POST", "/api/v1/jobs/job_nope/cancel"),
+            ("POST", "/api/v1/jobs/job_nope/pause"),
+            ("POST", "/api/v1/jobs/job_nope/resume"),
+        ]:
+            r = await client.request(method, url)
+            assert r.status_code == 404, (method, url, r.text)
+            assert r.json()["field"] == "job_id"
+
+
+MALFORMED_DOMAINS = ["example.com\n", "exa mple.com", "*", "example.*", "a..b", "-x.com"]
+
+
+@pytest.mark.parametrize("domain", MALFORMED_DOMAINS)
+async def test_a_malformed_domain_is_400_and_stores_nothing(
+    client: AsyncTestClient, nats_server: NatsServer, domain: str
+) -> None:
+    path = f"/api/v1/consents/{quote(domain, safe='*')}"
+    async with asyncio.timeout(WAIT):
+        claim = await client.post("/api/v1/consents", json={"domain": domain})
+        assert claim.status_code == 400, claim.text
+        assert claim.json()["field"] == "domain"
+        for url, body in [(f"{path}/verify", {}), (f"{path}/revoke", {"reason": "r"})]:
+            r = await client.post(url, json=body)
+            assert r.status_code == 400, (url, r.text)
+            assert r.json()["field"] == "domain"
+    assert await stored_events(nats_server) == 0

@@ -1,0 +1,60 @@
+"""What enters through paths and headers, checked before it can reach a subject.
+
+Job ids and domains become subject tokens (``tb.job.<job_id>.*``): one that is not
+well-formed (a space, a dot, a wildcard, a trailing newline) is a 400 naming the field,
+and never reaches the bus.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+from litestar.params import HeaderParameter
+
+from engine.errors import Invalid
+from schemas.ids import ID_RULE, is_valid_id, new_id
+from schemas.values import Domain
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+KEY_RULE = "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' and '-'"
+_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+DOMAIN_RULE = "must be a host name such as example.com"
+
+
+def job_id_in_path(raw: str) -> str:
+    if not is_valid_id(raw):
+        raise Invalid("job_id", ID_RULE)
+    return raw
+
+
+def domain_in_path(raw: str) -> str:
+    try:
+        return msgspec.convert(raw, Domain).lower()
+    except msgspec.ValidationError:
+        raise Invalid("domain", DOMAIN_RULE) from None
+
+
+def command_id(
+    idempotency_key: Annotated[
+        str | None,
+        HeaderParameter(
+            name=IDEMPOTENCY_KEY,
+            required=False,
+            description=(
+                "names this command: a retry with the same key answers what the first"
+                " request stored (the same job for a create) and stores nothing again"
+            ),
+            schema_extra={"pattern": KEY_PATTERN, "minLength": 1, "maxLength": 128},
+        ),
+    ] = None,
+) -> str:
+    """The command's id: the caller's ``Idempotency-Key``, else one minted for this request
+    (the service keeps it across its own retries)."""
+    if idempotency_key is None:
+        return new_id()
+    if not _KEY.fullmatch(idempotency_key):
+        raise Invalid(IDEMPOTENCY_KEY, KEY_RULE)
+    return idempotency_key

@@ -21,10 +21,8 @@ from projections.db import connect
 from projections.projector import Projector
 from projections.queries import JobView
 from schemas.events import FlowDispatched
-from schemas.values import ConsentCaps, JobSettings, Platform, Target
+from schemas.values import TERMINAL_JOB_STATUSES, ConsentCaps, JobSettings, Platform, Target
 from tests.sites import recording_site
-
-TERMINAL = {"completed", "failed", "cancelled", "refused"}
 
 
 @dataclass
@@ -77,7 +75,7 @@ class Embedded:
             self.projector.unsubscribe(updates)
 
     async def wait_terminal(self, job_id: str, timeout: float = 60) -> JobView:
-        return await self.wait_job(job_id, lambda v: v.status in TERMINAL, timeout)
+        return await self.wait_job(job_id, lambda v: v.status in TERMINAL_JOB_STATUSES, timeout)
 
     def run(self, coro: object, name: str) -> None:
         self.tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]

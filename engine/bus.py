@@ -274,13 +274,36 @@ class Bus:
         return headers
 
     async def append(self, event: Event, *, msg_id: str, expect: Expect | None = None) -> Appended:
-        """Store one event; raises ``ConcurrencyConflict`` when ``expect`` no longer holds."""
+        """Store one event; raises ``ConcurrencyConflict`` when ``expect`` no longer holds.
+
+        Only events move an aggregate on: when what was stored on its subjects since
+        ``expect`` is all quarantined (garbage no reader takes as an event), the append is
+        made again expecting the last of those, instead of conflicting for ever.
+        """
+        while True:
+            try:
+                return await (await self.append_nowait(event, msg_id=msg_id, expect=expect))
+            except nats.js.errors.APIError as err:
+                if expect is None or err.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                past = await self._past_quarantined(expect)
+                if past is None:
+                    raise ConcurrencyConflict(expect.stream_filter, expect.last_seq) from err
+                expect = Expect(expect.stream_filter, past)
+
+    async def _past_quarantined(self, expect: Expect) -> int | None:
+        """The last sequence on ``expect``'s subjects if only quarantined messages follow
+        ``expect.last_seq`` there, else ``None`` (an event did: a real conflict)."""
+        last = expect.last_seq
+        batches = self.read_batches(expect.last_seq + 1, expect.stream_filter, follow=False)
         try:
-            return await (await self.append_nowait(event, msg_id=msg_id, expect=expect))
-        except nats.js.errors.APIError as err:
-            if expect is not None and err.err_code == WRONG_LAST_SEQUENCE:
-                raise ConcurrencyConflict(expect.stream_filter, expect.last_seq) from err
-            raise
+            async for batch in batches:
+                if batch.envelopes:
+                    return None
+                last = batch.last_seq
+        finally:
+            await batches.aclose()
+        return last if last > expect.last_seq else None
 
     async def append_nowait(
         self, event: Event, *, msg_id: str, expect: Expect | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -46,6 +47,16 @@ async def runner_online(nats_server: NatsServer) -> AsyncIterator[Online]:
 
     yield online
     await bus.close()
+
+
+def when_registered(registered: asyncio.Event) -> Callable[[str], None]:
+    """A runner's ``announce``: sets ``registered`` once its presence is written."""
+
+    def announce(line: str) -> None:
+        if "Registered" in line:
+            registered.set()
+
+    return announce
 
 
 async def put_presence(bus: Bus, os: str = "linux") -> None:

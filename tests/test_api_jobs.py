@@ -16,7 +16,7 @@ from api.services import ApiConfig
 from engine.bus import Bus
 from schemas import subjects
 from schemas.events import FlowDispatched, JobCreated
-from tests.api_client import JOB, Online, client, runner_online
+from tests.api_client import JOB, Online, client, runner_online, when_registered
 from tests.conftest import NatsServer
 from tests.harness import Embedded, SteadyExecutor, embedded
 
@@ -135,7 +135,7 @@ async def live(
     async with embedded(bus, nats_server.url, tmp_path) as tb:
         await tb.authorise("127.0.0.1")
         registered = asyncio.Event()
-        runner = Runner(bus, SteadyExecutor(0.05), slots=2, announce=lambda line: registered.set())
+        runner = Runner(bus, SteadyExecutor(0.05), slots=2, announce=when_registered(registered))
         tb.run(runner.run(), "runner")
         async with asyncio.timeout(WAIT):
             await registered.wait()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from litestar import Controller, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 
 from api.deps import services_from_state
 from api.dto import Claimed, ClaimIn, Revoked, RevokeIn, Verified, VerifyIn
-from api.inputs import command_id, domain_in_path
+from api.inputs import DomainPath, command_id, domain_in_path
 from api.openapi import problems
 from api.services import Services
 from engine.consent.service import well_known_url
@@ -55,7 +55,7 @@ class ConsentController(Controller):
     )
     async def verify(
         self,
-        domain: FromPath[str],
+        domain: DomainPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
         data: JSONBody[VerifyIn | None] = None,
@@ -80,7 +80,7 @@ class ConsentController(Controller):
     )
     async def revoke(
         self,
-        domain: FromPath[str],
+        domain: DomainPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
         data: JSONBody[RevokeIn | None] = None,

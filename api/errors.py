@@ -64,7 +64,11 @@ def _join(key: str, name: str) -> str:
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
     if exc.status_code >= HTTP_500_INTERNAL_SERVER_ERROR:
         return internal_error(request, exc)
-    body = Problem(status_code=exc.status_code, detail=str(exc.detail))
+    rule = str(exc.detail)
+    # the body could not be read at all (not JSON, too large): the field is the body
+    field = "body" if exc.status_code in (400, 413) else None
+    detail = f"{field}: {rule}" if field else rule
+    body = Problem(status_code=exc.status_code, detail=detail, field=field, rule=rule)
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 

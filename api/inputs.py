@@ -11,7 +11,7 @@ import re
 from typing import Annotated
 
 import msgspec
-from litestar.params import HeaderParameter
+from litestar.params import HeaderParameter, PathParameter
 
 from engine.errors import Invalid
 from schemas.ids import ID_RULE, is_valid_id, new_id
@@ -22,6 +22,26 @@ KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 KEY_RULE = "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' and '-'"
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DOMAIN_RULE = "must be a host name such as example.com"
+
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# the documented shapes (the checks below are the rule: they also refuse a final newline)
+JobIdPath = Annotated[
+    str,
+    PathParameter(
+        description=f"a job id: {ID_RULE}",
+        schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$", "maxLength": 128},
+    ),
+]
+DomainPath = Annotated[
+    str,
+    PathParameter(
+        description=f"a domain: {DOMAIN_RULE}",
+        schema_extra={
+            "pattern": rf"^{_LABEL}(\.{_LABEL})*$",
+            "maxLength": 253,
+        },
+    ),
+]
 
 
 def job_id_in_path(raw: str) -> str:

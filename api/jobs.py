@@ -6,11 +6,11 @@ from typing import Annotated
 
 from litestar import Controller, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 
 from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
-from api.inputs import command_id, job_id_in_path
+from api.inputs import JobIdPath, command_id, job_id_in_path
 from api.openapi import problems
 from api.services import Services
 from engine.errors import Conflict, NotFound, Rejected
@@ -87,7 +87,7 @@ class JobController(Controller):
     )
     async def get_job(
         self,
-        job_id: FromPath[str],
+        job_id: JobIdPath,
         services: NamedDependency[Services],
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> JobView:
@@ -106,7 +106,7 @@ class JobController(Controller):
     )
     async def cancel_job(
         self,
-        job_id: FromPath[str],
+        job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Accepted:
@@ -124,7 +124,7 @@ class JobController(Controller):
     )
     async def pause_job(
         self,
-        job_id: FromPath[str],
+        job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
         data: JSONBody[PauseIn | None] = None,
@@ -142,7 +142,7 @@ class JobController(Controller):
     )
     async def resume_job(
         self,
-        job_id: FromPath[str],
+        job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Accepted:

@@ -30,3 +30,13 @@ class Conflict(Rejected):
     """Not possible in the current state (a cancelled job, no runner online, …)."""
 
     status_code = 409
+
+
+class CommandIdReused(Conflict):
+    """A command id (``Idempotency-Key``) that already names another command."""
+
+    def __init__(self, stored: str) -> None:
+        super().__init__(
+            "Idempotency-Key",
+            f"was used for another command ({stored}): use a new key for a new command",
+        )

@@ -86,6 +86,31 @@ async def test_a_cancel_retried_with_its_key_answers_the_stored_seq(
     assert kinds.count("JobCancelled") == 1
 
 
+async def test_a_key_that_names_another_command_is_409_and_stores_nothing(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
+) -> None:
+    """Found by fuzzing: a key reused for another aggregate was answered with a 500."""
+    await runner_online()
+    key = {"Idempotency-Key": "k-1"}
+    claim = await client.post("/api/v1/consents", json={"domain": "a.test"}, headers=key)
+    assert claim.status_code == 201, claim.text
+    job_id = (await client.post("/api/v1/jobs", json=JOB)).json()["job_id"]
+    for method, url, body in [
+        ("POST", "/api/v1/consents", {"domain": "b.test"}),
+        ("POST", "/api/v1/jobs", JOB),
+        ("POST", f"/api/v1/jobs/{job_id}/cancel", None),
+    ]:
+        r = await client.request(method, url, json=body, headers=key)
+        assert r.status_code == 409, (url, r.text)
+        assert r.json()["field"] == "Idempotency-Key"
+    cancel = {"Idempotency-Key": "k-2"}
+    assert (await client.post(f"/api/v1/jobs/{job_id}/cancel", headers=cancel)).status_code == 202
+    reused = await client.post(f"/api/v1/jobs/{job_id}/pause", headers=cancel)
+    assert reused.status_code == 409 and "JobCancelled" in reused.json()["rule"]
+    kinds = [type(e).__name__ for e in await job_events(nats_server, job_id)]
+    assert kinds == ["JobCreated", "JobCancelled"]
+
+
 @pytest.mark.parametrize("key", ["", "has space", "x" * 129, "a/b", "k\xe9y"])
 async def test_a_malformed_idempotency_key_is_400_naming_the_header(
     client: AsyncTestClient, runner_online: Online, nats_server: NatsServer, key: str

@@ -162,3 +162,16 @@ async def test_a_malformed_domain_is_400_and_stores_nothing(
             assert r.status_code == 400, (url, r.text)
             assert r.json()["field"] == "domain"
     assert await stored_events(nats_server) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status"), [(b"\xff not json", 400), (b'{"name": "' + b"x" * 40_000 + b'"}', 413)]
+)
+async def test_a_body_that_cannot_be_read_is_refused_naming_the_body(
+    client: AsyncTestClient, body: bytes, status: int
+) -> None:
+    r = await client.post(
+        "/api/v1/jobs", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == "body" and r.json()["rule"]

@@ -30,7 +30,7 @@ from engine.consent.well_known import (
     fetch_token_async,
     well_known_url,
 )
-from engine.errors import Conflict, Rejected
+from engine.errors import CommandIdReused, Rejected
 from schemas import subjects
 from schemas.consent_state import Consent, evolve_consent
 from schemas.events import (
@@ -162,7 +162,10 @@ class ConsentCommands:
             appended = await self.bus.append(event, msg_id=msg_id, expect=Expect(scope, expected))
             if appended.duplicate:
                 # an earlier run of this very command stored it: answer what that stored
-                return (await self._history(consent.domain, command))[1]
+                before = (await self._history(consent.domain, command))[1]
+                if not before:
+                    raise CommandIdReused("on another domain")
+                return before
             stored.append(Envelope(appended.seq, subjects.subject_for(event), event, msg_id))
             expected = appended.seq
         return stored
@@ -171,7 +174,7 @@ class ConsentCommands:
 def _stored(stored: list[Envelope], kind: type[E]) -> E:
     event = stored[-1].event
     if not isinstance(event, kind):
-        raise Conflict("Idempotency-Key", f"was used for another command ({type(event).__name__})")
+        raise CommandIdReused(type(event).__name__)
     return event
 
 

@@ -13,20 +13,33 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from engine.bus import Appended, Bus, ConcurrencyConflict, Expect, applied_by, retry_on_conflict
-from engine.errors import NotFound
+from engine.errors import CommandIdReused, NotFound
 from engine.jobs.decider import (
+    CancelJob,
     CreateJob,
+    FinishJob,
     Job,
     JobCommand,
     Meta,
     PauseJob,
     ResumeJob,
+    StartJob,
     decide,
     fold,
 )
 from schemas import subjects
 from schemas.consent_state import Consent, evolve_consent
-from schemas.events import TbEvent
+from schemas.events import (
+    JobCancelled,
+    JobCompleted,
+    JobCreated,
+    JobFailed,
+    JobPaused,
+    JobRefused,
+    JobResumed,
+    JobStarted,
+    TbEvent,
+)
 from schemas.ids import new_id, short_id, utcnow
 from schemas.values import JobSettings, Platform, Target
 
@@ -34,6 +47,17 @@ from schemas.values import JobSettings, Platform, Target
 def job_id_for(command_id: str) -> str:
     """The job a keyed create makes: a retry of that create names the same job."""
     return f"job_{hashlib.blake2b(command_id.encode(), digest_size=10).hexdigest()}"
+
+
+# what each command stores: a retried command id must have stored one of these
+EMITS: dict[type, tuple[type, ...]] = {
+    CreateJob: (JobCreated,),
+    StartJob: (JobStarted, JobRefused),
+    PauseJob: (JobPaused,),
+    ResumeJob: (JobResumed,),
+    CancelJob: (JobCancelled,),
+    FinishJob: (JobCompleted, JobFailed),
+}
 
 
 @dataclass
@@ -44,11 +68,19 @@ class JobCommands:
     async def load(self, job_id: str) -> Job:
         return (await self._history(job_id, None))[0]
 
-    async def _history(self, job_id: str, command_id: str | None) -> tuple[Job, Appended | None]:
-        """The job, and where ``command_id`` already stored its events (a retried command)."""
+    async def _history(
+        self, job_id: str, command: JobCommand | None, command_id: str | None = None
+    ) -> tuple[Job, Appended | None]:
+        """The job, and where ``command_id`` already stored ``command``'s events (a retry);
+        ``CommandIdReused`` when that id stored another command's."""
         envelopes = await self.bus.load(subjects.job_stream_filter(job_id))
         job = fold([(e.seq, e.event) for e in envelopes])
-        return job, applied_by(envelopes, command_id) if command_id else None
+        before = applied_by(envelopes, command_id) if command_id else None
+        if before is not None and command is not None:
+            (stored,) = [e.event for e in envelopes if e.seq == before.seq]
+            if not isinstance(stored, EMITS[type(command)]):
+                raise CommandIdReused(type(stored).__name__)
+        return job, before
 
     async def create(
         self,
@@ -65,14 +97,14 @@ class JobCommands:
             command_id, job_id = new_id(), short_id("job")
         else:
             job_id = job_id_for(command_id)
-            _, before = await self._history(job_id, command_id)
-            if before is not None:
-                return job_id, before  # this create ran before: the same job
         cmd = CreateJob(job_id, name, tuple(targets), settings, platform)
+        _, before = await self._history(job_id, cmd, command_id)
+        if before is not None:
+            return job_id, before  # this create ran before: the same job
         try:
             return job_id, await self._append(Job(), cmd, actor, command_id)
         except ConcurrencyConflict:
-            _, before = await self._history(job_id, command_id)
+            _, before = await self._history(job_id, cmd, command_id)
             if before is None:
                 raise
             return job_id, before
@@ -89,7 +121,7 @@ class JobCommands:
         command = command_id or new_id()  # one id for this command, kept across retries
 
         async def attempt() -> Appended:
-            job, before = await self._history(cmd.job_id, command)
+            job, before = await self._history(cmd.job_id, cmd, command)
             if before is not None:
                 return before  # a retry of a command that was stored
             if must_exist and job.version == 0:
@@ -108,7 +140,7 @@ class JobCommands:
         command = command_id or new_id()
 
         async def attempt() -> Appended:
-            job, before = await self._history(job_id, command)
+            job, before = await self._history(job_id, ResumeJob(job_id, frozenset()), command)
             if before is not None:
                 return before
             if job.version == 0:
@@ -130,7 +162,17 @@ class JobCommands:
     async def _append(self, job: Job, cmd: JobCommand, actor: str, command_id: str) -> Appended:
         meta = Meta(id=new_id(), at=self.clock(), actor=actor)
         stored = await append_decision(self.bus, job, cmd, meta, command_id)
-        return stored[-1][1] if stored else Appended(seq=job.version, duplicate=False)
+        if not stored:
+            return Appended(seq=job.version, duplicate=False)
+        last = stored[-1][1]
+        if last.duplicate:
+            # the server had this message id: answer what this command stored, unless
+            # the id named a command on another job
+            _, before = await self._history(cmd.job_id, cmd, command_id)
+            if before is None:
+                raise CommandIdReused("on another job")
+            return before
+        return last
 
 
 async def append_decision(

@@ -10,18 +10,17 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-import msgspec
 from litestar.params import HeaderParameter, PathParameter
 
+from engine.consent.service import DOMAIN_RULE, checked_domain
 from engine.errors import Invalid
-from schemas.ids import ID_RULE, is_valid_id, new_id
-from schemas.values import Domain
+from engine.jobs.service import checked_job_id
+from schemas.ids import ID_RULE, new_id
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 KEY_RULE = "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' and '-'"
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-DOMAIN_RULE = "must be a host name such as example.com"
 
 _LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # the documented shapes (the checks below are the rule: they also refuse a final newline)
@@ -44,17 +43,8 @@ DomainPath = Annotated[
 ]
 
 
-def job_id_in_path(raw: str) -> str:
-    if not is_valid_id(raw):
-        raise Invalid("job_id", ID_RULE)
-    return raw
-
-
-def domain_in_path(raw: str) -> str:
-    try:
-        return msgspec.convert(raw, Domain).lower()
-    except msgspec.ValidationError:
-        raise Invalid("domain", DOMAIN_RULE) from None
+job_id_in_path = checked_job_id
+domain_in_path = checked_domain
 
 
 def command_id(

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import aiosqlite
 
 from projections.db import iso
+from schemas.consent_state import Consent, ConsentStatus, evolve_consent
 from schemas.events import (
+    ConsentEvent,
     ConsentGiven,
     ConsentRevoked,
     ConsentVerificationFailed,
     DomainClaimed,
     Envelope,
 )
-
-ConsentStatus = Literal["claimed", "verified", "failed", "revoked"]
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS consents (
@@ -42,31 +40,45 @@ _UPSERT = (
 
 
 async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
-    """Fold one consent event (the latest one decides); returns the domains that changed."""
+    """Fold one consent event; returns the domains that changed. The status is the one
+    rule every reader of consent shares (``schemas.consent_state``): a failed re-check
+    leaves a verified domain verified, a revocation retires the token."""
     event = env.event
+    if not isinstance(event, ConsentEvent):
+        return set()
+    status = evolve_consent(await _current(db, event.domain), event).status
     match event:
         case DomainClaimed():
             # a new claim starts over: the old evidence proved a different token
             await _upsert(
-                db, env, event.domain, "claimed",
+                db, env, event.domain, status,
                 token=event.token, method=None, evidence=None, expires_at=None,
                 max_concurrent=None, max_flows_per_minute=None, reason=None,
             )  # fmt: skip
         case ConsentGiven():
             await _upsert(
-                db, env, event.domain, "verified",
+                db, env, event.domain, status,
                 method=event.method, evidence=event.evidence, expires_at=iso(event.expires_at),
                 max_concurrent=event.caps.max_concurrent,
                 max_flows_per_minute=event.caps.max_flows_per_minute, reason=None,
             )  # fmt: skip
-        case ConsentVerificationFailed() | ConsentRevoked():
-            status: ConsentStatus = (
-                "failed" if isinstance(event, ConsentVerificationFailed) else "revoked"
-            )
+        case ConsentVerificationFailed():
             await _upsert(db, env, event.domain, status, reason=event.reason or None)
-        case _:
-            return set()
+        case ConsentRevoked():
+            await _upsert(
+                db, env, event.domain, status,
+                token=None, expires_at=None, reason=event.reason or None,
+            )  # fmt: skip
     return {domain_key(event.domain)}
+
+
+async def _current(db: aiosqlite.Connection, domain: str) -> Consent:
+    rows = await db.execute_fetchall(
+        "SELECT status, token FROM consents WHERE domain = ?", (domain_key(domain),)
+    )
+    for status, token in rows:
+        return Consent(domain=domain, status=ConsentStatus(status), token=token or "")
+    return Consent(domain=domain)
 
 
 def domain_key(domain: str) -> str:
@@ -87,5 +99,5 @@ async def _upsert(
         sets=", ".join(f"{name} = excluded.{name}" for name in names),
     )
     await db.execute(
-        sql, (domain_key(domain), status, iso(env.event.at), env.seq, *columns.values())
+        sql, (domain_key(domain), status.value, iso(env.event.at), env.seq, *columns.values())
     )

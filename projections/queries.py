@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 import aiosqlite
 import msgspec
 
-from projections.consents import ConsentStatus, domain_key
+from projections.consents import domain_key
 from projections.runners import RunnerStatus
+from schemas.consent_state import ConsentStatus
 from schemas.flow_lifecycle import FlowStatus
 from schemas.values import JobStatus
 

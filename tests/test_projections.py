@@ -30,6 +30,7 @@ from schemas import subjects
 from schemas.events import (
     ConsentGiven,
     ConsentRevoked,
+    ConsentVerificationFailed,
     DomainClaimed,
     Envelope,
     Event,
@@ -556,6 +557,7 @@ async def test_consents_read_model(
             expires_at=expires,
             caps=ConsentCaps(max_concurrent=5, max_flows_per_minute=60),
         ),
+        ev(ConsentVerificationFailed, domain="site.test", reason="HTTP 500"),  # a re-check
         ev(DomainClaimed, domain="gone.test", token="tb-456"),
         ev(ConsentRevoked, domain="gone.test", reason="owner asked"),
     )
@@ -568,9 +570,11 @@ async def test_consents_read_model(
         expires,
         5,
     )
-    assert [(c.domain, c.status, c.reason) for c in await list_consents(reader)] == [
-        ("gone.test", "revoked", "owner asked"),
-        ("site.test", "verified", None),
+    # the one consent rule: a failed re-check leaves a verified domain verified (it says
+    # why in reason), and a revocation retires the token
+    assert [(c.domain, c.status, c.token, c.reason) for c in await list_consents(reader)] == [
+        ("gone.test", "revoked", None, "owner asked"),
+        ("site.test", "verified", "tb-123", "HTTP 500"),
     ]
 
 

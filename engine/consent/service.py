@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+import msgspec
+
 from engine.bus import Appended, Bus, Expect, retry_on_conflict
 from engine.consent.decider import (
     ClaimDomain,
@@ -30,7 +32,7 @@ from engine.consent.well_known import (
     fetch_token_async,
     well_known_url,
 )
-from engine.errors import CommandIdReused, Rejected
+from engine.errors import CommandIdReused, Invalid, Rejected
 from schemas import subjects
 from schemas.consent_state import Consent, evolve_consent
 from schemas.events import (
@@ -42,7 +44,7 @@ from schemas.events import (
     Envelope,
 )
 from schemas.ids import new_id, utcnow
-from schemas.values import ConsentCaps
+from schemas.values import ConsentCaps, Domain
 
 __all__ = ["ConsentCommands", "VerificationFailed", "mint_token", "well_known_url"]
 
@@ -53,6 +55,17 @@ class VerificationFailed(Rejected):
     def __init__(self, domain: str, reason: str) -> None:
         super().__init__("domain", f"{domain} not verified: {reason}")
         self.reason = reason
+
+
+DOMAIN_RULE = "must be a host name such as example.com"
+
+
+def checked_domain(domain: str) -> str:
+    """The domain, lower-cased, if it is one; it becomes a subject token."""
+    try:
+        return msgspec.convert(domain, Domain).lower()
+    except msgspec.ValidationError:
+        raise Invalid("domain", DOMAIN_RULE) from None
 
 
 def mint_token() -> str:
@@ -67,7 +80,7 @@ class ConsentCommands:
     new_token: Callable[[], str] = mint_token
 
     async def load(self, domain: str) -> Consent:
-        return (await self._history(domain.lower(), None))[0]
+        return (await self._history(checked_domain(domain), None))[0]
 
     async def claim(
         self, domain: str, actor: str, command_id: str | None = None
@@ -76,7 +89,7 @@ class ConsentCommands:
 
         A verified domain is a ``Conflict``: a claim never undoes a verification.
         """
-        domain = domain.lower()
+        domain = checked_domain(domain)
         command = command_id or new_id()  # one id for this command, kept across retries
 
         async def attempt() -> tuple[str, Appended]:
@@ -102,7 +115,7 @@ class ConsentCommands:
     ) -> tuple[ConsentGiven, Appended]:
         """Fetch the consent's token from the domain and record the outcome; on a verified
         domain this renews the expiry. ``VerificationFailed`` when the token is not served."""
-        domain = domain.lower()
+        domain = checked_domain(domain)
         command = command_id or new_id()
         url = well_known_url(domain, base_url)
 
@@ -124,7 +137,7 @@ class ConsentCommands:
         self, domain: str, reason: str, actor: str, command_id: str | None = None
     ) -> Appended:
         """Retire the domain's token: its consent no longer authorises anything."""
-        domain = domain.lower()
+        domain = checked_domain(domain)
         command = command_id or new_id()
 
         async def attempt() -> Appended:

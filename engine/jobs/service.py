@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from engine.bus import Appended, Bus, ConcurrencyConflict, Expect, applied_by, retry_on_conflict
-from engine.errors import CommandIdReused, NotFound
+from engine.errors import CommandIdReused, Invalid, NotFound
 from engine.jobs.decider import (
     CancelJob,
     CreateJob,
@@ -40,8 +40,15 @@ from schemas.events import (
     JobStarted,
     TbEvent,
 )
-from schemas.ids import new_id, short_id, utcnow
+from schemas.ids import ID_RULE, is_valid_id, new_id, short_id, utcnow
 from schemas.values import JobSettings, Platform, Target
+
+
+def checked_job_id(job_id: str) -> str:
+    """The id, if it is one: it becomes a subject token (``tb.job.<job_id>.*``)."""
+    if not is_valid_id(job_id):
+        raise Invalid("job_id", ID_RULE)
+    return job_id
 
 
 def job_id_for(command_id: str) -> str:
@@ -73,7 +80,7 @@ class JobCommands:
     ) -> tuple[Job, Appended | None]:
         """The job, and where ``command_id`` already stored ``command``'s events (a retry);
         ``CommandIdReused`` when that id stored another command's."""
-        envelopes = await self.bus.load(subjects.job_stream_filter(job_id))
+        envelopes = await self.bus.load(subjects.job_stream_filter(checked_job_id(job_id)))
         job = fold([(e.seq, e.event) for e in envelopes])
         before = applied_by(envelopes, command_id) if command_id else None
         if before is not None and command is not None:

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.dispatch.state import Dispatch, DispatchState, Finish, StartOrRefuse
+from engine.dispatch.state import Dispatch, DispatchState, Finish, Start
 from schemas.events import (
     ConsentGiven,
     Envelope,
@@ -127,7 +127,7 @@ def failed(d: Dispatch, retryable: bool = True) -> FlowFailed:
     )
 
 
-def test_created_job_is_asked_to_start_with_the_authorised_hosts() -> None:
+def test_created_job_is_asked_to_start() -> None:
     w = World()
     w.consent("a.test")
     w.add(
@@ -141,7 +141,8 @@ def test_created_job_is_asked_to_start_with_the_authorised_hosts() -> None:
             settings=JobSettings(),
         )
     )
-    assert w.state.plan(NOW) == [StartOrRefuse("j1", frozenset({"a.test"}))]
+    assert w.state.plan(NOW) == [Start("j1")]
+    assert w.state.authorised_hosts(NOW) == {"a.test"}
 
 
 def test_never_more_in_flight_than_instance_count() -> None:
@@ -164,7 +165,8 @@ def test_retryable_failure_is_redispatched_until_the_limit() -> None:
     (d2,) = w.dispatch_all()
     assert (d2.flow_id, d2.attempt) == (d1.flow_id, 2)
     w.add(failed(d2))
-    assert w.state.plan(NOW) == [Finish("j1", 0, 1)]
+    assert w.state.plan(NOW) == [Finish("j1")]
+    assert (w.state.jobs["j1"].done, w.state.jobs["j1"].failed) == (0, 1)
 
 
 def test_duplicate_done_counts_once_and_job_finishes() -> None:
@@ -174,7 +176,8 @@ def test_duplicate_done_counts_once_and_job_finishes() -> None:
     d = w.dispatch_all()
     for event in (done(d[0]), done(d[0]), done(d[1])):
         w.add(event)
-    assert w.state.plan(NOW) == [Finish("j1", 2, 0)]
+    assert w.state.plan(NOW) == [Finish("j1")]
+    assert (w.state.jobs["j1"].done, w.state.jobs["j1"].failed) == (2, 0)
 
 
 def test_domain_concurrency_cap_holds_across_jobs() -> None:

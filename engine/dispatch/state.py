@@ -55,7 +55,6 @@ class JobPlan:
     in_flight: int = 0
     done: int = 0
     failed: int = 0
-    finishing: bool = False
 
     @property
     def terminal(self) -> int:
@@ -74,12 +73,23 @@ def flow_seed(job: Job, flow: str) -> int:
 
 
 # -- actions the loop carries out ---------------------------------------------------
+#
+# An action names what to do, not the facts it was planned on: the loop re-reads the
+# state when it carries one out, because the log may have moved on in between.
 
 
 @dataclass(frozen=True)
-class StartOrRefuse:
+class Start:
+    """Start the job if every target host has valid consent, else refuse it."""
+
     job_id: str
-    authorised_hosts: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Every flow of the job is terminal: record the outcome with the counts of then."""
+
+    job_id: str
 
 
 @dataclass(frozen=True)
@@ -91,14 +101,8 @@ class Dispatch:
     seed: int
 
 
-@dataclass(frozen=True)
-class Finish:
-    job_id: str
-    flows_done: int
-    flows_failed: int
-
-
-Action = StartOrRefuse | Dispatch | Finish
+JobAction = Start | Finish
+Action = JobAction | Dispatch
 
 
 @dataclass
@@ -227,22 +231,48 @@ class DispatchState:
         return frozenset(d for d, c in self.consents.items() if c.valid_at(now))
 
     def plan(self, now: datetime, max_dispatches: int = 1000) -> list[Action]:
-        actions: list[Action] = []
-        authorised = self.authorised_hosts(now)
-        runnable: list[JobPlan] = []
+        """Everything due now: job transitions first, then the dispatches."""
+        return [*self.due(), *self.dispatches(now, max_dispatches)]
+
+    def due(self) -> list[JobAction]:
+        """Jobs to start (or refuse) and jobs whose every flow is terminal."""
+        actions: list[JobAction] = []
         for plan in self.jobs.values():
             status = plan.job.status
             if status == JobStatus.CREATED:
-                actions.append(StartOrRefuse(plan.job.job_id, authorised))
-            elif status in (JobStatus.RUNNING, JobStatus.PAUSED):
-                if plan.terminal == plan.job.flows_total and plan.in_flight == 0:
-                    if not plan.finishing:
-                        actions.append(Finish(plan.job.job_id, plan.done, plan.failed))
-                elif status == JobStatus.RUNNING and plan.queue:
-                    runnable.append(plan)
-        runnable.sort(key=lambda p: (-p.job.settings.priority, p.created_seq))
-        actions.extend(self._fair_dispatches(runnable, now, authorised, max_dispatches))
+                actions.append(Start(plan.job.job_id))
+            elif self.finishable(plan):
+                actions.append(Finish(plan.job.job_id))
         return actions
+
+    @staticmethod
+    def finishable(plan: JobPlan) -> bool:
+        return (
+            plan.job.status in (JobStatus.RUNNING, JobStatus.PAUSED)
+            and plan.terminal == plan.job.flows_total
+            and plan.in_flight == 0
+        )
+
+    def dispatchable(self, d: Dispatch, now: datetime) -> bool:
+        """Whether ``d`` still holds on the state as it is now (the log may have moved on)."""
+        plan = self.jobs.get(d.job_id)
+        if plan is None or plan.job.status != JobStatus.RUNNING:
+            return False
+        slot = plan.flows.get(d.flow_id)
+        if slot is None or slot.status != FlowStatus.PLANNED or slot.attempt + 1 != d.attempt:
+            return False
+        consent = self.consents.get(slot.host)
+        return consent is not None and consent.valid_at(now)
+
+    def dispatches(self, now: datetime, max_dispatches: int = 1000) -> list[Dispatch]:
+        authorised = self.authorised_hosts(now)
+        runnable = [
+            plan
+            for plan in self.jobs.values()
+            if plan.job.status == JobStatus.RUNNING and plan.queue
+        ]
+        runnable.sort(key=lambda p: (-p.job.settings.priority, p.created_seq))
+        return self._fair_dispatches(runnable, now, authorised, max_dispatches)
 
     def _fair_dispatches(
         self, runnable: list[JobPlan], now: datetime, authorised: frozenset[str], budget: int

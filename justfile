@@ -37,3 +37,7 @@ bench-engine *ARGS: setup
 # dispatcher restart from its snapshot against a full read of the log, in one run
 bench-restart *ARGS: setup
     {{bin}}/python -m benchmarks.restart {{ARGS}}
+
+# dispatcher tick time and snapshot size: 100,000 finished jobs in history against 100
+bench-state *ARGS: setup
+    {{bin}}/python -m benchmarks.state {{ARGS}}

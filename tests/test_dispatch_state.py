@@ -76,17 +76,17 @@ class World:
             )
         )
 
-    def dispatch_all(self) -> list[Dispatch]:
-        out = [a for a in self.state.plan(NOW) if isinstance(a, Dispatch)]
+    def dispatch_all(self, at: datetime = NOW) -> list[Dispatch]:
+        out = self.state.dispatches(at)
         for d in out:
-            self.add(dispatched(d))
+            self.add(dispatched(d, at))
         return out
 
 
-def dispatched(d: Dispatch) -> FlowDispatched:
+def dispatched(d: Dispatch, at: datetime = NOW) -> FlowDispatched:
     return FlowDispatched(
         id="d",
-        at=NOW,
+        at=at,
         actor="t",
         job_id=d.job_id,
         flow_id=d.flow_id,

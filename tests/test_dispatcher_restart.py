@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,14 @@ from engine.dispatch import snapshot
 from engine.dispatch.snapshot import SNAPSHOT_OBJECT, SnapshotStore
 from engine.dispatch.state import DispatchState, Finish
 from engine.dispatcher import Dispatcher
-from engine.jobs.decider import JobStatus
 from schemas import subjects
-from schemas.events import Envelope, JobCancelled, JobCompleted, TbEvent
+from schemas.events import Envelope, JobCancelled, JobCompleted, JobStarted, TbEvent
 from schemas.values import ConsentCaps, Target
 from tests.conftest import NatsServer
 from tests.harness import SteadyExecutor, dispatches, embedded
 from tests.test_dispatch_state import NOW, World, dispatched, done, failed
 
-# -- the state: compaction and idempotence ----------------------------------------------
+# -- the state: only live jobs, and idempotence ----------------------------------------------
 
 
 def fingerprint(state: DispatchState) -> bytes:
@@ -41,7 +41,7 @@ def completed(job_id: str, flows_done: int) -> JobCompleted:
     )
 
 
-def test_completed_job_keeps_no_flows_and_a_late_done_changes_nothing() -> None:
+def test_completed_job_leaves_the_state_and_its_late_events_change_nothing() -> None:
     w = World()
     w.consent("a.test")
     w.job("j1", flows=3, instance_count=3)
@@ -50,14 +50,41 @@ def test_completed_job_keeps_no_flows_and_a_late_done_changes_nothing() -> None:
         w.add(done(d))
     assert w.state.plan(NOW) == [Finish("j1")]
     w.add(completed("j1", 3))
-    plan = w.state.jobs["j1"]
-    assert plan.job.status == JobStatus.COMPLETED
-    assert (plan.flows, list(plan.queue), plan.job.targets) == ({}, [], ())
+    assert "j1" not in w.state.jobs
     before = fingerprint(w.state)
-    for late in (done(ds[0]), failed(ds[1]), dispatched(replace(ds[2], attempt=2))):
+    late_events: list[TbEvent] = [
+        done(ds[0]),
+        failed(ds[1]),
+        dispatched(replace(ds[2], attempt=2)),
+        JobCancelled(id="x", at=NOW, actor="t", job_id="j1", reason="late"),
+        JobStarted(id="s", at=NOW, actor="t", job_id="j1", flows_total=3, allowed_hosts=[]),
+    ]
+    for late in late_events:
         w.add(late)  # a redelivery after the dedupe window: a new sequence
     assert fingerprint(w.state) == before
     assert w.state.plan(NOW) == []
+
+
+def test_state_and_snapshot_hold_only_live_jobs_however_many_finished() -> None:
+    def history(finished: int) -> DispatchState:
+        w = World()
+        w.consent("a.test", ConsentCaps(max_concurrent=1000))
+        for n in range(finished):
+            w.job(f"old{n}", flows=2, instance_count=2)
+            for d in w.dispatch_all(at=NOW - timedelta(hours=1)):
+                w.add(done(d))
+            w.add(completed(f"old{n}", 2))
+        w.job("live", flows=20, instance_count=5)
+        w.dispatch_all()
+        return w.state
+
+    few, many = history(1), history(200)
+    assert list(many.jobs) == list(few.jobs) == ["live"]
+    # the same live job, consents and capacity whatever the history; only its sequence
+    # numbers (created_seq, version) are wider integers
+    assert len(fingerprint(few)) <= len(fingerprint(many)) <= len(fingerprint(few)) + 8
+    restored = snapshot.decode(snapshot.encode(many))
+    assert restored is not None and list(restored.jobs) == ["live"]
 
 
 def test_cancelled_job_gives_its_in_flight_capacity_back() -> None:
@@ -67,7 +94,7 @@ def test_cancelled_job_gives_its_in_flight_capacity_back() -> None:
     first = w.dispatch_all()
     assert len(first) == 2
     w.add(JobCancelled(id="x", at=NOW, actor="t", job_id="j1", reason="stop"))
-    assert w.state.jobs["j1"].flows == {}
+    assert "j1" not in w.state.jobs
     assert w.state.domain_in_flight["a.test"] == 0
     w.job("j2", flows=5, instance_count=5)
     assert len(w.dispatch_all()) == 2
@@ -111,7 +138,7 @@ def test_applying_an_event_again_changes_nothing(steps: list[tuple[str, int]], c
     for action in w.state.plan(NOW):
         if isinstance(action, Finish):
             w.add(completed("j1", w.state.jobs["j1"].done))
-    assert w.state.jobs["j1"].job.status in (JobStatus.COMPLETED, JobStatus.CANCELLED) or live
+    assert "j1" not in w.state.jobs or live
 
 
 # -- the snapshot format ----------------------------------------------------------------

@@ -31,7 +31,7 @@ from schemas.consent_state import Consent
 
 log = structlog.get_logger("tb.dispatcher.snapshot")
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: finished jobs leave the state
 SNAPSHOT_OBJECT = "state"
 
 

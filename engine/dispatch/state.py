@@ -3,14 +3,19 @@
 ``DispatchState.apply`` folds events in (idempotently: the dispatcher applies its
 own appends at once and sees them again from the stream); ``plan`` decides what to
 publish next from the state and the time, doing no I/O.
+
+Only live jobs are held: a job leaves the state when it ends, so planning and the
+snapshot cost what the live jobs cost, however long the history. Only a JobCreated
+brings a job in; any other event of a job the state does not hold changes nothing.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -23,6 +28,7 @@ from schemas.events import (
     FlowDispatched,
     FlowDone,
     FlowFailed,
+    JobCreated,
     JobEvent,
     JobStarted,
 )
@@ -133,13 +139,17 @@ class DispatchState:
     def _apply_job(self, seq: int, event: JobEvent) -> None:
         plan = self.jobs.get(event.job_id)
         if plan is None:
+            if not isinstance(event, JobCreated):
+                return  # a job that ended (or never began) here: nothing to change
             plan = self.jobs[event.job_id] = JobPlan(job=Job(), created_seq=seq)
+        elif isinstance(event, JobCreated):
+            return  # the job exists: a second JobCreated never starts it over
         before = plan.job.status
         plan.job = evolve(plan.job, event, seq)
         if isinstance(event, JobStarted) and before != JobStatus.RUNNING and not plan.flows:
             self._plan_flows(plan)
-        if plan.job.status in TERMINAL and before not in TERMINAL:
-            self._compact(plan)
+        if plan.job.status in TERMINAL:
+            self._forget(plan)
 
     def _plan_flows(self, plan: JobPlan) -> None:
         job = plan.job
@@ -153,18 +163,16 @@ class DispatchState:
                     plan.flows[fid] = FlowSlot(fid, index, hosts[index])
                     plan.queue.append(fid)
 
-    def _compact(self, plan: JobPlan) -> None:
-        """A terminal job keeps only what ignores its late events: status and version.
+    def _forget(self, plan: JobPlan) -> None:
+        """A finished job leaves the state: planning and the snapshot only hold live jobs.
 
-        Without slots, a late FlowDispatched, FlowDone or FlowFailed finds nothing to
-        change. Flows still in flight give their domain capacity back now: a runner drops
-        the flows of a cancelled job without reporting them, so no later event would.
+        Its late events then find no job and change nothing. Flows still in flight give
+        their domain capacity back now: a runner drops the flows of a cancelled job
+        without reporting them, so no later event would.
         """
         for slot in plan.flows.values():
             self._release(plan, slot)
-        plan.flows.clear()
-        plan.queue.clear()
-        plan.job = replace(plan.job, targets=(), allowed_hosts=frozenset())
+        del self.jobs[plan.job.job_id]
 
     def _apply_dispatched(self, event: FlowDispatched, at: datetime) -> None:
         plan = self.jobs.get(event.job_id)
@@ -177,19 +185,31 @@ class DispatchState:
         slot.status = FlowStatus.IN_FLIGHT
         plan.in_flight += 1
         self.domain_in_flight[slot.host] += 1
-        recent = self.domain_recent.get(slot.host)
-        if recent is None:
-            recent = self.domain_recent[slot.host] = deque()
-        # nothing older than a window before the newest dispatch can count again: this
-        # keeps the deque short while catching up on a long history without planning
-        while recent and recent[0] <= at - RATE_WINDOW:
-            recent.popleft()
-        recent.append(at)
+        self._count_dispatch(slot.host, at)
         if plan.queue and plan.queue[0] == slot.flow_id:
             plan.queue.popleft()
         else:
             with contextlib.suppress(ValueError):
                 plan.queue.remove(slot.flow_id)
+
+    def _count_dispatch(self, host: str, at: datetime) -> None:
+        """Remember a dispatch for the host's flows-per-minute cap.
+
+        Only dispatches within a window of the newest one can ever count again: older ones
+        are not kept, so the window stays short while catching up on a long history, and
+        holds at most a minute of dispatches however the log interleaves their times.
+        """
+        recent = self.domain_recent.get(host)
+        if recent is None:
+            recent = self.domain_recent[host] = deque()
+        if not recent or at >= recent[-1]:
+            recent.append(at)
+        elif at > recent[-1] - RATE_WINDOW:
+            bisect.insort(recent, at)  # another writer's clock was a little behind ours
+        else:
+            return
+        while recent[0] <= recent[-1] - RATE_WINDOW:
+            recent.popleft()
 
     def _release(self, plan: JobPlan, slot: FlowSlot) -> None:
         if slot.status == FlowStatus.IN_FLIGHT:

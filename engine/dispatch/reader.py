@@ -24,6 +24,10 @@ class StateReader:
     state: DispatchState
     on_change: Callable[[], None] = lambda: None
     batch: int = 1000
+    # further behind than this, catch up on the whole stream first: JetStream serves a
+    # consumer with several filters slowly from far back (its cost grows with the number
+    # of distinct subjects, one per job and event type), one without filters fast
+    unfiltered_catch_up: int = 10_000
     applied: int = 0  # events applied from the log since this reader began
     _ahead: set[int] = field(default_factory=set)  # own appends the reader has not reached
     _caught_up: asyncio.Event = field(default_factory=asyncio.Event)
@@ -43,6 +47,12 @@ class StateReader:
         sequence may belong to an event outside the filter (a runner registering), so
         the reader also says when it has delivered all there was.
         """
+        if catch_up_to - self.state.position > self.unfiltered_catch_up:
+            # the events planning does not read (FlowStarted, runners…) change nothing
+            async for batch in self.bus.read(
+                self.state.position + 1, None, follow=False, batch=self.batch
+            ):
+                self.deliver(batch)
         if catch_up_to <= self.state.position:
             self._caught_up.set()
         async for batch in self.bus.read(

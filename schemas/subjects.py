@@ -20,16 +20,12 @@ LOGS_STREAM = "TB_LOGS"
 ADVISORIES_STREAM = "TB_ADVISORIES"
 QUARANTINE_STREAM = "TB_QUARANTINE"
 
-JOB_EVENTS = "tb.job.>"
-DISPATCH_EVENTS = "tb.dispatch.>"
-CONSENT_EVENTS = "tb.consent.>"
-
 EVENT_SUBJECTS = [
-    JOB_EVENTS,
-    DISPATCH_EVENTS,
+    "tb.job.>",
+    "tb.dispatch.>",
     "tb.flow.>",
     "tb.runner.>",
-    CONSENT_EVENTS,
+    "tb.consent.>",
     "tb.dataset.>",
     "tb.schedule.>",
     "tb.user.>",
@@ -78,21 +74,6 @@ def dispatch_consumer(os: str, browser: str) -> str:
 
 def flow_subject(job_id: str, event_type: str) -> str:
     return f"tb.flow.{job_id}.{event_type}"
-
-
-def dispatcher_inputs() -> list[str]:
-    """What the dispatcher folds in: jobs, work items, consents and flow outcomes.
-
-    Not FlowStarted, PageVisited, clicks…: they never change the plan, and reading them
-    would add a third message (or more) per flow to the dispatcher's hot path.
-    """
-    return [
-        JOB_EVENTS,
-        DISPATCH_EVENTS,
-        flow_subject("*", FlowDone.__name__),
-        flow_subject("*", FlowFailed.__name__),
-        CONSENT_EVENTS,
-    ]
 
 
 def runner_subject(runner_id: str, event_type: str) -> str:

@@ -56,13 +56,13 @@ class MemoryLog:
 
     def store(self, event: Event, msg_id: str, expect: Expect | None = None) -> Appended:
         self.published[msg_id] += 1
-        if msg_id in self.ids:  # JetStream checks the msg-id first
-            return Appended(seq=self.ids[msg_id], duplicate=True)
-        if expect is not None:
+        if expect is not None:  # nats-server 2.15 checks this before the msg-id
             scope = expect.stream_filter.removesuffix("*")
             last = max((e.seq for e in self.entries if e.subject.startswith(scope)), default=0)
             if last != expect.last_seq:
                 raise ConcurrencyConflict(expect.stream_filter, expect.last_seq)
+        if msg_id in self.ids:
+            return Appended(seq=self.ids[msg_id], duplicate=True)
         seq = len(self.entries) + 1
         self.entries.append(Envelope(seq=seq, subject=subjects.subject_for(event), event=event))  # type: ignore[arg-type]
         self.ids[msg_id] = seq

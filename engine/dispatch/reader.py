@@ -57,7 +57,7 @@ class StateReader:
             self._caught_up.set()
         async for batch in self.bus.read(
             self.state.position + 1,
-            subjects.dispatcher_inputs(),
+            subjects.DISPATCHER_INPUTS,
             batch=self.batch,
             on_caught_up=self._caught_up.set,
         ):

@@ -58,6 +58,14 @@ def job_subject(job_id: str, event_type: str) -> str:
     return f"tb.job.{job_id}.{event_type}"
 
 
+def job_of_subject(subject: str) -> tuple[str, str] | None:
+    """``(job id, event type)`` of a ``tb.job.<job_id>.<type>`` subject, else ``None``."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != "tb" or parts[1] != "job":
+        return None
+    return parts[2], parts[3]
+
+
 def job_stream_filter(job_id: str) -> str:
     """All events of one job aggregate (the optimistic-concurrency scope)."""
     return f"tb.job.{job_id}.*"

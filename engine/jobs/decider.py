@@ -111,7 +111,21 @@ class FinishJob:
     flows_failed: int
 
 
-JobCommand = CreateJob | StartJob | PauseJob | ResumeJob | CancelJob | FinishJob
+@dataclass(frozen=True)
+class AbortJob:
+    """The engine cannot go on with this job (its events could not be read or applied, or
+    planning it failed): end it, naming why. Refused if it never started, failed if it did.
+
+    Decided without looking at the job's targets or settings: they may be what is wrong.
+    """
+
+    job_id: str
+    reason: str
+    flows_done: int = 0
+    flows_failed: int = 0
+
+
+JobCommand = CreateJob | StartJob | PauseJob | ResumeJob | CancelJob | FinishJob | AbortJob
 
 ALLOWED: dict[type, frozenset[JobStatus]] = {
     CreateJob: frozenset({JobStatus.NEW}),
@@ -120,7 +134,10 @@ ALLOWED: dict[type, frozenset[JobStatus]] = {
     ResumeJob: frozenset({JobStatus.PAUSED}),
     CancelJob: frozenset({JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED}),
     FinishJob: frozenset({JobStatus.RUNNING, JobStatus.PAUSED}),
+    # NEW: a job whose JobCreated was quarantined still has a subject to end it on
+    AbortJob: frozenset({JobStatus.NEW, JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED}),
 }
+REASON_LENGTH = 1000
 
 
 def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
@@ -172,6 +189,12 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
             if done == 0:
                 return [_emit(JobFailed, meta, job_id, reason="every flow failed", **counts)]
             return [_emit(JobCompleted, meta, job_id, **counts)]
+        case AbortJob(reason=reason, flows_done=done, flows_failed=failed):
+            reason = reason[:REASON_LENGTH]
+            if job.status in (JobStatus.NEW, JobStatus.CREATED):
+                return [_emit(JobRefused, meta, job_id, reason=reason)]
+            counts = {"flows_done": max(done, 0), "flows_failed": max(failed, 0)}
+            return [_emit(JobFailed, meta, job_id, reason=reason, **counts)]
     raise AssertionError(f"unhandled command {cmd!r}")
 
 

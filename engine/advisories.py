@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -19,9 +19,11 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.bus import Bus
+from engine.transient import Backoff, is_transient
 from schemas import subjects
-from schemas.events import FlowDispatched, FlowFailed, decode_event
+from schemas.events import FlowDispatched, FlowFailed
 from schemas.ids import new_id, utcnow
+from schemas.stored import Undecodable, decode_stored
 
 log = structlog.get_logger("tb.engine")
 
@@ -56,11 +58,23 @@ def exhausted(item: FlowDispatched, deliveries: int, at: datetime, actor: str) -
 
 @dataclass
 class ExhaustedDeliveries:
+    """Turns captured max-delivery advisories into terminal failures; waits out NATS trouble."""
+
     bus: Bus
     clock: Callable[[], datetime] = utcnow
     actor: str = "system"
+    backoff: Backoff = field(default_factory=lambda: Backoff("exhausted-deliveries"))
 
     async def run(self) -> None:
+        while True:
+            try:
+                await self._consume()
+            except Exception as err:
+                if not is_transient(err, self.bus.nc):
+                    raise
+                await self.backoff.failed(err)
+
+    async def _consume(self) -> None:
         config = ConsumerConfig(
             durable_name=CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
@@ -70,15 +84,17 @@ class ExhaustedDeliveries:
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await self.bus.js.add_consumer(subjects.ADVISORIES_STREAM, config)
         sub = await self.bus.js.pull_subscribe_bind(CONSUMER, stream=subjects.ADVISORIES_STREAM)
+        self.backoff.succeeded()
         try:
             while True:
                 try:
                     msgs = await sub.fetch(50, timeout=5.0)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    continue
+                    continue  # nothing exhausted lately
                 for msg in msgs:
                     await self._handle(msg.data)
                     await msg.ack()
+                self.backoff.succeeded()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -86,7 +102,7 @@ class ExhaustedDeliveries:
     async def _handle(self, data: bytes) -> None:
         try:
             advisory = _decode_advisory(data)
-        except msgspec.ValidationError:
+        except msgspec.DecodeError:  # ValidationError included
             log.warning("advisory.undecodable")
             return
         if advisory.stream != subjects.EVENTS_STREAM:
@@ -96,9 +112,9 @@ class ExhaustedDeliveries:
         except nats.js.errors.NotFoundError:
             return  # aged out of the stream: nothing left to account for
         try:
-            item = decode_event(raw.data or b"")
-        except msgspec.ValidationError:
-            return
+            item = decode_stored(raw.subject or "", raw.data or b"", raw.headers)
+        except Undecodable:
+            return  # quarantined by the readers that meet it; no work item to end
         if not isinstance(item, FlowDispatched):
             return
         failed = exhausted(item, advisory.deliveries, self.clock(), self.actor)

@@ -1,7 +1,7 @@
 """A tick against a world that moves on at every await: cancels, pauses, outcomes, revocations.
 
 The dispatcher's only port is the ``Bus``; here it is an in-memory log with
-JetStream's two rules that matter (msg-id dedupe, expected last subject sequence),
+JetStream's two rules that matter (the expected last subject sequence, msg-id dedupe),
 and at every point where a real append would wait for the server, hypothesis picks
 what the rest of the system does meanwhile and whether the reader delivers it.
 """
@@ -18,12 +18,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.bus import Appended, ConcurrencyConflict, Expect
-from engine.dispatch.state import Dispatch, DispatchState, FlowStatus
+from engine.bus import Appended, Batch, BusConfig, ConcurrencyConflict, Expect
+from engine.dispatch.state import DispatchState, FlowStatus
 from engine.dispatcher import Dispatcher
 from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
 from schemas import subjects
+from schemas.consent_state import Consent, evolve_consent
 from schemas.events import (
+    CONSENT_REVOKED,
     ConsentGiven,
     ConsentRevoked,
     Envelope,
@@ -31,6 +33,8 @@ from schemas.events import (
     FlowDispatched,
     FlowDone,
     FlowFailed,
+    FlowReleased,
+    FlowStalled,
     JobCancelled,
     JobCompleted,
     JobCreated,
@@ -38,17 +42,23 @@ from schemas.events import (
     JobFailed,
     JobPaused,
     JobResumed,
+    TbEvent,
 )
+from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
 from schemas.values import ConsentCaps, JobSettings, Target
 from tests.test_dispatch_state import NOW
 
 HOSTS = ("a.test", "b.test")
-HAPPENINGS = ("create", "cancel", "pause", "resume", "done", "fail", "fatal", "revoke", "renew")
+HAPPENINGS = (
+    "create", "cancel", "pause", "resume", "done", "fail", "fatal", "release", "revoke",
+    "renew", "later",
+)  # fmt: skip
+OUTCOMES = (FlowDone, FlowFailed, FlowStalled, FlowReleased)
 
 
 @dataclass
 class MemoryLog:
-    """The events stream: sequences, msg-id dedupe, and the expected-last-sequence check."""
+    """The events stream: sequences, the expected-last-sequence check, msg-id dedupe."""
 
     entries: list[Envelope] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
@@ -64,9 +74,13 @@ class MemoryLog:
         if msg_id in self.ids:
             return Appended(seq=self.ids[msg_id], duplicate=True)
         seq = len(self.entries) + 1
-        self.entries.append(Envelope(seq=seq, subject=subjects.subject_for(event), event=event))  # type: ignore[arg-type]
+        subject = subjects.subject_for(event)
+        self.entries.append(Envelope(seq=seq, subject=subject, event=event))  # type: ignore[arg-type]
         self.ids[msg_id] = seq
         return Appended(seq=seq, duplicate=False)
+
+    def events(self) -> list[TbEvent]:
+        return [e.event for e in self.entries]
 
     def job(self, job_id: str) -> Job:
         job = Job()
@@ -75,14 +89,19 @@ class MemoryLog:
                 job = evolve(job, env.event, env.seq)
         return job
 
-    def in_flight(self) -> list[FlowDispatched]:
-        """Work items whose attempt has no outcome yet, of jobs not cancelled."""
-        items: dict[str, FlowDispatched] = {}
+    def consent(self, host: str) -> Consent:
+        consent = Consent(domain=host)
         for env in self.entries:
-            e = env.event
+            consent = evolve_consent(consent, env.event, env.seq)
+        return consent if consent.domain == host else Consent(domain=host)
+
+    def in_flight(self) -> list[FlowDispatched]:
+        """Work items whose attempt has no end yet, of jobs not cancelled."""
+        items: dict[str, FlowDispatched] = {}
+        for e in self.events():
             if isinstance(e, FlowDispatched):
                 items[e.flow_id] = e
-            elif isinstance(e, (FlowDone, FlowFailed)):
+            elif isinstance(e, OUTCOMES):
                 item = items.get(e.flow_id)
                 if item is not None and item.attempt == e.attempt:
                     del items[e.flow_id]
@@ -90,11 +109,12 @@ class MemoryLog:
 
 
 class World:
-    """Everything but the dispatcher: API users, runners, consent owners, and the reader."""
+    """Everything but the dispatcher: API users, runners, consent owners, the clock, the reader."""
 
     def __init__(self, data: st.DataObject | None) -> None:
         self.data = data
         self.log = MemoryLog()
+        self.now = NOW
         self.delivered = 0
         self.dispatcher: Dispatcher | None = None
         self.jobs = 0
@@ -104,17 +124,16 @@ class World:
             self.create()
 
     def event(self, kind: type[Any], **fields: Any) -> Any:
-        return kind(id="x", at=NOW, actor="world", **fields)
+        return kind(id="x", at=self.now, actor="world", **fields)
 
     def append(self, event: Event) -> None:
         self.log.store(event, f"world:{len(self.log.entries)}")
 
     def renew(self, host: str) -> None:
-        expires = NOW + timedelta(days=1)
+        expires = self.now + timedelta(days=1)
         caps = ConsentCaps(max_concurrent=3)
-        self.append(
-            self.event(ConsentGiven, domain=host, evidence="e", expires_at=expires, caps=caps)
-        )
+        given = self.event(ConsentGiven, domain=host, evidence="e", expires_at=expires, caps=caps)
+        self.append(given)
 
     def create(self) -> None:
         self.jobs += 1
@@ -131,7 +150,7 @@ class World:
         batch = self.log.entries[self.delivered :]
         self.delivered = len(self.log.entries)
         if batch:
-            self.dispatcher.reader.deliver(batch)
+            self.dispatcher.reader.deliver(Batch(batch, batch[-1].seq, []))
 
     def step(self) -> None:
         """Whatever the rest of the system does while the dispatcher waits."""
@@ -146,17 +165,18 @@ class World:
 
     def happen(self, kind: str, pick: int) -> None:
         job_id = f"j{pick % self.jobs + 1}"
-        status = self.log.job(job_id).status
+        job = self.log.job(job_id)
         flows = self.log.in_flight()
         if kind == "create" and self.jobs < 5:
             self.create()
-        elif kind == "cancel" and status not in TERMINAL:
+        elif kind == "cancel" and job.status not in TERMINAL:
             self.append(self.event(JobCancelled, job_id=job_id, reason="user"))
-        elif kind == "pause" and status == JobStatus.RUNNING:
-            self.append(self.event(JobPaused, job_id=job_id))
-        elif kind == "resume" and status == JobStatus.PAUSED:
-            self.append(self.event(JobResumed, job_id=job_id))
-        elif kind in ("done", "fail", "fatal") and flows:
+        elif kind == "pause" and job.status == JobStatus.RUNNING:
+            self.append(self.event(JobPaused, job_id=job_id, reason="user"))
+        elif kind == "resume" and job.status == JobStatus.PAUSED:
+            if all(self.log.consent(h).valid_at(self.now) for h in job.hosts):
+                self.append(self.event(JobResumed, job_id=job_id))  # as JobCommands.resume
+        elif kind in ("done", "fail", "fatal", "release") and flows:
             item = flows[pick % len(flows)]
             common = {
                 "job_id": item.job_id, "flow_id": item.flow_id, "attempt": item.attempt,
@@ -164,16 +184,23 @@ class World:
             }  # fmt: skip
             if kind == "done":
                 self.append(self.event(FlowDone, runner_id="r", **common))
+            elif kind == "release":  # a runner gives it back unrun (its job is paused)
+                self.append(self.event(FlowReleased, runner_id="r", reason="paused", **common))
             else:  # a runner lost (retryable) or a flow that cannot work (fatal)
                 self.append(self.event(FlowFailed, reason=kind, retryable=kind == "fail", **common))
         elif kind == "revoke":
             self.append(self.event(ConsentRevoked, domain=HOSTS[pick % len(HOSTS)]))
         elif kind == "renew":
             self.renew(HOSTS[pick % len(HOSTS)])
+        elif kind == "later":  # time passes: long enough for in-flight flows to stall
+            self.now += timedelta(minutes=6)
 
 
 class InterleavingBus:
     """The dispatcher's ``Bus``: at every await of a real append, the world may move on."""
+
+    config = BusConfig()
+    nc = None
 
     def __init__(self, world: World) -> None:
         self.world = world
@@ -190,9 +217,12 @@ class InterleavingBus:
         for event, _ in items:  # as built: each must hold on the state of now
             assert isinstance(event, FlowDispatched)
             self.items_checked += 1
-            d = Dispatch(event.job_id, event.flow_id, event.attempt, event.target_index, 0)
-            assert state.dispatchable(d, NOW), f"{event.flow_id} of a job not running"
-            assert state.jobs[event.job_id].job.status == JobStatus.RUNNING
+            plan = state.jobs[event.job_id]
+            assert plan.job.status == JobStatus.RUNNING, f"{event.flow_id}: job not running"
+            slot = plan.flows[event.flow_id]
+            assert slot.status == FlowStatus.PLANNED and slot.attempt + 1 == event.attempt
+            assert state.consents[slot.host].valid_at(self.world.now)
+            assert set(event.allowed_hosts) <= state.authorised_hosts(self.world.now)
         acks = []
         for event, msg_id in items:
             self.world.step()
@@ -202,14 +232,14 @@ class InterleavingBus:
 
 
 def check_counts(state: DispatchState) -> None:
+    """The state's counters agree with its flows, job by job and host by host."""
     in_flight_by_host: Counter[str] = Counter()
     for plan in state.jobs.values():
         slots = Counter(slot.status for slot in plan.flows.values())
         assert plan.in_flight == slots[FlowStatus.IN_FLIGHT]
         assert (plan.done, plan.failed) == (slots[FlowStatus.DONE], slots[FlowStatus.FAILED])
-        assert sorted(plan.queue) == sorted(
-            s.flow_id for s in plan.flows.values() if s.status == FlowStatus.PLANNED
-        )
+        planned = [s.flow_id for s in plan.flows.values() if s.status == FlowStatus.PLANNED]
+        assert sorted(plan.queue) == sorted(planned)
         assert plan.in_flight <= plan.job.settings.instance_count
         for slot in plan.flows.values():
             if slot.status == FlowStatus.IN_FLIGHT:
@@ -218,19 +248,39 @@ def check_counts(state: DispatchState) -> None:
         assert state.domain_in_flight[host] == in_flight_by_host[host]
 
 
+def lifecycle_counts(log: MemoryLog, job_id: str, until: int) -> tuple[int, int]:
+    """The job's counts by the flow rule, folded straight from the log up to ``until``."""
+    flows: dict[str, FlowState | None] = {}
+    done = failed = 0
+    max_attempts = log.job(job_id).settings.max_attempts
+    for env in log.entries[: until - 1]:
+        e = env.event
+        if isinstance(e, FlowProgress) and e.job_id == job_id:
+            step = flow_transition(flows.get(e.flow_id), e, max_attempts=max_attempts)
+            flows[e.flow_id] = step.state
+            done, failed = done + step.done, failed + step.failed
+    return done, failed
+
+
 def check_log(log: MemoryLog) -> None:
     """What the dispatcher stored adds up: each work item sent once, finished counts exact."""
     sent = [msg_id for msg_id in log.published if msg_id.startswith("dispatch:")]
     assert all(log.published[msg_id] == 1 for msg_id in sent)
-    done: dict[str, set[str]] = {}
     for env in log.entries:
         e = env.event
-        if isinstance(e, FlowDone):
-            done.setdefault(e.job_id, set()).add(e.flow_id)
-        if isinstance(e, (JobCompleted, JobFailed)):
+        if isinstance(e, JobCompleted | JobFailed):
             total = sum(t.flows for t in log.job(e.job_id).targets)
             assert e.flows_done + e.flows_failed == total
-            assert e.flows_done == len(done.get(e.job_id, set()))
+            assert (e.flows_done, e.flows_failed) == lifecycle_counts(log, e.job_id, env.seq)
+        if isinstance(e, FlowFailed) and e.actor == "system":
+            assert e.reason == CONSENT_REVOKED and not e.retryable
+            host = log.job(e.job_id).targets[e.target_index].url.split("/")[2]
+            assert any(
+                isinstance(r.event, ConsentRevoked) and r.event.domain == host
+                for r in log.entries[: env.seq - 1]
+            )
+        if isinstance(e, JobPaused) and e.actor == "system":
+            assert e.reason.startswith("consent revoked for ")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -238,16 +288,17 @@ def check_log(log: MemoryLog) -> None:
 def test_a_tick_acts_on_the_state_as_it_is_whatever_happens_meanwhile(data: st.DataObject) -> None:
     world = World(data)
     bus = InterleavingBus(world)
-    dispatcher = Dispatcher(bus, clock=lambda: NOW)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(bus, clock=lambda: world.now)  # type: ignore[arg-type]
     world.dispatcher = dispatcher
 
     async def scenario() -> None:
         world.deliver()
-        for _ in range(data.draw(st.integers(1, 10))):
+        for _ in range(data.draw(st.integers(1, 12))):
             world.step()
             await dispatcher.tick()  # raises if it acts on a state that moved on
             world.deliver()
             check_counts(dispatcher.state)
+            assert dispatcher.state.errors == []
 
     asyncio.run(scenario())
     check_log(world.log)
@@ -269,7 +320,7 @@ class CancelWhileStarting(InterleavingBus):
 async def test_a_cancel_while_another_job_starts_leaves_no_dispatch_for_it() -> None:
     world = World(None)
     bus = CancelWhileStarting(world)
-    dispatcher = Dispatcher(bus, clock=lambda: NOW)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(bus, clock=lambda: world.now)  # type: ignore[arg-type]
     world.dispatcher = dispatcher
     world.deliver()
     await dispatcher.tick()  # j1 and j2 start, and dispatch
@@ -280,12 +331,11 @@ async def test_a_cancel_while_another_job_starts_leaves_no_dispatch_for_it() -> 
     await dispatcher.tick()
     world.deliver()
     check_counts(dispatcher.state)
+    cancelled = next(e.seq for e in world.log.entries if isinstance(e.event, JobCancelled))
     late = [
         e.event
         for e in world.log.entries
-        if isinstance(e.event, FlowDispatched)
-        and e.event.job_id == "j1"
-        and e.seq > next(x.seq for x in world.log.entries if isinstance(x.event, JobCancelled))
+        if isinstance(e.event, FlowDispatched) and e.event.job_id == "j1" and e.seq > cancelled
     ]
     assert late == []
     assert bus.items_checked > 0

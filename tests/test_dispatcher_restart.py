@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.runner import Runner
-from engine.bus import Bus
+from engine.bus import Batch, Bus
 from engine.dispatch import snapshot
 from engine.dispatch.snapshot import SNAPSHOT_OBJECT, SnapshotStore
 from engine.dispatch.state import DispatchState, Finish
@@ -180,15 +180,15 @@ class SpyBus(Bus):
     starts: list[int]
     first_delivered: list[int]
 
-    def read(self, start_seq: int, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    def read_batches(self, start_seq: int, *args: Any, **kwargs: Any) -> Any:
         self.starts.append(start_seq)
-        return self._spy(super().read(start_seq, *args, **kwargs))
+        return self._spy(super().read_batches(start_seq, *args, **kwargs))
 
-    async def _spy(self, batches: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def _spy(self, batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
         first = True
         async for batch in batches:
-            if first:
-                self.first_delivered.append(batch[0].seq)
+            if first and batch.envelopes:
+                self.first_delivered.append(batch.envelopes[0].seq)
                 first = False
             yield batch
 

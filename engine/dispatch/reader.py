@@ -4,18 +4,26 @@ The dispatcher applies its own appends as soon as JetStream acks them, before th
 reader delivers them: planning must see a flow it just dispatched as in flight.
 ``apply_own`` remembers their sequences so that the reader skips them when they
 arrive, and leaves ``position`` (how far the reader got) where the reader put it.
+
+A message on a job's subjects that the bus quarantined still counts for that job:
+it moved the job's last subject sequence (which the job's next append must expect),
+and a JobCreated that no one can read, stored as its job's first message, makes a job
+the dispatcher refuses rather than leaving it 'created' for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.bus import Bus
+from engine.bus import Batch, Bus
 from engine.dispatch.state import DispatchState
+from engine.transient import Backoff, is_transient
 from schemas import subjects
-from schemas.events import Envelope, TbEvent
+from schemas.events import Envelope, JobCreated, TbEvent
+from schemas.ids import is_valid_id
+from schemas.quarantine import QuarantinedMessage
 
 
 @dataclass
@@ -29,6 +37,7 @@ class StateReader:
     # of distinct subjects, one per job and event type), one without filters fast
     unfiltered_catch_up: int = 10_000
     applied: int = 0  # events applied from the log since this reader began
+    backoff: Backoff = field(default_factory=lambda: Backoff("dispatcher-reader"))
     _ahead: set[int] = field(default_factory=set)  # own appends the reader has not reached
     _caught_up: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -40,40 +49,75 @@ class StateReader:
         await self._caught_up.wait()
 
     async def follow(self, catch_up_to: int) -> None:
-        """Apply the log from the state's position on, for ever.
+        """Apply the log from the state's position on, for ever; NATS trouble is waited out.
 
         ``catch_up_to`` is the stream's last sequence when the dispatcher started: once
         the reader is there, the state is the log's and planning may begin. That
         sequence may belong to an event outside the filter (a runner registering), so
         the reader also says when it has delivered all there was.
         """
+        while True:
+            try:
+                await self._read(catch_up_to)
+            except Exception as err:
+                if not is_transient(err, self.bus.nc):
+                    raise
+                await self.backoff.failed(err)  # then read on from the state's position
+
+    async def _read(self, catch_up_to: int) -> None:
         if catch_up_to - self.state.position > self.unfiltered_catch_up:
             # the events planning does not read (FlowStarted, runners…) change nothing
-            async for batch in self.bus.read(
+            async for batch in self.bus.read_batches(
                 self.state.position + 1, None, follow=False, batch=self.batch
             ):
-                self.deliver(batch)
+                await self._deliver(batch)
         if catch_up_to <= self.state.position:
             self._caught_up.set()
-        async for batch in self.bus.read(
+        async for batch in self.bus.read_batches(
             self.state.position + 1,
             subjects.DISPATCHER_INPUTS,
             batch=self.batch,
             on_caught_up=self._caught_up.set,
         ):
-            self.deliver(batch)
-            if batch[-1].seq >= catch_up_to:
+            await self._deliver(batch)
+            if batch.last_seq >= catch_up_to:
                 self._caught_up.set()
 
-    def deliver(self, batch: Sequence[Envelope]) -> None:
-        """Fold in events read from the log, in stream order."""
-        for env in batch:
-            if env.seq in self._ahead:
-                self._ahead.discard(env.seq)
-                self.state.position = max(self.state.position, env.seq)
+    async def _deliver(self, batch: Batch) -> None:
+        self.deliver(batch, await self._first_creations(batch.quarantined))
+        self.backoff.succeeded()
+
+    async def _first_creations(self, quarantined: list[QuarantinedMessage]) -> set[int]:
+        """Sequences of unreadable JobCreated messages stored before any event of their job."""
+        first: set[int] = set()
+        for q in quarantined:
+            job = subjects.job_of_subject(q.subject)
+            if job is None or job[1] != JobCreated.__name__ or not is_valid_id(job[0]):
                 continue
-            self.state.apply(env)
-        self.applied += len(batch)
+            if job[0] in self.state.jobs:
+                continue  # a live job: only its version moves
+            history = await self.bus.load(subjects.job_stream_filter(job[0]))
+            if all(env.seq > q.seq for env in history):
+                first.add(q.seq)
+        return first
+
+    def deliver(self, batch: Batch, first_creations: set[int] | None = None) -> None:
+        """Fold in what the log holds, in stream order (events and quarantined messages)."""
+        unreadable = [(q.seq, q) for q in batch.quarantined]
+        for env in _merged(batch.envelopes, unreadable):
+            if isinstance(env, Envelope):
+                if env.seq in self._ahead:
+                    self._ahead.discard(env.seq)
+                    self.state.position = max(self.state.position, env.seq)
+                    continue
+                self.state.apply(env)
+            else:
+                job = subjects.job_of_subject(env.subject)
+                if job is not None and is_valid_id(job[0]):
+                    first = env.seq in (first_creations or ())
+                    self.state.unreadable(job[0], env.seq, job[1], env.reason, first)
+        self.state.position = max(self.state.position, batch.last_seq)
+        self.applied += len(batch.envelopes)
         self.on_change()
 
     def apply_own(self, seq: int, event: TbEvent) -> None:
@@ -84,3 +128,14 @@ class StateReader:
         position = self.state.position  # the reader owns the position; we only ran ahead
         self.state.apply(Envelope(seq=seq, subject=subjects.subject_for(event), event=event))
         self.state.position = position
+
+
+def _merged(
+    envelopes: list[Envelope], unreadable: list[tuple[int, QuarantinedMessage]]
+) -> list[Envelope | QuarantinedMessage]:
+    if not unreadable:
+        return list(envelopes)
+    items: list[tuple[int, Envelope | QuarantinedMessage]] = [(e.seq, e) for e in envelopes]
+    items.extend(unreadable)
+    items.sort(key=lambda item: item[0])  # sequences are unique in a stream
+    return [item for _, item in items]

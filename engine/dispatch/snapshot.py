@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import msgspec
 import nats.errors
@@ -28,10 +28,13 @@ from engine.dispatch.state import DispatchState, FlowSlot, FlowStatus, JobPlan
 from engine.jobs.decider import Job
 from schemas import subjects
 from schemas.consent_state import Consent
+from schemas.flow_lifecycle import FlowState
 
 log = structlog.get_logger("tb.dispatcher.snapshot")
 
-SNAPSHOT_FORMAT = 2  # 2: finished jobs leave the state
+# 2: finished jobs leave the state; 3: flows hold their lifecycle state and dispatch
+# time, jobs their hosts and whether they are broken
+SNAPSHOT_FORMAT = 3
 SNAPSHOT_OBJECT = "state"
 
 
@@ -39,18 +42,19 @@ class FlowRecord(msgspec.Struct, frozen=True, array_like=True):
     flow_id: str
     target_index: int
     host: str
-    attempt: int
-    status: FlowStatus
+    flow: FlowState | None
+    dispatched_at: datetime | None
 
 
 class JobRecord(msgspec.Struct, frozen=True, array_like=True):
     job: Job
     created_seq: int
+    hosts: list[str]
     flows: list[FlowRecord]
     queue: list[int]  # indexes into ``flows``, in queue order
-    in_flight: int
     done: int
     failed: int
+    broken: str
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,14 +84,15 @@ def encode(state: DispatchState) -> bytes:
             JobRecord(
                 job=plan.job,
                 created_seq=plan.created_seq,
+                hosts=list(plan.hosts),
                 flows=[
-                    FlowRecord(s.flow_id, s.target_index, s.host, s.attempt, s.status)
+                    FlowRecord(s.flow_id, s.target_index, s.host, s.flow, s.dispatched_at)
                     for s in plan.flows.values()
                 ],
                 queue=[index[fid] for fid in plan.queue],
-                in_flight=plan.in_flight,
                 done=plan.done,
                 failed=plan.failed,
+                broken=plan.broken,
             )
         )
     return _encoder.encode(
@@ -113,25 +118,39 @@ def decode(data: bytes) -> DispatchState | None:
     state = DispatchState(position=snap.position)
     try:
         for record in snap.jobs:
-            flows = {
-                f.flow_id: FlowSlot(f.flow_id, f.target_index, f.host, f.attempt, f.status)
-                for f in record.flows
-            }
-            state.jobs[record.job.job_id] = JobPlan(
-                job=record.job,
-                created_seq=record.created_seq,
-                flows=flows,
-                queue=deque(record.flows[n].flow_id for n in record.queue),
-                in_flight=record.in_flight,
-                done=record.done,
-                failed=record.failed,
-            )
-    except IndexError:
+            state.jobs[record.job.job_id] = _plan(record)
+    except (IndexError, KeyError):
         return None
     state.consents = {c.domain: c for c in snap.consents}
     state.domain_in_flight = Counter(snap.domain_in_flight)
     state.domain_recent = {d: deque(r) for d, r in snap.domain_recent.items()}
     return state
+
+
+def _plan(record: JobRecord) -> JobPlan:
+    flows = {
+        f.flow_id: FlowSlot(f.flow_id, f.target_index, f.host, f.flow, f.dispatched_at)
+        for f in record.flows
+    }
+    # in-flight flows oldest first, as the stall check scans them
+    flying = sorted(
+        (s for s in flows.values() if s.status == FlowStatus.IN_FLIGHT),
+        key=lambda s: s.dispatched_at or _EPOCH,
+    )
+    return JobPlan(
+        job=record.job,
+        created_seq=record.created_seq,
+        hosts=tuple(record.hosts),
+        flows=flows,
+        queue=deque(record.flows[n].flow_id for n in record.queue),
+        flying={s.flow_id: None for s in flying},
+        done=record.done,
+        failed=record.failed,
+        broken=record.broken,
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass

@@ -1,46 +1,72 @@
 """The dispatcher's view of the log and its pure planning step.
 
 ``DispatchState.apply`` folds events in (idempotently: the dispatcher applies its
-own appends at once and sees them again from the stream); ``plan`` decides what to
-publish next from the state and the time, doing no I/O.
+own appends at once and sees them again from the stream); ``due`` and ``dispatches``
+decide what to append next from the state and the time, doing no I/O.
 
 Only live jobs are held: a job leaves the state when it ends, so planning and the
 snapshot cost what the live jobs cost, however long the history. Only a JobCreated
-brings a job in; any other event of a job the state does not hold changes nothing.
+(or a quarantined one, to refuse it) brings a job in; any other event of a job the
+state does not hold changes nothing.
+
+What a flow's events mean is ``schemas.flow_lifecycle``, the rule the read model
+applies too; the dispatcher reads FlowDispatched, FlowDone, FlowFailed, FlowStalled and
+FlowReleased, never FlowStarted (it changes no count).
+
+Each job is a lane: an exception while applying or planning one job's events marks
+that job broken (``JobPlan.broken``, the error kept in ``errors`` for the loop to
+log) and the job is ended with the reason; every other job goes on.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
 
 from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
-from schemas.consent_state import Consent, evolve_consent
+from schemas.consent_state import Consent, ConsentStatus, evolve_consent
 from schemas.events import (
     ConsentEvent,
     Envelope,
     FlowDispatched,
     FlowDone,
     FlowFailed,
+    FlowReleased,
+    FlowStalled,
     JobCreated,
     JobEvent,
     JobStarted,
 )
+from schemas.flow_lifecycle import IN_FLIGHT, WAITING, FlowState, flow_transition
 
 RATE_WINDOW = timedelta(minutes=1)
+STALL_MARGIN = timedelta(minutes=10)  # beyond a flow's planned session, before it is stalled
+
+FlowOutcome = FlowDone | FlowFailed | FlowStalled | FlowReleased
 
 
 class FlowStatus(StrEnum):
-    PLANNED = "planned"
+    """What a flow's lifecycle state means for planning."""
+
+    PLANNED = "planned"  # never dispatched, or waiting to be dispatched again
     IN_FLIGHT = "in_flight"
     DONE = "done"
     FAILED = "failed"
+
+
+def planning_status(flow: FlowState | None) -> FlowStatus:
+    if flow is None or flow.status in WAITING:
+        return FlowStatus.PLANNED
+    if flow.status in IN_FLIGHT:
+        return FlowStatus.IN_FLIGHT
+    return FlowStatus.DONE if flow.status == "done" else FlowStatus.FAILED
 
 
 @dataclass
@@ -48,23 +74,41 @@ class FlowSlot:
     flow_id: str
     target_index: int
     host: str
-    attempt: int = 0
-    status: FlowStatus = FlowStatus.PLANNED
+    flow: FlowState | None = None  # None: never dispatched
+    dispatched_at: datetime | None = None  # FlowDispatched.at of the latest attempt
+
+    @property
+    def status(self) -> FlowStatus:
+        return planning_status(self.flow)
+
+    @property
+    def attempt(self) -> int:
+        return self.flow.attempt if self.flow is not None else 0
 
 
 @dataclass
 class JobPlan:
     job: Job
     created_seq: int
+    hosts: tuple[str, ...] = ()  # each target's host, by target index
     flows: dict[str, FlowSlot] = field(default_factory=dict)
     queue: deque[str] = field(default_factory=deque)  # planned flow ids, retries first
-    in_flight: int = 0
+    flying: dict[str, None] = field(default_factory=dict)  # in-flight flow ids, oldest first
     done: int = 0
     failed: int = 0
+    broken: str = ""  # why the engine cannot go on with this job ("" = it can)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.flying)
 
     @property
     def terminal(self) -> int:
         return self.done + self.failed
+
+    @property
+    def host_set(self) -> frozenset[str]:
+        return frozenset(self.hosts)
 
 
 def flow_id(job_id: str, target_index: int, n: int) -> str:
@@ -76,6 +120,10 @@ def flow_seed(job: Job, flow: str) -> int:
     base = job.settings.seed if job.settings.seed is not None else job.job_id
     digest = hashlib.blake2b(f"{base}:{flow}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def host_of(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower()
 
 
 # -- actions the loop carries out ---------------------------------------------------
@@ -99,6 +147,39 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class Abort:
+    """The job is broken (``JobPlan.broken``): end it with that reason."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class PauseRevoked:
+    """A running job has a target on a host whose consent was revoked."""
+
+    job_id: str
+    host: str
+
+
+@dataclass(frozen=True)
+class FailRevoked:
+    """An in-flight flow on a host whose consent was revoked: it ends, not retried."""
+
+    job_id: str
+    flow_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Stall:
+    """An in-flight attempt whose end did not arrive by its session plus the margin."""
+
+    job_id: str
+    flow_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Dispatch:
     job_id: str
     flow_id: str
@@ -107,8 +188,17 @@ class Dispatch:
     seed: int
 
 
-JobAction = Start | Finish
+JobAction = Abort | Start | FailRevoked | PauseRevoked | Stall | Finish
 Action = JobAction | Dispatch
+
+
+@dataclass(frozen=True)
+class LaneError:
+    """A job that broke, for the loop to log once with its traceback."""
+
+    job_id: str
+    reason: str
+    error: Exception
 
 
 @dataclass
@@ -118,6 +208,12 @@ class DispatchState:
     domain_in_flight: Counter[str] = field(default_factory=Counter)
     domain_recent: dict[str, deque[datetime]] = field(default_factory=dict)
     position: int = 0
+    errors: list[LaneError] = field(default_factory=list)  # not checkpointed: logged once
+    # attempts this process ended (stalled, revoked) whose event the reader has not
+    # brought yet: an outcome is folded in log order (the first one stands), so the
+    # dispatcher's own waits for the reader like any other; meanwhile it is not planned
+    # again. Not checkpointed: planned again after a restart, it dedupes on its msg-id.
+    ending: set[tuple[str, int]] = field(default_factory=set)
 
     # -- folding events in ----------------------------------------------------------
 
@@ -126,41 +222,55 @@ class DispatchState:
         event = env.event
         if isinstance(event, JobEvent):
             self._apply_job(env.seq, event)
-        elif isinstance(event, FlowDispatched):
-            self._apply_dispatched(event, env.event.at)
-        elif isinstance(event, FlowDone):
-            self._apply_done(event)
-        elif isinstance(event, FlowFailed):
-            self._apply_failed(event)
+        elif isinstance(event, FlowDispatched | FlowDone | FlowFailed | FlowStalled | FlowReleased):
+            self._apply_flow(env.seq, event)
         elif isinstance(event, ConsentEvent):
-            old = self.consents.get(event.domain, Consent(domain=event.domain))
-            self.consents[event.domain] = evolve_consent(old, event, env.seq)
+            self._apply_consent(env.seq, event)
+
+    def unreadable(self, job_id: str, seq: int, kind: str, reason: str, first: bool) -> None:
+        """A message on the job's subjects that is no event (it was quarantined).
+
+        It still moved the job's last subject sequence, which the next append of the job
+        must expect. A JobCreated that was the job's ``first`` message makes a job that
+        cannot run: it is refused, naming what was wrong.
+        """
+        self.position = max(self.position, seq)
+        plan = self.jobs.get(job_id)
+        if plan is not None:
+            plan.job = replace(plan.job, version=max(plan.job.version, seq))
+        elif kind == JobCreated.__name__ and first:
+            plan = self.jobs[job_id] = JobPlan(Job(job_id=job_id, version=seq), created_seq=seq)
+            plan.broken = f"JobCreated could not be read: {reason}"
 
     def _apply_job(self, seq: int, event: JobEvent) -> None:
         plan = self.jobs.get(event.job_id)
         if plan is None:
             if not isinstance(event, JobCreated):
                 return  # a job that ended (or never began) here: nothing to change
-            plan = self.jobs[event.job_id] = JobPlan(job=Job(), created_seq=seq)
+            job = Job(job_id=event.job_id, version=seq)
+            plan = self.jobs[event.job_id] = JobPlan(job=job, created_seq=seq)
         elif isinstance(event, JobCreated):
+            plan.job = replace(plan.job, version=max(plan.job.version, seq))
             return  # the job exists: a second JobCreated never starts it over
-        before = plan.job.status
-        plan.job = evolve(plan.job, event, seq)
-        if isinstance(event, JobStarted) and before != JobStatus.RUNNING and not plan.flows:
-            self._plan_flows(plan)
+        with self._lane(plan, event, seq):
+            before = plan.job.status
+            plan.job = evolve(plan.job, event, seq)
+            if isinstance(event, JobCreated):
+                plan.hosts = tuple(host_of(t.url) for t in plan.job.targets)
+            if isinstance(event, JobStarted) and before != JobStatus.RUNNING and not plan.flows:
+                self._plan_flows(plan)
         if plan.job.status in TERMINAL:
             self._forget(plan)
 
     def _plan_flows(self, plan: JobPlan) -> None:
         job = plan.job
-        hosts = [(urlsplit(t.url).hostname or "").lower() for t in job.targets]
         most = max((t.flows for t in job.targets), default=0)
         # interleave targets so every target progresses from the start
         for n in range(most):
             for index, target in enumerate(job.targets):
                 if n < target.flows:
                     fid = flow_id(job.job_id, index, n)
-                    plan.flows[fid] = FlowSlot(fid, index, hosts[index])
+                    plan.flows[fid] = FlowSlot(fid, index, plan.hosts[index])
                     plan.queue.append(fid)
 
     def _forget(self, plan: JobPlan) -> None:
@@ -170,27 +280,49 @@ class DispatchState:
         their domain capacity back now: a runner drops the flows of a cancelled job
         without reporting them, so no later event would.
         """
-        for slot in plan.flows.values():
-            self._release(plan, slot)
+        for fid in plan.flying:
+            slot = plan.flows[fid]
+            self.domain_in_flight[slot.host] -= 1
+            self.ending.discard((fid, slot.attempt))
         del self.jobs[plan.job.job_id]
 
-    def _apply_dispatched(self, event: FlowDispatched, at: datetime) -> None:
+    def _apply_flow(self, seq: int, event: FlowDispatched | FlowOutcome) -> None:
         plan = self.jobs.get(event.job_id)
         slot = plan.flows.get(event.flow_id) if plan else None
         if plan is None or slot is None:
-            return
-        if slot.status != FlowStatus.PLANNED or event.attempt <= slot.attempt:
-            return  # our own append seen again, or an older attempt
-        slot.attempt = event.attempt
-        slot.status = FlowStatus.IN_FLIGHT
-        plan.in_flight += 1
-        self.domain_in_flight[slot.host] += 1
-        self._count_dispatch(slot.host, at)
-        if plan.queue and plan.queue[0] == slot.flow_id:
+            return  # not a flow of a live job
+        with self._lane(plan, event, seq):
+            step = flow_transition(
+                slot.flow, event, max_attempts=plan.job.settings.max_attempts, job_open=True
+            )
+            if step.state == slot.flow:
+                return  # seen again, stale, or after the first outcome
+            before, old_attempt = slot.status, slot.attempt
+            new_attempt = step.state is not None and step.state.attempt != old_attempt
+            slot.flow = step.state
+            after = slot.status
+            plan.done += step.done
+            plan.failed += step.failed
+            if before == FlowStatus.PLANNED and after != FlowStatus.PLANNED:
+                self._unqueue(plan, slot.flow_id)
+            if before == FlowStatus.IN_FLIGHT and (after != FlowStatus.IN_FLIGHT or new_attempt):
+                del plan.flying[slot.flow_id]
+                self.domain_in_flight[slot.host] -= 1
+                self.ending.discard((slot.flow_id, old_attempt))
+            if after == FlowStatus.IN_FLIGHT and (before != FlowStatus.IN_FLIGHT or new_attempt):
+                plan.flying[slot.flow_id] = None
+                self.domain_in_flight[slot.host] += 1
+                slot.dispatched_at = event.at
+                self._count_dispatch(slot.host, event.at)
+            if after == FlowStatus.PLANNED and before != FlowStatus.PLANNED:
+                plan.queue.appendleft(slot.flow_id)  # retries and releases go first
+
+    @staticmethod
+    def _unqueue(plan: JobPlan, fid: str) -> None:
+        if plan.queue and plan.queue[0] == fid:
             plan.queue.popleft()
-        else:
-            with contextlib.suppress(ValueError):
-                plan.queue.remove(slot.flow_id)
+        elif fid in plan.queue:
+            plan.queue.remove(fid)
 
     def _count_dispatch(self, host: str, at: datetime) -> None:
         """Remember a dispatch for the host's flows-per-minute cap.
@@ -211,64 +343,114 @@ class DispatchState:
         while recent[0] <= recent[-1] - RATE_WINDOW:
             recent.popleft()
 
-    def _release(self, plan: JobPlan, slot: FlowSlot) -> None:
-        if slot.status == FlowStatus.IN_FLIGHT:
-            plan.in_flight -= 1
-            self.domain_in_flight[slot.host] -= 1
+    def _apply_consent(self, seq: int, event: ConsentEvent) -> None:
+        domain = event.domain.lower()
+        old = self.consents.get(domain, Consent(domain=domain))
+        try:
+            self.consents[domain] = evolve_consent(old, event, seq)
+        except Exception as err:
+            # fail closed: a consent that cannot be read authorises nothing
+            self.consents[domain] = Consent(domain=domain, version=seq)
+            self.errors.append(LaneError(f"consent:{domain}", f"consent unreadable: {err!r}", err))
 
-    def _apply_done(self, event: FlowDone) -> None:
-        plan = self.jobs.get(event.job_id)
-        slot = plan.flows.get(event.flow_id) if plan else None
-        if plan is None or slot is None or slot.status == FlowStatus.DONE:
-            return  # a retried flow may report twice: count the flow once
-        if slot.status == FlowStatus.FAILED:
-            plan.failed -= 1  # a late success from a redelivered attempt
-        elif slot.status == FlowStatus.PLANNED:
-            with contextlib.suppress(ValueError):
-                plan.queue.remove(slot.flow_id)
-        self._release(plan, slot)
-        slot.status = FlowStatus.DONE
-        plan.done += 1
+    @contextmanager
+    def _lane(self, plan: JobPlan, event: object, seq: int) -> Iterator[None]:
+        try:
+            yield
+        except Exception as err:
+            plan.job = replace(plan.job, version=max(plan.job.version, seq))
+            self.break_job(plan, f"applying {type(event).__name__} failed: {err!r}", err)
 
-    def _apply_failed(self, event: FlowFailed) -> None:
-        plan = self.jobs.get(event.job_id)
-        slot = plan.flows.get(event.flow_id) if plan else None
-        if plan is None or slot is None or slot.status != FlowStatus.IN_FLIGHT:
-            return
-        if event.attempt != slot.attempt:
-            return  # an older attempt failing late says nothing about the current one
-        self._release(plan, slot)
-        if event.retryable and slot.attempt < plan.job.settings.max_attempts:
-            slot.status = FlowStatus.PLANNED
-            plan.queue.appendleft(slot.flow_id)
-        else:
-            slot.status = FlowStatus.FAILED
-            plan.failed += 1
+    def break_job(self, plan: JobPlan, reason: str, err: Exception) -> None:
+        """The engine cannot go on with this job: plan nothing more for it but its end."""
+        if not plan.broken:
+            plan.broken = reason
+            self.errors.append(LaneError(plan.job.job_id, reason, err))
 
     # -- planning ---------------------------------------------------------------------
 
     def authorised_hosts(self, now: datetime) -> frozenset[str]:
         return frozenset(d for d, c in self.consents.items() if c.valid_at(now))
 
-    def plan(self, now: datetime, max_dispatches: int = 1000) -> list[Action]:
-        """Everything due now: job transitions first, then the dispatches."""
-        return [*self.due(), *self.dispatches(now, max_dispatches)]
+    def revoked_hosts(self) -> frozenset[str]:
+        return frozenset(d for d, c in self.consents.items() if c.status == ConsentStatus.REVOKED)
 
-    def due(self) -> list[JobAction]:
-        """Jobs to start (or refuse) and jobs whose every flow is terminal."""
+    def plan(
+        self, now: datetime, max_dispatches: int = 1000, stall_margin: timedelta = STALL_MARGIN
+    ) -> list[Action]:
+        """Everything due now: job transitions and flow ends first, then the dispatches."""
+        return [*self.due(now, stall_margin), *self.dispatches(now, max_dispatches)]
+
+    def due(self, now: datetime, stall_margin: timedelta = STALL_MARGIN) -> list[JobAction]:
+        """Broken jobs to end, jobs to start, revocations and stalls to record, jobs to finish."""
         actions: list[JobAction] = []
-        for plan in self.jobs.values():
-            status = plan.job.status
-            if status == JobStatus.CREATED:
-                actions.append(Start(plan.job.job_id))
-            elif self.finishable(plan):
-                actions.append(Finish(plan.job.job_id))
+        revoked = self.revoked_hosts()
+        for plan in list(self.jobs.values()):
+            try:
+                found = list(self._due(plan, now, stall_margin, revoked))
+            except Exception as err:
+                self.break_job(plan, f"planning failed: {err!r}", err)
+                found = [Abort(plan.job.job_id)]
+            actions.extend(found)
         return actions
+
+    def _due(
+        self, plan: JobPlan, now: datetime, margin: timedelta, revoked: frozenset[str]
+    ) -> Iterator[JobAction]:
+        job = plan.job
+        if plan.broken:
+            yield Abort(job.job_id)
+            return
+        if job.status == JobStatus.CREATED:
+            yield Start(job.job_id)
+            return
+        if job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+            return
+        on_revoked = revoked.intersection(plan.hosts) if revoked else frozenset()
+        if on_revoked:
+            for fid in plan.flying:
+                slot = plan.flows[fid]
+                if slot.host in on_revoked and (fid, slot.attempt) not in self.ending:
+                    yield FailRevoked(job.job_id, fid, slot.attempt)
+            if job.status == JobStatus.RUNNING:
+                yield PauseRevoked(job.job_id, min(on_revoked))
+        yield from self._stalls(plan, now, margin)
+        if self.finishable(plan):
+            yield Finish(job.job_id)
+
+    def _stalls(self, plan: JobPlan, now: datetime, margin: timedelta) -> Iterator[Stall]:
+        session = timedelta(seconds=plan.job.settings.session_seconds)
+        for fid in plan.flying:  # oldest first: stop at the first one still within time
+            slot = plan.flows[fid]
+            if slot.dispatched_at is None or slot.dispatched_at + session + margin > now:
+                return
+            if (fid, slot.attempt) not in self.ending:
+                yield Stall(plan.job.job_id, fid, slot.attempt)
+
+    def stalled(self, action: Stall, now: datetime, margin: timedelta) -> float | None:
+        """Seconds the attempt has waited, if ``action`` still holds now; else ``None``."""
+        slot = self.in_flight_slot(action.job_id, action.flow_id, action.attempt)
+        if slot is None or slot.dispatched_at is None:
+            return None
+        plan = self.jobs[action.job_id]
+        session = timedelta(seconds=plan.job.settings.session_seconds)
+        if slot.dispatched_at + session + margin > now:
+            return None
+        return (now - slot.dispatched_at).total_seconds()
+
+    def in_flight_slot(self, job_id: str, fid: str, attempt: int) -> FlowSlot | None:
+        """The flow's slot if that attempt is in flight and nothing has ended it here yet."""
+        plan = self.jobs.get(job_id)
+        slot = plan.flows.get(fid) if plan is not None else None
+        if slot is None or slot.status != FlowStatus.IN_FLIGHT or slot.attempt != attempt:
+            return None
+        return None if (fid, attempt) in self.ending else slot
 
     @staticmethod
     def finishable(plan: JobPlan) -> bool:
         return (
-            plan.job.status in (JobStatus.RUNNING, JobStatus.PAUSED)
+            not plan.broken
+            and plan.job.status in (JobStatus.RUNNING, JobStatus.PAUSED)
             and plan.terminal == plan.job.flows_total
             and plan.in_flight == 0
         )
@@ -276,7 +458,7 @@ class DispatchState:
     def dispatchable(self, d: Dispatch, now: datetime) -> bool:
         """Whether ``d`` still holds on the state as it is now (the log may have moved on)."""
         plan = self.jobs.get(d.job_id)
-        if plan is None or plan.job.status != JobStatus.RUNNING:
+        if plan is None or plan.broken or plan.job.status != JobStatus.RUNNING:
             return False
         slot = plan.flows.get(d.flow_id)
         if slot is None or slot.status != FlowStatus.PLANNED or slot.attempt + 1 != d.attempt:
@@ -289,7 +471,7 @@ class DispatchState:
         runnable = [
             plan
             for plan in self.jobs.values()
-            if plan.job.status == JobStatus.RUNNING and plan.queue
+            if plan.job.status == JobStatus.RUNNING and plan.queue and not plan.broken
         ]
         runnable.sort(key=lambda p: (-p.job.settings.priority, p.created_seq))
         return self._fair_dispatches(runnable, now, authorised, max_dispatches)
@@ -307,31 +489,53 @@ class DispatchState:
         while progressed and len(out) < budget:
             progressed = False
             for plan in runnable:
-                job = plan.job
-                jid = job.job_id
-                if in_flight[jid] >= job.settings.instance_count or cursor[jid] >= len(plan.queue):
+                if plan.broken:
                     continue
-                slot = plan.flows[plan.queue[cursor[jid]]]
-                consent = self.consents.get(slot.host)
-                if slot.host not in authorised or consent is None:
-                    cursor[jid] += 1  # consent lapsed: hold this flow back
+                try:
+                    picked = self._pick(plan, now, authorised, in_flight, cursor, domain_load,
+                                        domain_rate)  # fmt: skip
+                except Exception as err:
+                    self.break_job(plan, f"planning failed: {err!r}", err)
                     continue
-                if domain_load[slot.host] >= consent.caps.max_concurrent:
+                if picked is None:
                     continue
-                if slot.host not in domain_rate:
-                    domain_rate[slot.host] = self._recent(slot.host, now)
-                if domain_rate[slot.host] >= consent.caps.max_flows_per_minute:
-                    continue
-                cursor[jid] += 1
-                in_flight[jid] += 1
-                domain_load[slot.host] += 1
-                domain_rate[slot.host] += 1
-                seed = flow_seed(job, slot.flow_id)
-                out.append(Dispatch(jid, slot.flow_id, slot.attempt + 1, slot.target_index, seed))
+                out.append(picked)
                 progressed = True
                 if len(out) >= budget:
                     break
-        return out
+        return [d for d in out if not self.jobs[d.job_id].broken]
+
+    def _pick(
+        self,
+        plan: JobPlan,
+        now: datetime,
+        authorised: frozenset[str],
+        in_flight: dict[str, int],
+        cursor: dict[str, int],
+        domain_load: Counter[str],
+        domain_rate: dict[str, int],
+    ) -> Dispatch | None:
+        job = plan.job
+        jid = job.job_id
+        if in_flight[jid] >= job.settings.instance_count or cursor[jid] >= len(plan.queue):
+            return None
+        slot = plan.flows[plan.queue[cursor[jid]]]
+        consent = self.consents.get(slot.host)
+        if slot.host not in authorised or consent is None:
+            cursor[jid] += 1  # consent lapsed: hold this flow back
+            return None
+        if domain_load[slot.host] >= consent.caps.max_concurrent:
+            return None
+        if slot.host not in domain_rate:
+            domain_rate[slot.host] = self._recent(slot.host, now)
+        if domain_rate[slot.host] >= consent.caps.max_flows_per_minute:
+            return None
+        cursor[jid] += 1
+        in_flight[jid] += 1
+        domain_load[slot.host] += 1
+        domain_rate[slot.host] += 1
+        seed = flow_seed(job, slot.flow_id)
+        return Dispatch(jid, slot.flow_id, slot.attempt + 1, slot.target_index, seed)
 
     def _recent(self, domain: str, now: datetime) -> int:
         recent = self.domain_recent.get(domain)

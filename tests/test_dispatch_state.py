@@ -2,20 +2,40 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import event as note
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.dispatch.state import Dispatch, DispatchState, Finish, Start
+from engine.dispatch import snapshot
+from engine.dispatch.state import (
+    Abort,
+    Dispatch,
+    DispatchState,
+    FailRevoked,
+    Finish,
+    FlowStatus,
+    PauseRevoked,
+    Stall,
+    Start,
+)
 from schemas.events import (
     ConsentGiven,
+    ConsentRevoked,
     Envelope,
     FlowDispatched,
     FlowDone,
     FlowFailed,
+    FlowReleased,
+    FlowStalled,
+    FlowStarted,
+    JobCompleted,
     JobCreated,
+    JobPaused,
+    JobResumed,
     JobStarted,
     TbEvent,
 )
+from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
 from schemas.values import ConsentCaps, JobSettings, Target
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -52,8 +72,13 @@ class World:
         instance_count: int,
         url: str = "http://a.test/",
         max_attempts: int = 3,
+        session_seconds: float = 5.0,
     ) -> None:
-        settings = JobSettings(instance_count=instance_count, max_attempts=max_attempts)
+        settings = JobSettings(
+            instance_count=instance_count,
+            max_attempts=max_attempts,
+            session_seconds=session_seconds,
+        )
         self.add(
             JobCreated(
                 id="j",
@@ -233,3 +258,301 @@ def test_in_flight_never_exceeds_instance_count(steps: list[tuple[str, int]], ca
         plan = w.state.jobs["j1"]
         assert 0 <= plan.in_flight <= cap
         assert plan.done + plan.failed <= 6
+
+
+def stalled(d: Dispatch, waited: float = 1.0) -> FlowStalled:
+    return FlowStalled(
+        id="x", at=NOW, actor="system", job_id=d.job_id, flow_id=d.flow_id,
+        attempt=d.attempt, target_index=d.target_index, waited_seconds=waited,
+    )  # fmt: skip
+
+
+def released(d: Dispatch) -> FlowReleased:
+    return FlowReleased(
+        id="x", at=NOW, actor="r", job_id=d.job_id, flow_id=d.flow_id, attempt=d.attempt,
+        target_index=d.target_index, runner_id="r", reason="paused",
+    )  # fmt: skip
+
+
+# -- stalls -------------------------------------------------------------------------
+
+MARGIN = timedelta(minutes=10)
+
+
+def test_a_stuck_attempt_is_stalled_after_its_session_and_the_margin_not_before() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=1, instance_count=1, session_seconds=30, max_attempts=2)
+    (d1,) = w.dispatch_all()
+    deadline = NOW + timedelta(seconds=30) + MARGIN
+    assert w.state.due(deadline - timedelta(seconds=1), MARGIN) == []
+    assert w.state.due(deadline, MARGIN) == [Stall("j1", d1.flow_id, 1)]
+    w.add(stalled(d1))  # a spent attempt: dispatched again
+    (d2,) = w.dispatch_all(at=deadline)
+    assert (d2.flow_id, d2.attempt) == (d1.flow_id, 2)
+    assert w.state.due(deadline + timedelta(seconds=30) + MARGIN, MARGIN) == [
+        Stall("j1", d1.flow_id, 2)
+    ]
+    w.add(stalled(d2))  # attempts spent: the flow failed, the job can finish
+    assert w.state.due(deadline, MARGIN) == [Finish("j1")]
+    assert (w.state.jobs["j1"].done, w.state.jobs["j1"].failed) == (0, 1)
+
+
+def test_an_hour_long_session_is_not_cut_while_a_stuck_short_one_is() -> None:
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=10))
+    w.job("long", flows=1, instance_count=1, session_seconds=3600)
+    w.job("short", flows=1, instance_count=1, session_seconds=5)
+    w.dispatch_all()
+    later = NOW + timedelta(minutes=30)
+    assert w.state.due(later, MARGIN) == [Stall("short", "short_0_0", 1)]
+    assert w.state.due(NOW + timedelta(seconds=3600) + MARGIN, MARGIN) == [
+        Stall("long", "long_0_0", 1),
+        Stall("short", "short_0_0", 1),
+    ]
+
+
+def test_a_stall_planned_once_waits_for_the_reader_and_a_runner_outcome_before_it_stands() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=1, instance_count=1, session_seconds=5)
+    (d1,) = w.dispatch_all()
+    later = NOW + timedelta(hours=1)
+    assert w.state.due(later, MARGIN) == [Stall("j1", d1.flow_id, 1)]
+    w.state.ending.add((d1.flow_id, 1))  # appended, not yet read back
+    assert w.state.due(later, MARGIN) == []
+    w.add(done(d1))  # the runner's end was stored first: it stands
+    w.add(stalled(d1))
+    assert (w.state.jobs["j1"].done, w.state.jobs["j1"].failed) == (1, 0)
+    assert w.state.ending == set()
+
+
+def test_the_dispatch_time_survives_a_snapshot() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=3, instance_count=3, session_seconds=5)
+    w.dispatch_all(at=NOW)
+    restored = snapshot.decode(snapshot.encode(w.state))
+    assert restored is not None
+    later = NOW + timedelta(seconds=5) + MARGIN
+    assert restored.due(later, MARGIN) == w.state.due(later, MARGIN) != []
+
+
+# -- releases, pauses, revocation ---------------------------------------------------
+
+
+def test_a_released_work_item_is_dispatched_again_without_spending_an_attempt() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=1, instance_count=1, max_attempts=1)
+    (d1,) = w.dispatch_all()
+    w.add(released(d1))
+    assert w.state.jobs["j1"].flows[d1.flow_id].status == FlowStatus.PLANNED
+    (d2,) = w.dispatch_all()
+    assert d2.attempt == 2  # a new work item, yet the only try is still to come
+    w.add(failed(d2))  # retryable, but max_attempts=1: this was the one try
+    assert (w.state.jobs["j1"].done, w.state.jobs["j1"].failed) == (0, 1)
+
+
+def test_a_paused_job_dispatches_nothing_and_resumes_where_it_was() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=4, instance_count=2)
+    first = w.dispatch_all()
+    w.add(JobPaused(id="p", at=NOW, actor="u", job_id="j1", reason="user"))
+    w.add(done(first[0]))  # in-flight flows finish while paused
+    assert w.dispatch_all() == []
+    w.add(JobResumed(id="r", at=NOW, actor="u", job_id="j1"))
+    assert len(w.dispatch_all()) == 1
+    assert (w.state.jobs["j1"].done, w.state.jobs["j1"].in_flight) == (1, 2)
+
+
+def revoke(w: World, domain: str) -> None:
+    w.add(ConsentRevoked(id="v", at=NOW, actor="owner", domain=domain, reason="gone"))
+
+
+def test_revocation_ends_in_flight_flows_on_the_host_and_pauses_its_running_jobs() -> None:
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=10))
+    w.consent("b.test", ConsentCaps(max_concurrent=10))
+    w.job("ja", flows=4, instance_count=2)
+    w.job("jb", flows=4, instance_count=2, url="http://b.test/")
+    w.dispatch_all()
+    revoke(w, "a.test")
+    due = w.state.due(NOW, MARGIN)
+    assert due == [FailRevoked("ja", "ja_0_0", 1), FailRevoked("ja", "ja_0_1", 1),
+                   PauseRevoked("ja", "a.test")]  # fmt: skip
+    assert all(d.job_id == "jb" for d in w.state.dispatches(NOW))  # nothing more to a.test
+    assert w.state.authorised_hosts(NOW) == {"b.test"}
+
+
+def test_a_job_on_a_revoked_host_that_was_paused_is_not_paused_again() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=2, instance_count=1)
+    w.dispatch_all()
+    revoke(w, "a.test")
+    w.add(JobPaused(id="p", at=NOW, actor="system", job_id="j1", reason="consent revoked"))
+    assert w.state.due(NOW, MARGIN) == [FailRevoked("j1", "j1_0_0", 1)]
+
+
+# -- lanes: one job's fault stays with that job --------------------------------------
+
+
+def test_an_exception_planning_one_job_breaks_that_job_only(monkeypatch: object) -> None:
+    import engine.dispatch.state as state_module
+
+    real_seed = state_module.flow_seed
+
+    def seed(job: object, flow: str) -> int:
+        if flow.startswith("bad"):
+            raise RuntimeError("injected")
+        return real_seed(job, flow)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state_module, "flow_seed", seed)  # type: ignore[attr-defined]
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=10))
+    w.job("bad", flows=2, instance_count=2)
+    w.job("good", flows=2, instance_count=2)
+    assert {d.job_id for d in w.dispatch_all()} == {"good"}
+    assert "injected" in w.state.jobs["bad"].broken
+    assert [e.job_id for e in w.state.errors] == ["bad"]
+    assert w.state.due(NOW, MARGIN) == [Abort("bad")]
+
+
+def created(job_id: str) -> JobCreated:
+    return JobCreated(
+        id="j", at=NOW, actor="t", job_id=job_id, name=job_id,
+        targets=[Target(url="http://a.test/", flows=2)], settings=JobSettings(),
+    )  # fmt: skip
+
+
+def test_an_exception_applying_an_event_breaks_that_job_only() -> None:
+    w = World()
+    w.consent("a.test")
+    w.add(created("j1"))
+    w.add(created("j2"))
+    w.state.jobs["j1"].hosts = ()  # a state this code never builds: planning flows fails
+    for job_id in ("j1", "j2"):
+        w.add(JobStarted(id="s", at=NOW, actor="t", job_id=job_id, flows_total=2,
+                         allowed_hosts=["a.test"]))  # fmt: skip
+    assert "JobStarted" in w.state.jobs["j1"].broken
+    assert w.state.jobs["j1"].job.version == 4  # the next append expects the log's end
+    assert [e.job_id for e in w.state.errors] == ["j1"]
+    assert w.state.due(NOW, MARGIN) == [Abort("j1")]
+    assert {d.job_id for d in w.dispatch_all()} == {"j2"}
+
+
+def test_an_unreadable_first_job_created_makes_a_job_to_refuse() -> None:
+    w = World()
+    w.state.unreadable("forged", 7, "JobCreated", "url is not a valid URL", first=True)
+    assert w.state.due(NOW, MARGIN) == [Abort("forged")]
+    assert w.state.jobs["forged"].job.version == 7
+    assert "url is not a valid URL" in w.state.jobs["forged"].broken
+    w.state.unreadable("other", 8, "JobCreated", "bad", first=False)  # a job that exists
+    assert "other" not in w.state.jobs
+
+
+def test_an_unreadable_message_on_a_live_job_moves_its_version_only() -> None:
+    w = World()
+    w.consent("a.test")
+    w.job("j1", flows=1, instance_count=1)
+    before = w.state.jobs["j1"]
+    w.state.unreadable("j1", 99, "JobCancelled", "not JSON", first=False)
+    assert before.job.version == 99 and not before.broken
+
+
+# -- one flow rule: the dispatcher's counts are the read model's ----------------------
+
+FLOW_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["started", "done", "fail", "fatal", "stall", "release", "dup"]),
+        st.integers(0, 30),
+        st.booleans(),  # about an attempt in flight now, or any attempt ever sent
+    ),
+    max_size=60,
+)
+
+
+def lifecycle_counts(events: list[TbEvent], max_attempts: int) -> tuple[int, int]:
+    """The read model's rule, folded straight over every flow event (FlowStarted too)."""
+    flows: dict[str, FlowState | None] = {}
+    done = failed = 0
+    job_open = True
+    for e in events:
+        if isinstance(e, JobCompleted):
+            job_open = False
+        elif isinstance(e, FlowProgress):
+            step = flow_transition(
+                flows.get(e.flow_id), e, max_attempts=max_attempts, job_open=job_open
+            )
+            flows[e.flow_id] = step.state
+            done, failed = done + step.done, failed + step.failed
+    return done, failed
+
+
+@settings(max_examples=300, deadline=None)
+@given(FLOW_STEPS, st.integers(1, 3), st.integers(1, 3))
+def test_dispatcher_read_model_and_job_completed_count_alike(
+    steps: list[tuple[str, int, bool]], flows: int, max_attempts: int
+) -> None:
+    """Runners report any attempt, late, twice or out of order; the dispatcher dispatches
+    and finishes as soon as it can; reports go on after the job completed."""
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=10))
+    w.job("j1", flows=flows, instance_count=flows, max_attempts=max_attempts)
+    log: list[TbEvent] = []
+    sent: list[Dispatch] = []  # every attempt ever dispatched, old ones too
+    completed: JobCompleted | None = None
+
+    def add(event: TbEvent) -> None:
+        log.append(event)
+        w.add(event)
+
+    def dispatcher_turn() -> None:
+        nonlocal completed
+        for d in w.state.dispatches(NOW):
+            sent.append(d)
+            add(dispatched(d))
+        if completed is None and Finish("j1") in w.state.due(NOW, MARGIN):
+            plan = w.state.jobs["j1"]
+            completed = JobCompleted(
+                id="c", at=NOW, actor="system", job_id="j1",
+                flows_done=plan.done, flows_failed=plan.failed,
+            )  # fmt: skip
+            add(completed)
+
+    dispatcher_turn()
+    for kind, pick, current in steps:
+        if kind == "dup":
+            flow_events = [e for e in log if isinstance(e, FlowProgress)]
+            add(flow_events[pick % len(flow_events)])  # stored again: a new sequence
+        else:
+            plan = w.state.jobs.get("j1")
+            flying = [d for d in sent if plan and d.flow_id in plan.flying
+                      and plan.flows[d.flow_id].attempt == d.attempt]  # fmt: skip
+            choices = flying if current and flying else sent
+            d = choices[pick % len(choices)]
+            started = FlowStarted(
+                id="x", at=NOW, actor="r", job_id="j1", flow_id=d.flow_id,
+                attempt=d.attempt, runner_id="r",
+            )  # fmt: skip
+            report = {
+                "started": started,
+                "done": done(d),
+                "fail": failed(d),
+                "fatal": failed(d, retryable=False),
+                "stall": stalled(d),
+                "release": released(d),
+            }[kind]
+            add(report)
+        if completed is None:
+            plan = w.state.jobs["j1"]
+            assert (plan.done, plan.failed) == lifecycle_counts(log, max_attempts)
+        dispatcher_turn()
+    note("job completed" if completed is not None else "job open")
+    if completed is not None:
+        assert "j1" not in w.state.jobs
+        counts = (completed.flows_done, completed.flows_failed)
+        assert counts == lifecycle_counts(log, max_attempts)
+        assert sum(counts) == flows

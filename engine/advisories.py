@@ -92,12 +92,25 @@ class ExhaustedDeliveries:
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue  # nothing exhausted lately
                 for msg in msgs:
-                    await self._handle(msg.data)
+                    await self._handle_until_done(msg.data)
                     await msg.ack()
-                self.backoff.succeeded()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _handle_until_done(self, data: bytes) -> None:
+        """Handle one advisory, waiting out NATS trouble in place: unacked, it would
+        otherwise come back only after the consumer's ack wait."""
+        while True:
+            try:
+                await self._handle(data)
+            except Exception as err:
+                if not is_transient(err, self.bus.nc):
+                    raise
+                await self.backoff.failed(err)
+            else:
+                self.backoff.succeeded()
+                return
 
     async def _handle(self, data: bytes) -> None:
         try:

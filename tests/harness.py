@@ -7,12 +7,13 @@ import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agents.executor import FlowReport, FlowResult
-from engine.bus import Bus
+from engine.bus import Appended, Batch, Bus, Expect
 from engine.consent import ConsentCommands
 from engine.dispatcher import Dispatcher
 from engine.jobs.service import JobCommands
@@ -20,7 +21,16 @@ from projections import queries
 from projections.db import connect
 from projections.projector import Projector
 from projections.queries import JobView
-from schemas.events import FlowDispatched
+from schemas.events import (
+    Envelope,
+    Event,
+    FlowDispatched,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobRefused,
+)
+from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
 from schemas.values import TERMINAL_JOB_STATUSES, ConsentCaps, JobSettings, Platform, Target
 from tests.sites import recording_site
 
@@ -163,3 +173,83 @@ async def dispatches(bus: Bus, job_id: str) -> Counter[tuple[str, int]]:
             if isinstance(env.event, FlowDispatched) and env.event.job_id == job_id:
                 seen[(env.event.flow_id, env.event.attempt)] += 1
     return seen
+
+
+async def log_until(
+    bus: Bus,
+    stream_filter: str | list[str],
+    until: Callable[[Envelope], bool],
+    timeout: float = 60,
+) -> list[Envelope]:
+    """Events on ``stream_filter`` from sequence 1 up to the first that satisfies ``until``
+    (awaited as they are stored, never polled)."""
+    seen: list[Envelope] = []
+    async with asyncio.timeout(timeout):
+        async for batch in bus.read(1, stream_filter):
+            for env in batch:
+                seen.append(env)
+                if until(env):
+                    return seen
+    raise AssertionError("the log ended")
+
+
+def lifecycle_counts(envelopes: list[Envelope], max_attempts: int) -> tuple[int, int]:
+    """A job's done and failed counts by the one flow rule, folded straight from its events."""
+    flows: dict[str, FlowState | None] = {}
+    done = failed = 0
+    for env in envelopes:
+        e = env.event
+        if isinstance(e, JobCompleted | JobFailed | JobCancelled | JobRefused):
+            break
+        if isinstance(e, FlowProgress):
+            step = flow_transition(flows.get(e.flow_id), e, max_attempts=max_attempts)
+            flows[e.flow_id] = step.state
+            done, failed = done + step.done, failed + step.failed
+    return done, failed
+
+
+class FlakyBus(Bus):
+    """A real bus whose next calls fail the way they do while NATS is briefly unavailable.
+
+    ``faults`` lists, per method, the errors its next calls raise, in order. A failing
+    ``append_pipelined`` first stores its events (the acks are what got lost).
+    """
+
+    faults: dict[str, list[Exception]]
+
+    def _fault(self, method: str) -> None:
+        pending = self.faults.get(method)
+        if pending:
+            raise pending.pop(0)
+
+    async def last_seq(self) -> int:
+        self._fault("last_seq")
+        return await super().last_seq()
+
+    async def append(self, event: Event, *, msg_id: str, expect: Expect | None = None) -> Appended:
+        self._fault("append")
+        return await super().append(event, msg_id=msg_id, expect=expect)
+
+    async def append_pipelined(self, items: Sequence[tuple[Event, str]]) -> list[Appended]:
+        if self.faults.get("append_pipelined"):
+            await super().append_pipelined(items)
+            self._fault("append_pipelined")
+        return await super().append_pipelined(items)
+
+    def read_batches(self, start_seq: int, *args: Any, **kwargs: Any) -> Any:
+        return self._after_one(super().read_batches(start_seq, *args, **kwargs))
+
+    async def _after_one(self, batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+        async for batch in batches:
+            yield batch
+            self._fault("read_batches")  # the reader fails once it has had a batch
+
+
+@contextlib.asynccontextmanager
+async def flaky_bus(url: str, faults: dict[str, list[Exception]]) -> AsyncIterator[FlakyBus]:
+    bus = await FlakyBus.connect(url, name="flaky")
+    bus.faults = faults
+    try:
+        yield bus
+    finally:
+        await bus.close()

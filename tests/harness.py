@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nats.aio.msg import Msg
+
 from agents.executor import FlowReport, FlowResult
 from engine.bus import Appended, Batch, Bus, Expect
 from engine.consent import ConsentCommands
@@ -21,6 +23,7 @@ from projections import queries
 from projections.db import connect
 from projections.projector import Projector
 from projections.queries import JobView
+from schemas import subjects
 from schemas.events import (
     Envelope,
     Event,
@@ -29,6 +32,7 @@ from schemas.events import (
     JobCompleted,
     JobFailed,
     JobRefused,
+    decode_event,
 )
 from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
 from schemas.values import TERMINAL_JOB_STATUSES, ConsentCaps, JobSettings, Platform, Target
@@ -253,3 +257,29 @@ async def flaky_bus(url: str, faults: dict[str, list[Exception]]) -> AsyncIterat
         yield bus
     finally:
         await bus.close()
+
+
+class WorkItemsSent:
+    """Every work item published, as core NATS delivers it: duplicates included.
+
+    The stream cannot show a second publish of one work item (JetStream drops it by its
+    msg-id), so a count taken from the stream is always one; this one can be two.
+    """
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()  # msg-id -> times published
+        self.attempts: dict[str, int] = {}  # flow id -> highest attempt published
+
+    async def start(self, bus: Bus) -> WorkItemsSent:
+        await bus.nc.subscribe(subjects.ALL_DISPATCH, cb=self._on_item)
+        await bus.nc.flush()  # the server knows the subscription before anything is sent
+        return self
+
+    async def _on_item(self, msg: Msg) -> None:
+        self.sent[(msg.headers or {}).get(subjects.MSG_ID_HEADER, "")] += 1
+        item = decode_event(msg.data)
+        if isinstance(item, FlowDispatched):
+            self.attempts[item.flow_id] = max(self.attempts.get(item.flow_id, 0), item.attempt)
+
+    def of_job(self, job_id: str) -> dict[str, int]:
+        return {f: a for f, a in self.attempts.items() if f.startswith(f"{job_id}_")}

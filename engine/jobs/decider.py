@@ -193,7 +193,10 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
             reason = reason[:REASON_LENGTH]
             if job.status in (JobStatus.NEW, JobStatus.CREATED):
                 return [_emit(JobRefused, meta, job_id, reason=reason)]
-            counts = {"flows_done": max(done, 0), "flows_failed": max(failed, 0)}
+            # as far as the job got: never more than it planned
+            done = min(max(done, 0), job.flows_total)
+            failed = min(max(failed, 0), job.flows_total - done)
+            counts = {"flows_done": done, "flows_failed": failed}
             return [_emit(JobFailed, meta, job_id, reason=reason, **counts)]
     raise AssertionError(f"unhandled command {cmd!r}")
 

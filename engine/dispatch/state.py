@@ -50,6 +50,7 @@ RATE_WINDOW = timedelta(minutes=1)
 STALL_MARGIN = timedelta(minutes=10)  # beyond a flow's planned session, before it is stalled
 
 FlowOutcome = FlowDone | FlowFailed | FlowStalled | FlowReleased
+FLOW_INPUTS = (FlowDispatched, FlowDone, FlowFailed, FlowStalled, FlowReleased)
 
 
 class FlowStatus(StrEnum):
@@ -222,7 +223,7 @@ class DispatchState:
         event = env.event
         if isinstance(event, JobEvent):
             self._apply_job(env.seq, event)
-        elif isinstance(event, FlowDispatched | FlowDone | FlowFailed | FlowStalled | FlowReleased):
+        elif isinstance(event, FLOW_INPUTS):
             self._apply_flow(env.seq, event)
         elif isinstance(event, ConsentEvent):
             self._apply_consent(env.seq, event)
@@ -291,31 +292,38 @@ class DispatchState:
         slot = plan.flows.get(event.flow_id) if plan else None
         if plan is None or slot is None:
             return  # not a flow of a live job
-        with self._lane(plan, event, seq):
-            step = flow_transition(
-                slot.flow, event, max_attempts=plan.job.settings.max_attempts, job_open=True
-            )
-            if step.state == slot.flow:
-                return  # seen again, stale, or after the first outcome
-            before, old_attempt = slot.status, slot.attempt
-            new_attempt = step.state is not None and step.state.attempt != old_attempt
-            slot.flow = step.state
-            after = slot.status
-            plan.done += step.done
-            plan.failed += step.failed
-            if before == FlowStatus.PLANNED and after != FlowStatus.PLANNED:
-                self._unqueue(plan, slot.flow_id)
-            if before == FlowStatus.IN_FLIGHT and (after != FlowStatus.IN_FLIGHT or new_attempt):
-                del plan.flying[slot.flow_id]
-                self.domain_in_flight[slot.host] -= 1
-                self.ending.discard((slot.flow_id, old_attempt))
-            if after == FlowStatus.IN_FLIGHT and (before != FlowStatus.IN_FLIGHT or new_attempt):
-                plan.flying[slot.flow_id] = None
-                self.domain_in_flight[slot.host] += 1
-                slot.dispatched_at = event.at
-                self._count_dispatch(slot.host, event.at)
-            if after == FlowStatus.PLANNED and before != FlowStatus.PLANNED:
-                plan.queue.appendleft(slot.flow_id)  # retries and releases go first
+        try:  # the job's lane (inline: this runs for every flow event)
+            self._fold_flow(plan, slot, event)
+        except Exception as err:
+            self._broke_applying(plan, event, seq, err)
+
+    def _fold_flow(
+        self, plan: JobPlan, slot: FlowSlot, event: FlowDispatched | FlowOutcome
+    ) -> None:
+        step = flow_transition(
+            slot.flow, event, max_attempts=plan.job.settings.max_attempts, job_open=True
+        )
+        if step.state == slot.flow:
+            return  # seen again, stale, or after the first outcome
+        before, old_attempt = slot.status, slot.attempt
+        new_attempt = step.state is not None and step.state.attempt != old_attempt
+        slot.flow = step.state
+        after = slot.status
+        plan.done += step.done
+        plan.failed += step.failed
+        if before == FlowStatus.PLANNED and after != FlowStatus.PLANNED:
+            self._unqueue(plan, slot.flow_id)
+        if before == FlowStatus.IN_FLIGHT and (after != FlowStatus.IN_FLIGHT or new_attempt):
+            del plan.flying[slot.flow_id]
+            self.domain_in_flight[slot.host] -= 1
+            self.ending.discard((slot.flow_id, old_attempt))
+        if after == FlowStatus.IN_FLIGHT and (before != FlowStatus.IN_FLIGHT or new_attempt):
+            plan.flying[slot.flow_id] = None
+            self.domain_in_flight[slot.host] += 1
+            slot.dispatched_at = event.at
+            self._count_dispatch(slot.host, event.at)
+        if after == FlowStatus.PLANNED and before != FlowStatus.PLANNED:
+            plan.queue.appendleft(slot.flow_id)  # retries and releases go first
 
     @staticmethod
     def _unqueue(plan: JobPlan, fid: str) -> None:
@@ -358,8 +366,11 @@ class DispatchState:
         try:
             yield
         except Exception as err:
-            plan.job = replace(plan.job, version=max(plan.job.version, seq))
-            self.break_job(plan, f"applying {type(event).__name__} failed: {err!r}", err)
+            self._broke_applying(plan, event, seq, err)
+
+    def _broke_applying(self, plan: JobPlan, event: object, seq: int, err: Exception) -> None:
+        plan.job = replace(plan.job, version=max(plan.job.version, seq))
+        self.break_job(plan, f"applying {type(event).__name__} failed: {err!r}", err)
 
     def break_job(self, plan: JobPlan, reason: str, err: Exception) -> None:
         """The engine cannot go on with this job: plan nothing more for it but its end."""

@@ -36,6 +36,7 @@ from nats.js.kv import KeyValue
 from engine.publisher import PUBLISH_TIMEOUT, AckedPublisher, Appended
 from engine.puller import Puller, stream_seq
 from engine.quarantine import Quarantine
+from engine.transient import WRONG_LAST_SEQUENCE, Backoff
 from schemas import subjects
 from schemas.events import Envelope, Event, encode_event
 from schemas.quarantine import QuarantinedMessage
@@ -43,7 +44,6 @@ from schemas.stored import Undecodable, decode_stored
 
 log = structlog.get_logger("tb.bus")
 
-WRONG_LAST_SEQUENCE = 10071
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
@@ -392,10 +392,12 @@ class Bus:
         """
         next_seq = max(start_seq, 1)
         filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
+        backoff = Backoff("reader", cap=2.0)  # says so once per episode, not per retry
         while True:
             puller = None
             try:
                 puller, remaining = await self._ephemeral_reader(next_seq, filters)
+                backoff.succeeded()
                 if remaining == 0:
                     if not follow:
                         return
@@ -446,11 +448,9 @@ class Bus:
             ) as err:
                 if isinstance(err, nats.errors.ConnectionClosedError) and self.nc.is_closed:
                     raise
-                log.warning("reader.recreate", next_seq=next_seq, error=type(err).__name__)
-                await asyncio.sleep(0.2)
+                await backoff.failed(err)  # then recreate the reader from next_seq
             except nats.js.errors.APIError as err:
-                log.warning("reader.recreate", next_seq=next_seq, error=str(err))
-                await asyncio.sleep(0.2)
+                await backoff.failed(err)
             finally:
                 if puller is not None:
                     await puller.close()

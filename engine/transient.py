@@ -19,9 +19,9 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
-from engine.bus import WRONG_LAST_SEQUENCE
-
 log = structlog.get_logger("tb.engine")
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream: the expected last subject sequence moved on
 
 
 def is_transient(err: BaseException, nc: Client | None = None) -> bool:

@@ -283,7 +283,7 @@ def check_log(log: MemoryLog) -> None:
             assert e.reason.startswith("consent revoked for ")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_a_tick_acts_on_the_state_as_it_is_whatever_happens_meanwhile(data: st.DataObject) -> None:
     world = World(data)

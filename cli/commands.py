@@ -10,7 +10,7 @@ from pathlib import Path
 import structlog
 
 from cli.logs import announce, end_progress_line, progress_line
-from cli.settings import bus_config_from_env, open_bind_warning
+from cli.settings import bus_config_from_env, open_bind_warning, stall_margin_from_env
 from cli.supervise import supervise
 from engine.bus import Bus, ConsumerSettingsRefused
 from schemas import subjects
@@ -59,7 +59,8 @@ async def run_engine(nats_url: str) -> None:
     await bus.provision()
 
     async def dispatcher() -> None:
-        await Dispatcher(bus).run()  # a fresh one resumes from its snapshot and the log
+        # a fresh one resumes from its snapshot and the log
+        await Dispatcher(bus, stall_margin=stall_margin_from_env()).run()
 
     async def exhausted() -> None:
         await ExhaustedDeliveries(bus).run()

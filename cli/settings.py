@@ -47,6 +47,15 @@ def bus_config_from_env() -> BusConfig:
     )
 
 
+def stall_margin_from_env() -> float:
+    """TB_STALL_MARGIN (s, default 600): how long past its planned session an in-flight
+    flow may go without an end before the dispatcher records it stalled (never less
+    than TB_ACK_WAIT x TB_MAX_DELIVER)."""
+    from engine.dispatch.state import STALL_MARGIN
+
+    return _float("TB_STALL_MARGIN", STALL_MARGIN.total_seconds())
+
+
 def auth_disabled_explicitly() -> bool:
     """AUTH_ENABLED=false (or 0/no/off): the operator accepts an API without login."""
     return os.environ.get("AUTH_ENABLED", "").strip().lower() in ("false", "0", "no", "off")

@@ -347,9 +347,11 @@ async def _notify(condition: asyncio.Condition) -> None:
         condition.notify_all()
 
 
-async def test_engine_restarts_a_crashed_component_without_exiting(
+async def test_engine_remakes_a_lost_consumer_without_a_crash_or_exiting(
     nats_server: NatsServer,
 ) -> None:
+    """A lost consumer is NATS trouble the watch waits out itself (supervision is the net
+    under it, for what is not transient: see the supervise tests above)."""
     from engine.advisories import CONSUMER
     from engine.bus import Bus
     from schemas import subjects
@@ -373,9 +375,9 @@ async def test_engine_restarts_a_crashed_component_without_exiting(
             await asyncio.wait_for(created.get(), 30)
             # the exhausted-delivery watch loses its consumer: its next pull fails
             await bus.js.delete_consumer(subjects.ADVISORIES_STREAM, CONSUMER)
-            await console.wait_for(r"component\.crashed.*exhausted-delivery watch", 30)
-            await asyncio.wait_for(created.get(), 30)  # a fresh watch made it again
+            await asyncio.wait_for(created.get(), 30)  # the watch made it again
             assert engine.returncode is None, console.text
+            assert "component.crashed" not in console.text
         finally:
             engine.send_signal(signal.SIGTERM)
             assert await console.finish(30) == 0, console.text

@@ -38,7 +38,6 @@ from engine.dispatch.state import (
     Stall,
     Start,
 )
-from engine.errors import Rejected
 from engine.jobs.decider import (
     AbortJob,
     FinishJob,
@@ -84,7 +83,7 @@ class ActionWriter:
                 # the last resort failed too: stop planning for the job here, so one job's
                 # fault cannot hold up the others (the log still says how it stands)
                 log.error("job.abort_failed", job_id=action.job_id, exc_info=err)
-                self.reader.state.jobs.pop(action.job_id, None)
+                self.reader.state.drop(action.job_id)
                 return
             kind = type(action).__name__
             self.reader.state.break_job(plan, f"{kind} failed: {err!r}", err)
@@ -114,8 +113,8 @@ class ActionWriter:
                 log.info("job." + type(event).__name__, job_id=action.job_id, seq=ack.seq)
         except ConcurrencyConflict:
             pass  # another writer moved the job: the reader brings it, the next tick decides
-        except Rejected as err:
-            log.warning("dispatcher.rejected", job_id=action.job_id, error=str(err))
+        # a Rejected here is not a caller's mistake but a state the checks above should
+        # have ruled out (counts that do not add up): it breaks the job, like any fault
 
     async def _stall(self, action: Stall, now: datetime) -> None:
         state = self.reader.state

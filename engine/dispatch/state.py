@@ -274,6 +274,12 @@ class DispatchState:
                     plan.flows[fid] = FlowSlot(fid, index, plan.hosts[index])
                     plan.queue.append(fid)
 
+    def drop(self, job_id: str) -> None:
+        """Stop planning for a job the engine could not even end (the last resort)."""
+        plan = self.jobs.get(job_id)
+        if plan is not None:
+            self._forget(plan)
+
     def _forget(self, plan: JobPlan) -> None:
         """A finished job leaves the state: planning and the snapshot only hold live jobs.
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hypothesis import event as note
 from hypothesis import given, settings
@@ -18,6 +22,8 @@ from engine.dispatch.state import (
     Stall,
     Start,
 )
+from projections.read_model import apply_batch, open_read_model
+from schemas import subjects
 from schemas.events import (
     ConsentGiven,
     ConsentRevoked,
@@ -47,10 +53,13 @@ class World:
     def __init__(self) -> None:
         self.state = DispatchState()
         self.seq = 0
+        self.log: list[Envelope] = []  # everything added, as it would be stored
 
     def add(self, event: TbEvent) -> None:
         self.seq += 1
-        self.state.apply(Envelope(seq=self.seq, subject="", event=event))
+        env = Envelope(seq=self.seq, subject=subjects.subject_for(event), event=event)
+        self.log.append(env)
+        self.state.apply(env)
 
     def consent(self, domain: str, caps: ConsentCaps = ConsentCaps()) -> None:
         self.add(
@@ -491,41 +500,43 @@ def lifecycle_counts(events: list[TbEvent], max_attempts: int) -> tuple[int, int
     return done, failed
 
 
-@settings(max_examples=300, deadline=None)
-@given(FLOW_STEPS, st.integers(1, 3), st.integers(1, 3))
-def test_dispatcher_read_model_and_job_completed_count_alike(
-    steps: list[tuple[str, int, bool]], flows: int, max_attempts: int
-) -> None:
+@dataclass
+class FlowStory:
+    world: World
+    reports: list[TbEvent]  # the flow events and JobCompleted, in log order
+    completed: JobCompleted | None
+
+
+def flow_story(steps: list[tuple[str, int, bool]], flows: int, max_attempts: int) -> FlowStory:
     """Runners report any attempt, late, twice or out of order; the dispatcher dispatches
-    and finishes as soon as it can; reports go on after the job completed."""
+    and finishes as soon as it can; reports go on after the job completed. Before it
+    completed, the dispatcher's counts are checked against the flow rule at every step."""
     w = World()
     w.consent("a.test", ConsentCaps(max_concurrent=10))
     w.job("j1", flows=flows, instance_count=flows, max_attempts=max_attempts)
-    log: list[TbEvent] = []
+    story = FlowStory(w, [], None)
     sent: list[Dispatch] = []  # every attempt ever dispatched, old ones too
-    completed: JobCompleted | None = None
 
     def add(event: TbEvent) -> None:
-        log.append(event)
+        story.reports.append(event)
         w.add(event)
 
     def dispatcher_turn() -> None:
-        nonlocal completed
         for d in w.state.dispatches(NOW):
             sent.append(d)
             add(dispatched(d))
-        if completed is None and Finish("j1") in w.state.due(NOW, MARGIN):
+        if story.completed is None and Finish("j1") in w.state.due(NOW, MARGIN):
             plan = w.state.jobs["j1"]
-            completed = JobCompleted(
+            story.completed = JobCompleted(
                 id="c", at=NOW, actor="system", job_id="j1",
                 flows_done=plan.done, flows_failed=plan.failed,
             )  # fmt: skip
-            add(completed)
+            add(story.completed)
 
     dispatcher_turn()
     for kind, pick, current in steps:
         if kind == "dup":
-            flow_events = [e for e in log if isinstance(e, FlowProgress)]
+            flow_events = [e for e in story.reports if isinstance(e, FlowProgress)]
             add(flow_events[pick % len(flow_events)])  # stored again: a new sequence
         else:
             plan = w.state.jobs.get("j1")
@@ -546,13 +557,52 @@ def test_dispatcher_read_model_and_job_completed_count_alike(
                 "release": released(d),
             }[kind]
             add(report)
-        if completed is None:
+        if story.completed is None:
             plan = w.state.jobs["j1"]
-            assert (plan.done, plan.failed) == lifecycle_counts(log, max_attempts)
+            assert (plan.done, plan.failed) == lifecycle_counts(story.reports, max_attempts)
         dispatcher_turn()
+    return story
+
+
+@settings(max_examples=300, deadline=None)
+@given(FLOW_STEPS, st.integers(1, 3), st.integers(1, 3))
+def test_dispatcher_read_model_and_job_completed_count_alike(
+    steps: list[tuple[str, int, bool]], flows: int, max_attempts: int
+) -> None:
+    story = flow_story(steps, flows, max_attempts)
+    completed = story.completed
     note("job completed" if completed is not None else "job open")
     if completed is not None:
-        assert "j1" not in w.state.jobs
+        assert "j1" not in story.world.state.jobs
         counts = (completed.flows_done, completed.flows_failed)
-        assert counts == lifecycle_counts(log, max_attempts)
+        assert counts == lifecycle_counts(story.reports, max_attempts)
         assert sum(counts) == flows
+
+
+async def read_model_counts(log: list[Envelope]) -> tuple[int, int]:
+    """The job's counts in a real SQLite read model, folded by the projector's batch fold."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = await open_read_model(Path(tmp) / "read.db")
+        try:
+            for n in range(0, len(log), 7):  # in batches, as the projector reads them
+                await apply_batch(db, log[n : n + 7])
+            [(done_, failed_)] = await db.execute_fetchall(
+                "SELECT flows_done, flows_failed FROM jobs WHERE job_id = 'j1'"
+            )
+        finally:
+            await db.close()
+    return done_, failed_
+
+
+@settings(max_examples=60, deadline=None)
+@given(FLOW_STEPS, st.integers(1, 3), st.integers(1, 3))
+def test_the_read_model_counts_what_the_dispatcher_counted(
+    steps: list[tuple[str, int, bool]], flows: int, max_attempts: int
+) -> None:
+    story = flow_story(steps, flows, max_attempts)
+    in_read_model = asyncio.run(read_model_counts(story.world.log))
+    if story.completed is not None:
+        assert in_read_model == (story.completed.flows_done, story.completed.flows_failed)
+    else:
+        plan = story.world.state.jobs["j1"]
+        assert in_read_model == (plan.done, plan.failed)

@@ -6,6 +6,7 @@ enters: an API body (400 naming the field) or a message on the bus (quarantined)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from datetime import datetime
@@ -42,6 +43,9 @@ _DOMAIN = re.compile(DOMAIN_PATTERN)
 Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#]+")]
 
 
+# every work item of a target carries its URL, and is checked where it is built and
+# wherever it is read: remember the verdicts (a pure function of the string)
+@functools.lru_cache(maxsize=4096)
 def url_problem(url: str) -> str | None:
     """Why ``url`` is not an http(s) URL a browser can be sent to, or ``None``."""
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):

@@ -24,7 +24,7 @@ from pathlib import Path
 import structlog
 
 from cli.nats_server import start_nats_server_on_any_port
-from engine.bus import Bus
+from engine.bus import Appended, Bus, Expect
 from engine.dispatch import snapshot
 from engine.dispatch.state import DispatchState, flow_id
 from engine.dispatcher import Dispatcher
@@ -88,13 +88,18 @@ def live(jobs: int, flows: int, instance_count: int) -> Iterator[tuple[Event, st
 
 
 async def append_all(bus: Bus, events: Iterator[tuple[Event, str]]) -> None:
-    batch: list[tuple[Event, str]] = []
-    for item in events:
-        batch.append(item)
-        if len(batch) == 5000:
-            await bus.append_pipelined(batch)
-            batch.clear()
-    await bus.append_pipelined(batch)
+    """Pipelined, every ack awaited; a job's first event is stored expecting none before
+    it, as the job service stores it (readers refuse a JobCreated stored otherwise)."""
+    acks: list[asyncio.Future[Appended]] = []
+    for event, msg_id in events:
+        expect = None
+        if isinstance(event, JobCreated):
+            expect = Expect(subjects.job_stream_filter(event.job_id), 0)
+        acks.append(await bus.append_nowait(event, msg_id=msg_id, expect=expect))
+        if len(acks) == 5000:
+            await asyncio.gather(*acks)
+            acks.clear()
+    await asyncio.gather(*acks)
 
 
 async def caught_up_state(bus: Bus) -> tuple[DispatchState, float]:

@@ -17,6 +17,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import nats.js.errors
+
 from engine.bus import Batch, Bus
 from engine.dispatch.state import DispatchState
 from engine.transient import Backoff, is_transient
@@ -88,7 +90,8 @@ class StateReader:
         self.backoff.succeeded()
 
     async def _first_creations(self, quarantined: list[QuarantinedMessage]) -> set[int]:
-        """Sequences of unreadable JobCreated messages stored before any event of their job."""
+        """Sequences of unreadable JobCreated messages stored before anything else on their
+        job's subjects: jobs that exist only as that message."""
         first: set[int] = set()
         for q in quarantined:
             job = subjects.job_of_subject(q.subject)
@@ -96,8 +99,16 @@ class StateReader:
                 continue
             if job[0] in self.state.jobs:
                 continue  # a live job: only its version moves
-            history = await self.bus.load(subjects.job_stream_filter(job[0]))
-            if all(env.seq > q.seq for env in history):
+            try:  # one request: the first message on the job's subjects
+                oldest = await self.bus.js.get_msg(
+                    subjects.EVENTS_STREAM,
+                    seq=1,
+                    subject=subjects.job_stream_filter(job[0]),
+                    next=True,
+                )
+            except nats.js.errors.NotFoundError:
+                continue  # gone from the stream since it was read
+            if oldest.seq == q.seq:
                 first.add(q.seq)
         return first
 

@@ -403,8 +403,9 @@ class DispatchState:
         actions: list[JobAction] = []
         revoked = self.revoked_hosts()
         for plan in list(self.jobs.values()):
+            found: list[JobAction] = []
             try:
-                found = list(self._due(plan, now, stall_margin, revoked))
+                self._due(plan, now, stall_margin, revoked, found)
             except Exception as err:
                 self.break_job(plan, f"planning failed: {err!r}", err)
                 found = [Abort(plan.job.job_id)]
@@ -412,37 +413,42 @@ class DispatchState:
         return actions
 
     def _due(
-        self, plan: JobPlan, now: datetime, margin: timedelta, revoked: frozenset[str]
-    ) -> Iterator[JobAction]:
+        self,
+        plan: JobPlan,
+        now: datetime,
+        margin: timedelta,
+        revoked: frozenset[str],
+        out: list[JobAction],
+    ) -> None:
         job = plan.job
         if plan.broken:
-            yield Abort(job.job_id)
-            return
-        if job.status == JobStatus.CREATED:
-            yield Start(job.job_id)
-            return
-        if job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
-            return
-        on_revoked = revoked.intersection(plan.hosts) if revoked else frozenset()
-        if on_revoked:
-            for fid in plan.flying:
-                slot = plan.flows[fid]
-                if slot.host in on_revoked and (fid, slot.attempt) not in self.ending:
-                    yield FailRevoked(job.job_id, fid, slot.attempt)
-            if job.status == JobStatus.RUNNING:
-                yield PauseRevoked(job.job_id, min(on_revoked))
-        yield from self._stalls(plan, now, margin)
-        if self.finishable(plan):
-            yield Finish(job.job_id)
+            out.append(Abort(job.job_id))
+        elif job.status == JobStatus.CREATED:
+            out.append(Start(job.job_id))
+        elif job.status in (JobStatus.RUNNING, JobStatus.PAUSED):
+            on_revoked = revoked.intersection(plan.hosts) if revoked else None
+            if on_revoked:
+                for fid in plan.flying:
+                    slot = plan.flows[fid]
+                    if slot.host in on_revoked and (fid, slot.attempt) not in self.ending:
+                        out.append(FailRevoked(job.job_id, fid, slot.attempt))
+                if job.status == JobStatus.RUNNING:
+                    out.append(PauseRevoked(job.job_id, min(on_revoked)))
+            if plan.flying:
+                self._stalls(plan, now, margin, out)
+            elif plan.terminal == job.flows_total:
+                out.append(Finish(job.job_id))
 
-    def _stalls(self, plan: JobPlan, now: datetime, margin: timedelta) -> Iterator[Stall]:
+    def _stalls(
+        self, plan: JobPlan, now: datetime, margin: timedelta, out: list[JobAction]
+    ) -> None:
         session = timedelta(seconds=plan.job.settings.session_seconds)
         for fid in plan.flying:  # oldest first: stop at the first one still within time
             slot = plan.flows[fid]
             if slot.dispatched_at is None or slot.dispatched_at + session + margin > now:
                 return
             if (fid, slot.attempt) not in self.ending:
-                yield Stall(plan.job.job_id, fid, slot.attempt)
+                out.append(Stall(plan.job.job_id, fid, slot.attempt))
 
     def stalled(self, action: Stall, now: datetime, margin: timedelta) -> float | None:
         """Seconds the attempt has waited, if ``action`` still holds now; else ``None``."""

@@ -169,7 +169,7 @@ class ActionWriter:
         items: list[tuple[FlowDispatched, str]] = []
         hosts: dict[str, list[str]] = {}
         for d in dispatches:
-            if not state.dispatchable(d, now):
+            if not state.dispatchable(d, now, authorised):
                 continue
             plan = state.jobs[d.job_id]
             try:

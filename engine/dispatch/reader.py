@@ -114,8 +114,8 @@ class StateReader:
 
     def deliver(self, batch: Batch, first_creations: set[int] | None = None) -> None:
         """Fold in what the log holds, in stream order (events and quarantined messages)."""
-        unreadable = [(q.seq, q) for q in batch.quarantined]
-        for env in _merged(batch.envelopes, unreadable):
+        items = _merged(batch.envelopes, batch.quarantined) if batch.quarantined else None
+        for env in items or batch.envelopes:
             if isinstance(env, Envelope):
                 if env.seq in self._ahead:
                     self._ahead.discard(env.seq)
@@ -136,17 +136,12 @@ class StateReader:
         if seq <= self.state.position:
             return  # the reader already delivered it (a duplicate ack)
         self._ahead.add(seq)
-        position = self.state.position  # the reader owns the position; we only ran ahead
-        self.state.apply(Envelope(seq=seq, subject=subjects.subject_for(event), event=event))
-        self.state.position = position
+        self.state.apply_event(seq, event)  # the reader owns the position: it stays
 
 
 def _merged(
-    envelopes: list[Envelope], unreadable: list[tuple[int, QuarantinedMessage]]
+    envelopes: list[Envelope], quarantined: list[QuarantinedMessage]
 ) -> list[Envelope | QuarantinedMessage]:
-    if not unreadable:
-        return list(envelopes)
-    items: list[tuple[int, Envelope | QuarantinedMessage]] = [(e.seq, e) for e in envelopes]
-    items.extend(unreadable)
-    items.sort(key=lambda item: item[0])  # sequences are unique in a stream
-    return [item for _, item in items]
+    items: list[Envelope | QuarantinedMessage] = [*envelopes, *quarantined]
+    items.sort(key=lambda item: item.seq)  # sequences are unique in a stream
+    return items

@@ -43,6 +43,7 @@ from schemas.events import (
     JobCreated,
     JobEvent,
     JobStarted,
+    TbEvent,
 )
 from schemas.flow_lifecycle import IN_FLIGHT, WAITING, FlowState, flow_transition
 
@@ -62,12 +63,16 @@ class FlowStatus(StrEnum):
     FAILED = "failed"
 
 
+_PLANNING: dict[str, FlowStatus] = {
+    **dict.fromkeys(WAITING, FlowStatus.PLANNED),
+    **dict.fromkeys(IN_FLIGHT, FlowStatus.IN_FLIGHT),
+    "done": FlowStatus.DONE,
+    "failed": FlowStatus.FAILED,
+}
+
+
 def planning_status(flow: FlowState | None) -> FlowStatus:
-    if flow is None or flow.status in WAITING:
-        return FlowStatus.PLANNED
-    if flow.status in IN_FLIGHT:
-        return FlowStatus.IN_FLIGHT
-    return FlowStatus.DONE if flow.status == "done" else FlowStatus.FAILED
+    return FlowStatus.PLANNED if flow is None else _PLANNING[flow.status]
 
 
 @dataclass
@@ -219,14 +224,18 @@ class DispatchState:
     # -- folding events in ----------------------------------------------------------
 
     def apply(self, env: Envelope) -> None:
-        self.position = max(self.position, env.seq)
-        event = env.event
-        if isinstance(event, JobEvent):
-            self._apply_job(env.seq, event)
-        elif isinstance(event, FLOW_INPUTS):
-            self._apply_flow(env.seq, event)
+        if env.seq > self.position:
+            self.position = env.seq
+        self.apply_event(env.seq, env.event)
+
+    def apply_event(self, seq: int, event: TbEvent) -> None:
+        """Fold one event stored at ``seq`` in, leaving ``position`` alone."""
+        if isinstance(event, FLOW_INPUTS):
+            self._apply_flow(seq, event)
+        elif isinstance(event, JobEvent):
+            self._apply_job(seq, event)
         elif isinstance(event, ConsentEvent):
-            self._apply_consent(env.seq, event)
+            self._apply_consent(seq, event)
 
     def unreadable(self, job_id: str, seq: int, kind: str, reason: str, first: bool) -> None:
         """A message on the job's subjects that is no event (it was quarantined).
@@ -306,30 +315,35 @@ class DispatchState:
     def _fold_flow(
         self, plan: JobPlan, slot: FlowSlot, event: FlowDispatched | FlowOutcome
     ) -> None:
-        step = flow_transition(
-            slot.flow, event, max_attempts=plan.job.settings.max_attempts, job_open=True
-        )
-        if step.state == slot.flow:
+        old = slot.flow
+        step = flow_transition(old, event, max_attempts=plan.job.settings.max_attempts)
+        new = step.state
+        if new == old:
             return  # seen again, stale, or after the first outcome
-        before, old_attempt = slot.status, slot.attempt
-        new_attempt = step.state is not None and step.state.attempt != old_attempt
-        slot.flow = step.state
-        after = slot.status
+        assert new is not None  # an event never takes a flow back to never dispatched
+        slot.flow = new
+        planned, flying = FlowStatus.PLANNED, FlowStatus.IN_FLIGHT
+        before = planned if old is None else _PLANNING[old.status]
+        after = _PLANNING[new.status]
+        old_attempt = 0 if old is None else old.attempt
+        new_attempt = new.attempt != old_attempt
         plan.done += step.done
         plan.failed += step.failed
-        if before == FlowStatus.PLANNED and after != FlowStatus.PLANNED:
-            self._unqueue(plan, slot.flow_id)
-        if before == FlowStatus.IN_FLIGHT and (after != FlowStatus.IN_FLIGHT or new_attempt):
-            del plan.flying[slot.flow_id]
+        fid = slot.flow_id
+        if before is planned and after is not planned:
+            self._unqueue(plan, fid)
+        if before is flying and (after is not flying or new_attempt):
+            del plan.flying[fid]
             self.domain_in_flight[slot.host] -= 1
-            self.ending.discard((slot.flow_id, old_attempt))
-        if after == FlowStatus.IN_FLIGHT and (before != FlowStatus.IN_FLIGHT or new_attempt):
-            plan.flying[slot.flow_id] = None
+            if self.ending:
+                self.ending.discard((fid, old_attempt))
+        if after is flying and (before is not flying or new_attempt):
+            plan.flying[fid] = None
             self.domain_in_flight[slot.host] += 1
             slot.dispatched_at = event.at
             self._count_dispatch(slot.host, event.at)
-        if after == FlowStatus.PLANNED and before != FlowStatus.PLANNED:
-            plan.queue.appendleft(slot.flow_id)  # retries and releases go first
+        if after is planned and before is not planned:
+            plan.queue.appendleft(fid)  # retries and releases go first
 
     @staticmethod
     def _unqueue(plan: JobPlan, fid: str) -> None:
@@ -478,16 +492,20 @@ class DispatchState:
             and plan.in_flight == 0
         )
 
-    def dispatchable(self, d: Dispatch, now: datetime) -> bool:
-        """Whether ``d`` still holds on the state as it is now (the log may have moved on)."""
+    def dispatchable(
+        self, d: Dispatch, now: datetime, authorised: frozenset[str] | None = None
+    ) -> bool:
+        """Whether ``d`` still holds on the state as it is now (the log may have moved on);
+        ``authorised``: ``authorised_hosts(now)``, when the caller has it already."""
         plan = self.jobs.get(d.job_id)
         if plan is None or plan.broken or plan.job.status != JobStatus.RUNNING:
             return False
         slot = plan.flows.get(d.flow_id)
         if slot is None or slot.status != FlowStatus.PLANNED or slot.attempt + 1 != d.attempt:
             return False
-        consent = self.consents.get(slot.host)
-        return consent is not None and consent.valid_at(now)
+        if authorised is None:
+            authorised = self.authorised_hosts(now)
+        return slot.host in authorised
 
     def dispatches(self, now: datetime, max_dispatches: int = 1000) -> list[Dispatch]:
         authorised = self.authorised_hosts(now)

@@ -58,6 +58,7 @@ async def completes(tb: Embedded) -> None:
     assert (view.status, view.flows_done, view.flows_failed) == ("completed", 3, 0)
 
 
+@pytest.mark.slow  # kills the engine process
 async def test_a_forged_job_with_a_bad_url_is_refused_and_the_engine_stays_up_across_restarts(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -22,14 +22,19 @@ def stream_seq(msg: Msg) -> int:
     return _ack_tokens(msg.reply)[0]
 
 
-def _ack_tokens(reply: str) -> tuple[int, int]:
-    """(stream sequence, pending) from ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>
-    .<cseq>.<ts>.<pending>`` or its v2 form with domain and account hash after ``ACK``."""
+def delivery_count(msg: Msg) -> int:
+    """How often the consumer has delivered this message (1 the first time)."""
+    return _ack_tokens(msg.reply)[2]
+
+
+def _ack_tokens(reply: str) -> tuple[int, int, int]:
+    """(stream sequence, pending, delivered) from ``$JS.ACK.<stream>.<consumer>.<delivered>
+    .<sseq>.<cseq>.<ts>.<pending>`` or its v2 form with domain and account hash after ``ACK``."""
     tokens = reply.split(".")
     if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
+        return int(tokens[5]), int(tokens[8]), int(tokens[4])
     if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[10])
+        return int(tokens[7]), int(tokens[10]), int(tokens[6])
     raise ValueError(f"not a JetStream ack subject: {reply!r}")
 
 

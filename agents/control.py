@@ -1,0 +1,296 @@
+"""What a runner knows of job and consent state, learnt from the stream.
+
+Commands reach runners through JetStream, never through core NATS alone: a runner
+that was cut off, or starts later, still learns that a job was cancelled or paused
+or that a host's consent was revoked. Two sources, folded by stream sequence, so
+either may come first:
+
+- a live follower, started with the runner, reading job-control and consent events
+  from the stream's last sequence on (it tells the runner to stop flows at once);
+- for a job or host the runner has not seen yet, one load of that aggregate before
+  its first work item runs, kept in a bounded cache.
+
+The follower confirms it has everything the stream holds at least every second; a
+work item starts only while that confirmation is recent and was given since the
+connection's last reconnect, so items fetched right after a reconnect wait until
+the follower has caught up with what happened while the runner was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Generic, TypeVar
+
+import nats.errors
+import structlog
+
+from agents.backoff import Backoff
+from engine.bus import Bus
+from schemas import subjects
+from schemas.events import (
+    Envelope,
+    FlowDispatched,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobPaused,
+    JobRefused,
+    JobResumed,
+    JobStarted,
+    TbEvent,
+)
+
+log = structlog.get_logger("tb.agent")
+
+S = TypeVar("S")
+
+JOB_CONTROL_EVENTS = (JobCancelled, JobPaused, JobResumed, JobCompleted, JobFailed)
+JOB_ENDED_EVENTS = (JobCancelled, JobCompleted, JobFailed)
+FRESHNESS = 3.0  # seconds a follower's "caught up" stays good for starting work
+FOLLOW_IDLE = 0.5  # the follower asks the server at least this often when idle
+
+# -- job state ----------------------------------------------------------------------
+
+RUNNING, PAUSED, ENDED, UNKNOWN = "running", "paused", "ended", "unknown"
+_JOB_STATUS: dict[type[JobEvent], str] = {
+    JobStarted: RUNNING,
+    JobResumed: RUNNING,
+    JobPaused: PAUSED,
+    JobCancelled: ENDED,
+    JobCompleted: ENDED,
+    JobFailed: ENDED,
+    JobRefused: ENDED,
+}
+
+
+def fold_job(status: str, event: TbEvent, seq: int) -> str:
+    """The job's status for running work: only the events that start, hold or end it."""
+    return _JOB_STATUS.get(type(event), status) if isinstance(event, JobEvent) else status
+
+
+# -- a bounded cache of aggregates --------------------------------------------------
+
+
+@dataclass
+class _Entry(Generic[S]):
+    state: S
+    seq: int = 0  # the stream sequence of the last event folded in
+    loading: asyncio.Future[None] | None = None
+    pending: list[tuple[int, TbEvent]] = field(default_factory=list)  # seen while loading
+
+
+class Aggregates(Generic[S]):
+    """Aggregate states by key, each folded in stream order from one load plus the
+    follower's events; least recently used entries leave beyond ``cap``."""
+
+    def __init__(
+        self,
+        cap: int,
+        empty: Callable[[str], S],
+        fold: Callable[[S, TbEvent, int], S],
+        load: Callable[[str], Awaitable[list[Envelope]]],
+    ) -> None:
+        self.cap, self._empty, self._fold, self._load = cap, empty, fold, load
+        self._entries: OrderedDict[str, _Entry[S]] = OrderedDict()
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: str) -> S | None:
+        """The state when it is known without waiting (``None``: load it first)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.loading is not None:
+            return None
+        self._entries.move_to_end(key)
+        return entry.state
+
+    async def get(self, key: str) -> S:
+        while True:
+            entry = self._entries.get(key)
+            if entry is None:
+                return await self._load_into(key)
+            if entry.loading is None:
+                self._entries.move_to_end(key)
+                return entry.state
+            # someone else loads it: wait for them (if their load fails, try ours)
+            await asyncio.wait({entry.loading})
+
+    def apply(self, key: str, seq: int, event: TbEvent) -> None:
+        """A follower's event: folded into a known entry, kept aside while it loads."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return  # a load will bring it when the key is needed
+        if entry.loading is not None:
+            entry.pending.append((seq, event))
+        elif seq > entry.seq:
+            entry.state, entry.seq = self._fold(entry.state, event, seq), seq
+
+    async def _load_into(self, key: str) -> S:
+        loading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = _Entry(self._empty(key), loading=loading)
+        self._entries[key] = entry
+        self._evict()
+        try:
+            self.loads += 1
+            envelopes = await self._load(key)
+        except BaseException:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            loading.set_result(None)  # waiters look again and load themselves
+            raise
+        for seq, event in [(e.seq, e.event) for e in envelopes] + sorted(
+            entry.pending, key=lambda p: p[0]
+        ):
+            if seq > entry.seq:
+                entry.state, entry.seq = self._fold(entry.state, event, seq), seq
+        entry.pending.clear()
+        entry.loading = None
+        loading.set_result(None)
+        return entry.state
+
+    def _evict(self) -> None:
+        if len(self._entries) <= self.cap:
+            return
+        for key in list(self._entries):
+            if len(self._entries) <= self.cap:
+                break
+            if self._entries[key].loading is None:
+                del self._entries[key]
+
+
+# -- admission ----------------------------------------------------------------------
+
+
+class Verdict(Enum):
+    RUN = "run"
+    DROP = "drop"  # the job is over: ack, report nothing (the dispatcher let it go)
+    RELEASE = "release"  # the job is paused: hand the item back without spending an attempt
+
+
+@dataclass(frozen=True)
+class Admission:
+    verdict: Verdict
+    reason: str = ""
+
+
+class Control:
+    """Job and consent state for the runner's work items, and word when it changes."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        cap: int = 10_000,
+        freshness: float = FRESHNESS,
+        on_job_ended: Callable[[str], None] = lambda job_id: None,
+    ) -> None:
+        self.bus, self.freshness = bus, freshness
+        self.on_job_ended = on_job_ended
+        self.jobs: Aggregates[str] = Aggregates(cap, lambda _: UNKNOWN, fold_job, self._load_job)
+        self._confirmed_at = float("-inf")
+        self._confirmed_reconnects = -1
+        self._confirmed = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+        self._position = 0  # the last stream sequence the follower has applied
+
+    # -- the live follower --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Follow control events from the stream's end on (retrying until NATS answers)."""
+        retry = Backoff("control.start", base=0.2, cap=5.0)
+        while True:
+            try:
+                last = await self.bus.last_seq()
+                break
+            except nats.errors.Error as err:
+                await retry.wait(err)
+        retry.succeeded()
+        self._position = last
+        self._follower = asyncio.create_task(self._follow(), name="runner-control")
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        filters = [subjects.job_subject("*", cls.__name__) for cls in JOB_CONTROL_EVENTS]
+        retry = Backoff("control.follow", base=0.2, cap=5.0)
+        while True:
+            try:
+                async for batch in self.bus.read(
+                    self._position + 1,
+                    filters,
+                    idle_timeout=FOLLOW_IDLE,
+                    on_caught_up=self._caught_up,
+                ):
+                    retry.succeeded()
+                    for env in batch:
+                        self._apply(env)
+                        self._position = env.seq
+            except nats.errors.Error as err:  # the reader gave up on this connection
+                if self.bus.nc.is_closed:
+                    return
+                await retry.wait(err)
+
+    def _apply(self, env: Envelope) -> None:
+        event = env.event
+        if isinstance(event, JobEvent):
+            self.jobs.apply(event.job_id, env.seq, event)
+            if isinstance(event, JOB_ENDED_EVENTS):
+                self.on_job_ended(event.job_id)
+
+    def _caught_up(self) -> None:
+        self._confirmed_at = time.monotonic()
+        self._confirmed_reconnects = self._reconnects()
+        self._confirmed.set()
+
+    def _reconnects(self) -> int:
+        return int(self.bus.nc.stats.get("reconnects", 0))
+
+    def fresh(self) -> bool:
+        """Whether the follower has, recently and since the last reconnect, seen all."""
+        return (
+            self._confirmed_reconnects == self._reconnects()
+            and time.monotonic() - self._confirmed_at < self.freshness
+        )
+
+    async def wait_fresh(self) -> None:
+        while not self.fresh():
+            self._confirmed.clear()
+            await self._confirmed.wait()
+
+    # -- lazy loads ---------------------------------------------------------------------
+
+    async def _load_job(self, job_id: str) -> list[Envelope]:
+        return await self.bus.load(subjects.job_stream_filter(job_id))
+
+    # -- admission ----------------------------------------------------------------------
+
+    def admit_now(self, item: FlowDispatched) -> Admission | None:
+        """The admission when it needs no waiting (the hot path), else ``None``."""
+        if not self.fresh():
+            return None
+        status = self.jobs.peek(item.job_id)
+        if status is None:
+            return None
+        return _admission(status)
+
+    async def admit(self, item: FlowDispatched) -> Admission:
+        await self.wait_fresh()
+        return _admission(await self.jobs.get(item.job_id))
+
+
+def _admission(status: str) -> Admission:
+    if status == RUNNING:
+        return Admission(Verdict.RUN)
+    if status == PAUSED:
+        return Admission(Verdict.RELEASE, "job paused")
+    return Admission(Verdict.DROP, f"job {status}")

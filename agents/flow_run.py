@@ -1,0 +1,173 @@
+"""One delivery of one work item, from its slot to its ack.
+
+The item is admitted first (is its job still running? see ``agents.control``), then
+run by the executor, reported, and acked only once every event it reported is
+stored: a crash, or a publish that failed, before the ack redelivers the item.
+A run can be stopped from outside (its job ended, the runner drains); the
+executor's task is cancelled, which closes the flow's browser context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from enum import Enum
+from typing import Any, TypeVar
+
+import nats.errors
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from agents.backoff import Backoff
+from agents.control import Control, Verdict
+from agents.executor import FlowError, FlowExecutor, FlowResult
+from agents.intake import Work
+from agents.reporter import FlowReporter
+
+log = structlog.get_logger("tb.agent")
+T = TypeVar("T")
+
+NAK_DELAY = 1.0  # a released item waits this long before JetStream offers it again
+
+
+class Stop(Enum):
+    """Why a run was stopped from outside, and so what becomes of its work item."""
+
+    ENDED = "job ended"  # acked, nothing reported: the dispatcher already let the flow go
+    RELEASED = "released"  # the runner drains: nak'd, another runner takes it
+
+
+class Outcome(Enum):
+    DONE = "done"
+    FAILED = "failed"
+    DROPPED = "dropped"  # its job was over
+    RELEASED = "released"  # handed back (job paused, runner draining)
+    UNREPORTED = "unreported"  # NATS did not take its outcome: left unacked, redelivered
+
+
+class FlowRun:
+    def __init__(
+        self,
+        work: Work,
+        reporter: FlowReporter,
+        executor: FlowExecutor,
+        control: Control,
+        nats_trouble: Backoff,
+    ) -> None:
+        self.work, self.item, self.report = work, work.item, reporter
+        self.executor, self.control = executor, control
+        self.nats_trouble = nats_trouble  # shared by a runner's flows: one line per episode
+        self.stopped: Stop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._executing = False
+
+    @property
+    def log(self) -> FilteringBoundLogger:
+        bound: FilteringBoundLogger = log.bind(
+            job_id=self.item.job_id,
+            flow_id=self.item.flow_id,
+            attempt=self.item.attempt,
+            delivery=self.work.delivery,
+        )
+        return bound
+
+    def stop(self, why: Stop) -> None:
+        """End the run early; the first reason given counts. A running executor is
+        cancelled (closing its browser context); before that, the run does not start it."""
+        if self.stopped is None:
+            self.stopped = why
+        if self._executing and self._task is not None:
+            self._task.cancel()
+
+    async def run(self) -> Outcome:
+        self._task = asyncio.current_task()
+        try:
+            return await self._run()
+        except nats.errors.Error as err:
+            # not acked: JetStream redelivers the work item after the ack wait
+            self.nats_trouble.failed(err)
+            return Outcome.UNREPORTED
+
+    async def _run(self) -> Outcome:
+        admission = self.control.admit_now(self.item)
+        if admission is None:  # a job not seen yet, or word from the stream is stale
+            admission = await self._keeping_alive(self.control.admit(self.item))
+        if self.stopped is not None:
+            return await self._stopped(self.stopped)
+        if admission.verdict is Verdict.DROP:
+            self.log.info("flow.dropped", reason=admission.reason)
+            await self._ack()
+            return Outcome.DROPPED
+        if admission.verdict is Verdict.RELEASE:
+            return await self._nak()
+        return await self._execute()
+
+    async def _execute(self) -> Outcome:
+        began = time.monotonic()
+        await self.report.started()
+        result = await self._executor_run()
+        if result is None:  # stopped: a result that came first still counts
+            return await self._stopped(self.stopped or Stop.RELEASED)
+        if isinstance(result, FlowError):
+            await self.report.failed(result.reason, result.retryable, result.screenshot)
+            self.log.info("flow.failed", reason=result.reason, retryable=result.retryable)
+            outcome = Outcome.FAILED
+        else:
+            await self.report.done(result, int((time.monotonic() - began) * 1000))
+            outcome = Outcome.DONE
+        await self._stored()
+        await self._ack()
+        return outcome
+
+    async def _executor_run(self) -> FlowResult | FlowError | None:
+        """The executor's result; ``None`` when the run was stopped (or never started)."""
+        if self.stopped is not None:
+            return None
+        self._executing = True  # from here on, ``stop`` cancels this task
+        try:
+            return await self.executor.run(self.item, self.report)
+        except FlowError as err:
+            return err
+        except asyncio.CancelledError:
+            if self.stopped is None:
+                raise  # the runner itself is being cancelled
+            # the cancel was ``stop``'s: the run goes on to hand its work item back
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()
+            return None
+        finally:
+            self._executing = False
+
+    async def _stopped(self, why: Stop) -> Outcome:
+        if why is Stop.RELEASED:
+            return await self._nak()
+        self.log.info("flow.stopped", reason=why.value)
+        await self._ack()  # the job is over: nobody should run this flow again
+        return Outcome.DROPPED
+
+    async def _stored(self) -> None:
+        await self.report.stored(self.nats_trouble)
+
+    async def _ack(self) -> None:
+        await self.work.msg.ack()
+        self.nats_trouble.succeeded()
+
+    async def _nak(self) -> Outcome:
+        await self.work.msg.nak(delay=NAK_DELAY)
+        self.nats_trouble.succeeded()
+        return Outcome.RELEASED
+
+    async def _keeping_alive(self, waiting: Awaitable[T]) -> T:
+        """Await something slow while the work item's ack wait is kept from running out."""
+        task = asyncio.ensure_future(waiting)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    return task.result()
+                await self.report.in_progress()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

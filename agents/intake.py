@@ -1,0 +1,195 @@
+"""Work intake: pull work items of the runner's platform, one slot each.
+
+The platform's queue is one shared durable pull consumer (DESIGN §3). Intake takes
+only as many items as it has free slots, so the dispatcher's ordering decides what
+runs next. A slot belongs to one delivery of one work item: JetStream may hand the
+same flow to the same runner again (the first delivery's ack wait ran out while it
+still runs), and the two deliveries hold two slots until each ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+
+from agents.backoff import Backoff
+from engine.bus import Bus
+from engine.puller import delivery_count, stream_seq
+from schemas import subjects
+from schemas.events import FlowDispatched, decode_event
+from schemas.values import Platform
+
+log = structlog.get_logger("tb.agent")
+
+
+class SlotKey(NamedTuple):
+    """One delivery of one work item."""
+
+    flow_id: str
+    attempt: int
+    delivery: int
+
+
+@dataclass(frozen=True)
+class Work:
+    """A work item as delivered: the event, its message (to ack) and where it sits."""
+
+    item: FlowDispatched
+    msg: Msg
+    seq: int  # stream sequence
+    delivery: int  # JetStream's delivery count, 1 the first time
+
+    @property
+    def key(self) -> SlotKey:
+        return SlotKey(self.item.flow_id, self.item.attempt, self.delivery)
+
+
+class Poison(Exception):
+    """A message on the platform's subject that is not a work item anyone can run."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_work(msg: Msg) -> FlowDispatched:
+    """The work item a message holds; raises ``Poison`` with the reason when it holds none."""
+    try:
+        event = decode_event(msg.data)
+    except msgspec.DecodeError as err:  # the parent of ValidationError: bad JSON too
+        raise Poison(f"undecodable: {err}") from err
+    if not isinstance(event, FlowDispatched):
+        raise Poison(f"{type(event).__name__} is not a work item")
+    if subjects.subject_for(event) != msg.subject:
+        raise Poison(f"a work item for {subjects.subject_for(event)} on {msg.subject}")
+    return event
+
+
+def read_work(msg: Msg) -> Work:
+    try:
+        seq, delivery = stream_seq(msg), delivery_count(msg)
+    except ValueError as err:
+        raise Poison(f"not a JetStream delivery: {err}") from err
+    return Work(item=decode_work(msg), msg=msg, seq=seq, delivery=delivery)
+
+
+class Intake:
+    """Hands out work items, each holding a slot until ``free`` is called with its key."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        platform: Platform,
+        *,
+        slots: int,
+        fetch_batch: int = 128,
+        linger: float = 1.0,
+        announce: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.bus, self.platform, self.slots = bus, platform, slots
+        self.fetch_batch, self.linger, self.announce = fetch_batch, linger, announce
+        self.held: dict[SlotKey, Work] = {}
+        self.poisoned = 0  # messages terminated because no runner can run them
+        self.recreated = 0  # times the durable consumer was found gone and made again
+        self.pulls = 0  # pull requests that got no answer
+        self._durable = subjects.dispatch_consumer(platform.os, platform.browser)
+        self._stopping = asyncio.Event()
+        self._freed = asyncio.Event()
+        self._retry = Backoff("intake.pull", base=0.2, cap=5.0)
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.held)
+
+    def free(self, key: SlotKey) -> None:
+        if self.held.pop(key, None) is not None:
+            self._freed.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._freed.set()
+
+    async def open(self) -> None:
+        """Make sure the platform's consumer exists; the engine provisions the streams."""
+        told = False
+        retry = Backoff("intake.consumer", base=0.2, cap=2.0)
+        while not self._stopping.is_set():
+            try:
+                await self.bus.ensure_dispatch_consumer(self.platform.os, self.platform.browser)
+                retry.succeeded()
+                return
+            except nats.js.errors.NotFoundError:
+                if not told:
+                    self.announce("[INFO] Waiting for the engine to provision the event streams")
+                    told = True
+                await asyncio.sleep(1.0)
+            except nats.errors.Error as err:
+                await retry.wait(err)
+
+    async def items(self) -> AsyncGenerator[Work, None]:
+        """Work items while not stopped; each yielded one holds a slot."""
+        puller = await self.bus.puller(self._durable)
+        try:
+            while not self._stopping.is_set():
+                free = self.free_slots
+                if free <= 0:
+                    self._freed.clear()
+                    await self._freed.wait()
+                    continue
+                try:
+                    msgs = await puller.fetch(min(free, self.fetch_batch), linger=self.linger)
+                except nats.errors.TimeoutError:
+                    # nobody answered the pull: the consumer is gone or NATS is away
+                    self.pulls += 1
+                    await self._recover()
+                    continue
+                except nats.errors.Error as err:
+                    self.pulls += 1
+                    await self._retry.wait(err)
+                    continue
+                self._retry.succeeded()
+                for msg in msgs:
+                    try:
+                        work = read_work(msg)
+                    except Poison as poison:
+                        await self._quarantine(msg, poison.reason)
+                        continue
+                    self.held[work.key] = work
+                    yield work
+        finally:
+            await puller.close()
+
+    async def _quarantine(self, msg: Msg, reason: str) -> None:
+        self.poisoned += 1
+        log.error("intake.poison", subject=msg.subject, reason=reason)
+        try:
+            await msg.term()  # never redeliver what no runner can run
+        except nats.errors.Error as err:
+            log.warning("intake.term_failed", subject=msg.subject, error=str(err))
+
+    async def _recover(self) -> None:
+        """After a pull nobody answered: recreate a deleted consumer, else back off."""
+        try:
+            await self.bus.js.consumer_info(subjects.EVENTS_STREAM, self._durable)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.bus.ensure_dispatch_consumer(self.platform.os, self.platform.browser)
+            except nats.errors.Error as err:  # the stream itself is gone: wait for it
+                await self._retry.wait(err)
+                return
+            self.recreated += 1
+            log.warning("intake.consumer_recreated", consumer=self._durable)
+            return
+        except nats.errors.Error as err:
+            await self._retry.wait(err)
+            return
+        # the consumer is there and did not answer in time: back off all the same
+        await self._retry.wait("pull not answered")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 from html import escape
 from pathlib import Path
@@ -124,19 +125,32 @@ class DemoSiteFailed(Exception):
 
 
 class EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves SIGINT/SIGTERM to the process embedding it."""
+    """A uvicorn server that leaves SIGINT/SIGTERM to the process embedding it, and
+    sets ``ready`` once it listens."""
+
+    def __init__(self, config: uvicorn.Config, ready: asyncio.Event | None = None) -> None:
+        super().__init__(config)
+        self.ready = ready
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.ready is not None:
+            self.ready.set()
 
-async def serve_demo_site(host: str, port: int, token_file: Path) -> None:
-    """Serve the demo site until cancelled; shuts down gracefully, then re-raises."""
+
+async def serve_demo_site(
+    host: str, port: int, token_file: Path, ready: asyncio.Event | None = None
+) -> None:
+    """Serve the demo site until cancelled (``ready`` is set once it listens); shuts down
+    gracefully, then re-raises."""
     config = uvicorn.Config(
         build_demo_app(token_file), host=host, port=port, log_level="warning", lifespan="on"
     )
-    server = EmbeddedServer(config)
+    server = EmbeddedServer(config, ready)
     serving = asyncio.ensure_future(_serve(server, f"{host}:{port}"))
     try:
         await asyncio.shield(serving)

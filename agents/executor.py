@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,45 @@ class FlowReport(Protocol):
         ...
 
 
+def normal_host(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+class AllowedHosts:
+    """The hosts one flow's browser may reach, kept live: a host whose consent is
+    revoked leaves the set at once, and every watcher (the flow's guard) is told, so
+    the browser sends nothing more to it while the rest of the flow goes on."""
+
+    def __init__(self, hosts: Iterable[str]) -> None:
+        self._hosts = frozenset(normal_host(h) for h in hosts)
+        self._watchers: list[Callable[[str], None]] = []
+
+    @property
+    def current(self) -> frozenset[str]:
+        return self._hosts
+
+    def __contains__(self, host: object) -> bool:
+        return isinstance(host, str) and normal_host(host) in self._hosts
+
+    def revoke(self, host: str) -> None:
+        host = normal_host(host)
+        if host not in self._hosts:
+            return
+        self._hosts = self._hosts - {host}
+        for watcher in list(self._watchers):
+            watcher(host)
+
+    def watch(self, watcher: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``watcher(host)`` on each revocation; returns the way to stop watching."""
+        self._watchers.append(watcher)
+
+        def unwatch() -> None:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return unwatch
+
+
 @dataclass(frozen=True)
 class FlowResult:
     clicks_done: int
@@ -49,13 +89,19 @@ class FlowError(Exception):
 
 
 class FlowExecutor(Protocol):
-    """Runs flows; ``run`` may be called for several flows at once."""
+    """Runs flows; ``run`` may be called for several flows at once.
+
+    ``hosts`` (default: the item's ``allowed_hosts``) is where the flow's browser may
+    go; it may shrink while the flow runs. Cancelling ``run`` ends the flow at once.
+    """
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult: ...
+    async def run(
+        self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
+    ) -> FlowResult: ...
 
 
 class NoopExecutor:
@@ -67,5 +113,7 @@ class NoopExecutor:
     async def close(self) -> None:
         return None
 
-    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
+    async def run(
+        self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
+    ) -> FlowResult:
         return FlowResult(clicks_done=item.clicks, pages=1)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import structlog
 from playwright.async_api import (
     BrowserContext,
+    CDPSession,
     Frame,
     Page,
     Request,
@@ -30,12 +31,13 @@ from playwright.async_api import Error as PlaywrightError
 from structlog.typing import FilteringBoundLogger
 
 from agents.browser import first_line
-from agents.executor import FlowReport
+from agents.executor import AllowedHosts, FlowReport
 
 log = structlog.get_logger("tb.agent")
 
 MAX_REDIRECTS = 20
 UNAUTHORISED_HOST = "unauthorised_host"
+REVOKED = "consent revoked"
 WEB_SCHEMES = frozenset({"http", "https"})
 SOCKET_SCHEMES = frozenset({"ws", "wss"})
 INERT_SCHEMES = frozenset({"data", "blob", "about"})
@@ -72,9 +74,16 @@ class HostGuard:
     """
 
     def __init__(
-        self, allowed_hosts: Iterable[str], report: FlowReport, flog: FilteringBoundLogger
+        self,
+        allowed_hosts: AllowedHosts | Iterable[str],
+        report: FlowReport,
+        flog: FilteringBoundLogger,
     ) -> None:
-        self.allowed = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
+        self.hosts = (
+            allowed_hosts
+            if isinstance(allowed_hosts, AllowedHosts)
+            else AllowedHosts(allowed_hosts)
+        )
         self.report = report
         self.log = flog
         self.refused: list[str] = []  # navigations refused, in order
@@ -84,11 +93,21 @@ class HostGuard:
         self._tasks: set[asyncio.Task[Response | None]] = set()
         self._locks: dict[Page, asyncio.Future[None]] = {}
         self._popups: deque[tuple[str, str | None]] = deque()  # first navigations held back
+        self._sessions: dict[Page, CDPSession] = {}
+        self._sockets: set[tuple[str, WebSocketRoute, WebSocketRoute]] = set()
+        self._chores: set[asyncio.Task[None]] = set()
+        self._unwatch: Callable[[], None] | None = None
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        """The hosts allowed now: a revoked one has left the set."""
+        return self.hosts.current
 
     def allows(self, url: str, schemes: frozenset[str] = WEB_SCHEMES) -> bool:
         return scheme_of(url) in schemes and host_of(url) in self.allowed
 
     async def install(self, context: BrowserContext) -> None:
+        self._unwatch = self.hosts.watch(self._on_revoked)
         await context.route("**/*", self._on_request)
         await context.route_web_socket(lambda _url: True, self._on_web_socket)
         context.on("page", self._on_page)  # popups; the flow's own page is locked first
@@ -100,16 +119,44 @@ class HostGuard:
         await asyncio.shield(lock)
 
     async def _lock(self, page: Page) -> None:
+        try:
+            session = await page.context.new_cdp_session(page)
+            await session.send("Network.enable")
+            await self._block(session)
+        except PlaywrightError as err:  # an older Chromium, or a popup already closed
+            self.log.warning("guard.page_lock_failed", error=first_line(err))
+            return
+        self._sessions[page] = session
+
+    async def _block(self, session: CDPSession) -> None:
+        """Everything but the hosts allowed now is blocked, redirect hops included."""
         allow = [{"urlPattern": f"*://{pattern_host(h)}:*/*", "block": False} for h in self.allowed]
         block = [
             {"urlPattern": f"{s}://*:*/*", "block": True} for s in ("http", "https", "ws", "wss")
         ]
-        try:
-            session = await page.context.new_cdp_session(page)
-            await session.send("Network.enable")
-            await session.send("Network.setBlockedURLs", {"urlPatterns": allow + block})
-        except PlaywrightError as err:  # an older Chromium, or a popup already closed
-            self.log.warning("guard.page_lock_failed", error=first_line(err))
+        await session.send("Network.setBlockedURLs", {"urlPatterns": allow + block})
+
+    def _on_revoked(self, host: str) -> None:
+        """A host left the allowed set: routed requests see it at once (``allows``); the
+        page locks and open sockets follow here."""
+        self.log.info("guard.host_revoked", host=host)
+        chore = asyncio.ensure_future(self._revoke(host))
+        self._chores.add(chore)
+        chore.add_done_callback(self._chores.discard)
+
+    async def _revoke(self, host: str) -> None:
+        for entry in [e for e in self._sockets if e[0] == host]:
+            self._sockets.discard(entry)
+            _, page_side, server_side = entry
+            with contextlib.suppress(PlaywrightError):
+                await page_side.close(code=1008, reason=REVOKED)
+                await server_side.close(code=1008, reason=REVOKED)
+        for page, lock in list(self._locks.items()):
+            await asyncio.shield(lock)
+            session = self._sessions.get(page)
+            if session is not None:
+                with contextlib.suppress(PlaywrightError):  # the page closed meanwhile
+                    await self._block(session)
 
     async def report_unauthorised(self, url: str) -> None:
         """Record a link or navigation to an unauthorised host, once per URL and flow."""
@@ -132,7 +179,9 @@ class HostGuard:
         raise failure
 
     async def release(self) -> None:
-        pending: list[asyncio.Future[Any]] = [*self._tasks, *self._locks.values()]
+        if self._unwatch is not None:
+            self._unwatch()
+        pending: list[asyncio.Future[Any]] = [*self._tasks, *self._locks.values(), *self._chores]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -235,7 +284,17 @@ class HostGuard:
 
     async def _on_web_socket(self, socket: WebSocketRoute) -> None:
         if self.allows(socket.url, SOCKET_SCHEMES):
-            socket.connect_to_server()
+            host = host_of(socket.url)
+            server = socket.connect_to_server()
+
+            def forward(message: str | bytes) -> None:
+                # checked per frame: a revoked host gets nothing more, even before the
+                # sockets are closed
+                if host in self.hosts:
+                    server.send(message)
+
+            socket.on_message(forward)
+            self._sockets.add((host, socket, server))
         else:
             self.log.info("guard.socket_refused", url=socket.url)
             await socket.close(code=1008, reason=UNAUTHORISED_HOST)

@@ -28,7 +28,7 @@ from playwright.async_api import Error as PlaywrightError
 from structlog.typing import FilteringBoundLogger
 
 from agents.browser import first_line, launch_chromium
-from agents.executor import FlowError, FlowReport, FlowResult
+from agents.executor import AllowedHosts, FlowError, FlowReport, FlowResult
 from agents.guard import (
     NAVIGATION_TIMEOUT_MS,
     UNAUTHORISED_HOST,
@@ -224,7 +224,9 @@ class PlaywrightExecutor:
         if playwright is not None:
             await playwright.stop()
 
-    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
+    async def run(
+        self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
+    ) -> FlowResult:
         if self._browser is None:
             raise RuntimeError("PlaywrightExecutor.run() before start()")
         flog = log.bind(job_id=item.job_id, flow_id=item.flow_id, attempt=item.attempt)
@@ -239,7 +241,7 @@ class PlaywrightExecutor:
         except PlaywrightError as err:
             raise FlowError(f"browser_error: {first_line(err)}") from err
         keepalive = asyncio.create_task(keep_alive(report), name=f"keepalive-{item.flow_id}")
-        guard = HostGuard(item.allowed_hosts, report, flog)
+        guard = HostGuard(hosts or AllowedHosts(item.allowed_hosts), report, flog)
         page: Page | None = None
         try:
             await guard.install(context)

@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from litestar.testing import AsyncTestClient
 from playwright.async_api import async_playwright
+from websockets.asyncio.server import ServerConnection, serve
 
 from agents.browser import (
     BrowserMissing,
@@ -30,7 +31,7 @@ from agents.browser import (
     launch_chromium,
     managed_chromium_installed,
 )
-from agents.executor import FlowError, NoopExecutor
+from agents.executor import AllowedHosts, FlowError, NoopExecutor
 from agents.playwright_flow import PlaywrightExecutor
 from demo.site import EXTERNAL_URL, build_demo_app, serve_demo_site
 from schemas.events import FlowDispatched
@@ -67,6 +68,7 @@ needs_chromium = pytest.mark.usefixtures("chromium")
 class Hit:
     path: str
     headers: dict[str, str]
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,15 @@ class RecordingSite:
     def __init__(self, host: str) -> None:
         self.replies: dict[str, Reply] = {}
         self.hits: list[Hit] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]] = []
         site = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 site.hits.append(Hit(self.path, {k.lower(): v for k, v in self.headers.items()}))
+                for loop, event, n in list(site._waiters):
+                    if len(site.hits) >= n:
+                        loop.call_soon_threadsafe(event.set)
                 reply = site.replies.get(self.path.split("?")[0], Reply(404, "not found"))
                 body = reply.body.encode()
                 self.send_response(reply.status)
@@ -117,6 +123,17 @@ class RecordingSite:
 
     def paths(self) -> list[str]:
         return [hit.path for hit in self.hits]
+
+    async def wait_hits(self, n: int, timeout: float = 10) -> None:
+        """Return once the site has seen ``n`` requests (awaited, never polled)."""
+        event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event, n)
+        self._waiters.append(waiter)
+        try:
+            if len(self.hits) < n:
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            self._waiters.remove(waiter)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -427,6 +444,72 @@ async def test_script_navigation_off_site_is_refused_and_the_page_stays(
     assert report.skips == [(f"{evil.origin}/away", "unauthorised_host")]
     assert result.clicks_done == 1
     assert evil.hits == []
+
+
+@dataclass
+class SocketServer:
+    """A websocket server on 127.0.0.2 that records when each frame arrives."""
+
+    url: str = ""
+    frames: list[tuple[float, str]] = field(default_factory=list)  # (arrived, payload)
+    first: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def record(self, connection: ServerConnection) -> None:
+        async for message in connection:
+            self.frames.append((time.monotonic(), str(message)))
+            self.first.set()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def socket_server() -> AsyncIterator[SocketServer]:
+    recorder = SocketServer()
+    async with serve(recorder.record, "127.0.0.2", 0) as server:
+        recorder.url = f"ws://127.0.0.2:{next(iter(server.sockets)).getsockname()[1]}/live"
+        yield recorder
+
+
+@needs_chromium
+async def test_revoked_host_gets_nothing_more_while_the_flow_goes_on(
+    executor: PlaywrightExecutor,
+    site: RecordingSite,
+    evil: RecordingSite,
+    socket_server: SocketServer,
+) -> None:
+    # 127.0.0.2 is a second authorised host here, until its consent is revoked mid-flow.
+    # Every request and frame carries the page's clock (Date.now(), ms) when it was made.
+    evil.page("/ping", "pong")
+    site.page("/ping", "pong")
+    script = (
+        f"const ws = new WebSocket('{socket_server.url}');"
+        "setInterval(() => {"
+        f" fetch('{evil.origin}/ping?' + Date.now(), {{mode: 'no-cors'}}).catch(() => 0);"
+        f" new Image().src = '{evil.origin}/pixel.png?' + Date.now();"
+        " fetch('/ping?' + Date.now()).catch(() => 0);"
+        " if (ws.readyState === 1) ws.send(String(Date.now()));"
+        "}, 50);"
+    )
+    url = site.page("/", f"<script>{script}</script>")
+    hosts = AllowedHosts(["127.0.0.1", "127.0.0.2"])
+    item = flow(url, session_seconds=3.0, allowed_hosts=("127.0.0.1", "127.0.0.2"))
+    running = asyncio.create_task(executor.run(item, RecordedReport(), hosts))
+    await evil.wait_hits(6)
+    await asyncio.wait_for(socket_server.first.wait(), 10)
+
+    revoked_at, revoked_ms = time.monotonic(), time.time() * 1000
+    hosts.revoke("127.0.0.2")
+    result = await running
+
+    def made_after(payload: str) -> bool:  # by the page's clock, with 50 ms for skew
+        return int(payload.rsplit("?", 1)[-1]) > revoked_ms + 50
+
+    assert result.pages == 1  # the flow went on to the end of its session
+    # nothing the page made after the revocation reached the host ...
+    assert [h.path for h in evil.hits if made_after(h.path)] == []
+    assert [p for _, p in socket_server.frames if made_after(p)] == []
+    # ... and what was under way when it came had arrived within 2 s
+    assert [h.path for h in evil.hits if h.at > revoked_at + 2.0] == []
+    assert [p for at, p in socket_server.frames if at > revoked_at + 2.0] == []
+    assert any(made_after(h.path) for h in site.hits if "?" in h.path)  # its own host: yes
 
 
 # -- failures ------------------------------------------------------------------------

@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, TypeVar
+from urllib.parse import urlsplit
 
 import nats.errors
 import structlog
@@ -32,7 +33,11 @@ import structlog
 from agents.backoff import Backoff
 from engine.bus import Bus
 from schemas import subjects
+from schemas.consent_state import Consent, ConsentStatus, evolve_consent
 from schemas.events import (
+    CONSENT_REVOKED,
+    ConsentEvent,
+    ConsentRevoked,
     Envelope,
     FlowDispatched,
     JobCancelled,
@@ -45,6 +50,8 @@ from schemas.events import (
     JobStarted,
     TbEvent,
 )
+from schemas.ids import utcnow
+from schemas.values import JobStatus
 
 log = structlog.get_logger("tb.agent")
 
@@ -55,23 +62,29 @@ JOB_ENDED_EVENTS = (JobCancelled, JobCompleted, JobFailed)
 FRESHNESS = 3.0  # seconds a follower's "caught up" stays good for starting work
 FOLLOW_IDLE = 0.5  # the follower asks the server at least this often when idle
 
-# -- job state ----------------------------------------------------------------------
+# -- job and consent state ----------------------------------------------------------
 
-RUNNING, PAUSED, ENDED, UNKNOWN = "running", "paused", "ended", "unknown"
-_JOB_STATUS: dict[type[JobEvent], str] = {
-    JobStarted: RUNNING,
-    JobResumed: RUNNING,
-    JobPaused: PAUSED,
-    JobCancelled: ENDED,
-    JobCompleted: ENDED,
-    JobFailed: ENDED,
-    JobRefused: ENDED,
+# what each event says of whether the job's work may run; other events say nothing
+_STATUS_AFTER: dict[type[JobEvent], JobStatus] = {
+    JobStarted: JobStatus.RUNNING,
+    JobResumed: JobStatus.RUNNING,
+    JobPaused: JobStatus.PAUSED,
+    JobCancelled: JobStatus.CANCELLED,
+    JobCompleted: JobStatus.COMPLETED,
+    JobFailed: JobStatus.FAILED,
+    JobRefused: JobStatus.REFUSED,
 }
 
 
-def fold_job(status: str, event: TbEvent, seq: int) -> str:
-    """The job's status for running work: only the events that start, hold or end it."""
-    return _JOB_STATUS.get(type(event), status) if isinstance(event, JobEvent) else status
+def fold_job(status: JobStatus, event: TbEvent, seq: int) -> JobStatus:
+    """A job's status as far as running its work goes (the events that start, hold or
+    end it; the job decider's ``evolve`` is the full rule)."""
+    return _STATUS_AFTER.get(type(event), status) if isinstance(event, JobEvent) else status
+
+
+def target_host(url: str) -> str:
+    """The host a work item's target URL names (the dispatcher's consent key)."""
+    return (urlsplit(url).hostname or "").lower().rstrip(".")
 
 
 # -- a bounded cache of aggregates --------------------------------------------------
@@ -172,12 +185,14 @@ class Verdict(Enum):
     RUN = "run"
     DROP = "drop"  # the job is over: ack, report nothing (the dispatcher let it go)
     RELEASE = "release"  # the job is paused: hand the item back without spending an attempt
+    REVOKED = "revoked"  # no valid consent for the target host: the flow fails, not retried
 
 
 @dataclass(frozen=True)
 class Admission:
     verdict: Verdict
     reason: str = ""
+    hosts: frozenset[str] = frozenset()  # to run: the allowed hosts whose consent holds now
 
 
 class Control:
@@ -190,10 +205,16 @@ class Control:
         cap: int = 10_000,
         freshness: float = FRESHNESS,
         on_job_ended: Callable[[str], None] = lambda job_id: None,
+        on_host_revoked: Callable[[str], None] = lambda host: None,
     ) -> None:
         self.bus, self.freshness = bus, freshness
-        self.on_job_ended = on_job_ended
-        self.jobs: Aggregates[str] = Aggregates(cap, lambda _: UNKNOWN, fold_job, self._load_job)
+        self.on_job_ended, self.on_host_revoked = on_job_ended, on_host_revoked
+        self.jobs: Aggregates[JobStatus] = Aggregates(
+            cap, lambda _: JobStatus.NEW, fold_job, self._load_job
+        )
+        self.consents: Aggregates[Consent] = Aggregates(
+            cap, lambda host: Consent(domain=host), evolve_consent, self._load_consent
+        )
         self._confirmed_at = float("-inf")
         self._confirmed_reconnects = -1
         self._confirmed = asyncio.Event()
@@ -221,20 +242,21 @@ class Control:
             await asyncio.gather(self._follower, return_exceptions=True)
 
     async def _follow(self) -> None:
-        filters = [subjects.job_subject("*", cls.__name__) for cls in JOB_CONTROL_EVENTS]
+        filters = [subjects.all_jobs(kind.__name__) for kind in JOB_CONTROL_EVENTS]
+        filters.append(subjects.all_consents())
         retry = Backoff("control.follow", base=0.2, cap=5.0)
         while True:
             try:
-                async for batch in self.bus.read(
+                async for batch in self.bus.read_batches(
                     self._position + 1,
                     filters,
                     idle_timeout=FOLLOW_IDLE,
                     on_caught_up=self._caught_up,
                 ):
                     retry.succeeded()
-                    for env in batch:
+                    for env in batch.envelopes:
                         self._apply(env)
-                        self._position = env.seq
+                    self._position = batch.last_seq
             except nats.errors.Error as err:  # the reader gave up on this connection
                 if self.bus.nc.is_closed:
                     return
@@ -246,6 +268,11 @@ class Control:
             self.jobs.apply(event.job_id, env.seq, event)
             if isinstance(event, JOB_ENDED_EVENTS):
                 self.on_job_ended(event.job_id)
+        elif isinstance(event, ConsentEvent):
+            host = event.domain.lower()
+            self.consents.apply(host, env.seq, event)
+            if isinstance(event, ConsentRevoked):
+                self.on_host_revoked(host)
 
     def _caught_up(self) -> None:
         self._confirmed_at = time.monotonic()
@@ -272,6 +299,9 @@ class Control:
     async def _load_job(self, job_id: str) -> list[Envelope]:
         return await self.bus.load(subjects.job_stream_filter(job_id))
 
+    async def _load_consent(self, host: str) -> list[Envelope]:
+        return await self.bus.load(subjects.consent_stream_filter(host))
+
     # -- admission ----------------------------------------------------------------------
 
     def admit_now(self, item: FlowDispatched) -> Admission | None:
@@ -281,16 +311,44 @@ class Control:
         status = self.jobs.peek(item.job_id)
         if status is None:
             return None
-        return _admission(status)
+        if status != JobStatus.RUNNING:
+            return _job_admission(status)
+        consents: dict[str, Consent] = {}
+        for host in _hosts(item):
+            consent = self.consents.peek(host)
+            if consent is None:
+                return None
+            consents[host] = consent
+        return _consent_admission(item, consents)
 
     async def admit(self, item: FlowDispatched) -> Admission:
         await self.wait_fresh()
-        return _admission(await self.jobs.get(item.job_id))
+        status = await self.jobs.get(item.job_id)
+        if status != JobStatus.RUNNING:
+            return _job_admission(status)
+        hosts = sorted(_hosts(item))
+        loaded = await asyncio.gather(*(self.consents.get(host) for host in hosts))
+        return _consent_admission(item, dict(zip(hosts, loaded, strict=True)))
 
 
-def _admission(status: str) -> Admission:
-    if status == RUNNING:
-        return Admission(Verdict.RUN)
-    if status == PAUSED:
+def _hosts(item: FlowDispatched) -> Iterable[str]:
+    yield target_host(item.url)
+    for host in item.allowed_hosts:
+        yield host.lower().rstrip(".")
+
+
+def _job_admission(status: JobStatus) -> Admission:
+    if status == JobStatus.PAUSED:
         return Admission(Verdict.RELEASE, "job paused")
-    return Admission(Verdict.DROP, f"job {status}")
+    return Admission(Verdict.DROP, f"job {status.value}")
+
+
+def _consent_admission(item: FlowDispatched, consents: dict[str, Consent]) -> Admission:
+    now = utcnow()
+    target = consents[target_host(item.url)]
+    if not target.valid_at(now):
+        if target.status == ConsentStatus.REVOKED:
+            return Admission(Verdict.REVOKED, CONSENT_REVOKED)
+        return Admission(Verdict.REVOKED, f"no valid consent for {target.domain}")
+    hosts = frozenset(host for host, consent in consents.items() if consent.valid_at(now))
+    return Admission(Verdict.RUN, hosts=hosts)

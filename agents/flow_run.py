@@ -20,10 +20,11 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from agents.backoff import Backoff
-from agents.control import Control, Verdict
-from agents.executor import FlowError, FlowExecutor, FlowResult
+from agents.control import Control, Verdict, target_host
+from agents.executor import AllowedHosts, FlowError, FlowExecutor, FlowResult
 from agents.intake import Work
 from agents.reporter import FlowReporter
+from schemas.events import CONSENT_REVOKED
 
 log = structlog.get_logger("tb.agent")
 T = TypeVar("T")
@@ -35,6 +36,7 @@ class Stop(Enum):
     """Why a run was stopped from outside, and so what becomes of its work item."""
 
     ENDED = "job ended"  # acked, nothing reported: the dispatcher already let the flow go
+    REVOKED = "consent revoked"  # its target host's consent is gone: FlowFailed, not retried
     RELEASED = "released"  # the runner drains: nak'd, another runner takes it
 
 
@@ -42,6 +44,7 @@ class Outcome(Enum):
     DONE = "done"
     FAILED = "failed"
     DROPPED = "dropped"  # its job was over
+    REVOKED = "revoked"  # failed for good: no valid consent for its target host
     RELEASED = "released"  # handed back (job paused, runner draining)
     UNREPORTED = "unreported"  # NATS did not take its outcome: left unacked, redelivered
 
@@ -58,6 +61,9 @@ class FlowRun:
         self.work, self.item, self.report = work, work.item, reporter
         self.executor, self.control = executor, control
         self.nats_trouble = nats_trouble  # shared by a runner's flows: one line per episode
+        self.target = target_host(self.item.url)
+        # where the browser may go; revocations shrink it before and while the flow runs
+        self.hosts = AllowedHosts([self.target, *self.item.allowed_hosts])
         self.stopped: Stop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._executing = False
@@ -80,6 +86,14 @@ class FlowRun:
         if self._executing and self._task is not None:
             self._task.cancel()
 
+    def revoke(self, host: str) -> None:
+        """A host's consent was revoked: a flow on it ends; one that merely may visit it
+        goes on without it."""
+        if host == self.target:
+            self.stop(Stop.REVOKED)
+        else:
+            self.hosts.revoke(host)
+
     async def run(self) -> Outcome:
         self._task = asyncio.current_task()
         try:
@@ -100,7 +114,14 @@ class FlowRun:
             await self._ack()
             return Outcome.DROPPED
         if admission.verdict is Verdict.RELEASE:
-            return await self._nak()
+            await self.report.released(admission.reason)
+            await self._stored()
+            await self._ack()
+            return Outcome.RELEASED
+        if admission.verdict is Verdict.REVOKED:
+            return await self._revoked(admission.reason)
+        for host in self.hosts.current - admission.hosts:
+            self.hosts.revoke(host)  # no valid consent now: never reached
         return await self._execute()
 
     async def _execute(self) -> Outcome:
@@ -126,7 +147,7 @@ class FlowRun:
             return None
         self._executing = True  # from here on, ``stop`` cancels this task
         try:
-            return await self.executor.run(self.item, self.report)
+            return await self.executor.run(self.item, self.report, self.hosts)
         except FlowError as err:
             return err
         except asyncio.CancelledError:
@@ -139,9 +160,18 @@ class FlowRun:
         finally:
             self._executing = False
 
+    async def _revoked(self, reason: str = CONSENT_REVOKED) -> Outcome:
+        self.log.info("flow.revoked", host=self.target, reason=reason)
+        await self.report.revoked(reason)
+        await self._stored()
+        await self._ack()
+        return Outcome.REVOKED
+
     async def _stopped(self, why: Stop) -> Outcome:
         if why is Stop.RELEASED:
             return await self._nak()
+        if why is Stop.REVOKED:
+            return await self._revoked()
         self.log.info("flow.stopped", reason=why.value)
         await self._ack()  # the job is over: nobody should run this flow again
         return Outcome.DROPPED

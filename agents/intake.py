@@ -14,7 +14,6 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -24,7 +23,8 @@ from agents.backoff import Backoff
 from engine.bus import Bus
 from engine.puller import delivery_count, stream_seq
 from schemas import subjects
-from schemas.events import FlowDispatched, decode_event
+from schemas.events import FlowDispatched
+from schemas.stored import Undecodable, decode_stored
 from schemas.values import Platform
 
 log = structlog.get_logger("tb.agent")
@@ -61,23 +61,19 @@ class Poison(Exception):
 
 
 def decode_work(msg: Msg) -> FlowDispatched:
-    """The work item a message holds; raises ``Poison`` with the reason when it holds none."""
+    """The work item a message holds; raises ``Poison`` with the reason when it holds none
+    (bad JSON, wrong shape, unknown type, an event that does not belong on the subject)."""
     try:
-        event = decode_event(msg.data)
-    except msgspec.DecodeError as err:  # the parent of ValidationError: bad JSON too
-        raise Poison(f"undecodable: {err}") from err
+        event = decode_stored(msg.subject, msg.data, msg.headers)
+    except Undecodable as err:
+        raise Poison(err.reason) from None
     if not isinstance(event, FlowDispatched):
-        raise Poison(f"{type(event).__name__} is not a work item")
-    if subjects.subject_for(event) != msg.subject:
-        raise Poison(f"a work item for {subjects.subject_for(event)} on {msg.subject}")
+        raise Poison(f"a {type(event).__name__} is not a work item")
     return event
 
 
 def read_work(msg: Msg) -> Work:
-    try:
-        seq, delivery = stream_seq(msg), delivery_count(msg)
-    except ValueError as err:
-        raise Poison(f"not a JetStream delivery: {err}") from err
+    seq, delivery = stream_seq(msg), delivery_count(msg)
     return Work(item=decode_work(msg), msg=msg, seq=seq, delivery=delivery)
 
 
@@ -168,11 +164,18 @@ class Intake:
             await puller.close()
 
     async def _quarantine(self, msg: Msg, reason: str) -> None:
+        """Record the message (logged once there), and never have it delivered again."""
         self.poisoned += 1
-        log.error("intake.poison", subject=msg.subject, reason=reason)
+        await self.bus.quarantine.record(
+            stream=subjects.EVENTS_STREAM,
+            seq=stream_seq(msg),
+            subject=msg.subject,
+            raw=msg.data,
+            reason=reason,
+        )
         try:
-            await msg.term()  # never redeliver what no runner can run
-        except nats.errors.Error as err:
+            await msg.term()
+        except nats.errors.Error as err:  # redelivered after the ack wait: terminated then
             log.warning("intake.term_failed", subject=msg.subject, error=str(err))
 
     async def _recover(self) -> None:

@@ -18,7 +18,6 @@ import structlog
 
 from agents.backoff import Backoff
 from engine.bus import Bus
-from schemas.ids import new_id, utcnow
 from schemas import VERSION, subjects
 from schemas.events import (
     RunnerDeregistered,
@@ -26,6 +25,7 @@ from schemas.events import (
     RunnerEvent,
     RunnerRegistered,
 )
+from schemas.ids import new_id, utcnow
 from schemas.presence import RunnerPresence
 from schemas.values import Platform
 

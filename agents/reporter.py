@@ -18,18 +18,20 @@ from nats.aio.msg import Msg
 from agents.backoff import Backoff
 from agents.executor import FlowResult
 from engine.bus import Appended, Bus
-from schemas.ids import new_id, utcnow
 from schemas import subjects
 from schemas.events import (
+    CONSENT_REVOKED,
     ClickDone,
     ClickSkipped,
     FlowDispatched,
     FlowDone,
     FlowEvent,
     FlowFailed,
+    FlowReleased,
     FlowStarted,
     PageVisited,
 )
+from schemas.ids import new_id, utcnow
 
 E = TypeVar("E", bound=FlowEvent)
 KEEPALIVE_EVERY = 1.0  # seconds between two in-progress acks of one work item
@@ -39,8 +41,11 @@ REPORT_PATIENCE = 30.0  # seconds a flow's outcome is re-sent before its item is
 class FlowReporter:
     """One delivery of one work item: its events, its keepalives, its ack."""
 
-    def __init__(self, bus: Bus, item: FlowDispatched, runner_id: str, msg: Msg) -> None:
+    def __init__(
+        self, bus: Bus, item: FlowDispatched, runner_id: str, msg: Msg, delivery: int
+    ) -> None:
         self.bus, self.item, self.runner_id, self.msg = bus, item, runner_id, msg
+        self.delivery = delivery  # JetStream's delivery count: a redelivery keeps the attempt
         self._counts: dict[str, int] = {}
         self._last_keepalive = time.monotonic()
         self._unacked: list[tuple[asyncio.Future[Appended], FlowEvent, str]] = []
@@ -53,6 +58,7 @@ class FlowReporter:
             job_id=self.item.job_id,
             flow_id=self.item.flow_id,
             attempt=self.item.attempt,
+            delivery=self.delivery,
             **fields,
         )
 
@@ -153,3 +159,28 @@ class FlowReporter:
             screenshot=screenshot,
         )
         await self.publish(event)
+
+    async def revoked(self, reason: str = CONSENT_REVOKED) -> None:
+        """The flow ends for good: its host's consent is gone. The dispatcher writes the
+        same msg-id when it sees the revocation first; whoever is first is stored."""
+        event = self._event(
+            FlowFailed,
+            runner_id=self.runner_id,
+            target_index=self.item.target_index,
+            reason=reason,
+            retryable=False,
+        )
+        item = self.item
+        await self.publish(event, subjects.revoked_msg_id(item.flow_id, item.attempt))
+
+    async def released(self, reason: str) -> None:
+        """The work item goes back to the dispatcher unrun, no attempt spent."""
+        event = self._event(
+            FlowReleased,
+            runner_id=self.runner_id,
+            target_index=self.item.target_index,
+            reason=reason,
+        )
+        item = self.item
+        msg_id = subjects.released_msg_id(item.flow_id, item.attempt, self.delivery)
+        await self.publish(event, msg_id)

@@ -58,7 +58,9 @@ class Runner:
             fetch_batch=self.fetch_batch,
             announce=self.announce,
         )
-        self.control = Control(self.bus, on_job_ended=self._job_ended)
+        self.control = Control(
+            self.bus, on_job_ended=self._job_ended, on_host_revoked=self._host_revoked
+        )
         self.nats_trouble = Backoff("runner.report", base=0.2, cap=5.0)
 
     async def wait_idle(self) -> None:
@@ -112,7 +114,7 @@ class Runner:
             self._seen_jobs.add(item.job_id)
             self.announce(f"📥 Received new job: {item.job_id}")
             self.announce(f"Starting job {item.job_id}")
-        reporter = FlowReporter(self.bus, item, self.runner_id, work.msg)
+        reporter = FlowReporter(self.bus, item, self.runner_id, work.msg, work.delivery)
         run = FlowRun(work, reporter, self.executor, self.control, self.nats_trouble)
         key = work.key
         self.runs[key] = run
@@ -129,7 +131,7 @@ class Runner:
                 log.error("flow.unreported", flow_id=key.flow_id, error=repr(err))
             elif task.result() is Outcome.DONE:
                 self.completed += 1
-            elif task.result() is Outcome.FAILED:
+            elif task.result() in (Outcome.FAILED, Outcome.REVOKED):
                 self.failed += 1
 
         task.add_done_callback(finished)
@@ -138,6 +140,10 @@ class Runner:
         for run in list(self.runs.values()):
             if run.item.job_id == job_id:
                 run.stop(Stop.ENDED)
+
+    def _host_revoked(self, host: str) -> None:
+        for run in list(self.runs.values()):
+            run.revoke(host)
 
     def _load(self) -> Load:
         return Load(

@@ -14,7 +14,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from agents.executor import FlowReport, FlowResult
+from agents.executor import AllowedHosts, FlowReport, FlowResult
 from engine.bus import Appended, Batch, Bus, Expect
 from engine.consent import ConsentCommands
 from engine.dispatcher import Dispatcher
@@ -165,7 +165,9 @@ class SteadyExecutor:
     async def close(self) -> None:
         pass
 
-    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
+    async def run(
+        self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
+    ) -> FlowResult:
         await asyncio.sleep(self.seconds)
         return FlowResult(clicks_done=item.clicks, pages=1)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agents.executor import FlowReport, FlowResult
+from agents.executor import AllowedHosts, FlowReport, FlowResult
 from agents.intake import SlotKey
 from agents.runner import Runner
 from engine.bus import Bus
@@ -43,7 +43,9 @@ class GatedExecutor:
     async def close(self) -> None:
         pass
 
-    async def run(self, item: FlowDispatched, report: FlowReport) -> FlowResult:
+    async def run(
+        self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
+    ) -> FlowResult:
         self.runs[item.flow_id] += 1
         run = (item.flow_id, self.runs[item.flow_id])
         gate = self.gates[run] = asyncio.Event()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,8 +44,7 @@ class Runner:
     heartbeat_interval: float = 5.0
     drain_grace: float = 30.0
     announce: Callable[[str], None] = lambda line: None
-    completed: int = 0
-    failed: int = 0
+    tally: Counter[Outcome] = field(default_factory=Counter)  # how flow runs ended
     runs: dict[SlotKey, FlowRun] = field(default_factory=dict)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,11 +63,23 @@ class Runner:
         )
         self.nats_trouble = Backoff("runner.report", base=0.2, cap=5.0)
 
-    async def wait_idle(self) -> None:
-        """Return once no flow is running (cancelled, finished or released)."""
-        while self.runs:
+    @property
+    def completed(self) -> int:
+        return self.tally[Outcome.DONE]
+
+    @property
+    def failed(self) -> int:
+        return self.tally[Outcome.FAILED] + self.tally[Outcome.REVOKED]
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once ``condition()`` holds, checked whenever a flow run starts or ends."""
+        while not condition():
             self._changed.clear()
             await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Return once no flow is running (cancelled, finished or released)."""
+        await self.wait_until(lambda: not self.runs)
 
     def stop(self) -> None:
         """Stop intake; running flows finish (or are released after the grace period)."""
@@ -118,6 +130,7 @@ class Runner:
         run = FlowRun(work, reporter, self.executor, self.control, self.nats_trouble)
         key = work.key
         self.runs[key] = run
+        self._changed.set()
         task = asyncio.create_task(run.run(), name=f"run-{item.flow_id}")
 
         def finished(task: asyncio.Task[Outcome]) -> None:
@@ -129,10 +142,9 @@ class Runner:
             if (err := task.exception()) is not None:
                 # not acked: JetStream redelivers the work item after the ack wait
                 log.error("flow.unreported", flow_id=key.flow_id, error=repr(err))
-            elif task.result() is Outcome.DONE:
-                self.completed += 1
-            elif task.result() in (Outcome.FAILED, Outcome.REVOKED):
-                self.failed += 1
+                self.tally[Outcome.UNREPORTED] += 1
+            else:
+                self.tally[task.result()] += 1
 
         task.add_done_callback(finished)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ class RecordingSite:
     host: str
     port: int
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() of each request
 
     @property
     def base_url(self) -> str:
@@ -30,6 +32,7 @@ def recording_site(
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            site.arrived.append(time.monotonic())
             site.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
             if self.path == "/.well-known/trafficbuster.txt" and token is not None:
                 body, kind = token.encode(), "text/plain"

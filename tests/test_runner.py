@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+import nats
 import pytest
 from structlog.testing import capture_logs
 
+from agents.control import Admission, Control, Verdict
 from agents.executor import AllowedHosts, FlowReport, FlowResult
+from agents.flow_run import Outcome
 from agents.intake import SlotKey
+from agents.playwright_flow import PlaywrightExecutor
 from agents.runner import Runner
 from engine.bus import Bus
-from engine.jobs.decider import StartJob
-from schemas import subjects
-from schemas.events import FlowDispatched
-from schemas.values import Target
+from engine.jobs.decider import CancelJob, StartJob
+from engine.quarantine import list_quarantined
+from schemas import VERSION, subjects
+from schemas.events import (
+    CONSENT_REVOKED,
+    FlowDispatched,
+    FlowDone,
+    FlowEvent,
+    FlowFailed,
+    FlowReleased,
+    FlowStarted,
+    encode_event,
+)
+from schemas.values import Platform, Target
 from tests.conftest import NatsServer
 from tests.harness import Embedded, SteadyExecutor, embedded
+from tests.sites import recording_site
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -156,3 +173,320 @@ async def test_deleted_dispatch_consumer_is_recreated_and_the_job_completes(
     said = Counter(line["event"] for line in logs if line["log_level"] in ("warning", "error"))
     assert said["intake.consumer_recreated"] == 1
     assert sum(said.values()) <= 3, said
+
+
+# -- item 8: the delivery a runner ran ------------------------------------------------
+
+
+async def test_redelivered_work_item_reports_its_delivery_and_keeps_its_attempt(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        job_id = await started_job(tb)
+        item = work_item(job_id, 0)
+        await dispatch(bus, item)
+        # a runner that takes the item and dies before it reports: never acked
+        crashed = await bus.js.pull_subscribe_bind(
+            subjects.dispatch_consumer("linux", "chromium"), stream=subjects.EVENTS_STREAM
+        )
+        (taken,) = await crashed.fetch(1, timeout=10)
+        await crashed.unsubscribe()
+        runner = Runner(bus, SteadyExecutor(0), slots=1)
+        tb.run(runner.run(), "runner")
+        await asyncio.wait_for(runner.wait_until(lambda: runner.completed == 1), 15)
+    assert taken.metadata.num_delivered == 1
+    events = await flow_events(bus, job_id)
+    assert [(type(e).__name__, e.attempt, e.delivery) for e in events] == [
+        ("FlowStarted", 1, 2),
+        ("FlowDone", 1, 2),
+    ]
+
+
+async def flow_events(bus: Bus, job_id: str) -> list[FlowEvent]:
+    return [
+        env.event
+        async for batch in bus.read(1, subjects.flow_subject(job_id, "*"), follow=False)
+        for env in batch
+        if isinstance(env.event, FlowEvent)
+    ]
+
+
+# -- item 2: poison work items --------------------------------------------------------
+
+
+async def test_garbage_on_the_work_queue_is_quarantined_and_the_job_completes(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 12
+    queue = subjects.dispatch_subject("linux", "chromium")
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        runner = Runner(bus, SteadyExecutor(0.05), slots=2)
+        running = asyncio.create_task(runner.run())
+        job_id = await tb.create_job([Target(url=SITE, flows=flows)], instance_count=2)
+        await tb.wait_job(job_id, lambda v: v.flows_done >= 3, timeout=60)
+        done_item = FlowDone(
+            id="x", at=datetime.now(UTC), actor="x", job_id=job_id, flow_id="f", attempt=1,
+            runner_id="r", target_index=0,
+        )  # fmt: skip
+        windows_item = msgspec.structs.replace(
+            work_item(job_id, 99), platform=Platform(os="windows")
+        )
+        garbage = [
+            b"{not json",
+            b'{"no": "type"}',
+            b'{"type": "FlowTeleported", "id": "x"}',
+            encode_event(done_item),  # an event, but not a work item
+            encode_event(windows_item),  # a work item for another platform's queue
+        ]
+        for data in garbage:
+            await bus.js.publish(queue, data)
+        view = await tb.wait_terminal(job_id, timeout=60)
+        alive = not running.done()
+        runner.stop()
+        await asyncio.wait_for(running, 30)
+        records, _ = await list_quarantined(bus.js)
+    assert alive
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    assert runner.intake.poisoned == len(garbage)
+    assert sorted(r.raw for r in records) == sorted(garbage)
+    assert {r.subject for r in records} == {queue}
+    assert runner.completed == flows
+
+
+# -- item 7: job state from the stream ------------------------------------------------
+
+
+class Relay:
+    """A TCP relay on loopback between a client and nats-server that the test can cut."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """Close every relayed connection and refuse new ones until ``start``."""
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+class RecordingExecutor(SteadyExecutor):
+    def __init__(self, seconds: float = 0) -> None:
+        super().__init__(seconds)
+        self.ran: list[str] = []
+
+    async def run(
+        self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
+    ) -> FlowResult:
+        self.ran.append(item.flow_id)
+        return await super().run(item, report, hosts)
+
+
+async def test_runner_started_after_a_cancel_runs_none_of_the_cancelled_items(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        job_id = await tb.create_job([Target(url=SITE, flows=8)], instance_count=4)
+        queued = 0
+        async with asyncio.timeout(30):  # the dispatcher queues four work items
+            async for batch in bus.read(1, subjects.ALL_DISPATCH):
+                queued += sum(
+                    isinstance(e.event, FlowDispatched) and e.event.job_id == job_id for e in batch
+                )
+                if queued == 4:
+                    break
+        await tb.jobs.execute(CancelJob(job_id), "test")
+        await tb.wait_job(job_id, lambda v: v.status == "cancelled", timeout=10)
+        executor = RecordingExecutor()
+        runner = Runner(bus, executor, slots=4)
+        tb.run(runner.run(), "runner")
+        await asyncio.wait_for(runner.wait_until(lambda: runner.tally[Outcome.DROPPED] == 4), 15)
+    assert executor.ran == []
+    assert await flow_events(bus, job_id) == []  # nothing reported: the dispatcher let them go
+
+
+@pytest.mark.slow
+async def test_runner_cut_off_during_a_cancel_does_not_run_the_cancelled_items(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    relay = Relay(nats_server.port)
+    await relay.start()
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        job_id = await started_job(tb)
+        cut_off = await Bus.connect(relay.url, name="runner", config=bus.config)
+        executor = RecordingExecutor()
+        runner = Runner(cut_off, executor, slots=4)
+        tb.run(runner.run(), "runner")
+        await dispatch(bus, work_item(job_id, 0))
+        await asyncio.wait_for(runner.wait_until(lambda: runner.completed == 1), 15)
+        assert runner.control.jobs.peek(job_id) == "running"  # known, and cached
+
+        with capture_logs() as logs:
+            await relay.cut()
+            for n in (1, 2, 3):  # queued before the cancel, delivered after it
+                await dispatch(bus, work_item(job_id, n))
+            await tb.jobs.execute(CancelJob(job_id), "test")
+            await relay.start()
+            await asyncio.wait_for(
+                runner.wait_until(lambda: runner.tally[Outcome.DROPPED] == 3), 30
+            )
+        await cut_off.close()
+    assert executor.ran == [work_item(job_id, 0).flow_id]
+    said = Counter(line["event"] for line in logs if line["log_level"] in ("warning", "error"))
+    assert said.get("intake.pull.retrying", 0) <= 1, said
+
+
+async def test_after_a_reconnect_work_waits_until_control_has_caught_up(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    relay = Relay(nats_server.port)
+    await relay.start()
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    nc = await nats.connect(relay.url, reconnected_cb=on_reconnect, reconnect_time_wait=0.1)
+    control = Control(Bus(nc, bus.config))
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        job_id = await started_job(tb)
+        await control.start()
+        item = work_item(job_id, 1)
+        assert (await asyncio.wait_for(control.admit(item), 10)).verdict is Verdict.RUN
+        assert control.admit_now(item) == Admission(Verdict.RUN, hosts=frozenset({"127.0.0.1"}))
+
+        await relay.cut()
+        await tb.jobs.execute(CancelJob(job_id), "test")  # while the runner is cut off
+        await relay.start()
+        await asyncio.wait_for(reconnected.wait(), 10)
+        # the cache still says "running", but nothing starts on it before the follower
+        # has caught up with what happened meanwhile
+        assert control.admit_now(item) is None
+        admission = await asyncio.wait_for(control.admit(item), 10)
+        await control.stop()
+    await nc.close()
+    assert admission.verdict is Verdict.DROP
+
+
+@pytest.mark.slow
+async def test_paused_job_releases_its_queued_items_and_runs_them_after_resume(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 8
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        gated = GatedExecutor()
+        runner = Runner(bus, gated, slots=2)
+        tb.run(runner.run(), "runner")
+        # four in flight for the dispatcher, two of them running: two wait in the queue
+        job_id = await tb.create_job([Target(url=SITE, flows=flows)], instance_count=4)
+        running = {await gated.next_start(), await gated.next_start()}
+        await tb.jobs.pause(job_id, "test", reason="test")
+        await tb.wait_job(job_id, lambda v: v.status == "paused", timeout=10)
+        for flow_id, n in running:  # in flight when paused: they finish
+            gated.open(flow_id, n)
+        await asyncio.wait_for(runner.wait_until(lambda: runner.tally[Outcome.RELEASED] == 2), 15)
+        assert runner.completed == 2 and gated.started.empty()
+
+        await tb.jobs.resume(job_id, "test")
+        for _ in range(flows - 2):
+            gated.open(*await gated.next_start())
+        view = await tb.wait_terminal(job_id, timeout=60)
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    events = await flow_events(bus, job_id)
+    released = {(e.flow_id, e.attempt) for e in events if isinstance(e, FlowReleased)}
+    started = {(e.flow_id, e.attempt) for e in events if isinstance(e, FlowStarted)}
+    assert len(released) == 2 and not released & started  # released unrun ...
+    assert {f for f, _ in released} <= {e.flow_id for e in events if isinstance(e, FlowDone)}
+    assert all(e.reason == "job paused" for e in events if isinstance(e, FlowReleased))
+
+
+# -- item 6: revocation, in real Chromium ----------------------------------------------
+
+TICKING = {
+    # the page keeps asking its own host for more while the flow dwells
+    "/": "<html><body><script>setInterval(() => fetch('/tick?' + Date.now()), 100)"
+    "</script><a href='/'>home</a></body></html>",
+    "/tick": "ok",
+}
+
+
+@pytest.mark.slow
+async def test_revocation_ends_the_flows_on_the_host_and_its_browser_goes_quiet(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with recording_site(pages=TICKING) as site:
+        async with embedded(bus, nats_server.url, tmp_path) as tb:
+            await tb.authorise("127.0.0.1")
+            runner = Runner(bus, PlaywrightExecutor(VERSION), slots=1)
+            tb.run(runner.run(), "runner")
+            # one flow in its 30 s session, two more queued for the same host
+            job_id = await tb.create_job(
+                [Target(url=f"{site.base_url}/", flows=3)], instance_count=3, session_seconds=30
+            )
+            async with asyncio.timeout(60):
+                async for batch in bus.read(1, subjects.flow_subject(job_id, "PageVisited")):
+                    if batch:
+                        break
+            await tb.consents.revoke("127.0.0.1", reason="owner withdrew", actor="test")
+            revoked_at = time.monotonic()
+            failures = await terminal_failures(bus, job_id, flows=3, timeout=30)
+            quiet_since = revoked_at + 2.0
+            job_requests = [
+                at
+                for at, (_, headers) in zip(site.arrived, site.requests, strict=False)
+                if headers.get("x-trafficbuster") == job_id
+            ]
+    assert job_requests and min(job_requests) < revoked_at  # it was browsing before
+    assert [at - revoked_at for at in job_requests if at > quiet_since] == []
+    assert len(failures) == 3  # one terminal event per flow, whoever wrote it
+    assert all(f.reason == CONSENT_REVOKED and not f.retryable for f in failures)
+    assert runner.completed == 0
+    started = {e.flow_id for e in await flow_events(bus, job_id) if isinstance(e, FlowStarted)}
+    assert len(started) == 1  # the queued two never got a browser
+
+
+async def terminal_failures(bus: Bus, job_id: str, flows: int, timeout: float) -> list[FlowFailed]:
+    """The FlowFailed of each flow, once every flow has one (stored once per msg-id)."""
+    found: dict[str, FlowFailed] = {}
+    async with asyncio.timeout(timeout):
+        async for batch in bus.read(1, subjects.flow_subject(job_id, "FlowFailed")):
+            for env in batch:
+                assert isinstance(env.event, FlowFailed)
+                assert env.event.flow_id not in found, "two outcomes for one flow"
+                found[env.event.flow_id] = env.event
+            if len(found) == flows:
+                return list(found.values())
+    raise AssertionError("unreachable")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import nats
 import pytest
 from structlog.testing import capture_logs
 
+from agents.backoff import Backoff
 from agents.control import Admission, Control, Verdict
 from agents.executor import AllowedHosts, FlowReport, FlowResult
 from agents.flow_run import Outcome
@@ -431,6 +433,61 @@ async def test_paused_job_releases_its_queued_items_and_runs_them_after_resume(
     assert len(released) == 2 and not released & started  # released unrun ...
     assert {f for f, _ in released} <= {e.flow_id for e in events if isinstance(e, FlowDone)}
     assert all(e.reason == "job paused" for e in events if isinstance(e, FlowReleased))
+
+
+# -- item 3: transient NATS trouble ---------------------------------------------------
+
+OUTAGE = 12.0  # seconds cut off from NATS: longer than a publish may wait for its ack
+
+
+@pytest.mark.slow
+async def test_runner_rides_out_a_nats_outage_and_says_so_once(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 30
+    relay = Relay(nats_server.port)
+    await relay.start()
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        cut_off = await Bus.connect(relay.url, name="runner", config=bus.config)
+        runner = Runner(cut_off, SteadyExecutor(0.1), slots=2)
+        running = asyncio.create_task(runner.run())
+        job_id = await tb.create_job([Target(url=SITE, flows=flows)], instance_count=2)
+        await tb.wait_job(job_id, lambda v: v.flows_done >= 4, timeout=60)
+        with capture_logs() as logs:
+            await relay.cut()
+            await asyncio.sleep(OUTAGE)
+            await relay.start()
+            view = await tb.wait_terminal(job_id, timeout=60)
+        alive = not running.done()
+        runner.stop()
+        await asyncio.wait_for(running, 30)
+        await cut_off.close()
+    assert alive
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    said = Counter(line["event"] for line in logs)
+    episodes = {e: n for e, n in said.items() if e.endswith((".retrying", ".recovered"))}
+    assert "runner.heartbeat.retrying" in episodes  # the outage was noticed ...
+    assert all(n == 1 for n in episodes.values()), episodes  # ... and told once
+
+
+def test_backoff_is_capped_jittered_and_told_once_per_episode() -> None:
+    backoff = Backoff("thing", base=0.1, cap=1.0, rng=random.Random(7))
+    with capture_logs() as logs:
+        delays = [backoff.failed(TimeoutError()) for _ in range(12)]
+        backoff.succeeded()
+        backoff.succeeded()  # no episode open: nothing to say
+        second = backoff.failed("again")
+    assert [line["event"] for line in logs] == [
+        "thing.retrying",
+        "thing.recovered",
+        "thing.retrying",
+    ]
+    assert all(0.05 <= d <= 1.0 for d in delays) and max(delays) > 0.5  # grows, capped
+    assert len(set(delays)) == len(delays)  # jittered
+    assert 0.05 <= second <= 0.1  # a new episode starts small again
+    assert backoff.episodes == 2
 
 
 # -- item 6: revocation, in real Chromium ----------------------------------------------

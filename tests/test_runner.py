@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agents.backoff import Backoff
-from agents.control import Admission, Control, Verdict
+from agents.control import Admission, Aggregates, Control, Verdict, fold_job
 from agents.executor import AllowedHosts, FlowReport, FlowResult
 from agents.flow_run import Outcome
 from agents.intake import SlotKey
@@ -28,15 +28,19 @@ from engine.quarantine import list_quarantined
 from schemas import VERSION, subjects
 from schemas.events import (
     CONSENT_REVOKED,
+    Envelope,
     FlowDispatched,
     FlowDone,
     FlowEvent,
     FlowFailed,
     FlowReleased,
     FlowStarted,
+    JobCancelled,
+    JobEvent,
+    JobResumed,
     encode_event,
 )
-from schemas.values import Platform, Target
+from schemas.values import JobStatus, Platform, Target
 from tests.conftest import NatsServer
 from tests.harness import Embedded, SteadyExecutor, embedded
 from tests.sites import recording_site
@@ -367,6 +371,27 @@ async def test_runner_cut_off_during_a_cancel_does_not_run_the_cancelled_items(
     assert executor.ran == [work_item(job_id, 0).flow_id]
     said = Counter(line["event"] for line in logs if line["log_level"] in ("warning", "error"))
     assert said.get("intake.pull.retrying", 0) <= 1, said
+
+
+async def test_job_state_cache_is_bounded_and_folds_by_stream_sequence() -> None:
+    loads: list[str] = []
+
+    def stored(job_id: str, seq: int, kind: type[JobEvent]) -> Envelope:
+        event = kind(id=f"e{seq}", at=datetime.now(UTC), actor="t", job_id=job_id)
+        return Envelope(seq, subjects.subject_for(event), event)
+
+    async def load(job_id: str) -> list[Envelope]:
+        loads.append(job_id)
+        return [stored(job_id, 5, JobCancelled)]
+
+    jobs: Aggregates[JobStatus] = Aggregates(2, lambda _: JobStatus.NEW, fold_job, load)
+    for job_id in ("a", "b", "c"):
+        assert await jobs.get(job_id) == JobStatus.CANCELLED
+    assert len(jobs) == 2 and jobs.peek("a") is None  # the least recently used left
+    jobs.apply("b", 4, stored("b", 4, JobResumed).event)  # older than what it holds
+    assert jobs.peek("b") == JobStatus.CANCELLED
+    await jobs.get("a")
+    assert loads == ["a", "b", "c", "a"]
 
 
 async def test_after_a_reconnect_work_waits_until_control_has_caught_up(

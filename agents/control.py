@@ -19,6 +19,7 @@ the follower has caught up with what happened while the runner was away.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -82,6 +83,7 @@ def fold_job(status: JobStatus, event: TbEvent, seq: int) -> JobStatus:
     return _STATUS_AFTER.get(type(event), status) if isinstance(event, JobEvent) else status
 
 
+@functools.lru_cache(maxsize=4096)  # a job's flows share a few target URLs
 def target_host(url: str) -> str:
     """The host a work item's target URL names (the dispatcher's consent key)."""
     return (urlsplit(url).hostname or "").lower().rstrip(".")

@@ -57,6 +57,7 @@ class GatedExecutor:
         self.started: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self.gates: dict[tuple[str, int], asyncio.Event] = {}
         self.runs: Counter[str] = Counter()
+        self.hosts: dict[str, AllowedHosts | None] = {}
         self.running = 0
         self.peak = 0
 
@@ -70,6 +71,7 @@ class GatedExecutor:
         self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
     ) -> FlowResult:
         self.runs[item.flow_id] += 1
+        self.hosts[item.flow_id] = hosts
         run = (item.flow_id, self.runs[item.flow_id])
         gate = self.gates[run] = asyncio.Event()
         self.running += 1
@@ -558,6 +560,35 @@ async def test_revocation_ends_the_flows_on_the_host_and_its_browser_goes_quiet(
     assert runner.completed == 0
     started = {e.flow_id for e in await flow_events(bus, job_id) if isinstance(e, FlowStarted)}
     assert len(started) == 1  # the queued two never got a browser
+
+
+async def test_a_flow_that_merely_allows_a_revoked_host_goes_on_without_it(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        await tb.authorise("127.0.0.1")
+        await tb.authorise("127.0.0.2")
+        job_id = await tb.create_job(
+            [Target(url=SITE, flows=1), Target(url="http://127.0.0.2:9/", flows=1)]
+        )
+        both = frozenset({"127.0.0.1", "127.0.0.2"})
+        await tb.jobs.execute(StartJob(job_id, both), "test")
+        gated = GatedExecutor()
+        runner = Runner(bus, gated, slots=1)
+        tb.run(runner.run(), "runner")
+        item = msgspec.structs.replace(work_item(job_id, 0), allowed_hosts=sorted(both))
+        await dispatch(bus, item)
+        await gated.next_start()
+        hosts = gated.hosts[item.flow_id]
+        assert hosts is not None and hosts.current == both
+        revoked = asyncio.Event()
+        hosts.watch(lambda host: revoked.set())
+
+        await tb.consents.revoke("127.0.0.2", reason="owner withdrew", actor="test")
+        await asyncio.wait_for(revoked.wait(), 5)
+        assert hosts.current == {"127.0.0.1"} and item.flow_id in {k.flow_id for k in runner.runs}
+        gated.open(item.flow_id, 1)
+        await asyncio.wait_for(runner.wait_until(lambda: runner.completed == 1), 10)
 
 
 async def terminal_failures(bus: Bus, job_id: str, flows: int, timeout: float) -> list[FlowFailed]:

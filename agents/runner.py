@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -61,7 +62,8 @@ class Runner:
         self.control = Control(
             self.bus, on_job_ended=self._job_ended, on_host_revoked=self._host_revoked
         )
-        self.nats_trouble = Backoff("runner.report", base=0.2, cap=5.0)
+        # reports, acks and loads of the runner's flows: one line per episode of trouble
+        self.nats_trouble = Backoff("runner.nats", base=0.2, cap=5.0)
 
     @property
     def completed(self) -> int:
@@ -97,9 +99,8 @@ class Runner:
         )
         await self.executor.start()
         try:
-            await self.intake.open()
-            await self.control.start()
-            await presence.register()
+            if not await self._unless_stopped(self._start_up(presence)):
+                return  # stopped while NATS or the streams were not there yet
             self.announce(f"✅ Registered as runner: {self.runner_id}")
             heartbeat = asyncio.create_task(presence.run(), name="runner-heartbeat")
             try:
@@ -113,10 +114,31 @@ class Runner:
                 heartbeat.cancel()
                 await asyncio.gather(heartbeat, return_exceptions=True)
                 await self._release_all()
-                await self.control.stop()
                 await presence.deregister()
         finally:
+            await self.control.stop()
             await self.executor.close()
+
+    async def _start_up(self, presence: Presence) -> None:
+        await self.intake.open()
+        await self.control.start()
+        await presence.register()
+
+    async def _unless_stopped(self, step: Coroutine[Any, Any, None]) -> bool:
+        """Run ``step`` to its end, unless ``stop`` comes first (then False)."""
+        task = asyncio.ensure_future(step)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, stopping, return_exceptions=True)
+        if task.cancelled():
+            return False
+        task.result()  # what the step raised, if it did
+        return True
 
     def _start(self, work: Work) -> None:
         item = work.item

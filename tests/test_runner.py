@@ -603,3 +603,21 @@ async def terminal_failures(bus: Bus, job_id: str, flows: int, timeout: float) -
             if len(found) == flows:
                 return list(found.values())
     raise AssertionError("unreachable")
+
+
+async def test_runner_stopped_while_waiting_for_the_streams_stops_at_once(
+    nats_server: NatsServer,
+) -> None:
+    bare = await Bus.connect(nats_server.url, name="runner")  # nothing provisioned yet
+    waiting = asyncio.Event()
+
+    def announce(line: str) -> None:
+        if "Waiting for the engine" in line:
+            waiting.set()
+
+    runner = Runner(bare, SteadyExecutor(0), slots=1, announce=announce)
+    running = asyncio.create_task(runner.run())
+    await asyncio.wait_for(waiting.wait(), 10)
+    runner.stop()
+    await asyncio.wait_for(running, 5)
+    await bare.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -66,7 +66,7 @@ class FlowRun:
         self.hosts = AllowedHosts([self.target, *self.item.allowed_hosts])
         self.stopped: Stop | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._executing = False
+        self._interruptible = False  # whether ``stop`` may cancel the task now
 
     @property
     def log(self) -> FilteringBoundLogger:
@@ -80,10 +80,11 @@ class FlowRun:
 
     def stop(self, why: Stop) -> None:
         """End the run early; the first reason given counts. A running executor is
-        cancelled (closing its browser context); before that, the run does not start it."""
+        cancelled (closing its browser context), a wait for admission too; reports and
+        acks already under way are not interrupted."""
         if self.stopped is None:
             self.stopped = why
-        if self._executing and self._task is not None:
+        if self._interruptible and self._task is not None:
             self._task.cancel()
 
     def revoke(self, host: str) -> None:
@@ -106,9 +107,11 @@ class FlowRun:
     async def _run(self) -> Outcome:
         admission = self.control.admit_now(self.item)
         if admission is None:  # a job not seen yet, or word from the stream is stale
-            admission = await self._keeping_alive(self.control.admit(self.item))
-        if self.stopped is not None:
-            return await self._stopped(self.stopped)
+            admission = await self._unless_stopped(
+                lambda: self._keeping_alive(self.control.admit(self.item))
+            )
+        if admission is None or self.stopped is not None:
+            return await self._stopped(self.stopped or Stop.RELEASED)
         if admission.verdict is Verdict.DROP:
             self.log.info("flow.dropped", reason=admission.reason)
             await self._ack()
@@ -127,7 +130,7 @@ class FlowRun:
     async def _execute(self) -> Outcome:
         began = time.monotonic()
         await self.report.started()
-        result = await self._executor_run()
+        result = await self._unless_stopped(self._executor_run)
         if result is None:  # stopped: a result that came first still counts
             return await self._stopped(self.stopped or Stop.RELEASED)
         if isinstance(result, FlowError):
@@ -141,24 +144,29 @@ class FlowRun:
         await self._ack()
         return outcome
 
-    async def _executor_run(self) -> FlowResult | FlowError | None:
-        """The executor's result; ``None`` when the run was stopped (or never started)."""
-        if self.stopped is not None:
-            return None
-        self._executing = True  # from here on, ``stop`` cancels this task
+    async def _executor_run(self) -> FlowResult | FlowError:
         try:
             return await self.executor.run(self.item, self.report, self.hosts)
         except FlowError as err:
             return err
+
+    async def _unless_stopped(self, step: Callable[[], Awaitable[T]]) -> T | None:
+        """``step()``'s result; ``None`` when the run was stopped before or during it
+        (``stop`` cancels this task while it waits)."""
+        if self.stopped is not None:
+            return None
+        self._interruptible = True
+        try:
+            return await step()
         except asyncio.CancelledError:
             if self.stopped is None:
                 raise  # the runner itself is being cancelled
-            # the cancel was ``stop``'s: the run goes on to hand its work item back
+            # the cancel was ``stop``'s: the run goes on to settle its work item
             if (task := asyncio.current_task()) is not None:
                 task.uncancel()
             return None
         finally:
-            self._executing = False
+            self._interruptible = False
 
     async def _revoked(self, reason: str = CONSENT_REVOKED) -> Outcome:
         self.log.info("flow.revoked", host=self.target, reason=reason)

@@ -171,13 +171,12 @@ class Aggregates(Generic[S]):
         return entry.state
 
     def _evict(self) -> None:
-        if len(self._entries) <= self.cap:
-            return
-        for key in list(self._entries):
-            if len(self._entries) <= self.cap:
-                break
-            if self._entries[key].loading is None:
+        for _ in range(len(self._entries) - self.cap):
+            key, oldest = next(iter(self._entries.items()))
+            if oldest.loading is None:
                 del self._entries[key]
+            else:  # being loaded: someone needs it now
+                self._entries.move_to_end(key)
 
 
 # -- admission ----------------------------------------------------------------------

@@ -31,11 +31,13 @@ log = structlog.get_logger("tb.agent")
 
 
 class SlotKey(NamedTuple):
-    """One delivery of one work item."""
+    """One delivery of one work item (the stream sequence tells apart two messages
+    for one flow and attempt, as a republish after the dedupe window would be)."""
 
     flow_id: str
     attempt: int
     delivery: int
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Work:
 
     @property
     def key(self) -> SlotKey:
-        return SlotKey(self.item.flow_id, self.item.attempt, self.delivery)
+        return SlotKey(self.item.flow_id, self.item.attempt, self.delivery, self.seq)
 
 
 class Poison(Exception):

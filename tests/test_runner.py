@@ -19,7 +19,6 @@ from agents.backoff import Backoff
 from agents.control import Admission, Aggregates, Control, Verdict, fold_job
 from agents.executor import AllowedHosts, FlowReport, FlowResult
 from agents.flow_run import Outcome
-from agents.intake import SlotKey
 from agents.playwright_flow import PlaywrightExecutor
 from agents.runner import Runner
 from engine.bus import Bus
@@ -146,9 +145,9 @@ async def test_redelivery_to_the_same_runner_frees_the_right_slot(
         await dispatch(bus, second)  # both slots are taken: it waits
         gated.open(first.flow_id, 1)  # the first delivery ends first
         assert await gated.next_start() == (second.flow_id, 1)
-        assert set(runner.runs) == {
-            SlotKey(first.flow_id, 1, 2),
-            SlotKey(second.flow_id, 1, 1),
+        assert {(k.flow_id, k.attempt, k.delivery) for k in runner.runs} == {
+            (first.flow_id, 1, 2),
+            (second.flow_id, 1, 1),
         }
         assert gated.peak == 2
         gated.open(first.flow_id, 2)

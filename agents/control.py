@@ -62,6 +62,7 @@ JOB_CONTROL_EVENTS = (JobCancelled, JobPaused, JobResumed, JobCompleted, JobFail
 JOB_ENDED_EVENTS = (JobCancelled, JobCompleted, JobFailed)
 FRESHNESS = 3.0  # seconds a follower's "caught up" stays good for starting work
 FOLLOW_IDLE = 0.5  # the follower asks the server at least this often when idle
+STOP_GRACE = 5.0  # seconds the follower gets to end once cancelled
 
 # -- job and consent state ----------------------------------------------------------
 
@@ -240,7 +241,8 @@ class Control:
     async def stop(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+            # bounded: a library that swallows a cancel must not hold the runner's exit
+            await asyncio.wait({self._follower}, timeout=STOP_GRACE)
 
     async def _follow(self) -> None:
         filters = [subjects.all_jobs(kind.__name__) for kind in JOB_CONTROL_EVENTS]

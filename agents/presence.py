@@ -8,6 +8,7 @@ and never stops the runner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Presence:
         self.interval = min(interval, bus.config.presence_ttl / 3)
         self.hostname = socket.gethostname()
         self._retry = Backoff("runner.heartbeat", base=0.2, cap=self.interval)
+        self._stop = asyncio.Event()
 
     async def register(self) -> None:
         """Announce the runner (event and first beat), retrying until NATS takes both."""
@@ -100,11 +102,22 @@ class Presence:
         kv = await self.bus.kv(subjects.RUNNERS_BUCKET)
         await kv.put(self.runner_id, msgspec.json.encode(presence))
 
+    def stop(self) -> None:
+        self._stop.set()
+
     async def run(self) -> None:
-        """Beat every ``interval`` seconds until cancelled; failures back off, then beat again."""
+        """Beat every ``interval`` seconds until ``stop``; failures back off, then beat again.
+
+        ``stop`` ends the loop even when a cancel is lost: nats-py's request can swallow
+        one that races its answer, and a heartbeat that ignored it would beat for ever.
+        """
         delay = self.interval
-        while True:
-            await asyncio.sleep(delay)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
             try:
                 await self.beat()
             except nats.errors.Error as err:

@@ -111,6 +111,7 @@ class Runner:
                     await presence.draining()
                     await self._drain()
             finally:
+                presence.stop()
                 heartbeat.cancel()
                 await asyncio.gather(heartbeat, return_exceptions=True)
                 await self._release_all()

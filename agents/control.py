@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
@@ -63,6 +64,9 @@ JOB_ENDED_EVENTS = (JobCancelled, JobCompleted, JobFailed)
 FRESHNESS = 3.0  # seconds a follower's "caught up" stays good for starting work
 FOLLOW_IDLE = 0.5  # the follower asks the server at least this often when idle
 STOP_GRACE = 5.0  # seconds the follower gets to end once cancelled
+ADMISSIONS_KEPT = 10_000  # distinct (job, target, allowed hosts) admissions remembered
+
+AdmissionKey = tuple[str, str, tuple[str, ...]]
 
 # -- job and consent state ----------------------------------------------------------
 
@@ -115,6 +119,7 @@ class Aggregates(Generic[S]):
         self.cap, self._empty, self._fold, self._load = cap, empty, fold, load
         self._entries: OrderedDict[str, _Entry[S]] = OrderedDict()
         self.loads = 0
+        self.changes = 0  # grows whenever a known state changes, is loaded or leaves
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -147,6 +152,7 @@ class Aggregates(Generic[S]):
             entry.pending.append((seq, event))
         elif seq > entry.seq:
             entry.state, entry.seq = self._fold(entry.state, event, seq), seq
+            self.changes += 1
 
     async def _load_into(self, key: str) -> S:
         loading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -168,6 +174,7 @@ class Aggregates(Generic[S]):
                 entry.state, entry.seq = self._fold(entry.state, event, seq), seq
         entry.pending.clear()
         entry.loading = None
+        self.changes += 1
         loading.set_result(None)
         return entry.state
 
@@ -176,6 +183,7 @@ class Aggregates(Generic[S]):
             key, oldest = next(iter(self._entries.items()))
             if oldest.loading is None:
                 del self._entries[key]
+                self.changes += 1
             else:  # being loaded: someone needs it now
                 self._entries.move_to_end(key)
 
@@ -222,6 +230,8 @@ class Control:
         self._confirmed = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
         self._position = 0  # the last stream sequence the follower has applied
+        # admissions worked out, until job or consent state changes or a consent expires
+        self._admitted: dict[AdmissionKey, tuple[int, float, Admission]] = {}
 
     # -- the live follower --------------------------------------------------------------
 
@@ -308,21 +318,42 @@ class Control:
     # -- admission ----------------------------------------------------------------------
 
     def admit_now(self, item: FlowDispatched) -> Admission | None:
-        """The admission when it needs no waiting (the hot path), else ``None``."""
+        """The admission when it needs no waiting (the hot path), else ``None``.
+
+        A job's work items share their admission: it is worked out once and kept
+        until job or consent state changes or one of the consents expires.
+        """
         if not self.fresh():
             return None
+        key = (item.job_id, item.url, tuple(item.allowed_hosts))
+        generation = self.jobs.changes + self.consents.changes
+        known = self._admitted.get(key)
+        if known is not None and known[0] == generation and time.monotonic() < known[1]:
+            return known[2]
         status = self.jobs.peek(item.job_id)
         if status is None:
             return None
         if status != JobStatus.RUNNING:
-            return _job_admission(status)
+            return self._keep(key, generation, float("inf"), _job_admission(status))
         consents: dict[str, Consent] = {}
         for host in _hosts(item):
             consent = self.consents.peek(host)
             if consent is None:
                 return None
             consents[host] = consent
-        return _consent_admission(item, consents)
+        now = utcnow()
+        admission = _consent_admission(item, consents, now)
+        expiries = [c.expires_at for c in consents.values() if c.expires_at and c.expires_at > now]
+        left = (min(expiries) - now).total_seconds() if expiries else float("inf")
+        return self._keep(key, generation, time.monotonic() + left, admission)
+
+    def _keep(
+        self, key: AdmissionKey, generation: int, until: float, admission: Admission
+    ) -> Admission:
+        if len(self._admitted) >= ADMISSIONS_KEPT:
+            self._admitted.clear()
+        self._admitted[key] = (generation, until, admission)
+        return admission
 
     async def admit(self, item: FlowDispatched) -> Admission:
         await self.wait_fresh()
@@ -331,7 +362,7 @@ class Control:
             return _job_admission(status)
         hosts = sorted(_hosts(item))
         loaded = await asyncio.gather(*(self.consents.get(host) for host in hosts))
-        return _consent_admission(item, dict(zip(hosts, loaded, strict=True)))
+        return _consent_admission(item, dict(zip(hosts, loaded, strict=True)), utcnow())
 
 
 def _hosts(item: FlowDispatched) -> Iterable[str]:
@@ -346,8 +377,9 @@ def _job_admission(status: JobStatus) -> Admission:
     return Admission(Verdict.DROP, f"job {status.value}")
 
 
-def _consent_admission(item: FlowDispatched, consents: dict[str, Consent]) -> Admission:
-    now = utcnow()
+def _consent_admission(
+    item: FlowDispatched, consents: dict[str, Consent], now: datetime
+) -> Admission:
     target = consents[target_host(item.url)]
     if not target.valid_at(now):
         if target.status == ConsentStatus.REVOKED:

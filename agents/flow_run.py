@@ -20,8 +20,8 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from agents.backoff import Backoff
-from agents.control import Control, Verdict, target_host
-from agents.executor import AllowedHosts, FlowError, FlowExecutor, FlowResult
+from agents.control import Admission, Control, Verdict, target_host
+from agents.executor import AllowedHosts, FlowError, FlowExecutor
 from agents.intake import Work
 from agents.reporter import FlowReporter
 from schemas.events import CONSENT_REVOKED
@@ -96,22 +96,49 @@ class FlowRun:
             self.hosts.revoke(host)
 
     async def run(self) -> Outcome:
+        # one coroutine on the hot path (admitted, run, reported, acked): every frame
+        # more is paid on each resume of every flow
         self._task = asyncio.current_task()
         try:
-            return await self._run()
+            admission = self.control.admit_now(self.item)
+            if admission is None:  # a job not seen yet, or word from the stream is stale
+                admission = await self._unless_stopped(
+                    lambda: self._keeping_alive(self.control.admit(self.item))
+                )
+            if admission is None or self.stopped is not None:
+                return await self._stopped(self.stopped or Stop.RELEASED)
+            if admission.verdict is not Verdict.RUN:
+                return await self._not_run(admission)
+            for host in self.hosts.current - admission.hosts:
+                self.hosts.revoke(host)  # no valid consent now: never reached
+
+            began = time.monotonic()
+            await self.report.started()
+            try:
+                result = await self._unless_stopped(
+                    lambda: self.executor.run(self.item, self.report, self.hosts)
+                )
+            except FlowError as err:
+                if self.stopped is not None:  # most likely the stop's doing (browser closed)
+                    return await self._stopped(self.stopped)
+                await self.report.failed(err.reason, err.retryable, err.screenshot)
+                self.log.info("flow.failed", reason=err.reason, retryable=err.retryable)
+                outcome = Outcome.FAILED
+            else:
+                if result is None:  # stopped: a result that came first still counts
+                    return await self._stopped(self.stopped or Stop.RELEASED)
+                await self.report.done(result, int((time.monotonic() - began) * 1000))
+                outcome = Outcome.DONE
+            await self.report.stored(self.nats_trouble)
+            await self.work.msg.ack()
+            self.nats_trouble.succeeded()
+            return outcome
         except nats.errors.Error as err:
             # not acked: JetStream redelivers the work item after the ack wait
             self.nats_trouble.failed(err)
             return Outcome.UNREPORTED
 
-    async def _run(self) -> Outcome:
-        admission = self.control.admit_now(self.item)
-        if admission is None:  # a job not seen yet, or word from the stream is stale
-            admission = await self._unless_stopped(
-                lambda: self._keeping_alive(self.control.admit(self.item))
-            )
-        if admission is None or self.stopped is not None:
-            return await self._stopped(self.stopped or Stop.RELEASED)
+    async def _not_run(self, admission: Admission) -> Outcome:
         if admission.verdict is Verdict.DROP:
             self.log.info("flow.dropped", reason=admission.reason)
             await self._ack()
@@ -121,34 +148,7 @@ class FlowRun:
             await self._stored()
             await self._ack()
             return Outcome.RELEASED
-        if admission.verdict is Verdict.REVOKED:
-            return await self._revoked(admission.reason)
-        for host in self.hosts.current - admission.hosts:
-            self.hosts.revoke(host)  # no valid consent now: never reached
-        return await self._execute()
-
-    async def _execute(self) -> Outcome:
-        began = time.monotonic()
-        await self.report.started()
-        result = await self._unless_stopped(self._executor_run)
-        if result is None:  # stopped: a result that came first still counts
-            return await self._stopped(self.stopped or Stop.RELEASED)
-        if isinstance(result, FlowError):
-            await self.report.failed(result.reason, result.retryable, result.screenshot)
-            self.log.info("flow.failed", reason=result.reason, retryable=result.retryable)
-            outcome = Outcome.FAILED
-        else:
-            await self.report.done(result, int((time.monotonic() - began) * 1000))
-            outcome = Outcome.DONE
-        await self._stored()
-        await self._ack()
-        return outcome
-
-    async def _executor_run(self) -> FlowResult | FlowError:
-        try:
-            return await self.executor.run(self.item, self.report, self.hosts)
-        except FlowError as err:
-            return err
+        return await self._revoked(admission.reason)
 
     async def _unless_stopped(self, step: Callable[[], Awaitable[T]]) -> T | None:
         """``step()``'s result; ``None`` when the run was stopped before or during it

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from agents.backoff import Backoff
 from engine.bus import Bus
-from engine.puller import delivery_count, stream_seq
+from engine.puller import delivery, stream_seq
 from schemas import subjects
 from schemas.events import FlowDispatched
 from schemas.stored import Undecodable, decode_stored
@@ -40,18 +40,16 @@ class SlotKey(NamedTuple):
     seq: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Work:
-    """A work item as delivered: the event, its message (to ack) and where it sits."""
+    """A work item as delivered: the event, its message (to ack), where it sits, and
+    the slot it holds."""
 
     item: FlowDispatched
     msg: Msg
     seq: int  # stream sequence
     delivery: int  # JetStream's delivery count, 1 the first time
-
-    @property
-    def key(self) -> SlotKey:
-        return SlotKey(self.item.flow_id, self.item.attempt, self.delivery, self.seq)
+    key: SlotKey
 
 
 class Poison(Exception):
@@ -75,8 +73,10 @@ def decode_work(msg: Msg) -> FlowDispatched:
 
 
 def read_work(msg: Msg) -> Work:
-    seq, delivery = stream_seq(msg), delivery_count(msg)
-    return Work(item=decode_work(msg), msg=msg, seq=seq, delivery=delivery)
+    seq, delivered = delivery(msg)
+    item = decode_work(msg)
+    key = SlotKey(item.flow_id, item.attempt, delivered, seq)
+    return Work(item=item, msg=msg, seq=seq, delivery=delivered, key=key)
 
 
 class Intake:

@@ -22,9 +22,10 @@ def stream_seq(msg: Msg) -> int:
     return _ack_tokens(msg.reply)[0]
 
 
-def delivery_count(msg: Msg) -> int:
-    """How often the consumer has delivered this message (1 the first time)."""
-    return _ack_tokens(msg.reply)[2]
+def delivery(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, how often the consumer has delivered it: 1 the first time)."""
+    seq, _, delivered = _ack_tokens(msg.reply)
+    return seq, delivered
 
 
 def _ack_tokens(reply: str) -> tuple[int, int, int]:

@@ -42,6 +42,8 @@ class AllowedHosts:
     revoked leaves the set at once, and every watcher (the flow's guard) is told, so
     the browser sends nothing more to it while the rest of the flow goes on."""
 
+    __slots__ = ("_hosts", "_watchers")
+
     def __init__(self, hosts: Iterable[str]) -> None:
         self._hosts = frozenset(normal_host(h) for h in hosts)
         self._watchers: list[Callable[[str], None]] = []

@@ -50,6 +50,21 @@ class Outcome(Enum):
 
 
 class FlowRun:
+    # hundreds live at once on a busy runner: no per-instance dict
+    __slots__ = (
+        "_interruptible",
+        "_task",
+        "control",
+        "executor",
+        "hosts",
+        "item",
+        "nats_trouble",
+        "report",
+        "stopped",
+        "target",
+        "work",
+    )
+
     def __init__(
         self,
         work: Work,

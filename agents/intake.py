@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import nats.errors
@@ -40,8 +39,7 @@ class SlotKey(NamedTuple):
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
+class Work(NamedTuple):  # made for every work item: a tuple is the cheapest record
     """A work item as delivered: the event, its message (to ack), where it sits, and
     the slot it holds."""
 

@@ -41,6 +41,17 @@ REPORT_PATIENCE = 30.0  # seconds a flow's outcome is re-sent before its item is
 class FlowReporter:
     """One delivery of one work item: its events, its keepalives, its ack."""
 
+    __slots__ = (
+        "_counts",
+        "_last_keepalive",
+        "_unacked",
+        "bus",
+        "delivery",
+        "item",
+        "msg",
+        "runner_id",
+    )
+
     def __init__(
         self, bus: Bus, item: FlowDispatched, runner_id: str, msg: Msg, delivery: int
     ) -> None:

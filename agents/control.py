@@ -59,7 +59,9 @@ log = structlog.get_logger("tb.agent")
 
 S = TypeVar("S")
 
-JOB_CONTROL_EVENTS = (JobCancelled, JobPaused, JobResumed, JobCompleted, JobFailed)
+# what the follower reads of jobs; each of these says all a runner needs on its own
+# (the job's status now), so a job the follower saw start is never loaded
+JOB_CONTROL_EVENTS = (JobStarted, JobCancelled, JobPaused, JobResumed, JobCompleted, JobFailed)
 JOB_ENDED_EVENTS = (JobCancelled, JobCompleted, JobFailed)
 FRESHNESS = 3.0  # seconds a follower's "caught up" stays good for starting work
 FOLLOW_IDLE = 0.5  # the follower asks the server at least this often when idle
@@ -143,10 +145,17 @@ class Aggregates(Generic[S]):
             # someone else loads it: wait for them (if their load fails, try ours)
             await asyncio.wait({entry.loading})
 
-    def apply(self, key: str, seq: int, event: TbEvent) -> None:
-        """A follower's event: folded into a known entry, kept aside while it loads."""
+    def apply(self, key: str, seq: int, event: TbEvent, *, complete: bool = False) -> None:
+        """A follower's event: folded into a known entry, kept aside while it loads.
+
+        ``complete``: the event alone gives the whole state (every later one will be
+        followed too), so an unknown key gets an entry without a load."""
         entry = self._entries.get(key)
         if entry is None:
+            if complete:
+                self._entries[key] = _Entry(self._fold(self._empty(key), event, seq), seq)
+                self.changes += 1
+                self._evict()
             return  # a load will bring it when the key is needed
         if entry.loading is not None:
             entry.pending.append((seq, event))
@@ -278,7 +287,9 @@ class Control:
     def _apply(self, env: Envelope) -> None:
         event = env.event
         if isinstance(event, JobEvent):
-            self.jobs.apply(event.job_id, env.seq, event)
+            # the follower sees every control event from its start on, and each one
+            # states the job's status: the latest is the whole story
+            self.jobs.apply(event.job_id, env.seq, event, complete=True)
             if isinstance(event, JOB_ENDED_EVENTS):
                 self.on_job_ended(event.job_id)
         elif isinstance(event, ConsentEvent):

@@ -128,6 +128,7 @@ async def until(condition: Callable[[], bool], changed: asyncio.Event, timeout: 
 # -- item 12: slots and the durable consumer -----------------------------------------
 
 
+@pytest.mark.slow  # waits out a 3 s ack wait
 async def test_redelivery_to_the_same_runner_frees_the_right_slot(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -185,6 +186,7 @@ async def test_deleted_dispatch_consumer_is_recreated_and_the_job_completes(
 # -- item 8: the delivery a runner ran ------------------------------------------------
 
 
+@pytest.mark.slow  # waits out a 3 s ack wait
 async def test_redelivered_work_item_reports_its_delivery_and_keeps_its_attempt(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -234,8 +234,9 @@ class Control:
         self.consents: Aggregates[Consent] = Aggregates(
             cap, lambda host: Consent(domain=host), evolve_consent, self._load_consent
         )
-        self._confirmed_at = float("-inf")
+        self._fresh_until = float("-inf")
         self._confirmed_reconnects = -1
+        self._stats: dict[str, int] = bus.nc.stats  # the client keeps counting in this dict
         self._confirmed = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
         self._position = 0  # the last stream sequence the follower has applied
@@ -299,18 +300,18 @@ class Control:
                 self.on_host_revoked(host)
 
     def _caught_up(self) -> None:
-        self._confirmed_at = time.monotonic()
+        self._fresh_until = time.monotonic() + self.freshness
         self._confirmed_reconnects = self._reconnects()
         self._confirmed.set()
 
     def _reconnects(self) -> int:
-        return int(self.bus.nc.stats.get("reconnects", 0))
+        return int(self._stats.get("reconnects", 0))
 
-    def fresh(self) -> bool:
+    def fresh(self, now: float | None = None) -> bool:
         """Whether the follower has, recently and since the last reconnect, seen all."""
         return (
             self._confirmed_reconnects == self._reconnects()
-            and time.monotonic() - self._confirmed_at < self.freshness
+            and (now if now is not None else time.monotonic()) < self._fresh_until
         )
 
     async def wait_fresh(self) -> None:
@@ -334,12 +335,13 @@ class Control:
         A job's work items share their admission: it is worked out once and kept
         until job or consent state changes or one of the consents expires.
         """
-        if not self.fresh():
+        now = time.monotonic()
+        if not self.fresh(now):
             return None
         key = (item.job_id, item.url, tuple(item.allowed_hosts))
         generation = self.jobs.changes + self.consents.changes
         known = self._admitted.get(key)
-        if known is not None and known[0] == generation and time.monotonic() < known[1]:
+        if known is not None and known[0] == generation and now < known[1]:
             return known[2]
         status = self.jobs.peek(item.job_id)
         if status is None:
@@ -352,11 +354,11 @@ class Control:
             if consent is None:
                 return None
             consents[host] = consent
-        now = utcnow()
-        admission = _consent_admission(item, consents, now)
-        expiries = [c.expires_at for c in consents.values() if c.expires_at and c.expires_at > now]
-        left = (min(expiries) - now).total_seconds() if expiries else float("inf")
-        return self._keep(key, generation, time.monotonic() + left, admission)
+        at = utcnow()
+        admission = _consent_admission(item, consents, at)
+        expiries = [c.expires_at for c in consents.values() if c.expires_at and c.expires_at > at]
+        left = (min(expiries) - at).total_seconds() if expiries else float("inf")
+        return self._keep(key, generation, now + left, admission)
 
     def _keep(
         self, key: AdmissionKey, generation: int, until: float, admission: Admission

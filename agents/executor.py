@@ -44,8 +44,9 @@ class AllowedHosts:
 
     __slots__ = ("_hosts", "_watchers")
 
-    def __init__(self, hosts: Iterable[str]) -> None:
-        self._hosts = frozenset(normal_host(h) for h in hosts)
+    def __init__(self, hosts: Iterable[str], *, normal: bool = False) -> None:
+        """``normal``: the hosts are already lower case without a trailing dot."""
+        self._hosts = frozenset(hosts) if normal else frozenset(normal_host(h) for h in hosts)
         self._watchers: list[Callable[[str], None]] = []
 
     @property

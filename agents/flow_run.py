@@ -53,6 +53,7 @@ class FlowRun:
     # hundreds live at once on a busy runner: no per-instance dict
     __slots__ = (
         "_interruptible",
+        "_revoked_early",
         "_task",
         "control",
         "executor",
@@ -77,8 +78,9 @@ class FlowRun:
         self.executor, self.control = executor, control
         self.nats_trouble = nats_trouble  # shared by a runner's flows: one line per episode
         self.target = target_host(self.item.url)
-        # where the browser may go; revocations shrink it before and while the flow runs
-        self.hosts = AllowedHosts([self.target, *self.item.allowed_hosts])
+        # where the browser may go, once admitted; revocations shrink it while it runs
+        self.hosts: AllowedHosts | None = None
+        self._revoked_early: set[str] = set()  # revoked before the run had its hosts
         self.stopped: Stop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._interruptible = False  # whether ``stop`` may cancel the task now
@@ -107,8 +109,10 @@ class FlowRun:
         goes on without it."""
         if host == self.target:
             self.stop(Stop.REVOKED)
-        else:
+        elif self.hosts is not None:
             self.hosts.revoke(host)
+        else:
+            self._revoked_early.add(host)
 
     async def run(self) -> Outcome:
         # one coroutine on the hot path (admitted, run, reported, acked): every frame
@@ -124,14 +128,15 @@ class FlowRun:
                 return await self._stopped(self.stopped or Stop.RELEASED)
             if admission.verdict is not Verdict.RUN:
                 return await self._not_run(admission)
-            for host in self.hosts.current - admission.hosts:
-                self.hosts.revoke(host)  # no valid consent now: never reached
+            # the hosts with valid consent now, less any revoked since
+            self.hosts = AllowedHosts(admission.hosts - self._revoked_early, normal=True)
+            hosts = self.hosts
 
             began = time.monotonic()
             await self.report.started()
             try:
                 result = await self._unless_stopped(
-                    lambda: self.executor.run(self.item, self.report, self.hosts)
+                    lambda: self.executor.run(self.item, self.report, hosts)
                 )
             except FlowError as err:
                 if self.stopped is not None:  # most likely the stop's doing (browser closed)

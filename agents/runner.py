@@ -154,7 +154,7 @@ class Runner:
         key = work.key
         self.runs[key] = run
         self._changed.set()
-        task = asyncio.create_task(run.run(), name=f"run-{item.flow_id}")
+        task = asyncio.create_task(run.run())
 
         def finished(task: asyncio.Task[Outcome]) -> None:
             self.runs.pop(key, None)

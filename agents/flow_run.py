@@ -116,8 +116,9 @@ class FlowRun:
 
     async def run(self) -> Outcome:
         # one coroutine on the hot path (admitted, run, reported, acked): every frame
-        # more is paid on each resume of every flow
-        self._task = asyncio.current_task()
+        # and call more is paid by every flow
+        if self._task is None:
+            self._task = asyncio.current_task()
         try:
             admission = self.control.admit_now(self.item)
             if admission is None:  # a job not seen yet, or word from the stream is stale
@@ -134,24 +135,33 @@ class FlowRun:
 
             began = time.monotonic()
             await self.report.started()
+            if self.stopped is not None:
+                return await self._stopped(self.stopped)
+            self._interruptible = True  # from here on, ``stop`` cancels this task
             try:
-                result = await self._unless_stopped(
-                    lambda: self.executor.run(self.item, self.report, hosts)
-                )
+                result = await self.executor.run(self.item, self.report, hosts)
             except FlowError as err:
+                self._interruptible = False
                 if self.stopped is not None:  # most likely the stop's doing (browser closed)
                     return await self._stopped(self.stopped)
                 await self.report.failed(err.reason, err.retryable, err.screenshot)
                 self.log.info("flow.failed", reason=err.reason, retryable=err.retryable)
                 outcome = Outcome.FAILED
+            except asyncio.CancelledError:
+                self._interruptible = False
+                if self.stopped is None:
+                    raise  # the runner itself is being cancelled
+                self._task.uncancel()  # the cancel was ``stop``'s: settle the work item
+                return await self._stopped(self.stopped)
             else:
-                if result is None:  # stopped: a result that came first still counts
-                    return await self._stopped(self.stopped or Stop.RELEASED)
+                # a stop that comes after the result does not undo it
+                self._interruptible = False
                 await self.report.done(result, int((time.monotonic() - began) * 1000))
                 outcome = Outcome.DONE
             await self.report.stored(self.nats_trouble)
             await self.work.msg.ack()
-            self.nats_trouble.succeeded()
+            if self.nats_trouble.failures:
+                self.nats_trouble.succeeded()
             return outcome
         except nats.errors.Error as err:
             # not acked: JetStream redelivers the work item after the ack wait

@@ -58,23 +58,20 @@ class Poison(Exception):
         self.reason = reason
 
 
-def decode_work(msg: Msg) -> FlowDispatched:
-    """The work item a message holds; raises ``Poison`` with the reason when it holds none
-    (bad JSON, wrong shape, unknown type, an event that does not belong on the subject)."""
+def read_work(msg: Msg) -> Work:
+    """The work item a message holds, with its slot; raises ``Poison`` with the reason when
+    it holds none (bad JSON, wrong shape, unknown type, an event not of its subject)."""
+    seq, delivered = delivery(msg)
     try:
-        event = decode_stored(msg.subject, msg.data, msg.headers)
+        item = decode_stored(msg.subject, msg.data, msg.headers)
     except Undecodable as err:
         raise Poison(err.reason) from None
-    if not isinstance(event, FlowDispatched):
-        raise Poison(f"a {type(event).__name__} is not a work item")
-    return event
-
-
-def read_work(msg: Msg) -> Work:
-    seq, delivered = delivery(msg)
-    item = decode_work(msg)
-    key = SlotKey(item.flow_id, item.attempt, delivered, seq)
-    return Work(item=item, msg=msg, seq=seq, delivery=delivered, key=key)
+    if not isinstance(item, FlowDispatched):
+        raise Poison(f"a {type(item).__name__} is not a work item")
+    # tuple.__new__ builds the named tuples without their Python-level __new__: this runs
+    # for every work item
+    key = tuple.__new__(SlotKey, (item.flow_id, item.attempt, delivered, seq))
+    return tuple.__new__(Work, (item, msg, seq, delivered, key))
 
 
 class Intake:

@@ -45,10 +45,12 @@ class Runner:
     heartbeat_interval: float = 5.0
     drain_grace: float = 30.0
     announce: Callable[[str], None] = lambda line: None
-    tally: Counter[Outcome] = field(default_factory=Counter)  # how flow runs ended
+    completed: int = 0  # flow runs that ended done
+    tally: Counter[Outcome] = field(default_factory=Counter)  # how the others ended
     runs: dict[SlotKey, FlowRun] = field(default_factory=dict)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _watching: int = 0  # callers of wait_until (only then is a change worth telling)
     _seen_jobs: set[str] = field(default_factory=set)  # for the console only
 
     def __post_init__(self) -> None:
@@ -66,18 +68,18 @@ class Runner:
         self.nats_trouble = Backoff("runner.nats", base=0.2, cap=5.0)
 
     @property
-    def completed(self) -> int:
-        return self.tally[Outcome.DONE]
-
-    @property
     def failed(self) -> int:
         return self.tally[Outcome.FAILED] + self.tally[Outcome.REVOKED]
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once ``condition()`` holds, checked whenever a flow run starts or ends."""
-        while not condition():
-            self._changed.clear()
-            await self._changed.wait()
+        self._watching += 1
+        try:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self._watching -= 1
 
     async def wait_idle(self) -> None:
         """Return once no flow is running (cancelled, finished or released)."""
@@ -153,21 +155,25 @@ class Runner:
         run = FlowRun(work, reporter, self.executor, self.control, self.nats_trouble)
         key = work.key
         self.runs[key] = run
-        self._changed.set()
-        task = asyncio.create_task(run.run())
+        if self._watching:
+            self._changed.set()
+        task = run._task = asyncio.create_task(run.run())
 
         def finished(task: asyncio.Task[Outcome]) -> None:
             self.runs.pop(key, None)
             self.intake.free(key)
-            self._changed.set()
+            if self._watching:
+                self._changed.set()
             if task.cancelled():
                 return
             if (err := task.exception()) is not None:
                 # not acked: JetStream redelivers the work item after the ack wait
                 log.error("flow.unreported", flow_id=key.flow_id, error=repr(err))
                 self.tally[Outcome.UNREPORTED] += 1
+            elif (outcome := task.result()) is Outcome.DONE:
+                self.completed += 1  # the common case: no enum hashed
             else:
-                self.tally[task.result()] += 1
+                self.tally[outcome] += 1
 
         task.add_done_callback(finished)
 

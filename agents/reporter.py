@@ -100,7 +100,8 @@ class FlowReporter:
                     failed.append((event, msg_id))
                     error = error or err
             if error is None:
-                retry.succeeded()
+                if retry.failures:
+                    retry.succeeded()
                 return
             if time.monotonic() >= deadline:
                 raise error

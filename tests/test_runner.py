@@ -429,7 +429,6 @@ async def test_after_a_reconnect_work_waits_until_control_has_caught_up(
     assert admission.verdict is Verdict.DROP
 
 
-@pytest.mark.slow
 async def test_paused_job_releases_its_queued_items_and_runs_them_after_resume(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -126,7 +126,7 @@ async def main(flows: int, messages: int, rounds: int) -> None:
                 f"end-to-end no-op flows (engine + runner): {flow:,.0f} flows/s "
                 f"(median of {rounds} x {flows:,})"
             )
-            print(f"ratio flows/s : publishes/s = {flow / raw:.2f}  (goal >= 0.5)")
+            print(f"ratio flows/s : publishes/s = {flow / raw:.2f}  (goal >= 0.25)")
             # context, not the goal: each flow stores three events (FlowDispatched,
             # FlowStarted, FlowDone) and is delivered to a runner and to the engine
             print(

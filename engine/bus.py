@@ -9,8 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Container,
+    Sequence,
+)
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import nats
@@ -109,6 +116,7 @@ class Batch:
     envelopes: list[Envelope]
     last_seq: int
     quarantined: list[QuarantinedMessage]
+    known: list[int] = field(default_factory=list)  # passed over undecoded (``read_batches``)
 
 
 @dataclass(frozen=True)
@@ -379,6 +387,7 @@ class Bus:
         batch: int = 500,
         idle_timeout: float = 1.0,
         on_caught_up: Callable[[], None] | None = None,
+        known: Container[int] | None = None,
     ) -> AsyncGenerator[Batch, None]:
         """Ordered batches of events from ``start_seq`` on.
 
@@ -388,7 +397,8 @@ class Bus:
         stored is quarantined and left out, and ``Batch.last_seq`` still moves past it.
         With ``follow=False`` it stops at the end of the stream. ``on_caught_up`` is
         called whenever every event stored so far (that matches the filter) has been
-        yielded.
+        yielded. Sequences in ``known`` (events the caller already holds, such as its own
+        appends) are not decoded again, only listed in ``Batch.known``.
         """
         next_seq = max(start_seq, 1)
         filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
@@ -413,11 +423,15 @@ class Bus:
                         continue
                     envelopes: list[Envelope] = []
                     quarantined: list[QuarantinedMessage] = []
+                    passed: list[int] = []
                     for msg in msgs:
                         seq = stream_seq(msg)
                         if seq < next_seq:
                             continue
                         next_seq = seq + 1
+                        if known is not None and seq in known:
+                            passed.append(seq)
+                            continue
                         try:
                             event = decode_stored(msg.subject, msg.data, msg.headers)
                         except Undecodable as err:
@@ -433,8 +447,8 @@ class Bus:
                             continue
                         msg_id = msg.headers.get(subjects.MSG_ID_HEADER, "") if msg.headers else ""
                         envelopes.append(Envelope(seq, msg.subject, event, msg_id))
-                    if envelopes or quarantined:
-                        yield Batch(envelopes, next_seq - 1, quarantined)
+                    if envelopes or quarantined or passed:
+                        yield Batch(envelopes, next_seq - 1, quarantined, passed)
                     if on_caught_up is not None and puller.pending == 0:
                         on_caught_up()
                     if not follow:

@@ -7,6 +7,7 @@ dots, spaces or wildcards, so an id can never address another subject.
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 import uuid
@@ -22,19 +23,31 @@ def is_valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
-def uuid7() -> uuid.UUID:
+# ids need to be unique, not secret: a generator seeded from the OS (again in a forked
+# child) costs a fraction of a system call per id, and every event takes one
+_random = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
+
+
+def _uuid7_int() -> int:
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = _random.getrandbits(80)
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= (rand >> 68) << 64 & (0xFFF << 64)
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
-    return uuid.UUID(int=value)
+    return value
+
+
+def uuid7() -> uuid.UUID:
+    return uuid.UUID(int=_uuid7_int())
 
 
 def new_id() -> str:
-    return str(uuid7())
+    """A UUIDv7 in its usual text form; every event gets one, so without ``uuid.UUID``."""
+    h = f"{_uuid7_int():032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def short_id(prefix: str) -> str:

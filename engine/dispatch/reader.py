@@ -80,6 +80,7 @@ class StateReader:
             subjects.DISPATCHER_INPUTS,
             batch=self.batch,
             on_caught_up=self._caught_up.set,
+            known=self._ahead,  # its own appends, applied when acked: not decoded again
         ):
             await self._deliver(batch)
             if batch.last_seq >= catch_up_to:
@@ -114,6 +115,8 @@ class StateReader:
 
     def deliver(self, batch: Batch, first_creations: set[int] | None = None) -> None:
         """Fold in what the log holds, in stream order (events and quarantined messages)."""
+        for seq in batch.known:
+            self._ahead.discard(seq)
         items = _merged(batch.envelopes, batch.quarantined) if batch.quarantined else None
         for env in items or batch.envelopes:
             if isinstance(env, Envelope):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agents.executor import NoopExecutor
 from agents.playwright_flow import PlaywrightExecutor
 from agents.runner import Runner
@@ -100,6 +102,7 @@ async def test_unverified_host_is_refused_and_never_contacted(
     assert dispatched == []
 
 
+@pytest.mark.slow  # kills a real runner process and waits out its ack wait
 async def test_runner_sigkilled_mid_job_another_finishes_it_counting_each_flow_once(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

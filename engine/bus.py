@@ -272,6 +272,16 @@ class Bus:
                 raise ConsumerSettingsRefused(durable, have, config, str(err)) from err
         return durable
 
+    async def delivered_up_to(self, consumer: str) -> int | None:
+        """The stream sequence up to which a dispatch consumer has delivered its work items
+        (each at least once), or ``None`` when there is no such consumer."""
+        try:
+            info = await self.js.consumer_info(subjects.EVENTS_STREAM, consumer)
+        except nats.js.errors.NotFoundError:
+            return None
+        delivered = info.delivered
+        return int(delivered.stream_seq or 0) if delivered is not None else 0
+
     # -- writing --------------------------------------------------------------------
 
     def _headers(self, event: Event, msg_id: str, expect: Expect | None) -> dict[str, str]:

@@ -21,6 +21,7 @@ import structlog
 from engine.bus import Bus
 from engine.dispatch.actions import ActionWriter
 from engine.dispatch.checkpoint import Checkpoint
+from engine.dispatch.deliveries import DeliveryWatch
 from engine.dispatch.reader import StateReader
 from engine.dispatch.snapshot import SnapshotStore
 from engine.dispatch.state import STALL_MARGIN, DispatchState
@@ -42,7 +43,9 @@ class Dispatcher:
     An in-flight attempt whose end has not arrived ``stall_margin`` seconds after its
     planned session length is recorded as stalled (and dispatched again, or failed when
     its attempts are spent). The margin is never less than JetStream's own redelivery
-    budget (ack wait x max deliver), so a flow the runners are still retrying is never cut.
+    budget (ack wait x max deliver), so a flow the runners are still retrying is never cut;
+    it counts from when its work item was seen delivered (``dispatch.deliveries``), so an
+    item still waiting in the queue for a free slot is never cut either.
     """
 
     bus: Bus
@@ -57,6 +60,7 @@ class Dispatcher:
     reader: StateReader = field(init=False)
     checkpoint: Checkpoint = field(init=False)
     writer: ActionWriter = field(init=False)
+    deliveries: DeliveryWatch = field(init=False)
     backoff: Backoff = field(default_factory=lambda: Backoff("dispatcher"))
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -68,6 +72,7 @@ class Dispatcher:
         config = self.bus.config
         margin = max(self.stall_margin, config.ack_wait * config.max_deliver)
         self.writer = ActionWriter(self.bus, self.reader, self.actor, timedelta(seconds=margin))
+        self.deliveries = DeliveryWatch(self.bus)
 
     @property
     def state(self) -> DispatchState:
@@ -143,6 +148,7 @@ class Dispatcher:
         as its work item is built: what the reader folded in meanwhile (a cancel, a
         pause, a revocation) is never planned around.
         """
+        await self.deliveries.observe(self.state, self.clock)
         for action in self.state.due(self.clock(), self.writer.stall_margin):
             await self.writer.carry_out(action, self.clock())
         self._log_lane_errors()

@@ -45,6 +45,7 @@ from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
 from schemas.values import ConsentCaps, JobSettings, Target
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+CONSUMER = subjects.dispatch_consumer("linux", "chromium")
 
 
 class World:
@@ -110,11 +111,19 @@ class World:
             )
         )
 
-    def dispatch_all(self, at: datetime = NOW) -> list[Dispatch]:
+    def dispatch_all(self, at: datetime = NOW, *, delivered: bool = True) -> list[Dispatch]:
+        """Plan and store the dispatches due at ``at``; a runner takes them at once unless
+        not ``delivered`` (they wait in the queue)."""
         out = self.state.dispatches(at)
         for d in out:
             self.add(dispatched(d, at))
+        if delivered:
+            self.deliver(self.seq, at)
         return out
+
+    def deliver(self, up_to: int, at: datetime) -> None:
+        """The platform's consumer is seen to have delivered up to ``up_to``."""
+        self.state.delivered(CONSUMER, up_to, at)
 
 
 def dispatched(d: Dispatch, at: datetime = NOW) -> FlowDispatched:
@@ -319,6 +328,32 @@ def test_an_hour_long_session_is_not_cut_while_a_stuck_short_one_is() -> None:
         Stall("long", "long_0_0", 1),
         Stall("short", "short_0_0", 1),
     ]
+
+
+def test_work_waiting_undelivered_in_the_queue_is_not_stalled_its_clock_starts_at_delivery() -> (
+    None
+):
+    w = World()
+    w.consent("a.test", ConsentCaps(max_concurrent=10))
+    w.job("j1", flows=3, instance_count=3, session_seconds=5)
+    d1, d2, _ = w.dispatch_all(delivered=False)
+    assert w.state.awaiting_delivery() == {CONSUMER}
+    first = w.seq - 2  # the stream sequence of d1's work item
+    w.deliver(first, NOW)  # one slot in the fleet: d1 runs, d2 and d3 wait
+    later = NOW + timedelta(seconds=5) + MARGIN
+    assert w.state.due(later, MARGIN) == [Stall("j1", d1.flow_id, 1)]
+    w.add(done(d1))
+    w.deliver(first + 1, later)  # d2 is handed to the runner only now
+    assert w.state.due(later + timedelta(seconds=5) + MARGIN - timedelta(seconds=1), MARGIN) == []
+    assert w.state.due(later + timedelta(seconds=5) + MARGIN, MARGIN) == [
+        Stall("j1", d2.flow_id, 1)
+    ]
+    assert w.state.awaiting_delivery() == {CONSUMER}  # d3 still waits, never stalled
+    restored = snapshot.decode(snapshot.encode(w.state))  # what was seen survives a restart
+    assert restored is not None
+    much_later = later + timedelta(hours=2)
+    assert restored.due(much_later, MARGIN) == w.state.due(much_later, MARGIN)
+    assert w.state.due(much_later, MARGIN) == [Stall("j1", d2.flow_id, 1)]
 
 
 def test_a_stall_planned_once_waits_for_the_reader_and_a_runner_outcome_before_it_stands() -> None:

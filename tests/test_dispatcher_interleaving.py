@@ -230,6 +230,11 @@ class InterleavingBus:
         self.world.step()
         return acks
 
+    async def delivered_up_to(self, consumer: str) -> int | None:
+        """The runners have taken every work item stored so far."""
+        self.world.step()
+        return len(self.world.log.entries)
+
 
 def check_counts(state: DispatchState) -> None:
     """The state's counters agree with its flows, job by job and host by host."""

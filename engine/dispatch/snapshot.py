@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import msgspec
 import nats.errors
@@ -33,8 +33,9 @@ from schemas.flow_lifecycle import FlowState
 log = structlog.get_logger("tb.dispatcher.snapshot")
 
 # 2: finished jobs leave the state; 3: flows hold their lifecycle state and dispatch
-# time, jobs their hosts and whether they are broken
-SNAPSHOT_FORMAT = 3
+# time, jobs their hosts and whether they are broken; 4: flows hold their work item's
+# sequence and when it was seen delivered
+SNAPSHOT_FORMAT = 4
 SNAPSHOT_OBJECT = "state"
 
 
@@ -44,6 +45,8 @@ class FlowRecord(msgspec.Struct, frozen=True, array_like=True):
     host: str
     flow: FlowState | None
     dispatched_at: datetime | None
+    item_seq: int
+    delivered_at: datetime | None
 
 
 class JobRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -86,7 +89,15 @@ def encode(state: DispatchState) -> bytes:
                 created_seq=plan.created_seq,
                 hosts=list(plan.hosts),
                 flows=[
-                    FlowRecord(s.flow_id, s.target_index, s.host, s.flow, s.dispatched_at)
+                    FlowRecord(
+                        s.flow_id,
+                        s.target_index,
+                        s.host,
+                        s.flow,
+                        s.dispatched_at,
+                        s.item_seq,
+                        s.delivered_at,
+                    )
                     for s in plan.flows.values()
                 ],
                 queue=[index[fid] for fid in plan.queue],
@@ -129,13 +140,16 @@ def decode(data: bytes) -> DispatchState | None:
 
 def _plan(record: JobRecord) -> JobPlan:
     flows = {
-        f.flow_id: FlowSlot(f.flow_id, f.target_index, f.host, f.flow, f.dispatched_at)
+        f.flow_id: FlowSlot(
+            f.flow_id, f.target_index, f.host, f.flow, f.dispatched_at, f.item_seq, f.delivered_at
+        )
         for f in record.flows
     }
-    # in-flight flows oldest first, as the stall check scans them
+    # in-flight flows oldest first (in the order their work items were stored), as the
+    # stall check scans them
     flying = sorted(
         (s for s in flows.values() if s.status == FlowStatus.IN_FLIGHT),
-        key=lambda s: s.dispatched_at or _EPOCH,
+        key=lambda s: s.item_seq,
     )
     return JobPlan(
         job=record.job,
@@ -148,9 +162,6 @@ def _plan(record: JobRecord) -> JobPlan:
         failed=record.failed,
         broken=record.broken,
     )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
+from schemas import subjects
 from schemas.consent_state import Consent, ConsentStatus, evolve_consent
 from schemas.events import (
     ConsentEvent,
@@ -82,6 +83,10 @@ class FlowSlot:
     host: str
     flow: FlowState | None = None  # None: never dispatched
     dispatched_at: datetime | None = None  # FlowDispatched.at of the latest attempt
+    item_seq: int = 0  # the stream sequence of the latest attempt's work item
+    # when the dispatcher first saw that work item delivered to a runner (``None``: still
+    # waiting in its platform's queue, or not looked at yet): its stall clock starts there
+    delivered_at: datetime | None = None
 
     @property
     def status(self) -> FlowStatus:
@@ -308,12 +313,12 @@ class DispatchState:
         if plan is None or slot is None:
             return  # not a flow of a live job
         try:  # the job's lane (inline: this runs for every flow event)
-            self._fold_flow(plan, slot, event)
+            self._fold_flow(plan, slot, event, seq)
         except Exception as err:
             self._broke_applying(plan, event, seq, err)
 
     def _fold_flow(
-        self, plan: JobPlan, slot: FlowSlot, event: FlowDispatched | FlowOutcome
+        self, plan: JobPlan, slot: FlowSlot, event: FlowDispatched | FlowOutcome, seq: int
     ) -> None:
         old = slot.flow
         step = flow_transition(old, event, max_attempts=plan.job.settings.max_attempts)
@@ -340,7 +345,7 @@ class DispatchState:
         if after is flying and (before is not flying or new_attempt):
             plan.flying[fid] = None
             self.domain_in_flight[slot.host] += 1
-            slot.dispatched_at = event.at
+            slot.dispatched_at, slot.item_seq, slot.delivered_at = event.at, seq, None
             self._count_dispatch(slot.host, event.at)
         if after is planned and before is not planned:
             plan.queue.appendleft(fid)  # retries and releases go first
@@ -457,23 +462,57 @@ class DispatchState:
         self, plan: JobPlan, now: datetime, margin: timedelta, out: list[JobAction]
     ) -> None:
         session = timedelta(seconds=plan.job.settings.session_seconds)
-        for fid in plan.flying:  # oldest first: stop at the first one still within time
+        # oldest first: stop at the first one still within time, or not yet delivered (a
+        # platform's queue delivers in stream order, so the ones after it wait too)
+        for fid in plan.flying:
             slot = plan.flows[fid]
-            if slot.dispatched_at is None or slot.dispatched_at + session + margin > now:
+            if slot.delivered_at is None or slot.delivered_at + session + margin > now:
                 return
             if (fid, slot.attempt) not in self.ending:
                 out.append(Stall(plan.job.job_id, fid, slot.attempt))
 
     def stalled(self, action: Stall, now: datetime, margin: timedelta) -> float | None:
-        """Seconds the attempt has waited, if ``action`` still holds now; else ``None``."""
+        """Seconds the attempt has waited since its dispatch, if ``action`` still holds now;
+        else ``None``."""
         slot = self.in_flight_slot(action.job_id, action.flow_id, action.attempt)
-        if slot is None or slot.dispatched_at is None:
+        if slot is None or slot.delivered_at is None or slot.dispatched_at is None:
             return None
         plan = self.jobs[action.job_id]
         session = timedelta(seconds=plan.job.settings.session_seconds)
-        if slot.dispatched_at + session + margin > now:
+        if slot.delivered_at + session + margin > now:
             return None
         return (now - slot.dispatched_at).total_seconds()
+
+    # -- deliveries -------------------------------------------------------------------
+    #
+    # A work item waits in its platform's queue until a runner has a free slot, which
+    # may take longer than any session when a job's instance count exceeds the fleet's
+    # slots. Waiting is not being stuck: an item's stall clock starts when the dispatcher
+    # sees its platform's consumer deliver it (the consumer says up to which stream
+    # sequence it has delivered; first deliveries follow stream order), not at dispatch.
+
+    def awaiting_delivery(self) -> set[str]:
+        """The dispatch consumers that hold in-flight work items not yet seen delivered."""
+        consumers: set[str] = set()
+        for plan in self.jobs.values():
+            for fid in plan.flying:
+                if plan.flows[fid].delivered_at is None:
+                    platform = plan.job.platform
+                    consumers.add(subjects.dispatch_consumer(platform.os, platform.browser))
+                    break
+        return consumers
+
+    def delivered(self, consumer: str, up_to: int, now: datetime) -> None:
+        """``consumer`` has delivered every work item up to stream sequence ``up_to``, as
+        seen at ``now``: the stall clocks of those newly seen delivered start at ``now``."""
+        for plan in self.jobs.values():
+            platform = plan.job.platform
+            if subjects.dispatch_consumer(platform.os, platform.browser) != consumer:
+                continue
+            for fid in plan.flying:
+                slot = plan.flows[fid]
+                if slot.delivered_at is None and slot.item_seq <= up_to:
+                    slot.delivered_at = now
 
     def in_flight_slot(self, job_id: str, fid: str, attempt: int) -> FlowSlot | None:
         """The flow's slot if that attempt is in flight and nothing has ended it here yet."""

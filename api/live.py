@@ -16,6 +16,7 @@ from api.deps import services_from_state
 from api.services import Services
 from projections import queries
 from projections.queries import JobView
+from schemas.values import JobStatus
 
 
 class TargetProgress(msgspec.Struct):
@@ -53,7 +54,7 @@ def progress_update(job: JobView, now: datetime | None = None) -> ProgressUpdate
 
 def eta_seconds(job: JobView, now: datetime) -> float | None:
     finished = job.flows_done + job.flows_failed
-    if job.status != "running" or job.started_at is None or finished == 0:
+    if job.status != JobStatus.RUNNING or job.started_at is None or finished == 0:
         return None
     elapsed = (now - job.started_at).total_seconds()
     if elapsed <= 0:

@@ -23,7 +23,7 @@ from cli.supervise import Backoff
 from engine.bus import Bus, ConsumerSettingsRefused
 from schemas import subjects
 from schemas.events import FlowDone
-from schemas.values import TERMINAL_JOB_STATUSES
+from schemas.values import TERMINAL_JOB_STATUSES, JobStatus
 
 DEMO_HOST = "127.0.0.1"
 
@@ -438,7 +438,7 @@ async def run_demo(
                     break
         await asyncio.sleep(0.5)
     bar.finish()
-    if not view or view.get("status") != "completed":
+    if not view or view.get("status") != JobStatus.COMPLETED:
         announce(f"demo: job ended as {view and view.get('status')}: {view and view.get('reason')}")
         return False
     distinct, events = await _flow_done_in_stream(bus, job_id)

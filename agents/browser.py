@@ -23,7 +23,31 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    # Nothing may leave except through the egress proxy each context is given:
+    # no QUIC (HTTP/3, WebTransport) over UDP, WebRTC only over proxied connections,
+    # no DNS prefetch from the browser, and no speculative loads (speculation-rules
+    # prefetch and prerender, NoState prefetch), which the browser process sends
+    # without the job's identifying header.
     "--disable-quic",
+    "--force-webrtc-ip-handling-policy=disable_non_proxied_udp",
+    "--webrtc-ip-handling-policy=disable_non_proxied_udp",
+    "--dns-prefetch-disable",
+    "--disable-features="
+    + ",".join(
+        (
+            "Prerender2",
+            "SpeculationRulesPrefetchFuture",
+            "SpeculationRulesPrefetchProxy",
+            "NoStatePrefetch",
+            "PrefetchPrivacyChanges",
+            "NetworkPrediction",
+            "PreconnectToSearch",
+            "DnsOverHttps",
+            "AsyncDns",
+            "WebRtcHideLocalIpsWithMdns",
+        )
+    ),
+    "--disable-blink-features=SpeculationRules,Prerender2,WebTransport",
 ]
 INSTALL_HINT = (
     "apt-get install chromium (Debian/Ubuntu) or: python -m playwright install --with-deps chromium"

@@ -28,6 +28,10 @@ class FlowReport(Protocol):
 
     async def click_skipped(self, href: str, reason: str) -> None: ...
 
+    async def egress_refused(self, host: str, port: int, reason: str, request: str) -> None:
+        """The egress proxy refused a connection the flow's browser asked for."""
+        ...
+
     async def keepalive(self) -> None:
         """Called at least every ~2 s while a flow runs (the runner's in-progress ack)."""
         ...

@@ -2,8 +2,11 @@
 
 A flow is one browser session against one target: land, dwell and scroll, follow
 internal links. Each flow gets its own browser context whose every request carries
-the job header and the TrafficBuster User-Agent (DESIGN invariant 5) and is held
-to the flow's ``allowed_hosts`` by a ``HostGuard`` (invariant 4).
+the job header and the TrafficBuster User-Agent (DESIGN invariant 5). The context
+sends everything through the runner's egress proxy with the flow's own credentials,
+which admits only the flow's consented host:port pairs (invariant 4); a ``HostGuard``
+records refused navigations in the browser. A guard that cannot be set up fails the
+flow (reason ``guard``): it never runs unguarded.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ from playwright.async_api import Error as PlaywrightError
 from structlog.typing import FilteringBoundLogger
 
 from agents.browser import first_line, launch_chromium
+from agents.egress.flow import FlowEgressReport, consented_ports
+from agents.egress.proxy import EgressProxy, FlowEgress
+from agents.egress.upstream import Upstream
 from agents.executor import AllowedHosts, FlowError, FlowReport, FlowResult
 from agents.guard import (
     NAVIGATION_TIMEOUT_MS,
     UNAUTHORISED_HOST,
     WEB_SCHEMES,
+    GuardFailed,
     HostGuard,
     host_of,
     scheme_of,
@@ -109,18 +116,15 @@ class FlowSession:
             if self.guard.refused:
                 raise FlowError(f"{UNAUTHORISED_HOST}: {self.guard.refused[-1]}", False) from err
             raise FlowError(f"navigation_failed: {first_line(err)}", retryable=True) from err
+        if self.guard.refused:  # a redirect hop left the authorised hosts: refused
+            raise FlowError(f"{UNAUTHORISED_HOST}: {self.guard.refused[-1]}", False)
         if status is not None and status >= 400:
             raise FlowError(f"http_{status}", retryable=status >= 500)
         await self.report.page_visited(self.page.url, status)
 
     async def navigate(self, start: Callable[[], Awaitable[Response | None]]) -> int | None:
-        """Run a main-frame navigation through to the end of any redirects the guard follows."""
-        frame = self.page.main_frame
-        self.guard.forget_redirects(frame)
-        try:
-            response = await start()
-        except PlaywrightError as err:
-            response = await self.guard.follow_redirects(frame, err)
+        """Run a main-frame navigation (Chromium follows its redirects itself)."""
+        response = await start()
         return response.status if response is not None else None
 
     async def dwell(self, until: float) -> None:
@@ -137,16 +141,26 @@ class FlowSession:
             return ClickOutcome.NO_LINK
         index, href = self.link_rng.choice(internal)
         refused_before = len(self.guard.refused)
+        here = self.page.url
         try:
             status = await self.navigate(lambda: self.follow(index, href))
         except PlaywrightError as err:
             if len(self.guard.refused) > refused_before:
+                await self.stay(here)
                 return ClickOutcome.REFUSED
             self.log.info("flow.click_failed", href=href, error=first_line(err))
             return ClickOutcome.FAILED
+        if len(self.guard.refused) > refused_before:
+            await self.stay(here)  # a redirect hop was refused: the proxy's answer is no page
+            return ClickOutcome.REFUSED
         await self.report.click_done(href)
         await self.report.page_visited(self.page.url, status)
         return ClickOutcome.DONE
+
+    async def stay(self, here: str) -> None:
+        """Back on ``here`` after a refused navigation left the page elsewhere."""
+        if self.page.url != here:
+            await self.page.goto(here, wait_until="domcontentloaded", timeout=NAVIGATION_TIMEOUT_MS)
 
     async def links(self) -> tuple[list[tuple[int, str]], list[str]]:
         """Internal links (index among ``a[href]``, href) and external hrefs, in page order."""
@@ -181,10 +195,9 @@ class FlowSession:
 
 # -- the executor -------------------------------------------------------------------
 
-# The guard serves navigations with route.fulfill, and Chromium gives a fulfilled
-# document no IP address space, so Local Network Access would refuse its requests to
-# private and loopback hosts (intranet targets, the demo site). The guard already
-# confines every flow to its authorised hosts, so flows get the permission.
+# Chromium's Local Network Access asks before a public page reaches private or loopback
+# addresses; flows on intranet targets and the demo site need it, and the egress proxy
+# already confines every flow to its consented host:port pairs.
 LOCAL_NETWORK = ["local-network-access"]
 
 
@@ -200,16 +213,19 @@ class PlaywrightExecutor:
         self._browser: Browser | None = None
         self._user_agent = ""
         self._permissions: list[str] = []
+        self.egress = EgressProxy()
 
     async def start(self) -> None:
         if self._browser is not None:
             return
+        await self.egress.start()
         playwright = await async_playwright().start()
         try:
             browser = await launch_chromium(playwright, headless=self.headless)
             default_agent, self._permissions = await probe_browser(browser)
         except BaseException:
             await playwright.stop()
+            await self.egress.close()
             raise
         self._playwright, self._browser = playwright, browser
         self._user_agent = f"{default_agent} TrafficBuster/{self.version}"
@@ -223,6 +239,7 @@ class PlaywrightExecutor:
                 await browser.close()
         if playwright is not None:
             await playwright.stop()
+        await self.egress.close()
 
     async def run(
         self, item: FlowDispatched, report: FlowReport, hosts: AllowedHosts | None = None
@@ -230,6 +247,8 @@ class PlaywrightExecutor:
         if self._browser is None:
             raise RuntimeError("PlaywrightExecutor.run() before start()")
         flog = log.bind(job_id=item.job_id, flow_id=item.flow_id, attempt=item.attempt)
+        hosts = hosts or AllowedHosts(item.allowed_hosts)
+        egress = self._register(item, hosts, report, flog)
         try:
             context = await self._browser.new_context(
                 user_agent=self._user_agent,
@@ -237,16 +256,24 @@ class PlaywrightExecutor:
                 viewport={"width": 1280, "height": 800},
                 service_workers="block",
                 permissions=self._permissions,
+                proxy={
+                    "server": self.egress.url,
+                    "username": egress.username,
+                    "password": egress.password,
+                },
             )
         except PlaywrightError as err:
+            self.egress.unregister(egress)
             raise FlowError(f"browser_error: {first_line(err)}") from err
         keepalive = asyncio.create_task(keep_alive(report), name=f"keepalive-{item.flow_id}")
-        guard = HostGuard(hosts or AllowedHosts(item.allowed_hosts), report, flog)
+        guard = HostGuard(hosts, report, flog)
         page: Page | None = None
         try:
-            await guard.install(context)
+            try:
+                await guard.install(context)
+            except GuardFailed as err:
+                raise FlowError(f"guard: {err}", retryable=True) from err
             page = await context.new_page()
-            await guard.lock_page(page)
             return await FlowSession(page, guard, item, report, flog).run()
         except FlowError as err:
             err.screenshot = await self._screenshot(page, item, flog)
@@ -257,9 +284,41 @@ class PlaywrightExecutor:
             raise failure from err
         finally:
             await stop_keepalive(keepalive, flog)
-            await guard.release()
             with contextlib.suppress(PlaywrightError):
                 await context.close()
+            self.egress.unregister(egress)
+
+    def _register(
+        self,
+        item: FlowDispatched,
+        hosts: AllowedHosts,
+        report: FlowReport,
+        flog: FilteringBoundLogger,
+    ) -> FlowEgress:
+        """The flow's egress credentials; a proxy that is not there fails the flow closed."""
+        if not self.egress.listening:
+            raise FlowError("guard: egress proxy not listening", retryable=True)
+        refusals = FlowEgressReport(report, flog)
+        try:
+            return self.egress.register(
+                hosts,
+                consented_ports(item),
+                refusals.refused,
+                host_map=self.host_map(item),
+                upstream=self.upstream(item),
+                label=f"{item.flow_id}:{item.attempt}",
+            )
+        except ValueError as err:
+            raise FlowError(f"guard: {err}", retryable=False) from err
+
+    def host_map(self, item: FlowDispatched) -> dict[str, str]:
+        """The flow's DNS mode: a host->IP map the egress proxy applies (empty: the
+        system resolver)."""
+        return {}
+
+    def upstream(self, item: FlowDispatched) -> Upstream | None:
+        """The proxy the flow's connections are chained to (None: connect directly)."""
+        return None
 
     async def _screenshot(
         self, page: Page | None, item: FlowDispatched, flog: FilteringBoundLogger

@@ -23,6 +23,7 @@ from schemas.events import (
     CONSENT_REVOKED,
     ClickDone,
     ClickSkipped,
+    EgressRefused,
     FlowDispatched,
     FlowDone,
     FlowEvent,
@@ -133,6 +134,13 @@ class FlowReporter:
     async def click_skipped(self, href: str, reason: str) -> None:
         n = self._next(ClickSkipped)
         await self.publish(self._event(ClickSkipped, href=href, reason=reason, n=n))
+
+    async def egress_refused(self, host: str, port: int, reason: str, request: str) -> None:
+        n = self._next(EgressRefused)
+        event = self._event(
+            EgressRefused, host=host, port=port, reason=reason, request=request, n=n
+        )
+        await self.publish(event)
 
     async def keepalive(self) -> None:
         now = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from schemas.events import (
     ConsentEvent,
@@ -20,6 +21,20 @@ from schemas.events import (
     Event,
 )
 from schemas.values import ConsentCaps
+
+WEB_PORTS = frozenset({80, 443})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def consent_ports(evidence: str) -> frozenset[int]:
+    """The ports a consent covers: 80 and 443, and the port of the URL it was verified
+    on (``evidence``; a DNS record adds none)."""
+    try:
+        parts = urlsplit(evidence)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        port = None
+    return WEB_PORTS | {port} if port else WEB_PORTS
 
 
 class ConsentStatus(StrEnum):
@@ -37,6 +52,7 @@ class Consent:
     token: str = ""  # the claim's token; retired (empty) once revoked
     expires_at: datetime | None = None
     caps: ConsentCaps = ConsentCaps()
+    ports: frozenset[int] = WEB_PORTS  # where flows may connect on the domain
     version: int = 0  # stream sequence of the last event applied (0 = none)
 
     def valid_at(self, now: datetime) -> bool:
@@ -56,8 +72,14 @@ def evolve_consent(consent: Consent, event: Event, seq: int = 0) -> Consent:
     match event:
         case DomainClaimed(token=token):
             return replace(consent, status=ConsentStatus.CLAIMED, token=token, expires_at=None)
-        case ConsentGiven(expires_at=expires_at, caps=caps):
-            return replace(consent, status=ConsentStatus.VERIFIED, expires_at=expires_at, caps=caps)
+        case ConsentGiven(expires_at=expires_at, caps=caps, ports=ports, evidence=evidence):
+            return replace(
+                consent,
+                status=ConsentStatus.VERIFIED,
+                expires_at=expires_at,
+                caps=caps,
+                ports=frozenset(ports) or consent_ports(evidence),
+            )
         case ConsentVerificationFailed():
             # a failed re-check does not cancel an earlier, still valid verification
             if consent.status == ConsentStatus.VERIFIED:

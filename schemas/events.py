@@ -31,6 +31,8 @@ from schemas.values import (
 Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Name = Annotated[str, msgspec.Meta(max_length=200)]
 Hosts = Annotated[list[str], msgspec.Meta(max_length=10_000)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65_535)]
+Ports = Annotated[list[Port], msgspec.Meta(max_length=64)]
 
 CONSENT_REVOKED = "consent revoked"  # the FlowFailed reason when a host's consent is revoked
 
@@ -129,6 +131,9 @@ class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     platform: Platform = Platform()
     referrer: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    # the consented ports of each allowed host (empty in items dispatched before ports
+    # were recorded: the runner then allows 80, 443 and the target URL's port)
+    allowed_ports: dict[str, Ports] = {}
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)
@@ -196,6 +201,16 @@ class ProxyFailed(FlowEvent, frozen=True, kw_only=True):
     n: Index = 0
 
 
+class EgressRefused(FlowEvent, frozen=True, kw_only=True):
+    """The runner's egress proxy refused a connection the flow's browser asked for."""
+
+    host: Text
+    port: Annotated[int, msgspec.Meta(ge=0, le=65_535)]
+    reason: Text  # e.g. "host not consented", "loopback address"
+    request: Text  # what asked for it, as the proxy saw it: "CONNECT host:443", "GET http://…"
+    n: Index = 0
+
+
 # -- runners ------------------------------------------------------------------------
 
 
@@ -236,6 +251,9 @@ class ConsentGiven(ConsentEvent, frozen=True, kw_only=True):
     evidence: Text  # the URL (or record) that served the token
     expires_at: AwareDatetime
     caps: ConsentCaps = ConsentCaps()
+    # the ports flows may use on the domain: 80, 443 and the port it was verified on
+    # (empty in events recorded before ports were: derived from ``evidence`` on read)
+    ports: Ports = []
 
 
 class ConsentVerificationFailed(ConsentEvent, frozen=True, kw_only=True):
@@ -270,6 +288,7 @@ FlowEvents = (
     | FlowStalled
     | FlowReleased
     | ProxyFailed
+    | EgressRefused
 )
 RunnerEvents = RunnerRegistered | RunnerDraining | RunnerDeregistered
 ConsentEvents = DomainClaimed | ConsentGiven | ConsentVerificationFailed | ConsentRevoked

@@ -160,6 +160,7 @@ class RecordedReport:
     visits: list[tuple[str, int | None]] = field(default_factory=list)
     clicks: list[str] = field(default_factory=list)
     skips: list[tuple[str, str]] = field(default_factory=list)
+    refusals: list[tuple[str, int, str, str]] = field(default_factory=list)
     keepalives: int = 0
 
     async def page_visited(self, url: str, status: int | None) -> None:
@@ -170,6 +171,9 @@ class RecordedReport:
 
     async def click_skipped(self, href: str, reason: str) -> None:
         self.skips.append((href, reason))
+
+    async def egress_refused(self, host: str, port: int, reason: str, request: str) -> None:
+        self.refusals.append((host, port, reason, request))
 
     async def keepalive(self) -> None:
         self.keepalives += 1
@@ -185,6 +189,7 @@ def flow(
     flow_id: str = "flow-1",
     referrer: str | None = None,
     allowed_hosts: tuple[str, ...] = ("127.0.0.1",),
+    allowed_ports: dict[str, list[int]] | None = None,
 ) -> FlowDispatched:
     return FlowDispatched(
         id="evt-1",
@@ -200,7 +205,12 @@ def flow(
         allowed_hosts=list(allowed_hosts),
         seed=seed,
         referrer=referrer,
+        allowed_ports=allowed_ports or {},
     )
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def nav(*paths: str) -> str:
@@ -491,7 +501,13 @@ async def test_revoked_host_gets_nothing_more_while_the_flow_goes_on(
     )
     url = site.page("/", f"<script>{script}</script>")
     hosts = AllowedHosts(["127.0.0.1", "127.0.0.2"])
-    item = flow(url, session_seconds=3.0, allowed_hosts=("127.0.0.1", "127.0.0.2"))
+    ports = [port_of(site.origin), port_of(evil.origin), port_of(socket_server.url)]
+    item = flow(
+        url,
+        session_seconds=3.0,
+        allowed_hosts=("127.0.0.1", "127.0.0.2"),
+        allowed_ports={"127.0.0.1": ports, "127.0.0.2": ports},
+    )
     running = asyncio.create_task(executor.run(item, RecordedReport(), hosts))
     await evil.wait_hits(6)
     await asyncio.wait_for(socket_server.first.wait(), 10)
@@ -550,8 +566,9 @@ async def test_unreachable_first_page_is_retryable(executor: PlaywrightExecutor)
         with pytest.raises(FlowError) as failure:
             await executor.run(flow(url), RecordedReport())
 
+    # the egress proxy answers 502 Bad Gateway for a host it cannot connect to
     assert failure.value.retryable
-    assert "ERR_CONNECTION_REFUSED" in failure.value.reason
+    assert failure.value.reason.startswith("navigation_failed")
 
 
 # -- browser discovery ---------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from engine.errors import Conflict, NotFound
 from engine.jobs.decider import Meta
-from schemas.consent_state import Consent, ConsentStatus
+from schemas.consent_state import Consent, ConsentStatus, consent_ports
 from schemas.events import (
     ConsentEvents,
     ConsentGiven,
@@ -105,6 +105,7 @@ def decide(consent: Consent, cmd: ConsentCommand, meta: Meta) -> list[ConsentEve
                     evidence=evidence,
                     expires_at=meta.at + cmd.validity,
                     caps=cmd.caps or consent.caps,
+                    ports=sorted(consent_ports(evidence)),
                 )
             ]
         case RevokeConsent(reason=reason):

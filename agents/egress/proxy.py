@@ -1,0 +1,487 @@
+"""The runner's egress proxy: every byte a flow's browser context sends leaves through it.
+
+One proxy per runner on loopback; each flow registers and gets its own credentials (a
+token as proxy username and password), so each connection is known to belong to one
+flow. ``CONNECT`` tunnels (https, wss, and ws: Chromium tunnels those too) and plain
+http requests are checked against that flow's consented host:port pairs, the name is
+resolved here (or taken from the flow's host map) and every address is checked again
+before connecting (``agents.egress.rule``). No TLS interception: a tunnel carries the
+browser's own TLS. A refusal answers 403 and is reported to the flow; a revoked host's
+open tunnels are cut at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import itertools
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import structlog
+
+from agents.egress.rule import (
+    IpAddress,
+    Refusal,
+    allow_address,
+    allow_destination,
+    as_address,
+    normal_host,
+)
+from agents.egress.upstream import Streams, Upstream, UpstreamFailed, open_direct, open_through
+from agents.executor import AllowedHosts
+
+log = structlog.get_logger("tb.egress")
+
+HEAD_LIMIT = 65_536
+HEAD_TIMEOUT = 30.0
+CHUNK = 65_536
+REALM = 'Basic realm="trafficbuster-egress"'
+HOP_HEADERS = frozenset(
+    {
+        "proxy-authorization",
+        "proxy-connection",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """One refused connection: where it wanted to go, why not, and what asked for it."""
+
+    host: str
+    port: int
+    reason: Refusal
+    request: str  # the request line the proxy saw, e.g. "CONNECT host:443"
+
+
+@dataclass(frozen=True)
+class Head:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    @property
+    def line(self) -> str:
+        return f"{self.method} {self.target}"[:500]
+
+
+class Tunnel:
+    """One open connection of a flow, held so it can be cut."""
+
+    __slots__ = ("client", "host", "remote")
+
+    def __init__(self, host: str, client: asyncio.StreamWriter, remote: asyncio.StreamWriter):
+        self.host, self.client, self.remote = host, client, remote
+
+    def cut(self) -> None:
+        self.client.transport.abort()
+        self.remote.transport.abort()
+
+
+@dataclass(eq=False)
+class FlowEgress:
+    """One flow's registration: its credentials, what it may reach and how."""
+
+    token: str
+    hosts: AllowedHosts
+    ports: Mapping[str, frozenset[int]]
+    host_map: Mapping[str, IpAddress]
+    upstream: Upstream | None
+    on_refused: Callable[[Refused], Awaitable[None]]
+    label: str = ""
+    tunnels: set[Tunnel] = field(default_factory=set)
+    opened: int = 0  # connections admitted so far
+    _unwatch: Callable[[], None] | None = None
+
+    @property
+    def username(self) -> str:
+        return self.token
+
+    @property
+    def password(self) -> str:
+        return self.token
+
+    def cut(self, host: str | None = None) -> int:
+        """Close the flow's open connections (to ``host`` only, when given)."""
+        chosen = [t for t in self.tunnels if host is None or t.host == host]
+        for tunnel in chosen:
+            self.tunnels.discard(tunnel)
+            tunnel.cut()
+        return len(chosen)
+
+
+class EgressProxy:
+    """An HTTP proxy on loopback that admits each flow's consented host:port pairs only."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self._server: asyncio.Server | None = None
+        self._flows: dict[str, FlowEgress] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._serial = itertools.count(1)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def flows(self) -> int:
+        return len(self._flows)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._handlers)
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=HEAD_LIMIT, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("egress.listening", url=self.url)
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        for flow in list(self._flows.values()):
+            self.unregister(flow)
+        if server is not None:
+            server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+
+    def register(
+        self,
+        hosts: AllowedHosts,
+        ports: Mapping[str, frozenset[int]],
+        on_refused: Callable[[Refused], Awaitable[None]],
+        *,
+        host_map: Mapping[str, str] | None = None,
+        upstream: Upstream | None = None,
+        label: str = "",
+    ) -> FlowEgress:
+        """A flow's credentials; ``hosts`` is watched: a revoked host's connections are cut.
+
+        Raises ``ValueError`` for a host map entry that is not an IP address."""
+        mapped: dict[str, IpAddress] = {}
+        for name, value in (host_map or {}).items():
+            address = as_address(value)
+            if address is None:
+                raise ValueError(f"host map: {value!r} for {name!r} is not an IP address")
+            mapped[normal_host(name)] = address
+        token = f"f{next(self._serial)}-{secrets.token_urlsafe(18)}"
+        flow = FlowEgress(
+            token=token,
+            hosts=hosts,
+            ports={normal_host(h): frozenset(p) for h, p in ports.items()},
+            host_map=mapped,
+            upstream=upstream,
+            on_refused=on_refused,
+            label=label,
+        )
+        flow._unwatch = hosts.watch(lambda host: self._revoked(flow, host))
+        self._flows[token] = flow
+        return flow
+
+    def unregister(self, flow: FlowEgress) -> None:
+        """The flow is over: its credentials stop working and its connections close."""
+        self._flows.pop(flow.token, None)
+        if flow._unwatch is not None:
+            flow._unwatch()
+            flow._unwatch = None
+        flow.cut()
+
+    def _revoked(self, flow: FlowEgress, host: str) -> None:
+        cut = flow.cut(host)
+        log.info("egress.host_revoked", flow=flow.label, host=host, connections_cut=cut)
+
+    # -- one client connection ----------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass  # the browser went away or spoke nonsense: nothing to answer
+        finally:
+            self._handlers.discard(task)
+            writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            except asyncio.IncompleteReadError:
+                return  # closed between requests
+            head = parse_head(raw)
+            if head is None:
+                await respond(writer, 400, "Bad Request", close=True)
+                return
+            flow = self._flow_of(head)
+            if flow is None:
+                # Chromium asks without credentials first and retries with them
+                await skip_body(reader, head)
+                await respond(
+                    writer, 407, "Proxy Authentication Required", [("Proxy-Authenticate", REALM)]
+                )
+                continue
+            handle = self._tunnel if head.method == "CONNECT" else self._forward
+            await handle(flow, head, (reader, writer))
+            return
+
+    def _flow_of(self, head: Head) -> FlowEgress | None:
+        credentials = head.header("proxy-authorization")
+        if not credentials or credentials[:6].lower() != "basic ":
+            return None
+        try:
+            user, _, password = (
+                base64.b64decode(credentials[6:].strip(), validate=True).decode().partition(":")
+            )
+        except (ValueError, UnicodeDecodeError):
+            return None
+        flow = self._flows.get(user)
+        if flow is None or not hmac.compare_digest(password.encode(), flow.password.encode()):
+            return None
+        return flow
+
+    async def _tunnel(self, flow: FlowEgress, head: Head, client: Streams) -> None:
+        reader, writer = client
+        destination = split_authority(head.target)
+        if destination is None:
+            await self._refuse(flow, writer, "", 0, Refusal.REQUEST, head)
+            return
+        host, port = destination
+        remote = await self._open(flow, host, port, head, writer)
+        if remote is None:
+            return
+        await respond(writer, 200, "Connection Established", close=False, length=False)
+        await self._relay(flow, host, reader, writer, *remote)
+
+    async def _forward(self, flow: FlowEgress, head: Head, client: Streams) -> None:
+        reader, writer = client
+        try:
+            parts = urlsplit(head.target)
+            host, port = parts.hostname or "", parts.port or 80
+        except ValueError:
+            host, port, parts = "", 0, None
+        if parts is None or parts.scheme != "http" or not host:
+            await self._refuse(flow, writer, host, port, Refusal.REQUEST, head)
+            return
+        remote = await self._open(flow, host, port, head, writer)
+        if remote is None:
+            return
+        remote_reader, remote_writer = remote
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        lines = [f"{head.method} {path} {head.version}"]
+        lines += [f"{k}: {v}" for k, v in head.headers if k.lower() not in HOP_HEADERS]
+        # one request per connection: the next request may be for another host, and
+        # each must be checked on its own
+        lines.append("Connection: close")
+        remote_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await self._relay(flow, host, reader, writer, remote_reader, remote_writer)
+
+    async def _open(
+        self, flow: FlowEgress, host: str, port: int, head: Head, writer: asyncio.StreamWriter
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        host = normal_host(host)
+        hosts = flow.hosts.current
+        refusal = allow_destination(host, port, hosts, flow.ports)
+        if refusal is not None:
+            await self._refuse(flow, writer, host, port, refusal, head)
+            return None
+        addresses = await self._resolve(flow, host, port)
+        if not addresses:
+            await self._refuse(flow, writer, host, port, Refusal.UNRESOLVED, head)
+            return None
+        allowed = [a for a in addresses if allow_address(a, hosts) is None]
+        if not allowed:
+            reason = allow_address(addresses[0], hosts) or Refusal.PRIVATE
+            await self._refuse(flow, writer, host, port, reason, head)
+            return None
+        last: Exception | None = None
+        for address in allowed:
+            try:
+                if flow.upstream is None:
+                    return await open_direct(address, port)
+                return await open_through(flow.upstream, address, port)
+            except UpstreamFailed as err:
+                log.info(
+                    "egress.upstream_failed",
+                    flow=flow.label,
+                    upstream=flow.upstream and flow.upstream.label,
+                    error=str(err),
+                )
+                await respond(writer, 502, "Bad Gateway", close=True)
+                return None
+            except (OSError, TimeoutError) as err:
+                last = err
+        log.debug("egress.connect_failed", flow=flow.label, host=host, port=port, error=repr(last))
+        await respond(writer, 502, "Bad Gateway", close=True)
+        return None
+
+    async def _resolve(self, flow: FlowEgress, host: str, port: int) -> list[IpAddress]:
+        if (mapped := flow.host_map.get(host)) is not None:
+            return [mapped]
+        if (literal := as_address(host)) is not None:
+            return [literal]
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        except OSError:
+            return []
+        found: list[IpAddress] = []
+        for *_, sockaddr in infos:
+            address = as_address(str(sockaddr[0]))
+            if address is not None and address not in found:
+                found.append(address)
+        return found
+
+    async def _refuse(
+        self,
+        flow: FlowEgress,
+        writer: asyncio.StreamWriter,
+        host: str,
+        port: int,
+        reason: Refusal,
+        head: Head,
+    ) -> None:
+        refused = Refused(host=host, port=port, reason=reason, request=head.line)
+        log.debug(
+            "egress.refused",
+            flow=flow.label,
+            host=host,
+            port=port,
+            reason=str(reason),
+            request=head.line,
+        )
+        await respond(
+            writer, 403, "Forbidden", [("X-TrafficBuster-Egress", str(reason))], close=True
+        )
+        try:
+            await flow.on_refused(refused)
+        except Exception as err:  # the refusal stands whatever becomes of its report
+            log.warning("egress.report_failed", flow=flow.label, error=repr(err))
+
+    async def _relay(
+        self,
+        flow: FlowEgress,
+        host: str,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        remote_reader: asyncio.StreamReader,
+        remote_writer: asyncio.StreamWriter,
+    ) -> None:
+        tunnel = Tunnel(host, client_writer, remote_writer)
+        if flow.token not in self._flows or host not in flow.hosts:
+            tunnel.cut()  # unregistered or revoked while connecting
+            return
+        flow.tunnels.add(tunnel)
+        flow.opened += 1
+        try:
+            await asyncio.gather(
+                pipe(client_reader, remote_writer), pipe(remote_reader, client_writer)
+            )
+        finally:
+            flow.tunnels.discard(tunnel)
+            tunnel.cut()
+
+
+def parse_head(raw: bytes) -> Head | None:
+    try:
+        text = raw.decode("latin-1")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\r\n")
+    request = lines[0].split(" ")
+    if len(request) != 3 or not request[2].startswith("HTTP/1."):
+        return None
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            return None
+        headers.append((name, value.strip()))
+    return Head(method=request[0].upper(), target=request[1], version=request[2], headers=headers)
+
+
+def split_authority(target: str) -> tuple[str, int] | None:
+    """``host:port`` of a CONNECT request (IPv6 literals in brackets)."""
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        return None
+    port = int(port_text)
+    if not 0 < port < 65536:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return None
+        host = host[1:-1]
+    elif ":" in host:
+        return None
+    return normal_host(host), port
+
+
+async def skip_body(reader: asyncio.StreamReader, head: Head) -> None:
+    length = head.header("content-length")
+    if length and length.isdigit() and int(length) > 0:
+        await reader.readexactly(int(length))
+
+
+async def respond(
+    writer: asyncio.StreamWriter,
+    status: int,
+    text: str,
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    close: bool = False,
+    length: bool = True,
+) -> None:
+    lines = [f"HTTP/1.1 {status} {text}", *(f"{k}: {v}" for k, v in headers or [])]
+    if length:
+        lines.append("Content-Length: 0")
+    if close:
+        lines.append("Connection: close")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    await writer.drain()
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (OSError, asyncio.IncompleteReadError):
+        writer.transport.abort()

@@ -12,6 +12,7 @@ import msgspec
 
 from projections.db import iso
 from schemas.events import (
+    EgressRefused,
     Envelope,
     FlowDispatched,
     FlowDone,
@@ -51,6 +52,7 @@ SCHEMA = (
         flows_failed INTEGER NOT NULL DEFAULT 0,
         clicks_done INTEGER NOT NULL DEFAULT 0,
         duration_ms_total INTEGER NOT NULL DEFAULT 0,
+        egress_refused INTEGER NOT NULL DEFAULT 0,
         created_by TEXT NOT NULL,
         created_at TEXT NOT NULL,
         started_at TEXT,
@@ -89,6 +91,14 @@ SCHEMA = (
         updated_at TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS flows_by_job ON flows (job_id, status)",
+    # one row per refusal a flow attempt reported: a refusal stored again after the
+    # dedupe window (a redelivered work item reports under the same n) counts once
+    """CREATE TABLE IF NOT EXISTS egress_refusals (
+        flow_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (flow_id, attempt, n)
+    )""",
 )
 
 _CLOSED = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_JOB_STATUSES))
@@ -132,7 +142,23 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
             return await _status(db, env, event.job_id, JobStatus.FAILED, reason)
         case JobCompleted():
             return await _status(db, env, event.job_id, JobStatus.COMPLETED, None)
+        case EgressRefused():
+            return await _egress_refused(db, event)
     return set()
+
+
+async def _egress_refused(db: aiosqlite.Connection, event: EgressRefused) -> set[str]:
+    """Counted whatever the job's status: a refusal is a fact about the flow's browser."""
+    cur = await db.execute(
+        "INSERT INTO egress_refusals (flow_id, attempt, n) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        (event.flow_id, event.attempt, event.n),
+    )
+    if not cur.rowcount:
+        return set()
+    cur = await db.execute(
+        "UPDATE jobs SET egress_refused = egress_refused + 1 WHERE job_id = ?", (event.job_id,)
+    )
+    return {event.job_id} if cur.rowcount else set()
 
 
 def refusal(reason: str, hosts: list[str]) -> str:

@@ -49,6 +49,7 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     flows_failed: int
     clicks_done: int
     duration_ms_total: int
+    egress_refused: int  # connections the runners' egress proxy refused to its flows
     targets: list[TargetView]
     created_by: str
     created_at: datetime
@@ -111,7 +112,8 @@ class ConsentView(msgspec.Struct, kw_only=True, omit_defaults=True):
 _JOB_COLUMNS = (
     "job_id, name, status, reason, approval, platform_os, platform_browser, instance_count,"
     " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
-    " duration_ms_total, created_by, created_at, started_at, finished_at, updated_at, last_seq"
+    " duration_ms_total, egress_refused, created_by, created_at, started_at, finished_at,"
+    " updated_at, last_seq"
 )
 _TARGET_COLUMNS = (
     "job_id, idx, url, label, referrer, flow_target, flow_done, flow_failed, click_target,"

@@ -15,7 +15,7 @@ from schemas.events import ConsentEvent, Envelope, FlowEvent, JobEvent, RunnerEv
 CHECKPOINT = "read_model"
 SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: jobs count the egress proxy's refusals
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

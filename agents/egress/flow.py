@@ -7,14 +7,14 @@ from urllib.parse import urlsplit
 from structlog.typing import FilteringBoundLogger
 
 from agents.egress.proxy import Refused
-from agents.egress.rule import WEB_PORTS, normal_host
+from agents.egress.rule import normal_host
 from agents.executor import FlowReport
+from schemas.consent_state import DEFAULT_PORTS, WEB_PORTS
 from schemas.events import FlowDispatched
 
 # a page that retries a refused request in a loop must not flood the log: each distinct
 # refusal is reported once, and at most this many per flow
 MAX_REFUSALS_REPORTED = 100
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def consented_ports(item: FlowDispatched) -> dict[str, frozenset[int]]:

@@ -35,6 +35,7 @@ from agents.egress.rule import (
 )
 from agents.egress.upstream import Streams, Upstream, UpstreamFailed, open_direct, open_through
 from agents.executor import AllowedHosts
+from schemas.consent_state import DEFAULT_PORTS
 
 log = structlog.get_logger("tb.egress")
 
@@ -287,7 +288,7 @@ class EgressProxy:
         reader, writer = client
         try:
             parts = urlsplit(head.target)
-            host, port = parts.hostname or "", parts.port or 80
+            host, port = parts.hostname or "", parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
         except ValueError:
             host, port, parts = "", 0, None
         if parts is None or parts.scheme != "http" or not host:
@@ -321,9 +322,9 @@ class EgressProxy:
         if not addresses:
             await self._refuse(flow, writer, host, port, Refusal.UNRESOLVED, head)
             return None
-        allowed = [a for a in addresses if allow_address(a, hosts) is None]
+        allowed = [a for a in addresses if allow_address(a, port, hosts, flow.ports) is None]
         if not allowed:
-            reason = allow_address(addresses[0], hosts) or Refusal.PRIVATE
+            reason = allow_address(addresses[0], port, hosts, flow.ports) or Refusal.PRIVATE
             await self._refuse(flow, writer, host, port, reason, head)
             return None
         last: Exception | None = None

@@ -11,9 +11,11 @@ import ipaddress
 from collections.abc import Collection, Mapping
 from enum import StrEnum
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from schemas.consent_state import WEB_PORTS
 
-WEB_PORTS = frozenset({80, 443})
+__all__ = ["WEB_PORTS", "IpAddress", "Refusal", "allow", "allow_address", "allow_destination"]
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # cloud instance metadata services: a page must never reach them through a runner
 METADATA_ADDRESSES = frozenset(
@@ -87,15 +89,19 @@ def allow_destination(
     return None
 
 
-def allow_address(address: IpAddress, hosts: Collection[str]) -> Refusal | None:
+def allow_address(
+    address: IpAddress, port: int, hosts: Collection[str], ports: Mapping[str, Collection[int]]
+) -> Refusal | None:
     """After resolving: a public address is fine; a loopback, private, link-local,
-    metadata or reserved one only when the flow's consent names that very address."""
+    metadata or reserved one only when the flow's consent names that very address,
+    on that port."""
     kind = address_class(address)
     if kind is None:
         return None
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    if str(address) in hosts or (mapped is not None and str(mapped) in hosts):
-        return None
+    for literal in (str(address), str(mapped) if mapped is not None else ""):
+        if literal in hosts and port in ports.get(literal, WEB_PORTS):
+            return None
     return kind
 
 
@@ -112,4 +118,4 @@ def allow(
         return refusal
     if address is None:
         return Refusal.UNRESOLVED
-    return allow_address(address, hosts)
+    return allow_address(address, port, hosts, ports)

@@ -1,0 +1,459 @@
+"""The egress proxy on loopback, spoken to over real sockets (no browser here).
+
+127.0.0.1 plays the consented host; 127.0.0.2 an unauthorised one that must never
+see a connection. Upstream proxies (HTTP CONNECT and SOCKS5, with passwords) are
+small servers of the test's own on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from agents.egress.proxy import EgressProxy, FlowEgress, Refused
+from agents.egress.rule import Refusal
+from agents.egress.upstream import Upstream
+from agents.executor import AllowedHosts
+
+pytestmark = pytest.mark.timeout(30)
+WAIT = 5.0
+
+# -- servers of the test's own -------------------------------------------------------
+
+
+@dataclass
+class Origin:
+    """A TCP server that records connections and echoes what it gets; a line starting
+    with GET is answered as HTTP and the request head kept."""
+
+    host: str
+    port: int = 0
+    connections: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    server: asyncio.Server | None = None
+
+    async def start(self) -> Origin:
+        self.server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            first = await reader.readline()
+            if first.startswith(b"GET "):
+                head = first + await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+                )
+                await writer.drain()
+            else:
+                data = first
+                while data:
+                    writer.write(data)
+                    await writer.drain()
+                    data = await reader.read(1024)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.closed.set()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@dataclass
+class UpstreamServer:
+    """An upstream proxy on 127.0.0.1 with a password; records where it was asked to go."""
+
+    username: str
+    password: str
+    port: int = 0
+    targets: list[str] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def start(self) -> UpstreamServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class HttpUpstream(UpstreamServer):
+    """An HTTP CONNECT proxy requiring a password; records the CONNECT targets."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        target = head.split(" ")[1]
+        expected = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        if f"Proxy-Authorization: Basic {expected}" not in head:
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        self.targets.append(target)
+        host, port = target.rsplit(":", 1)
+        remote_reader, remote_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        await splice(reader, writer, remote_reader, remote_writer)
+
+
+class SocksUpstream(UpstreamServer):
+    """A SOCKS5 proxy with username/password authentication; records the targets."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, count = await reader.readexactly(2)
+        methods = await reader.readexactly(count)
+        if 2 not in methods:
+            writer.write(b"\x05\xff")
+            writer.close()
+            return
+        writer.write(b"\x05\x02")
+        _, size = await reader.readexactly(2)
+        user = (await reader.readexactly(size)).decode()
+        (size,) = await reader.readexactly(1)
+        password = (await reader.readexactly(size)).decode()
+        if (user, password) != (self.username, self.password):
+            writer.write(b"\x01\x01")
+            writer.close()
+            return
+        writer.write(b"\x01\x00")
+        _, _, _, kind = await reader.readexactly(4)
+        assert kind == 1, "the egress proxy sends addresses, never names"
+        host = ".".join(str(b) for b in await reader.readexactly(4))
+        (port,) = struct.unpack("!H", await reader.readexactly(2))
+        self.targets.append(f"{host}:{port}")
+        remote_reader, remote_writer = await asyncio.open_connection(host, port)
+        writer.write(b"\x05\x00\x00\x01" + bytes(4) + b"\x00\x00")
+        await splice(reader, writer, remote_reader, remote_writer)
+
+
+async def splice(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+) -> None:
+    async def one_way(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    await asyncio.gather(one_way(a_reader, b_writer), one_way(b_reader, a_writer))
+
+
+# -- a client speaking to the proxy ---------------------------------------------------
+
+
+@dataclass
+class Client:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def ask(self, line: str, flow: FlowEgress | None, *headers: str) -> tuple[int, str]:
+        lines = [line, *headers]
+        if flow is not None:
+            secret = base64.b64encode(f"{flow.username}:{flow.password}".encode()).decode()
+            lines.append(f"Proxy-Authorization: Basic {secret}")
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = (await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), WAIT)).decode()
+        return int(head.split(" ")[1]), head
+
+    async def echo(self, data: bytes) -> bytes:
+        self.writer.write(data)
+        return await asyncio.wait_for(self.reader.readexactly(len(data)), WAIT)
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[EgressProxy]:
+    p = EgressProxy()
+    await p.start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[Origin]:
+    origin = await Origin("127.0.0.1").start()
+    yield origin
+    await origin.stop()
+
+
+@pytest.fixture
+async def evil() -> AsyncIterator[Origin]:
+    origin = await Origin("127.0.0.2").start()
+    yield origin
+    await origin.stop()
+
+
+async def connect(proxy: EgressProxy) -> Client:
+    return Client(*await asyncio.open_connection(proxy.host, proxy.port))
+
+
+@dataclass
+class Refusals:
+    seen: list[Refused] = field(default_factory=list)
+
+    async def __call__(self, refused: Refused) -> None:
+        self.seen.append(refused)
+
+
+def register(
+    proxy: EgressProxy,
+    hosts: AllowedHosts,
+    ports: dict[str, frozenset[int]],
+    refusals: Refusals,
+    **kwargs: object,
+) -> FlowEgress:
+    return proxy.register(hosts, ports, refusals, **kwargs)  # type: ignore[arg-type]
+
+
+# -- credentials ---------------------------------------------------------------------
+
+
+async def test_a_connection_without_flow_credentials_is_asked_for_them(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals()
+    )
+    client = await connect(proxy)
+
+    status, head = await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", None)
+    assert status == 407 and "Proxy-Authenticate: Basic" in head
+    # the same connection goes on with the flow's credentials, as Chromium does
+    status, _ = await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow)
+    assert status == 200
+    assert await client.echo(b"ping\n") == b"ping\n"
+
+    proxy.unregister(flow)  # the flow is over: its credentials stop working
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow)
+    assert status == 407
+
+
+# -- refusals ------------------------------------------------------------------------
+
+
+async def test_unconsented_hosts_and_ports_are_refused_and_reported(
+    proxy: EgressProxy, site: Origin, evil: Origin
+) -> None:
+    refusals = Refusals()
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, refusals
+    )
+
+    asks = [
+        f"CONNECT 127.0.0.2:{evil.port} HTTP/1.1",
+        f"GET http://127.0.0.2:{evil.port}/beacon HTTP/1.1",
+        f"CONNECT 127.0.0.1:{evil.port} HTTP/1.1",
+        "CONNECT nonsense HTTP/1.1",
+        "GET https://127.0.0.1/ HTTP/1.1",
+    ]
+    for line in asks:
+        status, head = await (await connect(proxy)).ask(line, flow)
+        assert status == 403, line
+        assert "X-TrafficBuster-Egress:" in head
+
+    assert [(r.host, r.port, r.reason) for r in refusals.seen] == [
+        ("127.0.0.2", evil.port, Refusal.HOST),
+        ("127.0.0.2", evil.port, Refusal.HOST),
+        ("127.0.0.1", evil.port, Refusal.PORT),
+        ("", 0, Refusal.REQUEST),
+        ("127.0.0.1", 443, Refusal.REQUEST),
+    ]
+    assert refusals.seen[1].request == f"GET http://127.0.0.2:{evil.port}/beacon"
+    assert evil.connections == 0
+
+
+async def test_names_resolving_to_private_addresses_are_refused_unless_that_address_is_consented(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    refusals = Refusals()
+    port = frozenset({site.port})
+    # "localhost" is consented as a name: it resolves (system DNS) to a loopback address
+    # the consent does not name
+    flow = register(proxy, AllowedHosts(["localhost"]), {"localhost": port}, refusals)
+    status, _ = await (await connect(proxy)).ask(f"CONNECT localhost:{site.port} HTTP/1.1", flow)
+    assert status == 403
+    assert refusals.seen[-1].reason is Refusal.LOOPBACK
+
+    unresolvable = register(
+        proxy, AllowedHosts(["nowhere.invalid"]), {"nowhere.invalid": port}, refusals
+    )
+    line = f"CONNECT nowhere.invalid:{site.port} HTTP/1.1"
+    status, _ = await (await connect(proxy)).ask(line, unresolvable)
+    assert status == 403
+    assert refusals.seen[-1].reason is Refusal.UNRESOLVED
+    assert site.connections == 0
+
+
+async def test_the_host_map_is_resolution_and_the_mapped_address_is_checked(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    refusals = Refusals()
+    port = frozenset({site.port})
+    line = f"CONNECT shop.test:{site.port} HTTP/1.1"
+
+    mapped_to_loopback = register(
+        proxy, AllowedHosts(["shop.test"]), {"shop.test": port}, refusals,
+        host_map={"shop.test": "127.0.0.1"},
+    )  # fmt: skip
+    status, _ = await (await connect(proxy)).ask(line, mapped_to_loopback)
+    assert (status, refusals.seen[-1].reason) == (403, Refusal.LOOPBACK)
+
+    metadata = register(
+        proxy, AllowedHosts(["shop.test"]), {"shop.test": port}, refusals,
+        host_map={"shop.test": "169.254.169.254"},
+    )  # fmt: skip
+    status, _ = await (await connect(proxy)).ask(line, metadata)
+    assert (status, refusals.seen[-1].reason) == (403, Refusal.METADATA)
+    assert site.connections == 0
+
+    # the operator consented the loopback address itself: the map may point there
+    consented = register(
+        proxy, AllowedHosts(["shop.test", "127.0.0.1"]), {"shop.test": port, "127.0.0.1": port},
+        refusals, host_map={"shop.test": "127.0.0.1"},
+    )  # fmt: skip
+    client = await connect(proxy)
+    status, _ = await client.ask(line, consented)
+    assert status == 200
+    assert await client.echo(b"mapped\n") == b"mapped\n"
+    assert site.connections == 1
+
+    with pytest.raises(ValueError, match="not an IP address"):
+        register(proxy, AllowedHosts(["a.test"]), {}, refusals, host_map={"a.test": "b.test"})
+
+
+# -- plain http ------------------------------------------------------------------------
+
+
+async def test_plain_requests_are_forwarded_without_the_proxy_credentials(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals()
+    )
+    client = await connect(proxy)
+
+    status, _ = await client.ask(
+        f"GET http://127.0.0.1:{site.port}/page?x=1 HTTP/1.1", flow,
+        f"Host: 127.0.0.1:{site.port}", "X-TrafficBuster: job-1", "Proxy-Connection: keep-alive",
+    )  # fmt: skip
+
+    assert status == 200
+    assert await asyncio.wait_for(client.reader.read(), WAIT) == b"hello"
+    (head,) = site.heads
+    assert head.startswith(b"GET /page?x=1 HTTP/1.1\r\n")
+    assert b"X-TrafficBuster: job-1" in head
+    assert b"Proxy-" not in head
+
+
+# -- revocation ------------------------------------------------------------------------
+
+
+async def test_revocation_cuts_the_hosts_open_tunnels_at_once(
+    proxy: EgressProxy, site: Origin, evil: Origin
+) -> None:
+    hosts = AllowedHosts(["127.0.0.1", "127.0.0.2"])
+    ports = {"127.0.0.1": frozenset({site.port}), "127.0.0.2": frozenset({evil.port})}
+    flow = register(proxy, hosts, ports, Refusals())
+    kept, cut = await connect(proxy), await connect(proxy)
+    assert (await kept.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+    assert (await cut.ask(f"CONNECT 127.0.0.2:{evil.port} HTTP/1.1", flow))[0] == 200
+    assert await cut.echo(b"before\n") == b"before\n"
+
+    hosts.revoke("127.0.0.2")
+
+    assert await asyncio.wait_for(cut.reader.read(), WAIT) == b""  # closed by the proxy
+    await asyncio.wait_for(evil.closed.wait(), WAIT)
+    assert await kept.echo(b"still\n") == b"still\n"
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.2:{evil.port} HTTP/1.1", flow)
+    assert status == 403
+
+
+async def test_unregistering_a_flow_closes_every_connection_it_has(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals()
+    )
+    clients = [await connect(proxy) for _ in range(3)]
+    for client in clients:
+        assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+
+    proxy.unregister(flow)
+
+    for client in clients:
+        assert await asyncio.wait_for(client.reader.read(), WAIT) == b""
+    assert proxy.flows == 0
+
+
+# -- upstream proxies ------------------------------------------------------------------
+
+
+async def test_a_flow_is_chained_to_its_http_upstream_with_the_checked_address(
+    proxy: EgressProxy, site: Origin, evil: Origin
+) -> None:
+    upstream = await HttpUpstream("user", "s3cret").start()
+    chained = Upstream("http", "127.0.0.1", upstream.port, "user", "s3cret")
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+        upstream=chained,
+    )  # fmt: skip
+    client = await connect(proxy)
+    assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+    assert await client.echo(b"via upstream\n") == b"via upstream\n"
+    assert upstream.targets == [f"127.0.0.1:{site.port}"]
+
+    # refused before the upstream is asked
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.2:{evil.port} HTTP/1.1", flow)
+    assert status == 403
+    assert upstream.targets == [f"127.0.0.1:{site.port}"] and evil.connections == 0
+
+    wrong = Upstream("http", "127.0.0.1", upstream.port, "user", "wrong")
+    denied = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+        upstream=wrong,
+    )  # fmt: skip
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", denied)
+    assert status == 502
+    assert "s3cret" not in repr(chained)
+
+
+async def test_a_flow_is_chained_to_its_socks5_upstream_with_a_password(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    upstream = await SocksUpstream("sock", "pw").start()
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+        upstream=Upstream("socks5", "127.0.0.1", upstream.port, "sock", "pw"),
+    )  # fmt: skip
+    client = await connect(proxy)
+    status, _ = await client.ask(f"GET http://127.0.0.1:{site.port}/s HTTP/1.1", flow, "Host: x")
+    assert status == 200
+    assert await asyncio.wait_for(client.reader.read(), WAIT) == b"hello"
+    assert upstream.targets == [f"127.0.0.1:{site.port}"]
+
+    denied = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+        upstream=Upstream("socks5", "127.0.0.1", upstream.port, "sock", "nope"),
+    )  # fmt: skip
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", denied)
+    assert status == 502
+    assert len(upstream.targets) == 1

@@ -10,6 +10,8 @@ import structlog
 from playwright.async_api import Browser, Playwright
 from playwright.async_api import Error as PlaywrightError
 
+from agents.egress.launcher import seeded_launcher
+
 log = structlog.get_logger("tb.agent")
 
 CHROMIUM_ENV = "TB_CHROMIUM"
@@ -23,31 +25,13 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
-    # Nothing may leave except through the egress proxy each context is given:
-    # no QUIC (HTTP/3, WebTransport) over UDP, WebRTC only over proxied connections,
-    # no DNS prefetch from the browser, and no speculative loads (speculation-rules
-    # prefetch and prerender, NoState prefetch), which the browser process sends
-    # without the job's identifying header.
+    # Nothing may leave except through the egress proxy each context is given: no QUIC
+    # (HTTP/3) over UDP, WebRTC only over proxied connections, no DNS prefetch from the
+    # browser itself. Speculative loads are off through the profile (``PROFILE_PREFS``).
     "--disable-quic",
     "--force-webrtc-ip-handling-policy=disable_non_proxied_udp",
     "--webrtc-ip-handling-policy=disable_non_proxied_udp",
     "--dns-prefetch-disable",
-    "--disable-features="
-    + ",".join(
-        (
-            "Prerender2",
-            "SpeculationRulesPrefetchFuture",
-            "SpeculationRulesPrefetchProxy",
-            "NoStatePrefetch",
-            "PrefetchPrivacyChanges",
-            "NetworkPrediction",
-            "PreconnectToSearch",
-            "DnsOverHttps",
-            "AsyncDns",
-            "WebRtcHideLocalIpsWithMdns",
-        )
-    ),
-    "--disable-blink-features=SpeculationRules,Prerender2,WebTransport",
 ]
 INSTALL_HINT = (
     "apt-get install chromium (Debian/Ubuntu) or: python -m playwright install --with-deps chromium"
@@ -79,17 +63,21 @@ def managed_chromium_installed() -> bool:
 
 
 async def launch_chromium(playwright: Playwright, headless: bool = True) -> Browser:
-    """Launch the system Chromium, falling back to Playwright's managed build."""
+    """Launch the system Chromium, falling back to Playwright's managed build; either
+    starts with a profile that keeps speculative loads off (``agents.egress.launcher``)."""
     path = find_chromium()
     if path is not None:
         try:
             return await playwright.chromium.launch(
-                executable_path=path, headless=headless, args=CHROMIUM_ARGS
+                executable_path=seeded_launcher(path), headless=headless, args=CHROMIUM_ARGS
             )
         except PlaywrightError as err:
             log.warning("browser.launch_failed", executable=path, error=first_line(err))
     try:
-        return await playwright.chromium.launch(headless=headless, args=CHROMIUM_ARGS)
+        managed = seeded_launcher(playwright.chromium.executable_path)
+        return await playwright.chromium.launch(
+            executable_path=managed, headless=headless, args=CHROMIUM_ARGS
+        )
     except PlaywrightError as err:
         tried = (
             f"{path} and Playwright's managed Chromium" if path else "Playwright's managed Chromium"

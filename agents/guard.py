@@ -11,11 +11,12 @@ knows it was refused and can stay where it was.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import structlog
-from playwright.async_api import BrowserContext, Request, Route
+from playwright.async_api import BrowserContext, Page, Request, Route
 from playwright.async_api import Error as PlaywrightError
 from structlog.typing import FilteringBoundLogger
 
@@ -61,7 +62,8 @@ class HostGuard:
         )
         self.report = report
         self.log = flog
-        self.refused: list[str] = []  # top-level navigations refused, in order
+        # top-level navigations refused, in order, per page (None: a popup not yet open)
+        self._refused: dict[Page | None, list[str]] = {}
         self._reported: set[str] = set()
 
     @property
@@ -79,6 +81,30 @@ class HostGuard:
         except PlaywrightError as err:
             raise GuardFailed(f"routing not installed: {first_line(err)}") from err
         context.on("request", self._on_any_request)
+        context.on("page", self._on_page)
+
+    async def prepare(self, page: Page) -> None:
+        """Before ``page`` loads anything: no prerendering from it (the browser process
+        would load those pages without the job's header). Raises ``GuardFailed``."""
+        try:
+            # the setting lasts as long as the DevTools session: it stays open with the page
+            session = await page.context.new_cdp_session(page)
+            await session.send("Page.setPrerenderingAllowed", {"isAllowed": False})
+        except PlaywrightError as err:
+            raise GuardFailed(f"DevTools call failed: {first_line(err)}") from err
+
+    async def _on_page(self, page: Page) -> None:
+        """A popup: prepared like the flow's page, or closed."""
+        try:
+            await self.prepare(page)
+        except GuardFailed as err:
+            self.log.warning("guard.popup_closed", error=str(err))
+            with contextlib.suppress(PlaywrightError):
+                await page.close()
+
+    def refused(self, page: Page) -> list[str]:
+        """The navigations of ``page`` itself (not of its frames) that were refused."""
+        return self._refused.get(page, [])
 
     async def report_unauthorised(self, url: str) -> None:
         """Record a link or navigation to an unauthorised host, once per URL and flow."""
@@ -96,15 +122,13 @@ class HostGuard:
             # "aborted" leaves the current document in place, so a refused top-level
             # navigation does not strand the flow on an error page
             await route.abort("aborted" if request.is_navigation_request() else "blockedbyclient")
-            if request.is_navigation_request():
-                await self._refuse(request)
         except PlaywrightError as err:  # the page or context closed under the request
             self.log.debug("guard.route_closed", url=url, error=first_line(err))
 
     async def _on_any_request(self, request: Request) -> None:
-        # Redirect hops are never routed: the egress proxy refuses an unauthorised one,
-        # and a navigation's is recorded here.
-        if request.redirected_from is None or not request.is_navigation_request():
+        # Every navigation is seen here, redirect hops too (which are never routed: the
+        # egress proxy refuses an unauthorised one); a refused one is recorded.
+        if not request.is_navigation_request():
             return
         url = request.url
         if scheme_of(url) not in INERT_SCHEMES and not self.allows(url):
@@ -112,15 +136,11 @@ class HostGuard:
 
     async def _refuse(self, request: Request) -> None:
         url = request.url
-        if is_top_level(request):
-            self.refused.append(url)
+        try:
+            frame = request.frame
+            if frame.parent_frame is None:
+                self._refused.setdefault(frame.page, []).append(url)
+        except PlaywrightError:  # a popup's first request precedes its frame
+            self._refused.setdefault(None, []).append(url)
         self.log.info("guard.navigation_refused", url=url)
         await self.report_unauthorised(url)
-
-
-def is_top_level(request: Request) -> bool:
-    """A navigation of a page, not of a frame in it."""
-    try:
-        return request.frame.parent_frame is None
-    except PlaywrightError:  # a popup's first request precedes its frame
-        return True

@@ -83,6 +83,11 @@ class FlowSession:
         self.link_rng = random.Random(rng.getrandbits(64))
         self.scroll_rng = random.Random(rng.getrandbits(64))
 
+    @property
+    def refused(self) -> list[str]:
+        """Navigations of the flow's page that left the authorised hosts."""
+        return self.guard.refused(self.page)
+
     async def run(self) -> FlowResult:
         await self.land()
         loop = asyncio.get_running_loop()
@@ -113,11 +118,11 @@ class FlowSession:
                 )
             )
         except PlaywrightError as err:
-            if self.guard.refused:
-                raise FlowError(f"{UNAUTHORISED_HOST}: {self.guard.refused[-1]}", False) from err
+            if self.refused:
+                raise FlowError(f"{UNAUTHORISED_HOST}: {self.refused[-1]}", False) from err
             raise FlowError(f"navigation_failed: {first_line(err)}", retryable=True) from err
-        if self.guard.refused:  # a redirect hop left the authorised hosts: refused
-            raise FlowError(f"{UNAUTHORISED_HOST}: {self.guard.refused[-1]}", False)
+        if not self.guard.allows(self.page.url):  # a redirect hop left: the proxy refused it
+            raise FlowError(f"{UNAUTHORISED_HOST}: {self.page.url}", False)
         if status is not None and status >= 400:
             raise FlowError(f"http_{status}", retryable=status >= 500)
         await self.report.page_visited(self.page.url, status)
@@ -140,17 +145,17 @@ class FlowSession:
         if not internal:
             return ClickOutcome.NO_LINK
         index, href = self.link_rng.choice(internal)
-        refused_before = len(self.guard.refused)
+        refused_before = len(self.refused)
         here = self.page.url
         try:
             status = await self.navigate(lambda: self.follow(index, href))
         except PlaywrightError as err:
-            if len(self.guard.refused) > refused_before:
+            if len(self.refused) > refused_before:
                 await self.stay(here)
                 return ClickOutcome.REFUSED
             self.log.info("flow.click_failed", href=href, error=first_line(err))
             return ClickOutcome.FAILED
-        if len(self.guard.refused) > refused_before:
+        if not self.guard.allows(self.page.url):
             await self.stay(here)  # a redirect hop was refused: the proxy's answer is no page
             return ClickOutcome.REFUSED
         await self.report.click_done(href)
@@ -271,9 +276,10 @@ class PlaywrightExecutor:
         try:
             try:
                 await guard.install(context)
+                page = await context.new_page()
+                await guard.prepare(page)
             except GuardFailed as err:
                 raise FlowError(f"guard: {err}", retryable=True) from err
-            page = await context.new_page()
             return await FlowSession(page, guard, item, report, flog).run()
         except FlowError as err:
             err.screenshot = await self._screenshot(page, item, flog)

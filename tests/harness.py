@@ -36,7 +36,7 @@ from schemas.events import (
 )
 from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
 from schemas.values import TERMINAL_JOB_STATUSES, ConsentCaps, JobSettings, Platform, Target
-from tests.sites import recording_site
+from tests.sites import RecordingSite, recording_site
 
 
 @dataclass
@@ -50,11 +50,20 @@ class Embedded:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
 
-    async def authorise(self, host: str, caps: ConsentCaps | None = None) -> None:
-        """Claim and verify through the real well-known path."""
+    async def authorise(
+        self, host: str, caps: ConsentCaps | None = None, *, on: RecordingSite | None = None
+    ) -> None:
+        """Claim and verify through the real well-known path: on the site ``on`` (so its
+        port is among the consent's, as a browser flow needs), else on a site of its own
+        (enough where no browser goes)."""
         token, _ = await self.consents.claim(host, "test")
-        with recording_site(host, token=token) as site:
-            await self.consents.verify(host, site.base_url, "test", caps=caps)
+        if on is None:
+            with recording_site(host, token=token) as site:
+                await self.consents.verify(host, site.base_url, "test", caps=caps)
+            return
+        on.token, seen = token, len(on.requests)
+        await self.consents.verify(host, on.base_url, "test", caps=caps)
+        del on.requests[seen:], on.arrived[seen:]  # the check is no traffic of a flow
 
     async def create_job(self, targets: list[Target], **settings: object) -> str:
         job_id, _ = await self.jobs.create(

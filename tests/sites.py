@@ -18,6 +18,7 @@ class RecordingSite:
     port: int
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     arrived: list[float] = field(default_factory=list)  # time.monotonic() of each request
+    token: str | None = None  # served at /.well-known/trafficbuster.txt
 
     @property
     def base_url(self) -> str:
@@ -34,8 +35,8 @@ def recording_site(
         def do_GET(self) -> None:
             site.arrived.append(time.monotonic())
             site.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
-            if self.path == "/.well-known/trafficbuster.txt" and token is not None:
-                body, kind = token.encode(), "text/plain"
+            if self.path == "/.well-known/trafficbuster.txt" and site.token is not None:
+                body, kind = site.token.encode(), "text/plain"
             elif self.path.split("?")[0] in pages:
                 body, kind = pages[self.path.split("?")[0]].encode(), "text/html"
             else:
@@ -52,7 +53,7 @@ def recording_site(
             pass
 
     server = ThreadingHTTPServer((host, 0), Handler)
-    site = RecordingSite(host, server.server_address[1])
+    site = RecordingSite(host, server.server_address[1], token=token)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -47,7 +47,7 @@ async def test_job_in_real_chromium_completes_counting_each_flow_once(
 ) -> None:
     with recording_site(pages=PAGES) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)
             runner = Runner(bus, PlaywrightExecutor(VERSION), slots=3)
             tb.run(runner.run(), "runner")
             job_id = await tb.create_job(
@@ -109,7 +109,7 @@ async def test_runner_sigkilled_mid_job_another_finishes_it_counting_each_flow_o
     flows = 10
     with recording_site(pages=PAGES) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)
             first = await tb.spawn_runner("--slots", "3", "--runner-id", "runner_first")
             job_id = await tb.create_job(
                 [Target(url=f"{site.base_url}/", flows=flows, clicks=1)],
@@ -176,7 +176,7 @@ async def test_cancel_stops_in_flight_flows_within_a_second(
 
     with recording_site(pages=PAGES) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)
             runner = Runner(bus, PlaywrightExecutor(VERSION), slots=2)
             tb.run(runner.run(), "runner")
             job_id = await tb.create_job(

@@ -533,7 +533,7 @@ async def test_revocation_ends_the_flows_on_the_host_and_its_browser_goes_quiet(
 ) -> None:
     with recording_site(pages=TICKING) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)
             runner = Runner(bus, PlaywrightExecutor(VERSION), slots=1)
             tb.run(runner.run(), "runner")
             # one flow in its 30 s session, two more queued for the same host

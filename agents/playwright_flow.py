@@ -24,6 +24,7 @@ from playwright.async_api import (
     Browser,
     Page,
     Playwright,
+    ProxySettings,
     Response,
     async_playwright,
 )
@@ -261,11 +262,7 @@ class PlaywrightExecutor:
                 viewport={"width": 1280, "height": 800},
                 service_workers="block",
                 permissions=self._permissions,
-                proxy={
-                    "server": self.egress.url,
-                    "username": egress.username,
-                    "password": egress.password,
-                },
+                proxy=self.context_proxy(egress),
             )
         except PlaywrightError as err:
             self.egress.unregister(egress)
@@ -325,6 +322,11 @@ class PlaywrightExecutor:
     def upstream(self, item: FlowDispatched) -> Upstream | None:
         """The proxy the flow's connections are chained to (None: connect directly)."""
         return None
+
+    def context_proxy(self, egress: FlowEgress) -> ProxySettings | None:
+        """The browser context's proxy: the runner's egress proxy with the flow's
+        credentials. (A benchmark measuring what the proxy costs overrides this.)"""
+        return {"server": self.egress.url, "username": egress.username, "password": egress.password}
 
     async def _screenshot(
         self, page: Page | None, item: FlowDispatched, flog: FilteringBoundLogger

@@ -293,6 +293,9 @@ async def test_nothing_reaches_an_unauthorised_host_and_the_site_still_works(
 
     assert unauthorised.connections == []
     assert unauthorised.datagrams == []
+    # the flow's credentials and connections are gone with it
+    assert executor.egress.flows == 0
+    await asyncio.wait_for(executor.egress.idle(), 5)
     # the site itself fully worked, through the browser's own network stack
     assert report.visits[0] == (url, 200)
     loaded = {"/", "/ok.css", "/font.css", "/ok.js", "/api", "/ok-frame", "/nest1", "/nest2"}

@@ -135,6 +135,8 @@ class EgressProxy:
         self._server: asyncio.Server | None = None
         self._flows: dict[str, FlowEgress] = {}
         self._handlers: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()  # set while no connection is open
+        self._idle.set()
         self._serial = itertools.count(1)
 
     @property
@@ -152,6 +154,10 @@ class EgressProxy:
     @property
     def open_connections(self) -> int:
         return len(self._handlers)
+
+    async def idle(self) -> None:
+        """Return once no browser connection is open."""
+        await self._idle.wait()
 
     async def start(self) -> None:
         if self._server is not None:
@@ -226,12 +232,15 @@ class EgressProxy:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self._idle.clear()
         try:
             await self._handle(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass  # the browser went away or spoke nonsense: nothing to answer
         finally:
             self._handlers.discard(task)
+            if not self._handlers:
+                self._idle.set()
             writer.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

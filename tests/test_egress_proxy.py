@@ -47,13 +47,8 @@ class Origin:
         self.connections += 1
         try:
             first = await reader.readline()
-            if first.startswith(b"GET "):
-                head = first + await reader.readuntil(b"\r\n\r\n")
-                self.heads.append(head)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
-                )
-                await writer.drain()
+            if first.split(b" ")[0] in (b"GET", b"POST", b"HEAD"):
+                await self._http(first, reader, writer)
             else:
                 data = first
                 while data:
@@ -65,6 +60,35 @@ class Origin:
         finally:
             writer.close()
             self.closed.set()
+
+    async def _http(
+        self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer requests while the connection is kept: /chunked echoes a chunked body,
+        /stream answers until it closes, /empty is a 204, anything else says hello."""
+        while first:
+            head = first + await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            path = head.split(b" ")[1]
+            if path == b"/chunked":
+                body = b""
+                while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) > 0:
+                    body += (await reader.readexactly(size + 2))[:-2]
+                await reader.readuntil(b"\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            elif path == b"/stream":
+                writer.write(b"HTTP/1.1 200 OK\r\n\r\nstreamed until close")
+                await writer.drain()
+                return
+            elif path == b"/empty":
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            elif head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            await writer.drain()
+            first = await reader.readline()
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -275,7 +299,7 @@ async def test_unconsented_hosts_and_ports_are_refused_and_reported(
         ("127.0.0.2", evil.port, Refusal.HOST),
         ("127.0.0.1", evil.port, Refusal.PORT),
         ("", 0, Refusal.REQUEST),
-        ("127.0.0.1", 443, Refusal.REQUEST),
+        ("", 0, Refusal.REQUEST),  # https is never a plain request: the line says what it was
     ]
     assert refusals.seen[1].request == f"GET http://127.0.0.2:{evil.port}/beacon"
     assert evil.connections == 0
@@ -357,11 +381,49 @@ async def test_plain_requests_are_forwarded_without_the_proxy_credentials(
     )  # fmt: skip
 
     assert status == 200
-    assert await asyncio.wait_for(client.reader.read(), WAIT) == b"hello"
+    assert await asyncio.wait_for(client.reader.readexactly(5), WAIT) == b"hello"
     (head,) = site.heads
     assert head.startswith(b"GET /page?x=1 HTTP/1.1\r\n")
     assert b"X-TrafficBuster: job-1" in head
     assert b"Proxy-" not in head
+
+
+async def test_a_kept_connection_checks_each_request_and_frames_each_body(
+    proxy: EgressProxy, site: Origin, evil: Origin
+) -> None:
+    refusals = Refusals()
+    flow = register(
+        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, refusals
+    )
+    client = await connect(proxy)
+    base = f"http://127.0.0.1:{site.port}"
+
+    assert (await client.ask(f"GET {base}/one HTTP/1.1", flow, "Host: a"))[0] == 200
+    assert await asyncio.wait_for(client.reader.readexactly(5), WAIT) == b"hello"
+    status, head = await client.ask(f"HEAD {base}/two HTTP/1.1", None, "Host: a")
+    assert status == 200 and "Content-Length: 5" in head  # and no body follows a HEAD
+    assert (await client.ask(f"GET {base}/empty HTTP/1.1", flow, "Host: a"))[0] == 204
+    chunked = "Transfer-Encoding: chunked"
+    client.writer.write(
+        f"POST {base}/chunked HTTP/1.1\r\nHost: a\r\n{chunked}\r\n\r\n".encode()
+        + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    head = (await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), WAIT)).decode()
+    assert head.startswith("HTTP/1.1 200") and chunked in head
+    body = await asyncio.wait_for(client.reader.readuntil(b"0\r\n\r\n"), WAIT)
+    assert body == b"5\r\nabcde\r\n0\r\n\r\n"
+    assert site.connections == 1  # four requests, one connection to the site
+
+    # the next request on the same connection goes elsewhere: refused, connection closed
+    status, _ = await client.ask(f"GET http://127.0.0.2:{evil.port}/ HTTP/1.1", flow, "Host: b")
+    assert status == 403
+    assert await asyncio.wait_for(client.reader.read(), WAIT) == b""
+    assert evil.connections == 0 and refusals.seen[-1].host == "127.0.0.2"
+
+    # a body that ends when the site closes the connection ends the browser's too
+    streaming = await connect(proxy)
+    assert (await streaming.ask(f"GET {base}/stream HTTP/1.1", flow, "Host: a"))[0] == 200
+    assert await asyncio.wait_for(streaming.reader.read(), WAIT) == b"streamed until close"
 
 
 # -- revocation ------------------------------------------------------------------------
@@ -447,7 +509,7 @@ async def test_a_flow_is_chained_to_its_socks5_upstream_with_a_password(
     client = await connect(proxy)
     status, _ = await client.ask(f"GET http://127.0.0.1:{site.port}/s HTTP/1.1", flow, "Host: x")
     assert status == 200
-    assert await asyncio.wait_for(client.reader.read(), WAIT) == b"hello"
+    assert await asyncio.wait_for(client.reader.readexactly(5), WAIT) == b"hello"
     assert upstream.targets == [f"127.0.0.1:{site.port}"]
 
     denied = register(

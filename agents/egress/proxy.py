@@ -25,6 +25,22 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from agents.egress.messages import (
+    HOP_HEADERS,
+    BadMessage,
+    Framing,
+    Head,
+    copy_body,
+    framing,
+    parse_head,
+    parse_status,
+    pipe,
+    respond,
+    response_framing,
+    skip_body,
+    split_authority,
+    wants_close,
+)
 from agents.egress.rule import (
     IpAddress,
     Refusal,
@@ -40,20 +56,8 @@ from schemas.consent_state import DEFAULT_PORTS
 log = structlog.get_logger("tb.egress")
 
 HEAD_LIMIT = 65_536
-HEAD_TIMEOUT = 30.0
-CHUNK = 65_536
+HEAD_TIMEOUT = 30.0  # for a request head to arrive, first or next on a kept connection
 REALM = 'Basic realm="trafficbuster-egress"'
-HOP_HEADERS = frozenset(
-    {
-        "proxy-authorization",
-        "proxy-connection",
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -64,22 +68,6 @@ class Refused:
     port: int
     reason: Refusal
     request: str  # the request line the proxy saw, e.g. "CONNECT host:443"
-
-
-@dataclass(frozen=True)
-class Head:
-    method: str
-    target: str
-    version: str
-    headers: list[tuple[str, str]]
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
-
-    @property
-    def line(self) -> str:
-        return f"{self.method} {self.target}"[:500]
 
 
 class Tunnel:
@@ -235,8 +223,14 @@ class EgressProxy:
         self._idle.clear()
         try:
             await self._handle(reader, writer)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass  # the browser went away or spoke nonsense: nothing to answer
+        except (
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            BadMessage,
+        ):
+            pass  # either side went away or spoke nonsense: the connection just closes
         finally:
             self._handlers.discard(task)
             if not self._handlers:
@@ -294,29 +288,77 @@ class EgressProxy:
         await self._relay(flow, host, reader, writer, *remote)
 
     async def _forward(self, flow: FlowEgress, head: Head, client: Streams) -> None:
+        """Plain http: each request on the connection is checked on its own, and passed on
+        over a connection to its destination that is kept while requests go there."""
         reader, writer = client
+        tunnel: Tunnel | None = None
+        remote: Streams | None = None
+        current: tuple[str, int] | None = None
         try:
-            parts = urlsplit(head.target)
-            host, port = parts.hostname or "", parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
-        except ValueError:
-            host, port, parts = "", 0, None
-        if parts is None or parts.scheme != "http" or not host:
-            await self._refuse(flow, writer, host, port, Refusal.REQUEST, head)
-            return
-        remote = await self._open(flow, host, port, head, writer)
-        if remote is None:
-            return
-        remote_reader, remote_writer = remote
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        lines = [f"{head.method} {path} {head.version}"]
-        lines += [f"{k}: {v}" for k, v in head.headers if k.lower() not in HOP_HEADERS]
-        # one request per connection: the next request may be for another host, and
-        # each must be checked on its own
-        lines.append("Connection: close")
-        remote_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        await self._relay(flow, host, reader, writer, remote_reader, remote_writer)
+            while True:
+                target = absolute_target(head.target)
+                if target is None:
+                    host, port = "", 0
+                    await self._refuse(flow, writer, host, port, Refusal.REQUEST, head)
+                    return
+                host, port, path = target
+                if tunnel is None or remote is None or current != (host, port):
+                    if tunnel is not None:
+                        flow.tunnels.discard(tunnel)
+                        tunnel.remote.transport.abort()
+                        tunnel = None
+                    remote = await self._open(flow, host, port, head, writer)
+                    if remote is None:
+                        return
+                    tunnel = self._track(flow, host, writer, remote[1])
+                    if tunnel is None:
+                        return
+                    current = (host, port)
+                elif host not in flow.hosts:
+                    return  # revoked: the connection is being cut
+                remote_reader, remote_writer = remote
+                lines = [f"{head.method} {path} {head.version}"]
+                lines += [f"{k}: {v}" for k, v in head.headers if k.lower() not in HOP_HEADERS]
+                remote_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                await copy_body(reader, remote_writer, framing(head.headers, response=False))
+                status = parse_status(await remote_reader.readuntil(b"\r\n\r\n"))
+                if status is None:
+                    await respond(writer, 502, "Bad Gateway", close=True)
+                    return
+                writer.write(status.raw)
+                how = response_framing(head.method, status)
+                await copy_body(remote_reader, writer, how)
+                if how[0] is Framing.UNTIL_CLOSE or wants_close(status.headers):
+                    return
+                if wants_close(head.headers, head.version):
+                    return
+                next_head = await self._next_request(flow, reader, writer)
+                if next_head is None:
+                    return
+                head = next_head
+        finally:
+            if tunnel is not None:
+                flow.tunnels.discard(tunnel)
+                tunnel.remote.transport.abort()
+
+    async def _next_request(
+        self, flow: FlowEgress, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Head | None:
+        """The connection's next plain request, when it comes from the same flow."""
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except asyncio.IncompleteReadError:
+            return None  # the browser closed the idle connection
+        head = parse_head(raw)
+        if head is None or head.method == "CONNECT":
+            await respond(writer, 400, "Bad Request", close=True)
+            return None
+        # the connection was authenticated with its first request; credentials sent again
+        # must be the same flow's
+        if head.header("proxy-authorization") is not None and self._flow_of(head) is not flow:
+            await respond(writer, 407, "Proxy Authentication Required", close=True)
+            return None
+        return head
 
     async def _open(
         self, flow: FlowEgress, host: str, port: int, head: Head, writer: asyncio.StreamWriter
@@ -401,6 +443,23 @@ class EgressProxy:
         except Exception as err:  # the refusal stands whatever becomes of its report
             log.warning("egress.report_failed", flow=flow.label, error=repr(err))
 
+    def _track(
+        self,
+        flow: FlowEgress,
+        host: str,
+        client: asyncio.StreamWriter,
+        remote: asyncio.StreamWriter,
+    ) -> Tunnel | None:
+        """Hold a new connection of the flow so it can be cut; None (and closed) when the
+        flow ended or the host was revoked while it was being opened."""
+        tunnel = Tunnel(host, client, remote)
+        if flow.token not in self._flows or host not in flow.hosts:
+            tunnel.cut()
+            return None
+        flow.tunnels.add(tunnel)
+        flow.opened += 1
+        return tunnel
+
     async def _relay(
         self,
         flow: FlowEgress,
@@ -410,12 +469,9 @@ class EgressProxy:
         remote_reader: asyncio.StreamReader,
         remote_writer: asyncio.StreamWriter,
     ) -> None:
-        tunnel = Tunnel(host, client_writer, remote_writer)
-        if flow.token not in self._flows or host not in flow.hosts:
-            tunnel.cut()  # unregistered or revoked while connecting
+        tunnel = self._track(flow, host, client_writer, remote_writer)
+        if tunnel is None:
             return
-        flow.tunnels.add(tunnel)
-        flow.opened += 1
         try:
             await asyncio.gather(
                 pipe(client_reader, remote_writer), pipe(remote_reader, client_writer)
@@ -425,73 +481,14 @@ class EgressProxy:
             tunnel.cut()
 
 
-def parse_head(raw: bytes) -> Head | None:
+def absolute_target(target: str) -> tuple[str, int, str] | None:
+    """Host, port and origin-form path of a plain request's absolute http URL."""
     try:
-        text = raw.decode("latin-1")
-    except UnicodeDecodeError:
+        parts = urlsplit(target)
+        host, port = parts.hostname or "", parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+    except ValueError:
         return None
-    lines = text.split("\r\n")
-    request = lines[0].split(" ")
-    if len(request) != 3 or not request[2].startswith("HTTP/1."):
+    if parts.scheme != "http" or not host:
         return None
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            return None
-        headers.append((name, value.strip()))
-    return Head(method=request[0].upper(), target=request[1], version=request[2], headers=headers)
-
-
-def split_authority(target: str) -> tuple[str, int] | None:
-    """``host:port`` of a CONNECT request (IPv6 literals in brackets)."""
-    host, sep, port_text = target.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        return None
-    port = int(port_text)
-    if not 0 < port < 65536:
-        return None
-    if host.startswith("["):
-        if not host.endswith("]"):
-            return None
-        host = host[1:-1]
-    elif ":" in host:
-        return None
-    return normal_host(host), port
-
-
-async def skip_body(reader: asyncio.StreamReader, head: Head) -> None:
-    length = head.header("content-length")
-    if length and length.isdigit() and int(length) > 0:
-        await reader.readexactly(int(length))
-
-
-async def respond(
-    writer: asyncio.StreamWriter,
-    status: int,
-    text: str,
-    headers: list[tuple[str, str]] | None = None,
-    *,
-    close: bool = False,
-    length: bool = True,
-) -> None:
-    lines = [f"HTTP/1.1 {status} {text}", *(f"{k}: {v}" for k, v in headers or [])]
-    if length:
-        lines.append("Content-Length: 0")
-    if close:
-        lines.append("Connection: close")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    await writer.drain()
-
-
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (OSError, asyncio.IncompleteReadError):
-        writer.transport.abort()
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return normal_host(host), port, path

@@ -16,11 +16,12 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import structlog
-from playwright.async_api import BrowserContext, Page, Request, Route
+from playwright.async_api import BrowserContext, Page, Request, Response, Route
 from playwright.async_api import Error as PlaywrightError
 from structlog.typing import FilteringBoundLogger
 
 from agents.browser import first_line
+from agents.egress.proxy import REFUSAL_HEADER
 from agents.executor import AllowedHosts, FlowReport
 
 log = structlog.get_logger("tb.agent")
@@ -144,3 +145,10 @@ class HostGuard:
             self._refused.setdefault(None, []).append(url)
         self.log.info("guard.navigation_refused", url=url)
         await self.report_unauthorised(url)
+
+
+def egress_refusal(response: Response | None) -> str | None:
+    """Why the egress proxy refused a navigation, when its answer is what came back."""
+    if response is None:
+        return None
+    return response.headers.get(REFUSAL_HEADER.lower())

@@ -42,6 +42,7 @@ from agents.guard import (
     WEB_SCHEMES,
     GuardFailed,
     HostGuard,
+    egress_refusal,
     host_of,
     scheme_of,
 )
@@ -78,6 +79,7 @@ class FlowSession:
         flog: FilteringBoundLogger,
     ) -> None:
         self.page, self.guard, self.item, self.report, self.log = page, guard, item, report, flog
+        self.egress_refusal: str | None = None  # why the proxy refused the last navigation
         rng = random.Random(item.seed)
         # Two streams: how many scroll steps fit in a dwell depends on timing, which
         # must not shift the choice of links.
@@ -124,6 +126,8 @@ class FlowSession:
             raise FlowError(f"navigation_failed: {first_line(err)}", retryable=True) from err
         if not self.guard.allows(self.page.url):  # a redirect hop left: the proxy refused it
             raise FlowError(f"{UNAUTHORISED_HOST}: {self.page.url}", False)
+        if self.egress_refusal:  # e.g. a port, or an address the host map gives, not consented
+            raise FlowError(f"egress_refused: {self.egress_refusal}", False)
         if status is not None and status >= 400:
             raise FlowError(f"http_{status}", retryable=status >= 500)
         await self.report.page_visited(self.page.url, status)
@@ -131,6 +135,7 @@ class FlowSession:
     async def navigate(self, start: Callable[[], Awaitable[Response | None]]) -> int | None:
         """Run a main-frame navigation (Chromium follows its redirects itself)."""
         response = await start()
+        self.egress_refusal = egress_refusal(response)
         return response.status if response is not None else None
 
     async def dwell(self, until: float) -> None:
@@ -156,8 +161,8 @@ class FlowSession:
                 return ClickOutcome.REFUSED
             self.log.info("flow.click_failed", href=href, error=first_line(err))
             return ClickOutcome.FAILED
-        if not self.guard.allows(self.page.url):
-            await self.stay(here)  # a redirect hop was refused: the proxy's answer is no page
+        if not self.guard.allows(self.page.url) or self.egress_refusal:
+            await self.stay(here)  # the proxy refused the page (or a redirect hop): no page
             return ClickOutcome.REFUSED
         await self.report.click_done(href)
         await self.report.page_visited(self.page.url, status)
@@ -317,7 +322,7 @@ class PlaywrightExecutor:
     def host_map(self, item: FlowDispatched) -> dict[str, str]:
         """The flow's DNS mode: a host->IP map the egress proxy applies (empty: the
         system resolver)."""
-        return {}
+        return item.host_map
 
     def upstream(self, item: FlowDispatched) -> Upstream | None:
         """The proxy the flow's connections are chained to (None: connect directly)."""

@@ -134,6 +134,8 @@ class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     # the consented ports of each allowed host (empty in items dispatched before ports
     # were recorded: the runner then allows 80, 443 and the target URL's port)
     allowed_ports: dict[str, Ports] = {}
+    # the job's DNS mode: host -> IP address for the egress proxy (empty: system DNS)
+    host_map: dict[str, str] = {}
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)

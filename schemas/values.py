@@ -126,6 +126,16 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     priority: Annotated[int, msgspec.Meta(ge=0, le=9)] = 0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    # DNS mode: empty is the system resolver; else host -> IP address, applied by the
+    # runner's egress proxy, which then checks the address it connects to
+    dns: Annotated[dict[Domain, str], msgspec.Meta(max_length=1000)] = {}
+
+    def __post_init__(self) -> None:
+        for host, address in self.dns.items():
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"dns: {address!r} for {host} is not an IP address") from None
 
 
 class ConsentCaps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -357,3 +357,47 @@ async def test_a_guard_that_cannot_be_installed_fails_the_flow_closed(
     assert failure.value.reason == "guard: routing not installed: Target closed"
     assert site.hits == []
     assert executor.egress.flows == 0
+
+
+# -- DNS mode --------------------------------------------------------------------------
+
+
+@needs_chromium
+async def test_the_host_map_sends_a_name_to_its_address_and_the_address_is_checked(
+    executor: PlaywrightExecutor, site: RecordingSite, unauthorised: Listener
+) -> None:
+    port = port_of(site.origin)
+    url = site.page("/", "mapped")
+    mapped_url = url.replace("127.0.0.1", "shop.test")
+    consented = {"shop.test": [port], "127.0.0.1": [port]}
+    report = RecordedReport()
+
+    await executor.run(
+        flow(
+            mapped_url,
+            allowed_hosts=("shop.test", "127.0.0.1"),
+            allowed_ports=consented,
+            host_map={"shop.test": "127.0.0.1"},
+        ),
+        report,
+    )
+    assert report.visits == [(mapped_url, 200)]
+    assert site.hits[0].headers["host"] == f"shop.test:{port}"
+
+    # mapped to an address the consent does not name: refused, whatever the name
+    evil_port = unauthorised.tcp_ports[0]
+    elsewhere = f"http://shop.test:{evil_port}/"
+    with pytest.raises(FlowError) as failure:
+        await executor.run(
+            flow(
+                elsewhere,
+                allowed_hosts=("shop.test",),
+                allowed_ports={"shop.test": [evil_port]},
+                host_map={"shop.test": "127.0.0.2"},
+            ),
+            report,
+        )
+    assert failure.value.reason == "egress_refused: loopback address"
+    assert not failure.value.retryable
+    assert ("shop.test", evil_port, "loopback address", f"GET {elsewhere}") in report.refusals
+    assert unauthorised.connections == []

@@ -143,3 +143,16 @@ async def test_refusals_are_counted_per_job_once_each(tmp_path: Path) -> None:
         await db.close()
     assert view is not None and view.egress_refused == 3
     assert msgspec.json.decode(msgspec.json.encode(view))["egress_refused"] == 3
+
+
+def test_the_dns_mode_maps_hosts_to_addresses_only() -> None:
+    settings = msgspec.json.decode(b'{"dns": {"shop.test": "203.0.113.7"}}', type=JobSettings)
+    assert settings.dns == {"shop.test": "203.0.113.7"}
+    assert JobSettings().dns == {}  # the system resolver
+    for bad in (b'{"dns": {"shop.test": "shop.example"}}', b'{"dns": {"not a host": "1.2.3.4"}}'):
+        try:
+            msgspec.json.decode(bad, type=JobSettings)
+        except msgspec.ValidationError as err:
+            assert "dns" in str(err)
+        else:
+            raise AssertionError(f"accepted {bad!r}")

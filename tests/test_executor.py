@@ -190,6 +190,7 @@ def flow(
     referrer: str | None = None,
     allowed_hosts: tuple[str, ...] = ("127.0.0.1",),
     allowed_ports: dict[str, list[int]] | None = None,
+    host_map: dict[str, str] | None = None,
 ) -> FlowDispatched:
     return FlowDispatched(
         id="evt-1",
@@ -206,6 +207,7 @@ def flow(
         seed=seed,
         referrer=referrer,
         allowed_ports=allowed_ports or {},
+        host_map=host_map or {},
     )
 
 

@@ -204,13 +204,16 @@ async def respond(
     *,
     close: bool = False,
     length: bool = True,
+    body: bytes = b"",
 ) -> None:
     lines = [f"HTTP/1.1 {status} {text}", *(f"{k}: {v}" for k, v in headers or [])]
+    if body:
+        lines.append("Content-Type: text/plain; charset=utf-8")
     if length:
-        lines.append("Content-Length: 0")
+        lines.append(f"Content-Length: {len(body)}")
     if close:
         lines.append("Connection: close")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
     await writer.drain()
 
 

@@ -58,6 +58,7 @@ log = structlog.get_logger("tb.egress")
 HEAD_LIMIT = 65_536
 HEAD_TIMEOUT = 30.0  # for a request head to arrive, first or next on a kept connection
 REALM = 'Basic realm="trafficbuster-egress"'
+REFUSAL_HEADER = "X-TrafficBuster-Egress"  # on the proxy's 403: why it refused
 
 
 @dataclass(frozen=True)
@@ -436,7 +437,13 @@ class EgressProxy:
             request=head.line,
         )
         await respond(
-            writer, 403, "Forbidden", [("X-TrafficBuster-Egress", str(reason))], close=True
+            writer,
+            403,
+            "Forbidden",
+            [(REFUSAL_HEADER, str(reason))],
+            close=True,
+            # a page with a body is shown (and its headers read) rather than a network error
+            body=f"refused by the TrafficBuster egress proxy: {reason}\n".encode(),
         )
         try:
             await flow.on_refused(refused)

@@ -217,4 +217,5 @@ class ActionWriter:
             platform=job.platform,
             referrer=target.referrer,
             allowed_ports=ports,
+            host_map=dict(job.settings.dns),
         )

@@ -54,7 +54,7 @@ class Listener:
     _servers: list[asyncio.Server] = field(default_factory=list)
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
 
-    async def listen(self, port: int = 0) -> int:
+    async def listen(self, port: int = 0, host: str = "127.0.0.2") -> int:
         """Listen on ``port`` (0: any free one) on TCP and on UDP; returns the port."""
 
         def on_connection(port: int):  # type: ignore[no-untyped-def]
@@ -64,7 +64,7 @@ class Listener:
 
             return accepted
 
-        server = await asyncio.start_server(on_connection(port), "127.0.0.2", port)
+        server = await asyncio.start_server(on_connection(port), host, port)
         port = server.sockets[0].getsockname()[1]
         server._protocol_factory = server._protocol_factory  # keep mypy quiet about reuse
         self._servers.append(server)
@@ -76,7 +76,7 @@ class Listener:
                 listener.datagrams.append((port, data))
 
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            Datagrams, local_addr=("127.0.0.2", port)
+            Datagrams, local_addr=(host, port)
         )
         self._udp.append(transport)
         return port
@@ -103,7 +103,9 @@ async def unauthorised() -> AsyncIterator[Listener]:
 # -- the pages -----------------------------------------------------------------------
 
 
-def attack_pages(site: RecordingSite, evil: str, evil_port: int, leave: bool = True) -> str:
+def attack_pages(
+    site: RecordingSite, evil: str, evil_port: int, other_port: int, leave: bool = True
+) -> str:
     """Serve pages that try every way out; returns the landing URL. ``leave``: the
     landing page also tries to navigate itself out."""
     secure = f"https://127.0.0.2:{evil_port}"
@@ -209,6 +211,11 @@ def attack_pages(site: RecordingSite, evil: str, evil_port: int, leave: bool = T
       fetch('http://0x7f000002:{evil_port}/hex').catch(() => 0);
       fetch('http://127.0.0.2/port-80').catch(() => 0);
       fetch('https://127.0.0.2/port-443').catch(() => 0);
+      // the consented host on a port its consent does not cover, and other names for it
+      fetch('http://127.0.0.1:{other_port}/other-port').catch(() => 0);
+      try {{ new WebSocket('ws://127.0.0.1:{other_port}/other-port'); }} catch (e) {{}}
+      fetch('http://localhost:' + location.port + '/via-localhost').catch(() => 0);
+      fetch('http://[::1]:' + location.port + '/via-ipv6').catch(() => 0);
       const x = new XMLHttpRequest(); x.open('GET', evil + '/xhr'); x.send();
       navigator.sendBeacon(evil + '/beacon', 'b');
       try {{ new WebSocket('{ws}/socket'); }} catch (e) {{}}
@@ -279,7 +286,8 @@ async def test_nothing_reaches_an_unauthorised_host_and_the_site_still_works(
     evil = f"http://127.0.0.2:{evil_port}"
     # without routing, the landing page's own navigation out would get the proxy's refusal
     # as its document, and the flow would end there: the popup's navigation stands for it
-    url = attack_pages(site, evil, evil_port, leave=layers == "proxy and routing")
+    other_port = await unauthorised.listen(host="127.0.0.1")  # the site's host, another port
+    url = attack_pages(site, evil, evil_port, other_port, leave=layers == "proxy and routing")
     report = RecordedReport()
     item = flow(
         url,
@@ -300,6 +308,7 @@ async def test_nothing_reaches_an_unauthorised_host_and_the_site_still_works(
     assert report.visits[0] == (url, 200)
     loaded = {"/", "/ok.css", "/font.css", "/ok.js", "/api", "/ok-frame", "/nest1", "/nest2"}
     assert loaded | {"/r1", "/r2", "/r3", "/worker.js", "/popup"} <= set(site.paths())
+    assert not {"/via-localhost", "/via-ipv6"} & set(site.paths())  # not consented names
     assert result.clicks_done == 1 and report.clicks == [site.origin + "/ok"]
     # every request carried the job's header: no speculative load went out (they are off)
     assert [h.path for h in site.hits if h.headers.get("x-trafficbuster") != JOB] == []
@@ -309,7 +318,11 @@ async def test_nothing_reaches_an_unauthorised_host_and_the_site_still_works(
     assert {f"{evil}/link", f"{evil}/from-popup", f"{evil}/redirected"} <= skipped
     if layers == "proxy and routing":  # refused, and the page stayed where it was
         assert f"{evil}/top-level" in skipped
-    assert {reason for _, _, reason, _ in report.refusals} == {"host not consented"}
+    reasons = {reason for _, _, reason, _ in report.refusals}
+    assert reasons == {"host not consented", "port not consented"}
+    # routing lets the consented host through whatever the port: the proxy holds the port
+    held = {request for host, _, reason, request in report.refusals if reason.startswith("port")}
+    assert {f"GET http://127.0.0.1:{other_port}/other-port"} <= held
     refused = {request for host, _, _, request in report.refusals if host == "127.0.0.2"}
     assert f"CONNECT 127.0.0.2:{evil_port}" in refused  # https, wss, WebTransport's fallback
     # redirect hops and shared workers are never routed: the proxy held them either way

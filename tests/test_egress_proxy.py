@@ -17,8 +17,9 @@ import pytest
 
 from agents.egress.proxy import EgressProxy, FlowEgress, Refused
 from agents.egress.rule import Refusal
-from agents.egress.upstream import Upstream
+from agents.egress.upstream import Upstream, UpstreamFailed
 from agents.executor import AllowedHosts
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 5.0
@@ -520,3 +521,39 @@ async def test_a_flow_is_chained_to_its_socks5_upstream_with_a_password(
     status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", denied)
     assert status == 502
     assert len(upstream.targets) == 1
+
+
+async def test_a_failed_upstream_hands_over_to_the_next_the_flow_names(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    working = await HttpUpstream("user", "pw").start()
+    dead = Upstream("http", "127.0.0.1", free_port(), "user", "pw")
+    good = Upstream("http", "127.0.0.1", working.port, "user", "pw")
+    failed: list[str] = []
+
+    async def next_upstream(upstream: Upstream, err: UpstreamFailed) -> Upstream | None:
+        failed.append(upstream.label)
+        return good if upstream is dead else None
+
+    flow = proxy.register(
+        AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+        upstream=dead, on_upstream_failed=next_upstream,
+    )  # fmt: skip
+    for _ in range(2):  # the second connection goes straight to the one that works
+        client = await connect(proxy)
+        assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+        assert await client.echo(b"failover\n") == b"failover\n"
+    assert failed == [dead.label]
+    assert flow.upstream is good and len(working.targets) == 2
+
+    # when no candidate is left the connection fails: never a direct one instead
+    last = proxy.register(
+        AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+        upstream=dead, on_upstream_failed=next_upstream,
+    )  # fmt: skip
+    failed.clear()
+    working_dead = Upstream("http", "127.0.0.1", free_port())
+    last.upstream = working_dead
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", last)
+    assert status == 502 and failed == [working_dead.label]
+    assert site.connections == 2

@@ -60,6 +60,8 @@ HEAD_TIMEOUT = 30.0  # for a request head to arrive, first or next on a kept con
 REALM = 'Basic realm="trafficbuster-egress"'
 REFUSAL_HEADER = "X-TrafficBuster-Egress"  # on the proxy's 403: why it refused
 
+NextUpstream = Callable[[Upstream, UpstreamFailed], Awaitable[Upstream | None]]
+
 
 @dataclass(frozen=True)
 class Refused:
@@ -95,6 +97,8 @@ class FlowEgress:
     upstream: Upstream | None
     on_refused: Callable[[Refused], Awaitable[None]]
     label: str = ""
+    # a failed upstream in, the next candidate out (None: no more): proxy failover
+    on_upstream_failed: NextUpstream | None = None
     tunnels: set[Tunnel] = field(default_factory=set)
     opened: int = 0  # connections admitted so far
     _unwatch: Callable[[], None] | None = None
@@ -178,6 +182,7 @@ class EgressProxy:
         *,
         host_map: Mapping[str, str] | None = None,
         upstream: Upstream | None = None,
+        on_upstream_failed: NextUpstream | None = None,
         label: str = "",
     ) -> FlowEgress:
         """A flow's credentials; ``hosts`` is watched: a revoked host's connections are cut.
@@ -198,6 +203,7 @@ class EgressProxy:
             upstream=upstream,
             on_refused=on_refused,
             label=label,
+            on_upstream_failed=on_upstream_failed,
         )
         flow._unwatch = hosts.watch(lambda host: self._revoked(flow, host))
         self._flows[token] = flow
@@ -384,14 +390,8 @@ class EgressProxy:
             try:
                 if flow.upstream is None:
                     return await open_direct(address, port)
-                return await open_through(flow.upstream, address, port)
-            except UpstreamFailed as err:
-                log.info(
-                    "egress.upstream_failed",
-                    flow=flow.label,
-                    upstream=flow.upstream and flow.upstream.label,
-                    error=str(err),
-                )
+                return await self._open_through(flow, address, port)
+            except UpstreamFailed:
                 await respond(writer, 502, "Bad Gateway", close=True)
                 return None
             except (OSError, TimeoutError) as err:
@@ -399,6 +399,22 @@ class EgressProxy:
         log.debug("egress.connect_failed", flow=flow.label, host=host, port=port, error=repr(last))
         await respond(writer, 502, "Bad Gateway", close=True)
         return None
+
+    async def _open_through(self, flow: FlowEgress, address: IpAddress, port: int) -> Streams:
+        """Through the flow's upstream; on its failure the flow may name the next one
+        (``on_upstream_failed``), which the flow keeps from then on."""
+        while (upstream := flow.upstream) is not None:
+            try:
+                return await open_through(upstream, address, port)
+            except UpstreamFailed as err:
+                log.info("egress.upstream_failed", flow=flow.label, upstream=upstream.label)
+                if flow.on_upstream_failed is None:
+                    raise
+                if flow.upstream is upstream:  # not already moved on by a parallel failure
+                    flow.upstream = await flow.on_upstream_failed(upstream, err)
+                if flow.upstream is None:
+                    raise
+        raise UpstreamFailed("no upstream proxy left")  # never a direct connection instead
 
     async def _resolve(self, flow: FlowEgress, host: str, port: int) -> list[IpAddress]:
         if (mapped := flow.host_map.get(host)) is not None:

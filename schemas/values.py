@@ -118,6 +118,19 @@ class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"referrer {problem}")
 
 
+class DnsEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One line of a job's DNS mode: where ``host`` resolves for its flows."""
+
+    host: Domain
+    address: Annotated[str, msgspec.Meta(max_length=45)]
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ValueError(f"dns: {self.address!r} is not an IP address") from None
+
+
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How a job runs. Later settings get defaults so older events still decode."""
 
@@ -128,14 +141,11 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
     # DNS mode: empty is the system resolver; else host -> IP address, applied by the
     # runner's egress proxy, which then checks the address it connects to
-    dns: Annotated[dict[Domain, str], msgspec.Meta(max_length=1000)] = {}
+    dns: Annotated[tuple[DnsEntry, ...], msgspec.Meta(max_length=1000)] = ()
 
-    def __post_init__(self) -> None:
-        for host, address in self.dns.items():
-            try:
-                ipaddress.ip_address(address)
-            except ValueError:
-                raise ValueError(f"dns: {address!r} for {host} is not an IP address") from None
+    @property
+    def host_map(self) -> dict[str, str]:
+        return {entry.host.lower(): entry.address for entry in self.dns}
 
 
 class ConsentCaps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -146,10 +146,14 @@ async def test_refusals_are_counted_per_job_once_each(tmp_path: Path) -> None:
 
 
 def test_the_dns_mode_maps_hosts_to_addresses_only() -> None:
-    settings = msgspec.json.decode(b'{"dns": {"shop.test": "203.0.113.7"}}', type=JobSettings)
-    assert settings.dns == {"shop.test": "203.0.113.7"}
-    assert JobSettings().dns == {}  # the system resolver
-    for bad in (b'{"dns": {"shop.test": "shop.example"}}', b'{"dns": {"not a host": "1.2.3.4"}}'):
+    raw = b'{"dns": [{"host": "Shop.test", "address": "203.0.113.7"}]}'
+    settings = msgspec.json.decode(raw, type=JobSettings)
+    assert settings.host_map == {"shop.test": "203.0.113.7"}
+    assert JobSettings().host_map == {}  # the system resolver
+    hash(settings)  # settings stay a value
+    bad_address = b'{"dns": [{"host": "shop.test", "address": "shop.example"}]}'
+    bad_host = b'{"dns": [{"host": "not a host", "address": "1.2.3.4"}]}'
+    for bad in (bad_address, bad_host):
         try:
             msgspec.json.decode(bad, type=JobSettings)
         except msgspec.ValidationError as err:

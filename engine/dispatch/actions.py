@@ -217,5 +217,5 @@ class ActionWriter:
             platform=job.platform,
             referrer=target.referrer,
             allowed_ports=ports,
-            host_map=dict(job.settings.dns),
+            host_map=job.settings.host_map,
         )

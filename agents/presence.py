@@ -87,6 +87,7 @@ class Presence:
         retry = Backoff("runner.register", base=0.2, cap=5.0)
         while True:
             try:
+                await self._fit_to_bucket()
                 await self._emit(registered)  # same event, same msg-id: a retry dedupes
                 await self.beat()
             except nats.errors.Error as err:
@@ -94,6 +95,24 @@ class Presence:
                 continue
             retry.succeeded()
             return
+
+    async def _fit_to_bucket(self) -> None:
+        """Beat three times within the TTL the bucket really has: whoever created it first
+        set it, and a runner whose own TB_PRESENCE_TTL is longer would flicker in and out
+        of the fleet between beats."""
+        kv = await self.bus.kv(subjects.RUNNERS_BUCKET)
+        try:
+            ttl = (await kv.status()).ttl
+        except nats.errors.Error as err:  # not allowed to look: keep its own setting
+            log.info("runner.presence_ttl_unknown", error=str(err))
+            return
+        if ttl and ttl / 3 < self.interval:
+            log.warning(
+                "runner.presence_ttl_shorter",
+                bucket_ttl=ttl,
+                configured=self.bus.config.presence_ttl,
+            )
+            self.interval = self._retry.cap = ttl / 3
 
     async def beat(self) -> None:
         load = self.load()

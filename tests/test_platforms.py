@@ -15,8 +15,11 @@ import pytest
 
 from agents.browser import available_browsers, installed_browsers
 from agents.platforms import CannotServe, check_servable, host_os, servable_platforms
+from agents.presence import Load, Presence
+from engine.bus import Bus, BusConfig
 from projections.queries import list_runners
 from projections.read_model import apply_batch, open_read_model
+from schemas import subjects
 from schemas.events import (
     Envelope,
     FlowDone,
@@ -29,6 +32,7 @@ from schemas.events import (
 from schemas.labels import BadLabel, parse_labels, split_label_list
 from schemas.presence import RunnerPresence
 from schemas.values import Platform
+from tests.conftest import NatsServer
 
 TB = [sys.executable, "-m", "cli.main"]
 LINUX_CHROMIUM = Platform(os="linux", browser="chromium")
@@ -275,3 +279,19 @@ async def test_runner_counts_are_the_flow_runs_it_reported_since_it_last_registe
         assert (a.flows_completed, a.flows_failed, a.labels) == (0, 1, {})
     finally:
         await db.close()
+
+
+async def test_a_runner_beats_three_times_within_the_ttl_the_bucket_really_has(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    # the bucket was made with a 3 s TTL; this runner was told 15 s
+    async with await Bus.connect(
+        nats_server.url, name="runner", config=BusConfig(presence_ttl=15)
+    ) as runner_bus:
+        presence = Presence(runner_bus, "runner_t", LINUX_CHROMIUM, 1, lambda: Load(0, 0, 0, False))
+        assert presence.interval == 5.0
+        await presence.register()
+        assert presence.interval == pytest.approx(1.0)
+        kv = await bus.kv(subjects.RUNNERS_BUCKET)
+        entry = msgspec.json.decode((await kv.get("runner_t")).value or b"", type=RunnerPresence)
+        assert (entry.runner_id, entry.started_at != "") == ("runner_t", True)

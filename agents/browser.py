@@ -97,8 +97,12 @@ async def playwright_executables() -> dict[str, str]:
     """
     from playwright.async_api import async_playwright
 
-    async with async_playwright() as playwright:
-        return {name: getattr(playwright, name).executable_path for name in BROWSER_NAMES}
+    try:
+        async with async_playwright() as playwright:
+            return {name: getattr(playwright, name).executable_path for name in BROWSER_NAMES}
+    except (PlaywrightError, OSError) as err:  # its driver does not start: none of its own
+        log.warning("browser.playwright_unavailable", error=first_line(err))
+        return {}
 
 
 def installed_browsers(managed: Mapping[str, str]) -> BrowserFinder:

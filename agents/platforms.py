@@ -83,7 +83,7 @@ def check_servable(
     return path
 
 
-async def launched_browser_version(browser: str, headless: bool = True) -> str:
+async def launched_browser_version(browser: str) -> str:
     """Launch the browser the way the executor does and return the version it reports.
 
     Proves the browser starts before the runner takes any work: one that is found but
@@ -93,7 +93,7 @@ async def launched_browser_version(browser: str, headless: bool = True) -> str:
         raise CannotServe(f"--browser {browser}: the executor launches Chromium only")
     async with async_playwright() as playwright:
         try:
-            launched = await launch_chromium(playwright, headless=headless)
+            launched = await launch_chromium(playwright, headless=True)
         except BrowserMissing as err:
             raise CannotServe(f"--browser {browser}: {err}") from err
         try:

@@ -135,7 +135,7 @@ async def run_runner(
     labels = runner_labels(labels)
     browser_version = ""  # the no-op executor launches no browser: it serves what it is told
     if executor_kind != "noop":
-        browser_version = await launchable_browser_version(platform, headless)
+        browser_version = await launchable_browser_version(platform)
         announce(f"[INFO] Serving {platform.os}/{platform.browser} {browser_version}")
     if api_url:
         announce(f"[INFO] Connecting to Backend: {api_url}")

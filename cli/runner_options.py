@@ -35,9 +35,12 @@ def runner_platform(os_name: str | None, browser: str) -> Platform:
     return Platform(os=chosen, browser=browser)  # type: ignore[arg-type]
 
 
-async def launchable_browser_version(platform: Platform, headless: bool) -> str:
+async def launchable_browser_version(platform: Platform) -> str:
     """The version of the browser this runner will launch for ``platform``; exits with
-    ``CANNOT_SERVE_EXIT``, saying why, when it cannot serve it."""
+    ``CANNOT_SERVE_EXIT``, saying why, when it cannot serve it.
+
+    The check launches headless even for a headed runner: it is the same executable, and
+    a display for a headed one may only be there once the executor starts."""
     from agents.browser import available_browsers, installed_browsers, playwright_executables
     from agents.platforms import (
         CannotServe,
@@ -49,7 +52,7 @@ async def launchable_browser_version(platform: Platform, headless: bool) -> str:
     try:
         found = available_browsers(installed_browsers(await playwright_executables()))
         check_servable(platform, host_os(), found)
-        return await launched_browser_version(platform.browser, headless=headless)
+        return await launched_browser_version(platform.browser)
     except CannotServe as err:
         print(f"tb runner: cannot serve {platform.os}/{platform.browser}: {err}", file=sys.stderr)
         raise SystemExit(CANNOT_SERVE_EXIT) from None

@@ -295,3 +295,69 @@ async def test_a_runner_beats_three_times_within_the_ttl_the_bucket_really_has(
         kv = await bus.kv(subjects.RUNNERS_BUCKET)
         entry = msgspec.json.decode((await kv.get("runner_t")).value or b"", type=RunnerPresence)
         assert (entry.runner_id, entry.started_at != "") == ("runner_t", True)
+
+
+# -- one runner's status from presence and read model ---------------------------------------
+
+
+def test_a_runners_status_joins_its_presence_and_its_read_model_row() -> None:
+    from api.runners import status_of
+    from projections.queries import RunnerView
+
+    now = T0 + timedelta(minutes=10)
+    row = RunnerView(
+        runner_id="runner_a",
+        os="linux",
+        browser="chromium",
+        browser_version="155.0",
+        slots=2,
+        labels={"region": "eu"},
+        hostname="h",
+        version="0.1.0",
+        status="registered",
+        flows_completed=7,
+        flows_failed=2,
+        registered_at=T0,
+        last_event_at=T0,
+    )
+    beat = RunnerPresence(
+        runner_id="runner_a",
+        os="linux",
+        browser="chromium",
+        slots=2,
+        running=1,
+        status="draining",
+        browser_version="156.0",
+        labels={"region": "eu"},
+        started_at=(T0 + timedelta(minutes=4)).isoformat(),  # it started again since
+        last_heartbeat=(now - timedelta(seconds=1)).isoformat(),
+    )
+    both = status_of(beat, row, now)
+    assert (both.status, both.online, both.in_flight, both.browser_version) == (
+        "draining",
+        False,
+        1,
+        "156.0",
+    )
+    assert (both.flows_completed, both.flows_failed, both.uptime_seconds) == (7, 2, 360.0)
+    assert both.last_heartbeat == now - timedelta(seconds=1)
+    # not projected yet: its presence alone, counts from zero
+    fresh = status_of(msgspec.structs.replace(beat, status="online", started_at=""), None, now)
+    assert (fresh.status, fresh.online, fresh.flows_completed, fresh.started_at) == (
+        "online",
+        True,
+        0,
+        None,
+    )
+    # its presence lapsed: offline unless it deregistered, no uptime, counts kept
+    gone = status_of(None, row, now)
+    assert (gone.status, gone.online, gone.uptime_seconds, gone.flows_completed) == (
+        "offline",
+        False,
+        None,
+        7,
+    )
+    left = status_of(
+        None, msgspec.structs.replace(row, status="deregistered", reason="stopped"), now
+    )
+    assert (left.status, left.reason) == ("deregistered", "stopped")

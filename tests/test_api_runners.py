@@ -206,6 +206,25 @@ async def test_runners_advertise_and_a_killed_one_drops_out_only_when_its_ttl_la
     assert refused.json()["field"] == "platform"
     assert refused.json()["rule"] == "No available runners online for macos/chromium"
 
+    # a runner that stops cleanly deregisters and leaves at once, not after its TTL
+    survivor = next(p for p in tb.procs if p.returncode is None)
+    survivor.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    assert await survivor.wait() == 0
+
+    async def none_left() -> bool | None:
+        return True if await get(client, "/api/v1/runners/available-platforms") == [] else None
+
+    await eventually(none_left, timeout=TTL * 5)
+    assert time.monotonic() - stopped < TTL, "left on its own, not by its TTL"
+
+    async def deregistered() -> dict[str, Any] | None:
+        w = by_id(await get(client, "/api/v1/runners/status"))["runner_w"]
+        return w if w["status"] == "deregistered" else None
+
+    w = await eventually(deregistered)
+    assert (w["reason"], w["flows_completed"], w["online"]) == ("stopped", 5, False)
+
 
 @pytest.mark.slow
 async def test_a_job_whose_only_runner_dies_waits_saying_so_and_ends_exactly_on_a_new_one(
@@ -257,6 +276,16 @@ async def test_a_job_whose_only_runner_dies_waits_saying_so_and_ends_exactly_on_
         if isinstance(e.event, FlowDone) and e.event.job_id == job_id
     }
     assert len(ended) == 6
+
+    async def counted() -> dict[str, dict[str, Any]] | None:
+        status = by_id(await get(client, "/api/v1/runners/status"))
+        ran = sum(status[r]["flows_completed"] for r in ("runner_a", "runner_b") if r in status)
+        return status if ran == 6 else None
+
+    # each flow counts once, for the runner that finished it; the killed one is offline
+    status = await eventually(counted)
+    assert (status["runner_a"]["status"], status["runner_b"]["status"]) == ("offline", "online")
+    assert status["runner_a"]["flows_failed"] + status["runner_b"]["flows_failed"] == 0
     runs = read_runs(record)
     cut = {r.flow_id for r in runs if r.runner == "runner_a" and r.ended is None}
     assert len(cut) == 1  # the flow the kill cut short …

@@ -11,9 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Collection, Mapping
 
+from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import async_playwright
 
-from agents.browser import BROWSER_NAMES, BrowserMissing, launch_chromium
+from agents.browser import BROWSER_NAMES, BrowserMissing, first_line, launch_chromium
 from schemas.values import OsName, Platform
 
 # The flow executor launches Chromium only: the browser flags that keep every byte on
@@ -89,14 +90,15 @@ async def launched_browser_version(browser: str) -> str:
     Proves the browser starts before the runner takes any work: one that is found but
     does not launch (a missing library, a broken install) is ``CannotServe``.
     """
-    if browser != "chromium":
-        raise CannotServe(f"--browser {browser}: the executor launches Chromium only")
     async with async_playwright() as playwright:
         try:
-            launched = await launch_chromium(playwright, headless=True)
-        except BrowserMissing as err:
-            raise CannotServe(f"--browser {browser}: {err}") from err
+            if browser == "chromium":
+                launched = await launch_chromium(playwright, headless=True)
+            else:  # only Playwright's own builds of the others
+                launched = await getattr(playwright, browser).launch(headless=True)
+        except (BrowserMissing, PlaywrightError) as err:
+            raise CannotServe(f"--browser {browser}: {first_line(err)}") from err
         try:
-            return launched.version
+            return str(launched.version)
         finally:
             await launched.close()

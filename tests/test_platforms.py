@@ -4,6 +4,7 @@ its labels; and the runner counts the read model folds from the flow events."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agents.browser import available_browsers, installed_browsers
+from agents.browser import available_browsers, installed_browsers, playwright_executables
 from agents.platforms import CannotServe, check_servable, host_os, servable_platforms
 from agents.presence import Load, Presence
 from engine.bus import Bus, BusConfig
@@ -361,3 +362,14 @@ def test_a_runners_status_joins_its_presence_and_its_read_model_row() -> None:
         None, msgspec.structs.replace(row, status="deregistered", reason="stopped"), now
     )
     assert (left.status, left.reason) == ("deregistered", "stopped")
+
+
+async def test_the_version_advertised_is_the_one_the_launched_browser_reports() -> None:
+    from agents.platforms import launched_browser_version
+
+    version = await launched_browser_version("chromium")
+    assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", version), version
+    managed = await playwright_executables()
+    if not os.access(managed.get("firefox", ""), os.X_OK):  # as on this machine
+        with pytest.raises(CannotServe, match=r"--browser firefox: .*(doesn.t exist|not found)"):
+            await launched_browser_version("firefox")

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from schemas.labels import BadLabel, parse_labels, split_label_list
+from schemas.labels import MAX_LABELS, BadLabel, parse_labels, split_label_list
 from schemas.values import OsName, Platform
 
 LABELS_ENV = "TB_RUNNER_LABELS"
@@ -20,12 +20,12 @@ def runner_labels(given: Mapping[str, str]) -> dict[str, str]:
         labels = parse_labels(split_label_list(os.environ.get(LABELS_ENV, "")))
     except BadLabel as err:
         raise SystemExit(f"{LABELS_ENV}: {err}") from None
-    try:
-        return parse_labels(
-            [*(f"{k}={v}" for k, v in labels.items()), *(f"{k}={v}" for k, v in given.items())]
+    labels.update(given)
+    if len(labels) > MAX_LABELS:
+        raise SystemExit(
+            f"--label and {LABELS_ENV}: at most {MAX_LABELS} labels (got {len(labels)})"
         )
-    except BadLabel as err:
-        raise SystemExit(f"--label: {err}") from None
+    return labels
 
 
 def runner_platform(os_name: str | None, browser: str) -> Platform:

@@ -216,7 +216,9 @@ async def test_runners_advertise_and_a_killed_one_drops_out_only_when_its_ttl_la
         return True if await get(client, "/api/v1/runners/available-platforms") == [] else None
 
     await eventually(none_left, timeout=TTL * 5)
-    assert time.monotonic() - stopped < TTL, "left on its own, not by its TTL"
+    left = time.monotonic() - stopped
+    print(f"stopped runner left available-platforms {left:.2f}s after SIGTERM")
+    assert left < TTL, "left on its own, not by its TTL"
 
     async def deregistered() -> dict[str, Any] | None:
         w = by_id(await get(client, "/api/v1/runners/status"))["runner_w"]

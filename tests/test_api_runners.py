@@ -290,7 +290,8 @@ async def test_a_job_whose_only_runner_dies_waits_saying_so_and_ends_exactly_on_
     assert status["runner_a"]["flows_failed"] + status["runner_b"]["flows_failed"] == 0
     runs = read_runs(record)
     cut = {r.flow_id for r in runs if r.runner == "runner_a" and r.ended is None}
-    assert len(cut) == 1  # the flow the kill cut short …
+    # the flow the kill cut short (none, if it landed between two flows) …
+    assert len(cut) <= 1
     assert cut <= {
         r.flow_id for r in runs if r.runner == "runner_b" and r.how == "done"
     }  # … ran again

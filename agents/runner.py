@@ -42,6 +42,8 @@ class Runner:
     # several smaller waves (measured: ~100-150 beats both all free slots and ~25)
     fetch_batch: int = 128
     runner_id: str = field(default_factory=lambda: short_id("runner"))
+    browser_version: str = ""  # as launched: advertised with the platform
+    labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval: float = 5.0
     drain_grace: float = 30.0
     announce: Callable[[str], None] = lambda line: None
@@ -98,6 +100,8 @@ class Runner:
             self.slots,
             self._load,
             interval=self.heartbeat_interval,
+            browser_version=self.browser_version,
+            labels=self.labels,
         )
         await self.executor.start()
         try:

@@ -13,9 +13,10 @@ from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
 from api.openapi import problems
 from api.services import Services
+from api.waiting import with_waiting_detail
 from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
-from engine.presence import online_runners
+from engine.presence import serving_platforms
 from projections import queries
 from projections.queries import JobView
 from schemas.values import JobStatus, Platform
@@ -48,11 +49,7 @@ class JobController(Controller):
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
         platform = data.platform or Platform()
-        online = await online_runners(services.bus)
-        if not any(
-            r.status == "online" and (r.os, r.browser) == (platform.os, platform.browser)
-            for r in online
-        ):
+        if (platform.os, platform.browser) not in await serving_platforms(services.bus):
             raise Conflict(
                 "platform", f"No available runners online for {platform.os}/{platform.browser}"
             )
@@ -78,7 +75,8 @@ class JobController(Controller):
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> list[JobView]:
         await _wait(services, min_seq)
-        return await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
+        jobs = await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
+        return await with_waiting_detail(services.bus, jobs)
 
     @get(
         "/{job_id:str}",
@@ -96,6 +94,7 @@ class JobController(Controller):
         job = await queries.get_job(services.db, job_id)
         if job is None:
             raise NotFound("job_id", f"no job {job_id}")
+        [job] = await with_waiting_detail(services.bus, [job])
         return job
 
     @post(

@@ -115,9 +115,10 @@ async def run_runner(
     nats_url: str,
     *,
     api_url: str | None,
-    os_name: str,
+    os_name: str | None,
     browser: str,
     slots: int,
+    labels: dict[str, str],
     executor_kind: str,
     runner_id: str | None,
     headless: bool,
@@ -126,14 +127,19 @@ async def run_runner(
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
+    from cli.runner_options import launchable_browser_version, runner_labels, runner_platform
     from schemas import VERSION
     from schemas.ids import short_id
-    from schemas.values import Platform
 
+    platform = runner_platform(os_name, browser)
+    labels = runner_labels(labels)
+    browser_version = ""  # the no-op executor launches no browser: it serves what it is told
+    if executor_kind != "noop":
+        browser_version = await launchable_browser_version(platform)
+        announce(f"[INFO] Serving {platform.os}/{platform.browser} {browser_version}")
     if api_url:
         announce(f"[INFO] Connecting to Backend: {api_url}")
     bus = await connect_bus(nats_url, "tb-runner")
-    platform = Platform(os=os_name, browser=browser)  # type: ignore[arg-type]
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()
     current: Runner | None = None
@@ -146,7 +152,15 @@ async def run_runner(
     async def run_once() -> None:
         nonlocal current
         # a fresh runner and browser under the same id: work it held is redelivered
-        current = Runner(bus, executor(), platform=platform, slots=slots, announce=announce)
+        current = Runner(
+            bus,
+            executor(),
+            platform=platform,
+            slots=slots,
+            browser_version=browser_version,
+            labels=labels,
+            announce=announce,
+        )
         current.runner_id = name
         if stopping.is_set():
             return

@@ -47,6 +47,15 @@ def _count(raw: str) -> int:
     return value
 
 
+def _label(raw: str) -> tuple[str, str]:
+    from schemas.labels import BadLabel, parse_label
+
+    try:
+        return parse_label(raw)
+    except BadLabel as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _nats_url(raw: str) -> str:
     if not raw.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise argparse.ArgumentTypeError(f"must be a URL like nats://127.0.0.1:4222 (got {raw!r})")
@@ -94,9 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runner", help="run a runner agent against a NATS server")
     p.add_argument("--nats-url", type=_nats_url, required=True)
     p.add_argument("--api", default=None, help="the API's URL, for the log")
-    p.add_argument("--os", dest="os_name", choices=["linux", "windows", "macos"], default="linux")
-    p.add_argument("--browser", choices=["chromium", "firefox", "webkit"], default="chromium")
-    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows")
+    p.add_argument(
+        "--os",
+        dest="os_name",
+        choices=["linux", "windows", "macos"],
+        default=None,
+        help="default: this machine's; a runner serves only its own operating system",
+    )
+    p.add_argument(
+        "--browser",
+        choices=["chromium", "firefox", "webkit"],
+        default="chromium",
+        help="refused unless this machine can launch it",
+    )
+    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows (capacity)")
+    p.add_argument(
+        "--label",
+        dest="labels",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="advertised with the runner (repeatable; adds to and overrides TB_RUNNER_LABELS)",
+    )
     p.add_argument("--runner-id", default=None)
     p.add_argument("--headful", action="store_true", help="show the browser window")
     p.add_argument("--executor", choices=["playwright", "noop"], default="playwright")
@@ -172,6 +201,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 os_name=args.os_name,
                 browser=args.browser,
                 slots=args.slots,
+                labels=dict(args.labels),
                 executor_kind=args.executor,
                 runner_id=args.runner_id,
                 headless=not args.headful,

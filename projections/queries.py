@@ -32,12 +32,14 @@ class TargetView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     """``GET /api/v1/jobs/{job_id}``; ``reason`` is present only for refused, failed or
-    cancelled jobs that gave one."""
+    cancelled jobs that gave one; ``detail`` says what a running job waits for (the API
+    fills it in from what is true now, e.g. no runner online for its platform)."""
 
     job_id: str
     name: str
     status: JobStatus
     reason: str | None = None
+    detail: str | None = None
     approval: str | None = None
     platform_os: str
     platform_browser: str
@@ -72,14 +74,21 @@ class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class RunnerView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A runner as its events tell it; ``flows_completed`` and ``flows_failed`` count the
+    flow runs it reported since it last registered."""
+
     runner_id: str
     os: str
     browser: str
+    browser_version: str = ""
     slots: int
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
     hostname: str
     version: str
     status: RunnerStatus
     reason: str | None = None
+    flows_completed: int = 0
+    flows_failed: int = 0
     registered_at: datetime
     last_event_at: datetime
 
@@ -157,12 +166,17 @@ async def list_flows(
 
 
 async def list_runners(db: aiosqlite.Connection) -> list[RunnerView]:
-    return await _fetch(
+    rows = await _rows(
         db,
-        RunnerView,
-        "SELECT runner_id, os, browser, slots, hostname, version, status, reason,"
-        " registered_at, last_event_at FROM runners ORDER BY runner_id",
+        "SELECT runner_id, os, browser, browser_version, slots, labels, hostname, version,"
+        " status, reason, flows_completed, flows_failed, registered_at, last_event_at"
+        " FROM runners ORDER BY runner_id",
+        (),
     )
+    return [
+        msgspec.convert({**row, "labels": msgspec.json.decode(row["labels"])}, RunnerView)
+        for row in rows
+    ]
 
 
 async def list_platforms(db: aiosqlite.Connection) -> list[PlatformView]:

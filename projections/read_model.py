@@ -10,12 +10,20 @@ import msgspec
 
 from projections import consents, jobs, runners
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
-from schemas.events import ConsentEvent, Envelope, FlowEvent, JobEvent, RunnerEvent
+from schemas.events import (
+    ConsentEvent,
+    Envelope,
+    FlowDone,
+    FlowEvent,
+    FlowFailed,
+    JobEvent,
+    RunnerEvent,
+)
 
 CHECKPOINT = "read_model"
 SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -72,6 +80,8 @@ async def apply_batch(
             event = env.event
             if isinstance(event, JobEvent | FlowEvent):
                 update.job_ids.update(await jobs.apply(db, env))
+                if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
+                    update.runner_ids.update(await runners.apply(db, env))
             elif isinstance(event, RunnerEvent):
                 update.runner_ids.update(await runners.apply(db, env))
             elif isinstance(event, ConsentEvent):

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from schemas.labels import Labels
 from schemas.values import (
     Attempt,
     AwareDatetime,
@@ -204,10 +205,15 @@ class RunnerEvent(Event, frozen=True, kw_only=True):
 
 
 class RunnerRegistered(RunnerEvent, frozen=True, kw_only=True):
+    """``slots`` is the runner's capacity; ``browser_version`` what its launched browser
+    reports ("" for a runner without a browser); ``labels`` the operator's ``key=value``s."""
+
     platform: Platform
     slots: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
     hostname: Name = ""
     version: Name = ""
+    browser_version: Name = ""
+    labels: Labels = msgspec.field(default_factory=dict)
 
 
 class RunnerDraining(RunnerEvent, frozen=True, kw_only=True):

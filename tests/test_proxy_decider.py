@@ -195,7 +195,9 @@ def test_retire() -> None:
 
 def test_the_pool_orders_and_rotates_usable_proxies_only() -> None:
     states = {
-        f"p{i}": ProxyState(proxy_id=f"p{i}", status=ProxyStatus.OK, registered_seq=10 - i, label=lb)
+        f"p{i}": ProxyState(
+            proxy_id=f"p{i}", status=ProxyStatus.OK, registered_seq=10 - i, label=lb
+        )
         for i, lb in ((1, "eu"), (2, "us"), (3, "eu"))
     }
     states["p4"] = ProxyState(proxy_id="p4", status=ProxyStatus.BAD, registered_seq=1)

@@ -12,6 +12,7 @@ from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
 from api.openapi import problems
+from api.proxies import check_pool
 from api.services import Services
 from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
@@ -47,6 +48,7 @@ class JobController(Controller):
         total = sum(t.flows for t in data.targets)
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
+        await check_pool(services.bus, data.settings)
         platform = data.platform or Platform()
         online = await online_runners(services.bus)
         if not any(

@@ -16,6 +16,7 @@ import nats.errors
 from agents.proxy_failover import (
     FlowProxies,
     ProxiesExhausted,
+    ProxyFailure,
     ProxySecretCache,
     publishing_report,
 )
@@ -165,3 +166,55 @@ async def runner(bus: Bus, host: str, port: int, taken: WorkItems) -> None:
         with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
             msgs = await sub.fetch(2, timeout=1)
             await asyncio.gather(*(run(m) for m in msgs))
+
+
+async def report_failures(bus: Bus, proxy_id: str, count: int) -> None:
+    """``count`` ProxyFailed for ``proxy_id``, as runners' flows report them."""
+    for n in range(count):
+        item = FlowDispatched(
+            id=new_id(), at=utcnow(), actor="system", job_id="job_x", flow_id=f"job_x_0_{n}",
+            attempt=1, target_index=0, url="http://127.0.0.1/", clicks=0, session_seconds=1,
+            allowed_hosts=["127.0.0.1"], seed=1, proxies=[proxy_id],
+        )  # fmt: skip
+        failure = ProxyFailure(proxy_id, "http://127.0.0.1:1", "unreachable", "refused", 0)
+        await publishing_report(bus, item, "runner-1", 1)(failure)
+
+
+async def test_two_engines_record_each_health_step_once(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    commands = ProxyCommands(bus, ProxySecrets(bus))
+    policy = HealthPolicy(failures=3, cooldown=timedelta(seconds=0.5), check_timeout=2.0)
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        token, _ = await tb.consents.claim("127.0.0.1", "test")
+        with recording_site(token=token) as site:
+            await tb.consents.verify(site.host, site.base_url, "test")
+            async with http_proxy() as proxy:
+                registered, _ = await commands.register(proxy.url("http"), None, "test")
+                pid = registered.proxy_id
+                for n in range(2):
+                    tb.run(ProxyHealth(bus, policy, tick_interval=0.05).run(), f"health-{n}")
+                await report_failures(bus, pid, 3)
+                await first_event(bus, pid, ProxyRestored)
+                assert proxy.tunnels == [(site.host, site.port)] * len(proxy.tunnels)
+    kinds = [type(env.event).__name__ for env in await bus.load(subjects.proxy_stream_filter(pid))]
+    assert kinds == ["ProxyRegistered", "ProxyMarkedBad", "ProxyRestored"]
+
+
+async def test_a_check_without_the_proxys_secret_fails(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    secrets = ProxySecrets(bus)
+    commands = ProxyCommands(bus, secrets)
+    policy = HealthPolicy(failures=2, cooldown=timedelta(seconds=0.2), check_timeout=1.0)
+    registered, _ = await commands.register("http://127.0.0.1:3128", None, "test")
+    pid = registered.proxy_id
+    await secrets.purge(pid)
+    health = ProxyHealth(bus, policy, tick_interval=0.05)
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        tb.run(health.run(), "health")
+        await report_failures(bus, pid, 2)
+        checked = await first_event(bus, pid, ProxyCheckFailed)
+    assert isinstance(checked.event, ProxyCheckFailed)
+    assert checked.event.reason.startswith("no_secret")
+    assert health.proxies[pid].status == "bad"

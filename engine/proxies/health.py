@@ -58,6 +58,7 @@ class ProxyHealth:
     secrets: ProxySecrets = field(init=False)
     backoff: Backoff = field(default_factory=lambda: Backoff("proxy-health"))
     _checking: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _broken: BaseException | None = None  # what a background check met, raised by ``tick``
     _caught_up: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -134,6 +135,8 @@ class ProxyHealth:
 
     async def tick(self) -> None:
         """Decide what is due for every proxy now; checks run in the background."""
+        if self._broken is not None:
+            raise self._broken
         now = self.clock()
         for pid, proxy in list(self.proxies.items()):
             match due(proxy, now, self.policy):
@@ -145,24 +148,31 @@ class ProxyHealth:
                     )
 
     async def _check(self, pid: str) -> None:
+        """Check the proxy and decide on the outcome; NATS trouble leaves it for the next
+        round, any other error is kept for the loop to raise (its supervisor restarts it)."""
         try:
-            endpoint = await self.secrets.get(pid)
-            failure: str | None
-            if endpoint is None:
-                failure, what = "no_secret: its endpoint is not in the secrets bucket", "lookup"
-            else:
-                target = check_target(self.consents.values(), self.evidence, self.clock())
-                what = check_name(endpoint, target)
-                failure = await self.check(endpoint, target, self.policy.check_timeout)
+            failure, what = await self._probe(pid)
             proxy = self.proxies.get(pid)
             if proxy is not None:
                 await self._decide(proxy, RecordCheck(pid, failure, what), self.clock())
         except Exception as err:
             if not is_transient(err, self.bus.nc):
-                log.error("proxy.check_failed", proxy_id=pid, exc_info=err)
+                self._broken = err
         finally:
             self._checking.pop(pid, None)
             self._wake.set()
+
+    async def _probe(self, pid: str) -> tuple[str | None, str]:
+        """Why the proxy failed its check (``None``: it passed), and what the check did."""
+        try:
+            endpoint = await self.secrets.get(pid)
+        except ValueError:
+            return "no_secret: its stored endpoint is unreadable", "secret lookup"
+        if endpoint is None:
+            return "no_secret: its endpoint is not in the secrets bucket", "secret lookup"
+        target = check_target(self.consents.values(), self.evidence, self.clock())
+        failure = await self.check(endpoint, target, self.policy.check_timeout)
+        return failure, check_name(endpoint, target)
 
     async def _decide(self, proxy: ProxyState, cmd: MarkBad | RecordCheck, now: datetime) -> None:
         meta = Meta(id=new_id(), at=now, actor=self.actor)

@@ -54,7 +54,7 @@ class ProxyEndpoint:
     scheme: ProxyScheme
     host: str
     port: int
-    username: str = ""
+    username: str = field(default="", repr=False)  # credentials never show in a repr
     password: str = field(default="", repr=False)
 
     @property
@@ -78,7 +78,10 @@ def parse_proxy_url(url: str) -> ProxyEndpoint:
     if scheme not in SCHEMES:
         # the scheme is not repeated: in "user:pass@host" it would be a username
         raise ProxyUrlInvalid("scheme must be http, https or socks5")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" or "]"
+        raise ProxyUrlInvalid("host must be a domain name or an IP address ([IPv6])") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith(("?", "#")):
         raise ProxyUrlInvalid(f"must have no path, query or fragment ({CREDENTIALS_PLACE})")
     try:

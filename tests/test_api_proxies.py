@@ -68,6 +68,7 @@ BAD_URLS = [
     ("socks5://alice@127.0.0.1:1080", "credentials must be user:password"),
     (f"http://:{SECRET}@127.0.0.1:3128", "credentials must be user:password"),
     (f"http://alice:{SECRET} @127.0.0.1:3128", "no spaces"),
+    (f"socks5://alice:{SECRET}@[127.0.0.1:1080", "host must be a domain name or an IP"),
 ]
 
 

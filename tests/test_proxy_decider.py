@@ -221,7 +221,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(steps)
 def test_health_properties(plan: list[tuple[str, int]]) -> None:
     """Whatever happens: a bad proxy is never a candidate; it is marked bad only on enough
@@ -259,7 +259,7 @@ def test_health_properties(plan: list[tuple[str, int]]) -> None:
             assert state.bad_until is not None and state.failures == ()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(steps)
 def test_folding_twice_changes_nothing(plan: list[tuple[str, int]]) -> None:
     """The dispatcher applies its reads and the stream again: folding is idempotent."""

@@ -6,6 +6,7 @@ before it, and moves on when the proxy in use goes away mid-flow."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -25,7 +26,7 @@ from schemas.events import FlowDispatched, ProxyFailed
 from schemas.ids import new_id, utcnow
 from schemas.proxies import ProxyEndpoint
 from tests.proxies import dead_port, http_get, http_proxy, socks5_proxy
-from tests.sites import recording_site
+from tests.sites import RecordingSite, recording_site
 
 USER, PASSWORD = "flow-user", "s3cret-Pa55word"
 
@@ -46,6 +47,23 @@ def work_item(proxies: list[str]) -> FlowDispatched:
         seed=1,
         proxies=proxies,
     )
+
+
+def through(site: RecordingSite) -> Callable[[ProxyEndpoint], Awaitable[int]]:
+    """A flow's connection: ``GET /`` from the site through a proxy; the answer's status."""
+
+    async def fetch(endpoint: ProxyEndpoint) -> int:
+        reader, writer = await open_tunnel(endpoint, site.host, site.port, timeout=3)
+        return await http_get(reader, writer, site.host)
+
+    return fetch
+
+
+class Reported(list[ProxyFailure]):
+    """A flow's reports, kept instead of published."""
+
+    async def __call__(self, failure: ProxyFailure) -> None:
+        self.append(failure)
 
 
 async def register(commands: ProxyCommands, url: str) -> str:
@@ -90,9 +108,7 @@ async def test_failover_picks_the_working_proxy_and_reports_the_bad_ones(bus: Bu
             cache = ProxySecretCache(bus)
             flow = FlowProxies(candidates, cache, publishing_report(bus, item, "runner-1", 1))
 
-            async def fetch(endpoint: ProxyEndpoint) -> int:
-                reader, writer = await open_tunnel(endpoint, site.host, site.port, timeout=3)
-                return await http_get(reader, writer, site.host)
+            fetch = through(site)
 
             assert await flow.open(fetch) == 404  # the site answered through a proxy
             assert flow.current_id == http_ok
@@ -133,16 +149,10 @@ async def test_a_flow_moves_on_mid_flow_and_concurrent_failures_report_once(bus:
             async with http_proxy(port=first_port) as first:
                 first_id = await register(commands, first.url("http"))
                 socks_id = await register(commands, socks.url("socks5", creds))
-                reported: list[ProxyFailure] = []
+                reported = Reported()
+                flow = FlowProxies([first_id, socks_id], ProxySecretCache(bus), reported)
 
-                async def report(failure: ProxyFailure) -> None:
-                    reported.append(failure)
-
-                flow = FlowProxies([first_id, socks_id], ProxySecretCache(bus), report)
-
-                async def fetch(endpoint: ProxyEndpoint) -> int:
-                    reader, writer = await open_tunnel(endpoint, site.host, site.port, timeout=3)
-                    return await http_get(reader, writer, site.host)
+                fetch = through(site)
 
                 assert await flow.open(fetch) == 404
                 assert flow.current_id == first_id
@@ -160,16 +170,10 @@ async def test_a_candidate_without_a_secret_is_reported_and_skipped(bus: Bus) ->
             retired = await register(commands, proxy.url("http"))
             await commands.retire(retired, "gone", "test")  # its secret is purged
             working = await register(commands, proxy.url("http"))
-            reported: list[ProxyFailure] = []
+            reported = Reported()
+            flow = FlowProxies([retired, working], ProxySecretCache(bus), reported)
 
-            async def report(failure: ProxyFailure) -> None:
-                reported.append(failure)
-
-            flow = FlowProxies([retired, working], ProxySecretCache(bus), report)
-
-            async def fetch(endpoint: ProxyEndpoint) -> int:
-                reader, writer = await open_tunnel(endpoint, site.host, site.port, timeout=3)
-                return await http_get(reader, writer, site.host)
+            fetch = through(site)
 
             assert await flow.open(fetch) == 404
     assert [(f.proxy_id, f.error) for f in reported] == [(retired, "no_secret")]

@@ -1,6 +1,6 @@
 """Local upstream proxies for tests, on loopback: an HTTP CONNECT proxy (optionally with
 Basic credentials), a SOCKS5 proxy with username and password, one that answers every
-CONNECT with 502, and a port where nothing listens."""
+CONNECT with 502, an HTTPS one (TLS to the proxy), and a port where nothing listens."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.conftest import free_port
 
@@ -53,7 +56,9 @@ async def _splice(
 
 
 @contextlib.asynccontextmanager
-async def serving(proxy: LocalProxy, handle: Handler) -> AsyncIterator[LocalProxy]:
+async def serving(
+    proxy: LocalProxy, handle: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[LocalProxy]:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         proxy.connections += 1
         try:
@@ -61,7 +66,7 @@ async def serving(proxy: LocalProxy, handle: Handler) -> AsyncIterator[LocalProx
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.transport.abort()
 
-    server = await asyncio.start_server(on_client, proxy.host, proxy.port)
+    server = await asyncio.start_server(on_client, proxy.host, proxy.port, ssl=tls)
     proxy.port = server.sockets[0].getsockname()[1]
     try:
         yield proxy
@@ -73,9 +78,14 @@ async def serving(proxy: LocalProxy, handle: Handler) -> AsyncIterator[LocalProx
 
 
 def http_proxy(
-    credentials: tuple[str, str] | None = None, *, answer: int = 200, port: int = 0
+    credentials: tuple[str, str] | None = None,
+    *,
+    answer: int = 200,
+    port: int = 0,
+    tls: ssl.SSLContext | None = None,
 ) -> contextlib.AbstractAsyncContextManager[LocalProxy]:
-    """An HTTP CONNECT proxy; ``answer`` other than 200 refuses every tunnel with it."""
+    """An HTTP CONNECT proxy (over TLS with ``tls``: an https proxy); ``answer`` other than
+    200 refuses every tunnel with it."""
     proxy = LocalProxy(port)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -105,7 +115,7 @@ def http_proxy(
         await writer.drain()
         writer.close()
 
-    return serving(proxy, handle)
+    return serving(proxy, handle, tls)
 
 
 def socks5_proxy(
@@ -151,6 +161,22 @@ def socks5_proxy(
         writer.write(b"\x05\x00\x00\x01" + bytes(4) + struct.pack("!H", 0))
 
     return serving(proxy, handle)
+
+
+def self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A certificate for ``host`` made here: the server's context, and a client's that
+    trusts it (and nothing else)."""
+    cert, key = directory / "proxy.crt", directory / "proxy.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", f"/CN={host}", "-addext", f"subjectAltName=IP:{host}",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
 
 
 def dead_port() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -24,8 +25,8 @@ from engine.proxies.tunnel import open_tunnel
 from schemas import subjects
 from schemas.events import FlowDispatched, ProxyFailed
 from schemas.ids import new_id, utcnow
-from schemas.proxies import ProxyEndpoint
-from tests.proxies import dead_port, http_get, http_proxy, socks5_proxy
+from schemas.proxies import ProxyEndpoint, ProxyError
+from tests.proxies import dead_port, http_get, http_proxy, self_signed, socks5_proxy
 from tests.sites import RecordingSite, recording_site
 
 USER, PASSWORD = "flow-user", "s3cret-Pa55word"
@@ -191,3 +192,24 @@ async def test_no_candidates_means_direct() -> None:
     assert flow.direct
     with pytest.raises(ProxiesExhausted):
         await flow.current()
+
+
+async def test_an_https_proxy_is_spoken_to_over_tls_and_its_certificate_checked(
+    bus: Bus, tmp_path: Path
+) -> None:
+    server_tls, client_tls = self_signed(tmp_path)
+    commands = ProxyCommands(bus, ProxySecrets(bus))
+    with recording_site() as site:
+        async with http_proxy((USER, PASSWORD), tls=server_tls) as proxy:
+            pid = await register(commands, proxy.url("https", f"{USER}:{PASSWORD}"))
+            endpoint = await ProxySecretCache(bus).get(pid)
+            assert endpoint is not None and endpoint.scheme == "https"
+            # the system's trust store does not know this certificate: the proxy fails
+            with pytest.raises(ProxyError) as refused:
+                await open_tunnel(endpoint, site.host, site.port, timeout=3)
+            assert refused.value.kind == "protocol" and "TLS" in str(refused.value)
+            reader, writer = await open_tunnel(
+                endpoint, site.host, site.port, timeout=3, tls=client_tls
+            )
+            assert await http_get(reader, writer, site.host) == 404
+            assert proxy.tunnels == [(site.host, site.port)]

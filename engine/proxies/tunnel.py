@@ -26,11 +26,15 @@ async def open_tunnel(
     port: int,
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - one bound for connect and handshake together
+    tls: ssl.SSLContext | None = None,
 ) -> Streams:
-    """Streams to ``host:port`` through ``proxy``; ``ProxyError`` when the proxy fails."""
+    """Streams to ``host:port`` through ``proxy``; ``ProxyError`` when the proxy fails.
+
+    An ``https`` proxy is spoken to over TLS, its certificate verified against the
+    system's trust store (or ``tls``, a context that trusts it)."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await _connect(proxy)
+            reader, writer = await _connect(proxy, tls)
             try:
                 if proxy.scheme == "socks5":
                     await _socks5(proxy, reader, writer, host, port)
@@ -46,8 +50,11 @@ async def open_tunnel(
     return reader, writer
 
 
-async def _connect(proxy: ProxyEndpoint) -> Streams:
-    tls = ssl.create_default_context() if proxy.scheme == "https" else None
+async def _connect(proxy: ProxyEndpoint, tls: ssl.SSLContext | None) -> Streams:
+    if proxy.scheme != "https":
+        tls = None
+    elif tls is None:
+        tls = ssl.create_default_context()
     try:
         return await asyncio.open_connection(
             proxy.host, proxy.port, ssl=tls, server_hostname=proxy.host if tls else None

@@ -104,7 +104,9 @@ ProxyCommand = RegisterProxy | RetireProxy | MarkBad | RecordCheck
 
 
 def recent_failures(proxy: ProxyState, now: datetime, policy: HealthPolicy) -> list[ProxyFailure]:
-    return [f for f in proxy.failures if now - policy.window < f.at <= now]
+    """Its failures within the window ending ``now``; a runner's clock ahead of the
+    engine's puts some after ``now``: they count, they happened."""
+    return [f for f in proxy.failures if f.at > now - policy.window]
 
 
 def due(proxy: ProxyState, now: datetime, policy: HealthPolicy) -> MarkBad | CheckProxy | None:

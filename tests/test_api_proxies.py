@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 
 from engine.bus import Bus, Expect
 from schemas import subjects
-from schemas.events import ProxyMarkedBad, ProxyRestored
+from schemas.events import ProxyFailed, ProxyMarkedBad, ProxyRestored
 from schemas.proxies import decode_secret
 from tests.api_client import JOB, Online, client, runner_online
 from tests.conftest import NatsServer
@@ -119,8 +119,15 @@ async def test_retire_and_health_in_the_list(
             bad_until=at + timedelta(seconds=30), reason="unreachable: refused",
         )  # fmt: skip
         ack = await bus.append(bad, msg_id="b", expect=Expect(scope, int(str(created["seq"]))))
-        [view] = await listed(client, ack.seq)
-        assert (view["status"], view["times_marked_bad"]) == ("bad", 1)
+        failed = ProxyFailed(
+            id="f", at=at, actor="runner-1", job_id="job_1", flow_id="job_1_0_0", attempt=1,
+            proxy="http://127.0.0.1:3128", reason="connection refused", proxy_id=pid,
+            error="unreachable",
+        )  # fmt: skip
+        failed_at = await bus.append(failed, msg_id=subjects.flow_msg_id(failed))
+        [view] = await listed(client, max(ack.seq, failed_at.seq))
+        assert (view["status"], view["times_marked_bad"], view["failures"]) == ("bad", 1, 1)
+        assert view["last_error"] == "unreachable: connection refused"
         assert view["bad_since"] and view["bad_until"] and view["reason"]
         back = ProxyRestored(id="r", at=at, actor="system", proxy_id=pid, check="tunnel")
         ack = await bus.append(back, msg_id="r", expect=Expect(scope, ack.seq))

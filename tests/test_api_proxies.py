@@ -3,19 +3,28 @@ every answer, bad URLs are 400s naming the rule, health shows in the list."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import nats.js.errors
 import pytest
+import uvicorn
 from litestar.testing import AsyncTestClient
+from websockets.asyncio.client import connect
 
+from api.app import create_app
+from api.services import ApiConfig
+from cli.nats_server import wait_for_port
 from engine.bus import Bus, Expect
 from schemas import subjects
 from schemas.events import ProxyFailed, ProxyMarkedBad, ProxyRestored
 from schemas.proxies import decode_secret
 from tests.api_client import JOB, Online, client, runner_online
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, free_port
 from tests.test_proxy_failover import raw_stream
 
 __all__ = ["client", "runner_online"]  # fixtures
@@ -160,3 +169,27 @@ async def test_a_job_names_only_registered_proxies(
     job["settings"]["proxies"] = {"ids": [pid]}
     job["settings"]["proxy_switching"] = True
     assert (await client.post("/api/v1/jobs", json=job)).status_code == 201
+
+
+async def test_websocket_pushes_proxy_updates(nats_server: NatsServer, tmp_path: Path) -> None:
+    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(20):
+            await wait_for_port("127.0.0.1", port)
+            async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/v1/proxies",
+                    data=json.dumps({"url": URL, "label": "eu"}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+                update = json.loads(await ws.recv())
+    finally:
+        server.should_exit = True
+        await serving
+    assert update["type"] == "proxyUpdate"
+    assert update["proxy"]["status"] == "ok" and update["proxy"]["label"] == "eu"
+    assert SECRET not in json.dumps(update)

@@ -116,6 +116,22 @@ class FlowProxies:
         self._current: ProxyEndpoint | None = None
         self._lock = asyncio.Lock()
 
+    @classmethod
+    def for_work_item(
+        cls,
+        bus: Bus,
+        item: FlowDispatched,
+        secrets: SecretSource,
+        *,
+        runner_id: str,
+        delivery: int,
+        errors: tuple[type[Exception], ...] = (ProxyError,),
+    ) -> FlowProxies:
+        """A flow's candidates as its work item names them, failures published as
+        ``ProxyFailed``; ``secrets`` is the runner's one cache, shared by its flows."""
+        report = publishing_report(bus, item, runner_id, delivery)
+        return cls(item.proxies, secrets, report, errors=errors)
+
     @property
     def direct(self) -> bool:
         """No proxy: the flow's connections go straight out."""

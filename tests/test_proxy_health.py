@@ -145,7 +145,7 @@ async def runner(bus: Bus, host: str, port: int, taken: WorkItems) -> None:
         item = decode_event(msg.data)  # type: ignore[attr-defined]
         assert isinstance(item, FlowDispatched)
         await taken.add(msg.metadata.sequence.stream, list(item.proxies))  # type: ignore[attr-defined]
-        flow = FlowProxies(item.proxies, secrets, publishing_report(bus, item, "runner-1", 1))
+        flow = FlowProxies.for_work_item(bus, item, secrets, runner_id="runner-1", delivery=1)
         with contextlib.suppress(ProxiesExhausted):
             await flow.open(fetch)
         await asyncio.sleep(0.05)

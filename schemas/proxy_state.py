@@ -125,3 +125,15 @@ def _failed(state: ProxyState, event: ProxyFailed) -> ProxyState:
     failure = ProxyFailure(event.at, key, event.error, event.reason)
     failures = sorted((*state.failures, failure), key=lambda f: f.at)[-MAX_FAILURES_KEPT:]
     return replace(state, failures=tuple(failures))
+
+
+def fold_into(proxies: dict[str, ProxyState], event: ProxyEvent | ProxyFailed, seq: int) -> None:
+    """Fold one event into a table of the proxies that are not retired (by id)."""
+    pid = event.proxy_id
+    if pid is None:
+        return
+    proxy = evolve_proxy(proxies.get(pid, ProxyState()), event, seq)
+    if proxy.status == ProxyStatus.RETIRED:
+        proxies.pop(pid, None)
+    elif proxy.status != ProxyStatus.NONE:
+        proxies[pid] = proxy

@@ -49,7 +49,7 @@ from schemas.events import (
     TbEvent,
 )
 from schemas.flow_lifecycle import IN_FLIGHT, WAITING, FlowState, flow_transition
-from schemas.proxy_state import ProxyState, ProxyStatus, evolve_proxy
+from schemas.proxy_state import ProxyState, fold_into
 
 RATE_WINDOW = timedelta(minutes=1)
 STALL_MARGIN = timedelta(minutes=10)  # beyond a flow's planned session, before it is stalled
@@ -253,7 +253,7 @@ class DispatchState:
         elif isinstance(event, ConsentEvent):
             self._apply_consent(seq, event)
         elif isinstance(event, ProxyEvent):
-            self._apply_proxy(seq, event)
+            fold_into(self.proxies, event, seq)
 
     def unreadable(self, job_id: str, seq: int, kind: str, reason: str, first: bool) -> None:
         """A message on the job's subjects that is no event (it was quarantined).
@@ -398,14 +398,6 @@ class DispatchState:
             # fail closed: a consent that cannot be read authorises nothing
             self.consents[domain] = Consent(domain=domain, version=seq)
             self.errors.append(LaneError(f"consent:{domain}", f"consent unreadable: {err!r}", err))
-
-    def _apply_proxy(self, seq: int, event: ProxyEvent) -> None:
-        pid = event.proxy_id
-        proxy = evolve_proxy(self.proxies.get(pid, ProxyState()), event, seq)
-        if proxy.status == ProxyStatus.RETIRED:
-            self.proxies.pop(pid, None)
-        elif proxy.status != ProxyStatus.NONE:
-            self.proxies[pid] = proxy
 
     def proxy_candidates(self, plan: JobPlan, fid: str, attempt: int) -> list[str] | None:
         """The proxy ids a flow's work item names, in the order to try them; ``None`` when

@@ -37,7 +37,7 @@ from schemas.events import (
     ProxyFailed,
 )
 from schemas.ids import new_id, utcnow
-from schemas.proxy_state import ProxyState, ProxyStatus, evolve_proxy
+from schemas.proxy_state import ProxyState, ProxyStatus, fold_into
 
 log = structlog.get_logger("tb.proxies")
 
@@ -105,14 +105,7 @@ class ProxyHealth:
 
     def apply(self, event: Event, seq: int) -> None:
         if isinstance(event, ProxyEvent | ProxyFailed):
-            pid = event.proxy_id
-            if pid is None:
-                return
-            proxy = evolve_proxy(self.proxies.get(pid, ProxyState()), event, seq)
-            if proxy.status == ProxyStatus.RETIRED:
-                self.proxies.pop(pid, None)
-            elif proxy.status != ProxyStatus.NONE:
-                self.proxies[pid] = proxy
+            fold_into(self.proxies, event, seq)
         elif isinstance(event, ConsentEvent):
             domain = event.domain.lower()
             self.consents[domain] = evolve_consent(

@@ -218,3 +218,26 @@ async def test_a_check_without_the_proxys_secret_fails(
     assert isinstance(checked.event, ProxyCheckFailed)
     assert checked.event.reason.startswith("no_secret")
     assert health.proxies[pid].status == "bad"
+
+
+async def test_a_check_that_cannot_reach_one_consented_host_tries_the_next(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    commands = ProxyCommands(bus, ProxySecrets(bus))
+    policy = HealthPolicy(failures=2, cooldown=timedelta(seconds=0.2), check_timeout=2.0)
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        token, _ = await tb.consents.claim("127.0.0.1", "test")
+        with recording_site(token=token) as gone:
+            await tb.consents.verify(gone.host, gone.base_url, "test")
+        # verified on a port where nothing listens any more: the proxy answers 502 there
+        token, _ = await tb.consents.claim("localhost", "test")
+        with recording_site(token=token) as site:
+            await tb.consents.verify("localhost", f"http://localhost:{site.port}", "test")
+            async with http_proxy() as proxy:
+                registered, _ = await commands.register(proxy.url("http"), None, "test")
+                tb.run(ProxyHealth(bus, policy, tick_interval=0.05).run(), "health")
+                await report_failures(bus, registered.proxy_id, 2)
+                restored = await first_event(bus, registered.proxy_id, ProxyRestored)
+    assert isinstance(restored.event, ProxyRestored)
+    assert restored.event.check.endswith(f"to localhost:{site.port}")
+    assert proxy.tunnels == [("localhost", site.port)]

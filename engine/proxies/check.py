@@ -2,8 +2,9 @@
 
 The check opens a tunnel through the proxy to a host that has valid consent, on the
 port that consent was verified on, and closes it at once: the consented host sees at
-most a TCP connection, and nothing goes to any other host. With no valid consent at
-all it only connects to the proxy itself (and, for SOCKS5, authenticates).
+most a TCP connection, and nothing goes to any other host. A proxy that cannot reach
+one consented host (which may itself be down) is tried with the next, up to three.
+With no valid consent at all it only opens a TCP connection to the proxy itself.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ ProxyCheck = Callable[[ProxyEndpoint, Target | None, float], Awaitable[str | Non
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def check_target(
-    consents: Iterable[Consent], evidence: dict[str, str], now: datetime
-) -> Target | None:
-    """A consented host and the port its consent was verified on (the first by name)."""
+def check_targets(
+    consents: Iterable[Consent], evidence: dict[str, str], now: datetime, most: int = 3
+) -> list[Target]:
+    """Consented hosts, each with the port its consent was verified on (by name, at most
+    ``most``): a check that cannot reach the first (that host may be down) tries the next."""
+    found: list[Target] = []
     for consent in sorted(consents, key=lambda c: c.domain):
-        if not consent.valid_at(now):
-            continue
-        parts = urlsplit(evidence.get(consent.domain, ""))
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme, 443)
-        return consent.domain, port
-    return None
+        if len(found) == most:
+            break
+        if consent.valid_at(now):
+            parts = urlsplit(evidence.get(consent.domain, ""))
+            found.append((consent.domain, parts.port or DEFAULT_PORTS.get(parts.scheme, 443)))
+    return found
 
 
 # the policy's bound, passed on to the tunnel (it covers connect and handshake together)

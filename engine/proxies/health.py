@@ -21,7 +21,13 @@ from datetime import datetime
 import structlog
 
 from engine.bus import Bus, ConcurrencyConflict, Expect
-from engine.proxies.check import ProxyCheck, check_name, check_proxy, check_target
+from engine.proxies.check import (
+    ProxyCheck,
+    Target,
+    check_name,
+    check_proxy,
+    check_targets,
+)
 from engine.proxies.decider import CheckProxy, HealthPolicy, MarkBad, Meta, RecordCheck, decide, due
 from engine.proxies.secrets import ProxySecrets
 from engine.transient import Backoff, is_transient
@@ -163,9 +169,16 @@ class ProxyHealth:
             return "no_secret: its stored endpoint is unreadable", "secret lookup"
         if endpoint is None:
             return "no_secret: its endpoint is not in the secrets bucket", "secret lookup"
-        target = check_target(self.consents.values(), self.evidence, self.clock())
-        failure = await self.check(endpoint, target, self.policy.check_timeout)
-        return failure, check_name(endpoint, target)
+        # no valid consent at all: only the proxy itself is connected to
+        targets: list[Target | None] = [
+            *check_targets(self.consents.values(), self.evidence, self.clock())
+        ] or [None]
+        failure: str | None = None
+        for target in targets:
+            failure = await self.check(endpoint, target, self.policy.check_timeout)
+            if failure is None:
+                return None, check_name(endpoint, target)
+        return failure, check_name(endpoint, targets[-1])
 
     async def _decide(self, proxy: ProxyState, cmd: MarkBad | RecordCheck, now: datetime) -> None:
         meta = Meta(id=new_id(), at=now, actor=self.actor)

@@ -17,6 +17,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 from api.deps import services_from_state
 from api.inputs import command_id
 from api.openapi import problems
+from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
 from engine.bus import Bus
 from engine.errors import NotFound, Rejected
@@ -114,7 +115,7 @@ class ProxyController(Controller):
             label=event.label,
         )
 
-    @get("/", summary="The proxy pool with each proxy's health")
+    @get("/", summary="The proxy pool with each proxy's health", responses=problems(400, 409))
     async def list_proxies(
         self,
         services: NamedDependency[Services],
@@ -122,13 +123,19 @@ class ProxyController(Controller):
             ProxyStatus | None,
             QueryParameter(description="only proxies in this status (retired ones only so)"),
         ] = None,
+        min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> list[ProxyView]:
+        await wait_for_seq(services, min_seq)
         return await proxy_views.list_proxies(services.db, status)
 
-    @get("/{proxy_id:str}", summary="One proxy and its health", responses=problems(400, 404))
+    @get("/{proxy_id:str}", summary="One proxy and its health", responses=problems(400, 404, 409))
     async def get_proxy(
-        self, proxy_id: ProxyIdPath, services: NamedDependency[Services]
+        self,
+        proxy_id: ProxyIdPath,
+        services: NamedDependency[Services],
+        min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> ProxyView:
+        await wait_for_seq(services, min_seq)
         proxy = await proxy_views.get_proxy(services.db, checked_proxy_id(proxy_id))
         if proxy is None:
             raise NotFound("proxy_id", f"no proxy {proxy_id}")

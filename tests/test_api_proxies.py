@@ -42,9 +42,10 @@ async def register(client: AsyncTestClient, url: str = URL, **extra: object) -> 
 
 async def listed(client: AsyncTestClient, seq: int, query: str = "") -> list[dict[str, object]]:
     """The list once the read model has applied ``seq``."""
-    jobs = await client.get(f"/api/v1/jobs?min_seq={seq}")
-    assert jobs.status_code == 200, jobs.text
-    found: list[dict[str, object]] = (await client.get(f"/api/v1/proxies{query}")).json()
+    joined = "&" if query else "?"
+    r = await client.get(f"/api/v1/proxies{query}{joined}min_seq={seq}")
+    assert r.status_code == 200, r.text
+    found: list[dict[str, object]] = r.json()
     return found
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import nats.errors
+import pytest
 
 from agents.proxy_failover import (
     FlowProxies,
@@ -42,7 +43,7 @@ from schemas.proxies import ProxyEndpoint
 from schemas.values import ProxyPool, Target
 from tests.conftest import NatsServer
 from tests.harness import embedded, log_until
-from tests.proxies import http_get, http_proxy, socks5_proxy
+from tests.proxies import dead_port, http_get, http_proxy, socks5_proxy
 from tests.sites import recording_site
 from tests.test_proxy_failover import raw_stream
 
@@ -241,3 +242,23 @@ async def test_a_check_that_cannot_reach_one_consented_host_tries_the_next(
     assert isinstance(restored.event, ProxyRestored)
     assert restored.event.check.endswith(f"to localhost:{site.port}")
     assert proxy.tunnels == [("localhost", site.port)]
+
+
+async def test_tb_engine_runs_the_health_service_with_its_settings(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TB_PROXY_FAILURES", "2")
+    monkeypatch.setenv("TB_PROXY_COOLDOWN", "0.3")
+    commands = ProxyCommands(bus, ProxySecrets(bus))
+    registered, _ = await commands.register(f"http://127.0.0.1:{dead_port()}", None, "test")
+    pid = registered.proxy_id
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        await tb.spawn_engine()
+        await report_failures(bus, pid, 2)
+        marked = await first_event(bus, pid, ProxyMarkedBad)
+        checked = await first_event(bus, pid, ProxyCheckFailed)
+    assert isinstance(marked.event, ProxyMarkedBad) and marked.event.failures == 2
+    assert isinstance(checked.event, ProxyCheckFailed)
+    # no consent in this log: the check could only connect to the proxy itself
+    assert checked.event.reason.startswith("unreachable")
+    assert (checked.event.at - marked.event.bad_until).total_seconds() >= 0

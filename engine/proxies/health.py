@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -73,8 +73,10 @@ class ProxyHealth:
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._follow(), name="proxy-health-reader")
+        caught_up = asyncio.ensure_future(self._caught_up.wait())
         try:
-            await self._caught_up.wait()
+            # decide nothing before the state is the log's; a reader that fails first raises
+            await asyncio.wait([reader, caught_up], return_when=asyncio.FIRST_COMPLETED)
             while True:
                 if reader.done():
                     reader.result()
@@ -84,7 +86,7 @@ class ProxyHealth:
                     async with asyncio.timeout(self.tick_interval):
                         await self._wake.wait()
         finally:
-            reader.cancel()
+            caught_up.cancel()
             for task in [reader, *self._checking.values()]:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -120,10 +122,10 @@ class ProxyHealth:
             if isinstance(event, ConsentGiven):
                 self.evidence[domain] = event.evidence
 
-    async def _retrying(self, step: Callable[[], object]) -> None:
+    async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
         while True:
             try:
-                await step()  # type: ignore[misc]
+                await step()
             except Exception as err:
                 if not is_transient(err, self.bus.nc):
                     raise

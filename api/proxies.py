@@ -41,6 +41,10 @@ class RegisterProxyIn(msgspec.Struct, forbid_unknown_fields=True):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
     label: ProxyLabel | None = None
 
+    def __repr__(self) -> str:
+        # the URL may hold credentials: a traceback that shows locals must not show them
+        return f"RegisterProxyIn(url=<hidden>, label={self.label!r})"
+
 
 class RetireProxyIn(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, msgspec.Meta(max_length=500)] = ""

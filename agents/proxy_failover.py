@@ -94,6 +94,20 @@ class ProxiesExhausted(Exception):
         self.tried = tried
 
 
+def failure_kind(err: BaseException) -> ProxyErrorKind:
+    """What kind of proxy failure ``err`` is: a ``ProxyError`` says so; another tunnel
+    function's error is judged by what caused it (a timeout, a connection that could not
+    be made), else the proxy refused."""
+    if isinstance(err, ProxyError):
+        return err.kind
+    cause = err.__cause__ or err
+    if isinstance(cause, TimeoutError):
+        return "timeout"
+    if isinstance(cause, OSError):
+        return "unreachable"
+    return "refused"
+
+
 class FlowProxies:
     """One flow's candidates and which of them is in use.
 
@@ -164,7 +178,7 @@ class FlowProxies:
             try:
                 return await attempt(endpoint)
             except self.errors as err:
-                kind = err.kind if isinstance(err, ProxyError) else "refused"
+                kind = failure_kind(err)
                 async with self._lock:
                     if self._index == index:  # not moved on by another connection meanwhile
                         await self._fail(self.candidates[index], endpoint.label, kind, str(err))

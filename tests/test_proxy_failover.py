@@ -213,3 +213,27 @@ async def test_an_https_proxy_is_spoken_to_over_tls_and_its_certificate_checked(
             )
             assert await http_get(reader, writer, site.host) == 404
             assert proxy.tunnels == [(site.host, site.port)]
+
+
+class TunnelFailed(Exception):
+    """Another tunnel function's own error type, raised ``from`` what caused it."""
+
+
+async def test_another_tunnel_functions_errors_are_judged_by_their_cause() -> None:
+    endpoints = {pid: ProxyEndpoint("http", "127.0.0.1", n + 1) for n, pid in enumerate("abcd")}
+
+    class Known:
+        async def get(self, proxy_id: str) -> ProxyEndpoint | None:
+            return endpoints[proxy_id]
+
+    causes: list[BaseException] = [TimeoutError(), ConnectionRefusedError(), ValueError()]
+
+    async def attempt(endpoint: ProxyEndpoint) -> int:
+        if causes:
+            raise TunnelFailed(f"{endpoint.label} failed") from causes.pop(0)
+        return endpoint.port
+
+    reported = Reported()
+    flow = FlowProxies(list(endpoints), Known(), reported, errors=(TunnelFailed,))
+    assert await flow.open(attempt) == 4
+    assert [f.error for f in reported] == ["timeout", "unreachable", "refused"]

@@ -12,6 +12,9 @@ from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
 from api.openapi import problems
+from api.proxies import check_pool
+from api.reads import MIN_SEQ_HELP
+from api.reads import wait_for_seq as _wait
 from api.services import Services
 from api.waiting import with_waiting_detail
 from engine.errors import Conflict, NotFound, Rejected
@@ -22,7 +25,6 @@ from projections.queries import JobView
 from schemas.values import JobStatus, Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
-MIN_SEQ_HELP = "wait until the read model has applied this stream sequence (read-your-writes)"
 
 
 class JobController(Controller):
@@ -48,6 +50,7 @@ class JobController(Controller):
         total = sum(t.flows for t in data.targets)
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
+        await check_pool(services.bus, data.settings)
         platform = data.platform or Platform()
         if (platform.os, platform.browser) not in await serving_platforms(services.bus):
             raise Conflict(
@@ -148,18 +151,3 @@ class JobController(Controller):
         job_id = job_id_in_path(job_id)
         appended = await services.jobs.resume(job_id, "api", command_id)
         return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.RUNNING)
-
-
-async def _wait(services: Services, min_seq: int) -> None:
-    if min_seq <= 0:
-        return
-    last = await services.bus.last_seq()
-    if min_seq > last:  # no write answered this sequence: waiting would not bring it
-        raise Conflict("min_seq", f"the log holds no sequence {min_seq} (its last is {last})")
-    try:
-        await services.projector.wait_for(min_seq, timeout=services.config.read_wait_timeout)
-    except TimeoutError:
-        raise Conflict(
-            "min_seq",
-            f"read model has not reached {min_seq} yet (at {services.projector.position})",
-        ) from None

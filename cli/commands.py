@@ -10,7 +10,12 @@ from pathlib import Path
 import structlog
 
 from cli.logs import announce, end_progress_line, progress_line
-from cli.settings import bus_config_from_env, open_bind_warning, stall_margin_from_env
+from cli.settings import (
+    bus_config_from_env,
+    open_bind_warning,
+    proxy_health_from_env,
+    stall_margin_from_env,
+)
 from cli.supervise import supervise
 from engine.bus import Bus, ConsumerSettingsRefused
 from schemas import subjects
@@ -54,7 +59,9 @@ def consumer_settings_message(err: ConsumerSettingsRefused) -> str:
 async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.dispatcher import Dispatcher
+    from engine.proxies.health import ProxyHealth
 
+    policy = proxy_health_from_env()
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
 
@@ -65,10 +72,17 @@ async def run_engine(nats_url: str) -> None:
     async def exhausted() -> None:
         await ExhaustedDeliveries(bus).run()
 
+    async def proxy_health() -> None:
+        await ProxyHealth(bus, policy).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
-        for name, run in (("dispatcher", dispatcher), ("exhausted-delivery watch", exhausted))
+        for name, run in (
+            ("dispatcher", dispatcher),
+            ("exhausted-delivery watch", exhausted),
+            ("proxy health", proxy_health),
+        )
     ]
 
     def stop() -> None:
@@ -77,7 +91,7 @@ async def run_engine(nats_url: str) -> None:
             task.cancel()
 
     on_stop_signals(stop)
-    announce("✅ Engine running (dispatcher, exhausted-delivery watch)")
+    announce("✅ Engine running (dispatcher, exhausted-delivery watch, proxy health)")
     stopped = asyncio.ensure_future(stopping.wait())
     try:
         # components end only when stopped (or on SystemExit)

@@ -23,9 +23,11 @@ from schemas.values import (
     JobSettings,
     Millis,
     Platform,
+    ProxyLabel,
     Target,
     Text,
     Url,
+    host_is_valid,
     url_problem,
 )
 
@@ -130,6 +132,10 @@ class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     platform: Platform = Platform()
     referrer: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    # upstream proxy candidates by id, tried in this order (the next one when a proxy
+    # fails); empty: the flow connects directly. Their endpoints and credentials are in
+    # the proxy secrets bucket, never here.
+    proxies: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)
@@ -192,9 +198,16 @@ class FlowReleased(FlowEvent, frozen=True, kw_only=True):
 
 
 class ProxyFailed(FlowEvent, frozen=True, kw_only=True):
+    """A connection of this flow through one of its proxy candidates failed because of the
+    proxy; the flow went on with the next candidate. ``proxy`` is its label
+    (``scheme://host:port``, never credentials), ``error`` the kind of failure
+    (``schemas.proxies.ProxyErrorKind``), ``reason`` what happened."""
+
     proxy: Text
     reason: Text
     n: Index = 0
+    proxy_id: Id | None = None
+    error: Annotated[str, msgspec.Meta(max_length=32)] = ""
 
 
 # -- runners ------------------------------------------------------------------------
@@ -222,6 +235,55 @@ class RunnerDraining(RunnerEvent, frozen=True, kw_only=True):
 
 class RunnerDeregistered(RunnerEvent, frozen=True, kw_only=True):
     reason: Text = ""
+
+
+# -- proxies ------------------------------------------------------------------------
+
+
+class ProxyEvent(Event, frozen=True, kw_only=True):
+    proxy_id: Id
+
+
+class ProxyRegistered(ProxyEvent, frozen=True, kw_only=True):
+    """Where the proxy is. Its credentials (``has_credentials``) are in the proxy secrets
+    bucket under its id, never in the log."""
+
+    scheme: Literal["http", "https", "socks5"]
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    has_credentials: bool = False
+    label: ProxyLabel | None = None
+
+    def __post_init__(self) -> None:
+        if not host_is_valid(self.host):
+            raise ValueError("host must be a domain name or an IP address")
+
+
+class ProxyRetired(ProxyEvent, frozen=True, kw_only=True):
+    reason: Text = ""
+
+
+class ProxyMarkedBad(ProxyEvent, frozen=True, kw_only=True):
+    """``failures`` ProxyFailed within ``window_seconds``: not handed out until a check
+    after ``bad_until`` passes."""
+
+    failures: Count
+    window_seconds: Annotated[float, msgspec.Meta(ge=0)]
+    bad_until: AwareDatetime
+    reason: Text = ""  # the last failure's
+
+
+class ProxyCheckFailed(ProxyEvent, frozen=True, kw_only=True):
+    """The check after the cool-down failed: the cool-down is extended to ``bad_until``."""
+
+    reason: Text
+    bad_until: AwareDatetime
+
+
+class ProxyRestored(ProxyEvent, frozen=True, kw_only=True):
+    """The check passed: the proxy is handed out again."""
+
+    check: Text = ""  # what the check did
 
 
 # -- consent ------------------------------------------------------------------------
@@ -279,8 +341,9 @@ FlowEvents = (
 )
 RunnerEvents = RunnerRegistered | RunnerDraining | RunnerDeregistered
 ConsentEvents = DomainClaimed | ConsentGiven | ConsentVerificationFailed | ConsentRevoked
+ProxyEvents = ProxyRegistered | ProxyRetired | ProxyMarkedBad | ProxyCheckFailed | ProxyRestored
 
-TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents
+TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents | ProxyEvents
 
 _decoder = msgspec.json.Decoder(TbEvent)
 _encoder = msgspec.json.Encoder()

@@ -12,6 +12,8 @@ from schemas.events import (
     FlowReleased,
     FlowStalled,
     JobEvent,
+    ProxyEvent,
+    ProxyFailed,
     RunnerEvent,
 )
 
@@ -38,6 +40,7 @@ RUNNERS_BUCKET = "tb_runners"
 LEASES_BUCKET = "tb_leases"
 DATASETS_BUCKET = "tb_datasets"
 DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
+PROXY_SECRETS_BUCKET = "tb_proxy_secrets"  # proxy endpoints with credentials, by proxy id
 
 TYPE_HEADER = "Tb-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -112,6 +115,23 @@ def all_consents(event_type: str = "*") -> str:
     return f"tb.consent.*.{event_type}"
 
 
+def proxy_subject(proxy_id: str, event_type: str) -> str:
+    return f"tb.proxy.{proxy_id}.{event_type}"
+
+
+def proxy_stream_filter(proxy_id: str) -> str:
+    """All events of one proxy (the optimistic-concurrency scope of its health)."""
+    return f"tb.proxy.{proxy_id}.*"
+
+
+def proxy_health_msg_id(proxy_id: str, event_type: str, episode: int, n: int = 0) -> str:
+    """``proxy:<id>:<type>:<episode>:<n>``: the ``episode``-th time the proxy was marked bad,
+    and its ``n``-th failed check; two engines deciding the same step write the same id."""
+    return f"proxy:{proxy_id}:{event_type}:{episode}:{n}"
+
+
+ALL_PROXIES = "tb.proxy.>"
+ALL_PROXY_FAILURES = all_flows(ProxyFailed.__name__)
 ALL_DISPATCH = "tb.dispatch.>"
 
 # only what planning folds in: FlowStarted, PageVisited, clicks… never change the plan,
@@ -121,6 +141,7 @@ DISPATCHER_INPUTS = [
     ALL_DISPATCH,
     *(all_flows(kind.__name__) for kind in (FlowDone, FlowFailed, FlowStalled, FlowReleased)),
     "tb.consent.>",
+    ALL_PROXIES,  # which proxies may be handed out
 ]
 
 
@@ -137,6 +158,8 @@ def subject_for(event: Event) -> str:
         return runner_subject(event.runner_id, kind)
     if isinstance(event, ConsentEvent):
         return consent_subject(event.domain, kind)
+    if isinstance(event, ProxyEvent):
+        return proxy_subject(event.proxy_id, kind)
     raise TypeError(f"no subject for {kind}")
 
 

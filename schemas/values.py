@@ -118,6 +118,27 @@ class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"referrer {problem}")
 
 
+ProxyLabel = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.:/-]*$")
+]
+"""A name several registered proxies can share (a region, a provider), to pool them."""
+
+
+class ProxyPool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which registered proxies a job's flows go through: the proxies ``ids`` names (in
+    that order), or every proxy carrying ``label``, or, with neither, every registered one.
+    Retired proxies and those marked bad are never handed out."""
+
+    ids: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
+    label: ProxyLabel | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids and self.label is not None:
+            raise ValueError("label cannot be combined with ids: name proxies one way")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("ids must not repeat a proxy")
+
+
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How a job runs. Later settings get defaults so older events still decode."""
 
@@ -126,6 +147,8 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     priority: Annotated[int, msgspec.Meta(ge=0, le=9)] = 0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    proxies: ProxyPool | None = None  # None: flows connect directly
+    proxy_switching: bool = False  # rotate the pool's order per flow (else one order for all)
 
 
 class ConsentCaps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

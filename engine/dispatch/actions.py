@@ -178,7 +178,8 @@ class ActionWriter:
                     # the consents of now, not those of when the job started
                     allowed = hosts[d.job_id] = sorted(plan.host_set & authorised)
                 msg_id = subjects.dispatch_msg_id(d.flow_id, d.attempt)
-                items.append((self._work_item(plan, d, allowed, now), msg_id))
+                proxies = state.proxy_candidates(plan, d.flow_id, d.attempt) or []
+                items.append((self._work_item(plan, d, allowed, proxies, now), msg_id))
             except Exception as err:
                 state.break_job(plan, f"dispatching failed: {err!r}", err)
         items = [(e, m) for e, m in items if not state.jobs[e.job_id].broken]
@@ -191,7 +192,7 @@ class ActionWriter:
         return len(items)
 
     def _work_item(
-        self, plan: JobPlan, d: Dispatch, allowed: list[str], now: datetime
+        self, plan: JobPlan, d: Dispatch, allowed: list[str], proxies: list[str], now: datetime
     ) -> FlowDispatched:
         job = plan.job
         target = job.targets[d.target_index]
@@ -210,4 +211,5 @@ class ActionWriter:
             seed=d.seed,
             platform=job.platform,
             referrer=target.referrer,
+            proxies=proxies,
         )

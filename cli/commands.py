@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -121,47 +122,73 @@ async def run_runner(
     executor_kind: str,
     runner_id: str | None,
     headless: bool,
-    screenshot_dir: Path | None,
-) -> None:
+) -> int:
+    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS refuses its credentials."""
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
+    from cli.display import display_for_headed_browser
+    from cli.reach import AuthenticationFailed, until_reachable
+    from cli.settings import drain_grace_from_env
     from schemas import VERSION
     from schemas.ids import short_id
     from schemas.values import Platform
 
     if api_url:
-        announce(f"[INFO] Connecting to Backend: {api_url}")
-    bus = await connect_bus(nats_url, "tb-runner")
+        log.info("Backend (API) for this fleet", url=api_url)
+    drain_grace = drain_grace_from_env()
     platform = Platform(os=os_name, browser=browser)  # type: ignore[arg-type]
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()
     current: Runner | None = None
 
-    def executor() -> FlowExecutor:
-        if executor_kind == "noop":
-            return NoopExecutor()
-        return PlaywrightExecutor(VERSION, headless=headless, screenshot_dir=screenshot_dir)
-
-    async def run_once() -> None:
-        nonlocal current
-        # a fresh runner and browser under the same id: work it held is redelivered
-        current = Runner(bus, executor(), platform=platform, slots=slots, announce=announce)
-        current.runner_id = name
-        if stopping.is_set():
-            return
-        await current.run()
-
     def stop() -> None:
+        if not stopping.is_set():
+            log.info("Stopping: draining", runner_id=name, grace=drain_grace)
         stopping.set()
         if current is not None:
             current.stop()
 
     on_stop_signals(stop)
+    reaching = asyncio.ensure_future(until_reachable(nats_url))
+    stopped = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({reaching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not reaching.done():
+        reaching.cancel()
+        await asyncio.gather(reaching, return_exceptions=True)
+        log.info("Stopped before NATS was reached", runner_id=name)
+        return 0
     try:
-        await supervise(f"runner {name}", run_once, stopping=stopping)
+        reaching.result()
+    except AuthenticationFailed as err:
+        log.error("Authentication failed, stopping", reason=str(err))
+        return 2
+    bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
+
+    def executor() -> FlowExecutor:
+        if executor_kind == "noop":
+            return NoopExecutor()
+        return PlaywrightExecutor(VERSION, headless=headless)
+
+    async def run_once() -> None:
+        nonlocal current
+        # a fresh runner and browser under the same id: work it held is redelivered
+        current = Runner(bus, executor(), platform=platform, slots=slots, drain_grace=drain_grace)
+        current.runner_id = name
+        if stopping.is_set():
+            return
+        await current.run()
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if not headless and executor_kind != "noop":
+                await stack.enter_async_context(display_for_headed_browser())
+            await supervise(f"runner {name}", run_once, stopping=stopping)
     finally:
         await bus.close()
+    log.info("Runner stopped", runner_id=name)
+    return 0
 
 
 async def run_demo_site(host: str, port: int, token_file: Path) -> None:

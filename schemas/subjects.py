@@ -38,6 +38,7 @@ RUNNERS_BUCKET = "tb_runners"
 LEASES_BUCKET = "tb_leases"
 DATASETS_BUCKET = "tb_datasets"
 DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
+SCREENSHOTS_BUCKET = "tb_screenshots"  # failure screenshots: the only bucket runners write
 
 TYPE_HEADER = "Tb-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -171,6 +172,11 @@ def stalled_msg_id(flow_id: str, attempt: int) -> str:
 
 def released_msg_id(flow_id: str, attempt: int, delivery: int) -> str:
     return f"{flow_id}:{attempt}:FlowReleased:{delivery}"
+
+
+def screenshot_name(flow_id: str, attempt: int, delivery: int) -> str:
+    """The object holding the screenshot of one delivery of one attempt that failed."""
+    return f"{flow_id}/{attempt}/{delivery}.png"
 
 
 def quarantine_subject(stream: str, seq: int) -> str:

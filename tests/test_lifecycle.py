@@ -1,0 +1,244 @@
+"""A runner's lifecycle on a real nats-server: failure screenshots, drains, crashes,
+restarts of NATS, keepalives; real Chromium and real runner processes where it matters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from agents.playwright_flow import PlaywrightExecutor
+from agents.runner import Runner
+from api.app import create_app
+from api.services import ApiConfig
+from engine.bus import Bus
+from schemas import VERSION, subjects
+from schemas.events import FlowDone, FlowFailed, FlowStarted
+from schemas.values import Target
+from tests.conftest import NatsServer
+from tests.harness import embedded, log_until
+from tests.runner_proc import read_runs
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextmanager
+def failing_site(status: int = 500) -> Iterator[str]:
+    """A loopback site whose every page answers ``status`` with a visible body."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html><body><h1>Something broke</h1></body></html>"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def flow_failures(bus: Bus, job_id: str) -> list[FlowFailed]:
+    return [
+        env.event
+        async for batch in bus.read(1, subjects.flow_subject(job_id, "FlowFailed"), follow=False)
+        for env in batch
+        if isinstance(env.event, FlowFailed)
+    ]
+
+
+# -- screenshots ----------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two attempts in real Chromium
+async def test_failed_flow_stores_its_screenshot_and_the_api_serves_it(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    with failing_site(500) as url:
+        async with embedded(bus, nats_server.url, tmp_path) as tb:
+            await tb.authorise("127.0.0.1")
+            tb.run(Runner(bus, PlaywrightExecutor(VERSION), slots=2).run(), "runner")
+            job_id = await tb.create_job(
+                [Target(url=url, flows=1)], max_attempts=2, session_seconds=0
+            )
+            view = await tb.wait_terminal(job_id, timeout=90)
+            failures = await flow_failures(bus, job_id)
+            async with AsyncTestClient(app=app) as client:
+                caught_up = await client.get(
+                    f"/api/v1/jobs/{job_id}?min_seq={await bus.last_seq()}"
+                )
+                assert caught_up.status_code == 200
+                flow_id = failures[0].flow_id
+                latest = await client.get(f"/api/v1/flows/{flow_id}/screenshot")
+                first = await client.get(f"/api/v1/flows/{flow_id}/screenshot?attempt=1")
+                beyond = await client.get(f"/api/v1/flows/{flow_id}/screenshot?attempt=3")
+                unknown = await client.get("/api/v1/flows/no_such_flow/screenshot")
+                malformed = await client.get("/api/v1/flows/a.b/screenshot")
+                zero = await client.get(f"/api/v1/flows/{flow_id}/screenshot?attempt=0")
+    assert view.status == "failed" and view.flows_failed == 1
+    assert [(f.attempt, f.reason) for f in failures] == [(1, "http_500"), (2, "http_500")]
+    # the object store, named by flow, attempt and delivery: no local path
+    assert [f.screenshot for f in failures] == [
+        subjects.screenshot_name(flow_id, 1, 1),
+        subjects.screenshot_name(flow_id, 2, 1),
+    ]
+    store = await bus.js.object_store(subjects.SCREENSHOTS_BUCKET)
+    stored = await store.get(subjects.screenshot_name(flow_id, 2, 1))
+    assert (latest.status_code, latest.headers["content-type"]) == (200, "image/png")
+    assert latest.content.startswith(b"\x89PNG") and latest.content == stored.data
+    assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
+    assert beyond.status_code == 404 and beyond.json()["field"] == "attempt"
+    assert unknown.status_code == 404 and "no_such_flow" in unknown.json()["detail"]
+    assert malformed.status_code == 400 and malformed.json()["field"] == "flow_id"
+    assert zero.status_code == 400
+
+
+# -- drains, with two real runner processes ---------------------------------------------
+
+ENV = {"TB_ACK_WAIT": "3", "TB_PRESENCE_TTL": "3"}
+
+
+async def spawn_sleeping_runner(
+    nats_url: str, runner_id: str, record: Path, seconds: float, slots: int, **env: str
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.runner_proc", "--nats-url", nats_url,
+        "--runner-id", runner_id, "--record", str(record), "--seconds", str(seconds),
+        "--slots", str(slots),
+        env={**os.environ, **ENV, **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def started_by(bus: Bus, job_id: str, runner_id: str, count: int) -> list[FlowStarted]:
+    """Await the first ``count`` FlowStarted a runner reports for the job."""
+    seen: list[FlowStarted] = []
+    async with asyncio.timeout(60):
+        async for batch in bus.read(1, subjects.flow_subject(job_id, "FlowStarted")):
+            for env in batch:
+                e = env.event
+                if isinstance(e, FlowStarted) and e.runner_id == runner_id:
+                    seen.append(e)
+            if len(seen) >= count:
+                return seen
+    raise AssertionError("unreachable")
+
+
+async def runner_events(bus: Bus, runner_id: str) -> list[str]:
+    return [
+        type(env.event).__name__
+        async for batch in bus.read(1, subjects.runner_subject(runner_id, "*"), follow=False)
+        for env in batch
+    ]
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_started_flows_finish_and_the_other_runner_takes_the_rest(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows, seconds = 6, 2.5
+    record = tmp_path / "runs.jsonl"
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        first = await spawn_sleeping_runner(
+            nats_server.url, "runner_a", record, seconds, 2, TB_DRAIN_GRACE="20"
+        )
+        tb.procs.append(first)
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows)], instance_count=2
+        )
+        await started_by(bus, job_id, "runner_a", 2)  # both of its slots busy
+        tb.procs.append(
+            await spawn_sleeping_runner(nats_server.url, "runner_b", record, seconds, 2)
+        )
+        await tb.wait_job(job_id, lambda v: v.status == "running", timeout=10)
+        loop = asyncio.get_running_loop()
+        first.send_signal(signal.SIGTERM)
+        asked = loop.time()
+        code = await asyncio.wait_for(first.wait(), 30)
+        exited_after = loop.time() - asked
+        view = await tb.wait_terminal(job_id, timeout=60)
+    runs = read_runs(record)
+    assert code == 0
+    assert exited_after < seconds + 2.0  # its flows' time, not the 20 s grace
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    on_a = [r for r in runs if r.runner == "runner_a"]
+    assert [r.how for r in on_a] == ["done", "done"]  # finished, none cut short
+    assert sorted(r.flow_id for r in runs) == sorted({r.flow_id for r in runs})  # once each
+    assert len(runs) == flows and all(r.how == "done" for r in runs)
+    assert await runner_events(bus, "runner_a") == [
+        "RunnerRegistered",
+        "RunnerDraining",
+        "RunnerDeregistered",
+    ]
+
+
+@pytest.mark.slow
+async def test_sigterm_hands_back_what_outlives_the_grace_and_the_other_runner_takes_it_at_once(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows, seconds, grace = 4, 6.0, 1.0
+    record = tmp_path / "runs.jsonl"
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        first = await spawn_sleeping_runner(
+            nats_server.url, "runner_a", record, seconds, 2, TB_DRAIN_GRACE=str(grace)
+        )
+        tb.procs.append(first)
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows)], instance_count=2
+        )
+        handed_back = {e.flow_id for e in await started_by(bus, job_id, "runner_a", 2)}
+        tb.procs.append(await spawn_sleeping_runner(nats_server.url, "runner_b", record, 0.5, 2))
+        # B is registered and pulling; the queue is empty
+        await log_until(bus, subjects.runner_subject("runner_b", "RunnerRegistered"), bool, 30)
+        loop = asyncio.get_running_loop()
+        first.send_signal(signal.SIGTERM)
+        asked = loop.time()
+        code = await asyncio.wait_for(first.wait(), 30)
+        exited_after = loop.time() - asked
+        view = await tb.wait_terminal(job_id, timeout=60)
+        done = [
+            env.event
+            for env in await bus.load(subjects.flow_subject(job_id, "FlowDone"))
+            if isinstance(env.event, FlowDone)
+        ]
+    runs = read_runs(record)
+    assert code == 0
+    assert grace <= exited_after < grace + 3.0
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    cut = {r.flow_id: r for r in runs if r.runner == "runner_a"}
+    assert set(cut) == handed_back and all(r.how == "cancelled" for r in cut.values())
+    # each flow done once, by B; the handed-back ones in the same attempt at the next
+    # delivery (a drain spends no attempt)
+    assert sorted((e.flow_id, e.runner_id, e.attempt, e.delivery) for e in done) == sorted(
+        (f"{job_id}_0_{n}", "runner_b", 1, 2 if f"{job_id}_0_{n}" in handed_back else 1)
+        for n in range(flows)
+    )
+    on_b = {r.flow_id: r for r in runs if r.runner == "runner_b"}
+    delays = [on_b[f].started - cut[f].ended for f in handed_back]  # type: ignore[operator]
+    # at once: no nak delay, no ack wait (3 s) to run out
+    assert all(d < 0.5 for d in delays), delays
+    assert sorted(on_b) == sorted(f"{job_id}_0_{n}" for n in range(flows))
+    assert all(r.how == "done" for r in on_b.values())

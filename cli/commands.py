@@ -162,7 +162,7 @@ async def run_runner(
     try:
         reaching.result()
     except AuthenticationFailed as err:
-        log.error("Authentication failed, stopping", reason=str(err))
+        log.error("Authentication Failed, stopping", reason=str(err))
         return 2
     bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
 

@@ -69,7 +69,7 @@ async def until_reachable(url: str, backoff: Backoff | None = None) -> None:
                 raise AuthenticationFailed(f"NATS at {shown} refused the credentials") from err
             delay = backoff.next_delay()
             log.warning(
-                "NATS unreachable, retrying",
+                "Connection Refused, retrying",
                 url=shown,
                 error=str(err) or type(err).__name__,
                 attempt=backoff.restarts,

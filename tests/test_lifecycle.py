@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,8 +26,9 @@ from schemas import VERSION, subjects
 from schemas.events import FlowDone, FlowFailed, FlowStarted
 from schemas.values import Target
 from tests.conftest import NatsServer
-from tests.harness import embedded, log_until
+from tests.harness import WorkItemsSent, embedded, log_until
 from tests.runner_proc import read_runs
+from tests.sites import recording_site
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -242,3 +244,109 @@ async def test_sigterm_hands_back_what_outlives_the_grace_and_the_other_runner_t
     assert all(d < 0.5 for d in delays), delays
     assert sorted(on_b) == sorted(f"{job_id}_0_{n}" for n in range(flows))
     assert all(r.how == "done" for r in on_b.values())
+
+
+async def flow_done_events(bus: Bus, job_id: str) -> list[FlowDone]:
+    return [
+        env.event
+        for env in await bus.load(subjects.flow_subject(job_id, "FlowDone"))
+        if isinstance(env.event, FlowDone)
+    ]
+
+
+# -- crashes and restarts ---------------------------------------------------------------
+
+
+@pytest.mark.slow  # waits out the 3 s ack wait of the killed runner's work items
+async def test_sigkilled_runner_items_are_redelivered_same_attempt_next_delivery(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 6
+    record = tmp_path / "runs.jsonl"
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        sent = await WorkItemsSent().start(bus)
+        first = await spawn_sleeping_runner(nats_server.url, "runner_a", record, 30.0, 2)
+        tb.procs.append(first)
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows)], instance_count=2
+        )
+        killed = {e.flow_id for e in await started_by(bus, job_id, "runner_a", 2)}
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        tb.procs.append(await spawn_sleeping_runner(nats_server.url, "runner_b", record, 0.2, 2))
+        view = await tb.wait_terminal(job_id, timeout=60)
+        done = await flow_done_events(bus, job_id)
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    assert sorted((e.flow_id, e.runner_id, e.attempt, e.delivery) for e in done) == sorted(
+        (f"{job_id}_0_{n}", "runner_b", 1, 2 if f"{job_id}_0_{n}" in killed else 1)
+        for n in range(flows)
+    )
+    # no attempt spent on the crash: every work item was published once
+    assert len(sent.sent) == flows and set(sent.sent.values()) == {1}
+    runs = read_runs(record)
+    assert sorted(r.flow_id for r in runs if r.runner == "runner_a") == sorted(killed)
+    assert sorted(r.flow_id for r in runs if r.runner == "runner_b") == sorted(
+        f"{job_id}_0_{n}" for n in range(flows)
+    )
+
+
+@pytest.mark.slow
+async def test_runners_ride_out_a_nats_restart_without_losing_or_doubling_flows(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    flows = 30
+    record = tmp_path / "runs.jsonl"
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise("127.0.0.1")
+        for name in ("runner_a", "runner_b"):
+            tb.procs.append(await spawn_sleeping_runner(nats_server.url, name, record, 0.3, 2))
+        job_id = await tb.create_job(
+            [Target(url="http://127.0.0.1:9/", flows=flows)], instance_count=4
+        )
+        await tb.wait_job(job_id, lambda v: v.flows_done >= 8, timeout=60)
+        await nats_server.kill()  # SIGKILL, then the same port and store directory
+        await nats_server.start()
+        view = await tb.wait_terminal(job_id, timeout=90)
+        done = await flow_done_events(bus, job_id)
+        alive = [p.returncode for p in tb.procs]
+    assert alive == [None, None]  # both runners reconnected, neither restarted
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (flows, 0)
+    expected = sorted(f"{job_id}_0_{n}" for n in range(flows))
+    assert sorted(e.flow_id for e in done) == expected  # one FlowDone stored per flow
+    assert {e.attempt for e in done} == {1}
+    runs = Counter(r.flow_id for r in read_runs(record))
+    assert sorted(runs) == expected
+    # delivery is at-least-once: a flow in flight when the server died may run again
+    # (its ack did not survive), and still counts once; nothing else runs twice
+    again = {flow for flow, n in runs.items() if n > 1}
+    assert all(runs[flow] == 2 for flow in again) and len(again) <= 4, runs
+
+
+# -- keepalives -------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a 7 s browser session against a 3 s ack wait
+async def test_in_progress_acks_keep_a_flow_longer_than_the_ack_wait_to_one_delivery(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    assert bus.config.ack_wait == 3.0
+    with recording_site(pages={"/": "<html><body>long read</body></html>"}) as site:
+        async with embedded(bus, nats_server.url, tmp_path) as tb:
+            await tb.authorise("127.0.0.1")
+            runner = Runner(bus, PlaywrightExecutor(VERSION), slots=2)
+            tb.run(runner.run(), "runner")
+            job_id = await tb.create_job(
+                [Target(url=f"{site.base_url}/", flows=1)], session_seconds=7
+            )
+            view = await tb.wait_terminal(job_id, timeout=90)
+            done = await flow_done_events(bus, job_id)
+            info = await bus.js.consumer_info(
+                subjects.EVENTS_STREAM, subjects.dispatch_consumer("linux", "chromium")
+            )
+    assert view.status == "completed" and view.flows_done == 1
+    assert [(e.attempt, e.delivery) for e in done] == [(1, 1)]
+    assert done[0].duration_ms > 2 * 3000  # it outlived the ack wait twice over
+    assert info.num_redelivered == 0 and runner.completed == 1

@@ -118,8 +118,8 @@ async def test_runner_retries_an_unreachable_nats_with_back_off_then_registers(
     console = await tb_runner(url)
     server = None
     try:
-        await console.until(lambda _: len(console.said("NATS unreachable, retrying")) >= 3)
-        retries = console.said("NATS unreachable, retrying")
+        await console.until(lambda _: len(console.said("Connection Refused, retrying")) >= 3)
+        retries = console.said("Connection Refused, retrying")
         assert [r["attempt"] for r in retries[:3]] == [1, 2, 3]
         assert retries[0]["url"] == url and retries[0]["level"] == "warning"
         server = await asyncio.create_subprocess_exec(
@@ -153,7 +153,7 @@ async def test_runner_whose_credentials_are_refused_says_so_and_stops(tmp_path: 
     try:
         await wait_for_port("127.0.0.1", port)
         console = await tb_runner(f"nats://runner:wrong-secret@127.0.0.1:{port}")
-        failed = await console.until(event("Authentication failed, stopping"))
+        failed = await console.until(event("Authentication Failed, stopping"))
         code = await asyncio.wait_for(console.proc.wait(), 10)
         assert console.proc.stderr is not None
         console.raw += await console.proc.stderr.read()
@@ -161,6 +161,6 @@ async def test_runner_whose_credentials_are_refused_says_so_and_stops(tmp_path: 
         server.kill()
         await server.wait()
     assert code == 2 and failed["level"] == "error"
-    assert console.said("NATS unreachable, retrying") == []  # refused, not unreachable
+    assert console.said("Connection Refused, retrying") == []  # reached, then refused
     assert b"wrong-secret" not in console.raw  # the password never reaches the log
     assert f"nats://runner:***@127.0.0.1:{port}" in failed["reason"]

@@ -146,7 +146,9 @@ class FlowRun:
                     return await self._stopped(self.stopped)
                 shot = None
                 if err.screenshot is not None:
-                    shot = await store_screenshot(self.report.bus, self.work, err.screenshot)
+                    shot = await self._keeping_alive(
+                        store_screenshot(self.report.bus, self.work, err.screenshot)
+                    )
                 await self.report.failed(err.reason, err.retryable, shot)
                 self.detail = err.reason if err.retryable else f"{err.reason} (not retried)"
                 outcome = Outcome.FAILED

@@ -17,18 +17,21 @@ from pathlib import Path
 import pytest
 from litestar.testing import AsyncTestClient
 
+from agents.control import Admission
+from agents.flow_run import Outcome
 from agents.playwright_flow import PlaywrightExecutor
 from agents.runner import Runner
 from api.app import create_app
 from api.services import ApiConfig
 from engine.bus import Bus
 from schemas import VERSION, subjects
-from schemas.events import FlowDone, FlowFailed, FlowStarted
+from schemas.events import FlowDispatched, FlowDone, FlowFailed, FlowStarted
 from schemas.values import Target
 from tests.conftest import NatsServer
 from tests.harness import WorkItemsSent, embedded, log_until
 from tests.runner_proc import read_runs
 from tests.sites import recording_site
+from tests.test_runner import RecordingExecutor, dispatch, started_job, work_item
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -350,3 +353,45 @@ async def test_in_progress_acks_keep_a_flow_longer_than_the_ack_wait_to_one_deli
     assert [(e.attempt, e.delivery) for e in done] == [(1, 1)]
     assert done[0].duration_ms > 2 * 3000  # it outlived the ack wait twice over
     assert info.num_redelivered == 0 and runner.completed == 1
+
+
+# -- drains: work not started yet ---------------------------------------------------------
+
+
+async def test_stop_hands_back_work_not_started_yet_at_once(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        job_id = await started_job(tb)
+        held = asyncio.Event()  # never set: the draining runner's items wait for admission
+        draining = Runner(bus, RecordingExecutor(), slots=2)
+        draining.control.admit_now = lambda item: None  # type: ignore[method-assign]
+
+        async def admit(item: FlowDispatched) -> Admission:
+            await held.wait()
+            raise AssertionError("unreachable")
+
+        draining.control.admit = admit  # type: ignore[method-assign]
+        running = asyncio.create_task(draining.run())
+        items = [work_item(job_id, n) for n in range(2)]
+        for item in items:
+            await dispatch(bus, item)
+        await asyncio.wait_for(draining.wait_until(lambda: len(draining.runs) == 2), 15)
+        registered = asyncio.Event()
+        other = Runner(bus, RecordingExecutor(), slots=2, announce=lambda _: registered.set())
+        tb.run(other.run(), "other")
+        await asyncio.wait_for(registered.wait(), 15)  # pulling, with nothing to take
+
+        loop = asyncio.get_running_loop()
+        draining.stop()
+        asked = loop.time()
+        await asyncio.wait_for(other.wait_until(lambda: other.completed == 2), 15)
+        taken_after = loop.time() - asked
+        await asyncio.wait_for(running, 10)
+        done = await flow_done_events(bus, job_id)
+    assert draining.tally[Outcome.RELEASED] == 2 and draining.completed == 0
+    # at once: no nak delay, no ack wait (3 s), no drain grace (30 s)
+    assert taken_after < 0.9, taken_after
+    assert sorted((e.flow_id, e.attempt, e.delivery) for e in done) == sorted(
+        (item.flow_id, 1, 2) for item in items
+    )

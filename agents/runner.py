@@ -93,8 +93,13 @@ class Runner:
 
     def stop(self) -> None:
         """Drain: stop intake and hand back what has not started; started flows get
-        ``drain_grace`` seconds to finish, then they are handed back too."""
+        ``drain_grace`` seconds to finish, then they are handed back too. Asked again
+        (a second Ctrl-C), it hands everything back now."""
         if self._stopping.is_set():
+            if self.runs:
+                log.info("Stop again: handing back now", flows=len(self.runs))
+            for run in list(self.runs.values()):
+                run.stop(Stop.RELEASED)
             return
         self._stopping.set()
         self.intake.stop()

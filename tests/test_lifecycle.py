@@ -31,7 +31,13 @@ from tests.conftest import NatsServer
 from tests.harness import WorkItemsSent, embedded, log_until
 from tests.runner_proc import read_runs
 from tests.sites import recording_site
-from tests.test_runner import RecordingExecutor, dispatch, started_job, work_item
+from tests.test_runner import (
+    GatedExecutor,
+    RecordingExecutor,
+    dispatch,
+    started_job,
+    work_item,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -395,3 +401,25 @@ async def test_stop_hands_back_work_not_started_yet_at_once(
     assert sorted((e.flow_id, e.attempt, e.delivery) for e in done) == sorted(
         (item.flow_id, 1, 2) for item in items
     )
+
+
+async def test_a_second_stop_hands_back_started_flows_without_waiting_for_the_grace(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb:
+        job_id = await started_job(tb)
+        gated = GatedExecutor()  # its flows run until cancelled
+        runner = Runner(bus, gated, slots=1, drain_grace=60)
+        running = asyncio.create_task(runner.run())
+        await dispatch(bus, work_item(job_id, 0))
+        await gated.next_start()
+        runner.stop()
+        await asyncio.sleep(0)  # the first stop drains: the flow runs on
+        assert not running.done() and len(runner.runs) == 1
+        loop = asyncio.get_running_loop()
+        runner.stop()
+        asked = loop.time()
+        await asyncio.wait_for(running, 10)
+        stopped_after = loop.time() - asked
+    assert runner.tally[Outcome.RELEASED] == 1 and runner.completed == 0
+    assert stopped_after < 2.0  # not the 60 s grace

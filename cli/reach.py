@@ -41,17 +41,26 @@ def _refused_credentials(err: BaseException) -> bool:
 
 
 async def _probe(url: str) -> None:
-    async def quiet(err: Exception) -> None:
-        return None  # the caller says what went wrong, once per attempt
+    """One connection attempt; raises what stopped it (the socket's own error rather
+    than the client's "no servers available")."""
+    seen: list[Exception] = []
 
-    nc = await nats.connect(
-        url,
-        allow_reconnect=False,
-        max_reconnect_attempts=1,
-        reconnect_time_wait=0,
-        connect_timeout=PROBE_TIMEOUT,
-        error_cb=quiet,
-    )
+    async def remember(err: Exception) -> None:
+        seen.append(err)  # the caller says what went wrong, once per attempt
+
+    try:
+        nc = await nats.connect(
+            url,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
+            connect_timeout=PROBE_TIMEOUT,
+            error_cb=remember,
+        )
+    except nats.errors.NoServersError:
+        if seen:
+            raise seen[-1] from None
+        raise
     await nc.close()
 
 

@@ -60,12 +60,25 @@ async def launch_chromium(playwright: Playwright, headless: bool = True) -> Brow
     if path is not None:
         try:
             return await playwright.chromium.launch(
-                executable_path=path, headless=headless, args=CHROMIUM_ARGS
+                executable_path=path,
+                headless=headless,
+                args=CHROMIUM_ARGS,
+                # the runner decides what a stop signal means (it drains), not Playwright:
+                # a Ctrl-C reaching the whole process group must not close the browser
+                handle_sigint=False,
+                handle_sigterm=False,
+                handle_sighup=False,
             )
         except PlaywrightError as err:
             log.warning("browser.launch_failed", executable=path, error=first_line(err))
     try:
-        return await playwright.chromium.launch(headless=headless, args=CHROMIUM_ARGS)
+        return await playwright.chromium.launch(
+            headless=headless,
+            args=CHROMIUM_ARGS,
+            handle_sigint=False,
+            handle_sigterm=False,
+            handle_sighup=False,
+        )
     except PlaywrightError as err:
         tried = (
             f"{path} and Playwright's managed Chromium" if path else "Playwright's managed Chromium"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -19,9 +19,12 @@ from schemas import subjects
 log = structlog.get_logger("tb.cli")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def on_stop_signals(stop: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop)
 
 
@@ -174,10 +177,13 @@ async def run_runner(
     async def run_once() -> None:
         nonlocal current
         # a fresh runner and browser under the same id: work it held is redelivered
-        current = Runner(bus, executor(), platform=platform, slots=slots, drain_grace=drain_grace)
+        browser = executor()
+        current = Runner(bus, browser, platform=platform, slots=slots, drain_grace=drain_grace)
         current.runner_id = name
         if stopping.is_set():
             return
+        async with deaf_to_stop_signals(stop):
+            await browser.start()  # its driver process inherits the deafness
         await current.run()
 
     try:
@@ -189,6 +195,22 @@ async def run_runner(
         await bus.close()
     log.info("Runner stopped", runner_id=name)
     return 0
+
+
+@contextlib.asynccontextmanager
+async def deaf_to_stop_signals(stop: Callable[[], object]) -> AsyncIterator[None]:
+    """Ignore SIGINT and SIGTERM while child processes start (they inherit it), then
+    stop on them again: a Ctrl-C reaches the terminal's whole process group, and the
+    browser's driver must outlive it while the runner drains."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop)
 
 
 async def run_demo_site(host: str, port: int, token_file: Path) -> None:

@@ -25,7 +25,7 @@ from api.app import create_app
 from api.services import ApiConfig
 from engine.bus import Bus
 from schemas import VERSION, subjects
-from schemas.events import FlowDispatched, FlowDone, FlowFailed, FlowStarted
+from schemas.events import FlowDispatched, FlowDone, FlowFailed, FlowStarted, PageVisited
 from schemas.values import Target
 from tests.conftest import NatsServer
 from tests.harness import WorkItemsSent, embedded, log_until
@@ -423,3 +423,42 @@ async def test_a_second_stop_hands_back_started_flows_without_waiting_for_the_gr
         stopped_after = loop.time() - asked
     assert runner.tally[Outcome.RELEASED] == 1 and runner.completed == 0
     assert stopped_after < 2.0  # not the 60 s grace
+
+
+async def browsing(bus: Bus, job_id: str, flows: int) -> None:
+    """Return once ``flows`` of the job's flows have visited a page."""
+    seen: set[str] = set()
+    async with asyncio.timeout(60):
+        async for batch in bus.read(1, subjects.flow_subject(job_id, "PageVisited")):
+            seen |= {env.event.flow_id for env in batch if isinstance(env.event, PageVisited)}
+            if len(seen) >= flows:
+                return
+
+
+@pytest.mark.slow  # a runner process with real Chromium and 5 s sessions
+async def test_ctrl_c_to_the_process_group_drains_a_browser_runner_its_flows_finish(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    pages = {"/": "<html><body>reading<a href='/'>home</a></body></html>"}
+    with recording_site(pages=pages) as site:
+        async with embedded(bus, nats_server.url, tmp_path) as tb:
+            await tb.authorise("127.0.0.1")
+            # its own process group, as a terminal's foreground job is
+            runner = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli.main", "runner", "--nats-url", nats_server.url,
+                "--slots", "2",
+                env={**os.environ, **ENV},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+            tb.procs.append(runner)
+            job_id = await tb.create_job(
+                [Target(url=f"{site.base_url}/", flows=2)], instance_count=2, session_seconds=5
+            )
+            await browsing(bus, job_id, flows=2)
+            os.killpg(runner.pid, signal.SIGINT)  # what Ctrl-C does: the driver gets it too
+            code = await asyncio.wait_for(runner.wait(), 40)
+            view = await tb.wait_terminal(job_id, timeout=30)
+    assert code == 0
+    assert view.status == "completed"
+    assert (view.flows_done, view.flows_failed) == (2, 0)  # finished, not cut short

@@ -49,6 +49,9 @@ async def display_for_headed_browser() -> AsyncIterator[str]:
             pass_fds=(write_fd,),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            # out of the terminal's process group: a Ctrl-C drains the runner, and the
+            # browser needs its display until the drain is over (we stop it after)
+            start_new_session=True,
         )
     finally:
         os.close(write_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -57,16 +58,24 @@ def managed_chromium_installed() -> bool:
 
 async def launch_chromium(playwright: Playwright, headless: bool = True) -> Browser:
     """Launch the system Chromium, falling back to Playwright's managed build."""
+    launch = functools.partial(
+        playwright.chromium.launch,
+        headless=headless,
+        args=CHROMIUM_ARGS,
+        # the runner decides what a stop signal means (it drains), not Playwright: a
+        # Ctrl-C reaching the whole process group must not close the browser
+        handle_sigint=False,
+        handle_sigterm=False,
+        handle_sighup=False,
+    )
     path = find_chromium()
     if path is not None:
         try:
-            return await playwright.chromium.launch(
-                executable_path=path, headless=headless, args=CHROMIUM_ARGS
-            )
+            return await launch(executable_path=path)
         except PlaywrightError as err:
             log.warning("browser.launch_failed", executable=path, error=first_line(err))
     try:
-        return await playwright.chromium.launch(headless=headless, args=CHROMIUM_ARGS)
+        return await launch()
     except PlaywrightError as err:
         tried = (
             f"{path} and Playwright's managed Chromium" if path else "Playwright's managed Chromium"

@@ -88,7 +88,7 @@ class FlowError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
-        self.screenshot: str | None = None  # local PNG path, when one was taken
+        self.screenshot: bytes | None = None  # a PNG of the page as it failed, if taken
 
 
 class FlowExecutor(Protocol):

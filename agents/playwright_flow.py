@@ -263,16 +263,15 @@ class PlaywrightExecutor:
 
     async def _screenshot(
         self, page: Page | None, item: FlowDispatched, flog: FilteringBoundLogger
-    ) -> str | None:
-        if self.screenshot_dir is None or page is None:
+    ) -> bytes | None:
+        """The page as the flow failed, as PNG (the runner stores it in the object store)."""
+        if page is None:
             return None
-        path = self.screenshot_dir / f"{item.flow_id}-{item.attempt}.png"
         try:
-            await page.screenshot(path=path, timeout=SCREENSHOT_TIMEOUT_MS)
+            return await page.screenshot(type="png", timeout=SCREENSHOT_TIMEOUT_MS)
         except PlaywrightError as err:
             flog.warning("flow.screenshot_failed", error=first_line(err))
             return None
-        return str(path)
 
 
 async def probe_browser(browser: Browser) -> tuple[str, list[str]]:

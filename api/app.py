@@ -12,6 +12,7 @@ from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.dashboard import dashboard
 from api.errors import EXCEPTION_HANDLERS
+from api.flows import FlowController
 from api.health import healthz, readyz
 from api.jobs import JobController
 from api.live import live
@@ -61,6 +62,7 @@ def create_app(config: ApiConfig) -> Litestar:
             dashboard,
             live,
             JobController,
+            FlowController,
             ConsentController,
             RunnerController,
             QuarantineController,

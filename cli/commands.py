@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -23,9 +24,12 @@ from schemas import subjects
 log = structlog.get_logger("tb.cli")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def on_stop_signals(stop: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop)
 
 
@@ -136,12 +140,15 @@ async def run_runner(
     executor_kind: str,
     runner_id: str | None,
     headless: bool,
-    screenshot_dir: Path | None,
-) -> None:
+) -> int:
+    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS refuses its credentials."""
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
+    from cli.display import display_for_headed_browser
+    from cli.reach import AuthenticationFailed, until_reachable
     from cli.runner_options import launchable_browser_version, runner_labels, runner_platform
+    from cli.settings import drain_grace_from_env
     from schemas import VERSION
     from schemas.ids import short_id
 
@@ -150,46 +157,88 @@ async def run_runner(
     browser_version = ""  # the no-op executor launches no browser: it serves what it is told
     if executor_kind != "noop":
         browser_version = await launchable_browser_version(platform)
-        announce(f"[INFO] Serving {platform.os}/{platform.browser} {browser_version}")
+        log.info("Serving", platform=f"{platform.os}/{platform.browser}", version=browser_version)
     if api_url:
-        announce(f"[INFO] Connecting to Backend: {api_url}")
-    bus = await connect_bus(nats_url, "tb-runner")
+        log.info("Backend (API) for this fleet", url=api_url)
+    drain_grace = drain_grace_from_env()
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()
     current: Runner | None = None
 
-    def executor() -> FlowExecutor:
-        if executor_kind == "noop":
-            return NoopExecutor()
-        return PlaywrightExecutor(VERSION, headless=headless, screenshot_dir=screenshot_dir)
-
-    async def run_once() -> None:
-        nonlocal current
-        # a fresh runner and browser under the same id: work it held is redelivered
-        current = Runner(
-            bus,
-            executor(),
-            platform=platform,
-            slots=slots,
-            browser_version=browser_version,
-            labels=labels,
-            announce=announce,
-        )
-        current.runner_id = name
-        if stopping.is_set():
-            return
-        await current.run()
-
     def stop() -> None:
+        if not stopping.is_set():
+            log.info("Stopping: draining", runner_id=name, grace=drain_grace)
         stopping.set()
         if current is not None:
             current.stop()
 
     on_stop_signals(stop)
+    reaching = asyncio.ensure_future(until_reachable(nats_url))
+    stopped = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({reaching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not reaching.done():
+        reaching.cancel()
+        await asyncio.gather(reaching, return_exceptions=True)
+        log.info("Stopped before NATS was reached", runner_id=name)
+        return 0
     try:
-        await supervise(f"runner {name}", run_once, stopping=stopping)
+        reaching.result()
+    except AuthenticationFailed as err:
+        log.error("Authentication Failed, stopping", reason=str(err))
+        return 2
+    bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
+
+    def executor() -> FlowExecutor:
+        if executor_kind == "noop":
+            return NoopExecutor()
+        return PlaywrightExecutor(VERSION, headless=headless)
+
+    async def run_once() -> None:
+        nonlocal current
+        # a fresh runner and browser under the same id: work it held is redelivered
+        browser = executor()
+        current = Runner(
+            bus,
+            browser,
+            platform=platform,
+            slots=slots,
+            browser_version=browser_version,
+            labels=labels,
+            drain_grace=drain_grace,
+        )
+        current.runner_id = name
+        if stopping.is_set():
+            return
+        async with deaf_to_stop_signals(stop):
+            await browser.start()  # its driver process inherits the deafness
+        await current.run()
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if not headless and executor_kind != "noop":
+                await stack.enter_async_context(display_for_headed_browser())
+            await supervise(f"runner {name}", run_once, stopping=stopping)
     finally:
         await bus.close()
+    log.info("Runner stopped", runner_id=name)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def deaf_to_stop_signals(stop: Callable[[], object]) -> AsyncIterator[None]:
+    """Ignore SIGINT and SIGTERM while child processes start (they inherit it), then
+    stop on them again: a Ctrl-C reaches the terminal's whole process group, and the
+    browser's driver must outlive it while the runner drains."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop)
 
 
 async def run_demo_site(host: str, port: int, token_file: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--executor", choices=["playwright", "noop"], default="playwright", help=argparse.SUPPRESS
     )
+    p.add_argument(
+        "--headed",
+        action="store_true",
+        help="local runners show their browser (under Xvfb where there is no display)",
+    )
 
     p = sub.add_parser("engine", help="run the engine (dispatcher) against a NATS server")
     p.add_argument("--nats-url", type=_nats_url, required=True)
@@ -127,9 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="advertised with the runner (repeatable; adds to and overrides TB_RUNNER_LABELS)",
     )
     p.add_argument("--runner-id", default=None)
-    p.add_argument("--headful", action="store_true", help="show the browser window")
+    p.add_argument(
+        "--headed",
+        "--headful",
+        dest="headed",
+        action="store_true",
+        help="show the browser window (under Xvfb where there is no display); HEADLESS=false too",
+    )
     p.add_argument("--executor", choices=["playwright", "noop"], default="playwright")
-    p.add_argument("--screenshot-dir", type=Path, default=None)
 
     p = sub.add_parser("demo-site", help="serve the bundled demo site")
     p.add_argument("--host", default="127.0.0.1")
@@ -176,6 +187,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "up":
             from cli.up import UpOptions, up
 
+            if args.headed:
+                os.environ["HEADLESS"] = "false"  # the runners it starts inherit it
+
             return await up(
                 UpOptions(
                     host=args.host,
@@ -195,7 +209,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "api":
             await commands.run_api(args.nats_url, args.host, args.port, args.db)
         case "runner":
-            await commands.run_runner(
+            from cli.settings import headless_from_env
+
+            return await commands.run_runner(
                 args.nats_url,
                 api_url=args.api,
                 os_name=args.os_name,
@@ -204,8 +220,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 labels=dict(args.labels),
                 executor_kind=args.executor,
                 runner_id=args.runner_id,
-                headless=not args.headful,
-                screenshot_dir=args.screenshot_dir,
+                headless=headless_from_env() and not args.headed,
             )
         case "demo-site":
             await commands.run_demo_site(args.host, args.port, args.token_file)

@@ -80,6 +80,24 @@ def proxy_health_from_env() -> HealthPolicy:
     )
 
 
+def drain_grace_from_env() -> float:
+    """TB_DRAIN_GRACE (s, default 30): how long a stopping runner lets its started flows
+    finish before it hands them back to the queue."""
+    from agents.runner import DRAIN_GRACE
+
+    return _float("TB_DRAIN_GRACE", DRAIN_GRACE)
+
+
+def headless_from_env() -> bool:
+    """HEADLESS (true/false, default true): false runs the runner's browser visibly."""
+    raw = os.environ.get("HEADLESS", "").strip().lower()
+    if raw in ("", "true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise SystemExit(f"HEADLESS: must be true or false (got {raw!r})")
+
+
 def auth_disabled_explicitly() -> bool:
     """AUTH_ENABLED=false (or 0/no/off): the operator accepts an API without login."""
     return os.environ.get("AUTH_ENABLED", "").strip().lower() in ("false", "0", "no", "off")

@@ -122,6 +122,10 @@ _JOB_COLUMNS = (
     " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
     " duration_ms_total, created_by, created_at, started_at, finished_at, updated_at, last_seq"
 )
+_FLOW_COLUMNS = (
+    "flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"
+    " duration_ms, updated_at"
+)
 _TARGET_COLUMNS = (
     "job_id, idx, url, label, referrer, flow_target, flow_done, flow_failed, click_target,"
     " click_done"
@@ -158,11 +162,20 @@ async def list_flows(
     return await _fetch(
         db,
         FlowView,
-        "SELECT flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"
-        f" duration_ms, updated_at FROM flows WHERE job_id = ?{where}"
+        f"SELECT {_FLOW_COLUMNS} FROM flows WHERE job_id = ?{where}"
         " ORDER BY updated_at DESC, flow_id LIMIT ? OFFSET ?",
         (job_id, *params, limit, offset),
     )
+
+
+async def get_flow(db: aiosqlite.Connection, flow_id: str) -> FlowView | None:
+    flows = await _fetch(
+        db,
+        FlowView,
+        f"SELECT {_FLOW_COLUMNS} FROM flows WHERE flow_id = ?",
+        (flow_id,),
+    )
+    return flows[0] if flows else None
 
 
 async def list_runners(db: aiosqlite.Connection) -> list[RunnerView]:

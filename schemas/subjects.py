@@ -41,6 +41,7 @@ LEASES_BUCKET = "tb_leases"
 DATASETS_BUCKET = "tb_datasets"
 DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
 PROXY_SECRETS_BUCKET = "tb_proxy_secrets"  # proxy endpoints with credentials, by proxy id
+SCREENSHOTS_BUCKET = "tb_screenshots"  # failure screenshots: the only bucket runners write
 
 TYPE_HEADER = "Tb-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -194,6 +195,11 @@ def stalled_msg_id(flow_id: str, attempt: int) -> str:
 
 def released_msg_id(flow_id: str, attempt: int, delivery: int) -> str:
     return f"{flow_id}:{attempt}:FlowReleased:{delivery}"
+
+
+def screenshot_name(flow_id: str, attempt: int, delivery: int) -> str:
+    """The object holding the screenshot of one delivery of one attempt that failed."""
+    return f"{flow_id}/{attempt}/{delivery}.png"
 
 
 def quarantine_subject(stream: str, seq: int) -> str:

@@ -205,9 +205,10 @@ class ActionWriter:
             target_index=d.target_index,
             url=target.url,
             clicks=target.clicks,
-            session_seconds=job.settings.session_seconds,
+            session_seconds=job.settings.session.longest,
             allowed_hosts=allowed,
             seed=d.seed,
             platform=job.platform,
             referrer=target.referrer,
+            settings=job.settings,
         )

@@ -461,7 +461,7 @@ class DispatchState:
     def _stalls(
         self, plan: JobPlan, now: datetime, margin: timedelta, out: list[JobAction]
     ) -> None:
-        session = timedelta(seconds=plan.job.settings.session_seconds)
+        session = timedelta(seconds=plan.job.settings.longest_flow_seconds)
         # oldest first: stop at the first one still within time, or not yet delivered (a
         # platform's queue delivers in stream order, so the ones after it wait too)
         for fid in plan.flying:
@@ -478,7 +478,7 @@ class DispatchState:
         if slot is None or slot.delivered_at is None or slot.dispatched_at is None:
             return None
         plan = self.jobs[action.job_id]
-        session = timedelta(seconds=plan.job.settings.session_seconds)
+        session = timedelta(seconds=plan.job.settings.longest_flow_seconds)
         if slot.delivered_at + session + margin > now:
             return None
         return (now - slot.dispatched_at).total_seconds()

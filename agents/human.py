@@ -60,16 +60,16 @@ class Surfer:
                     trail.moves.append((round(end[0]), round(end[1])))
         await sleep_until(arrived + plan.dwell)
 
-    async def point_at(self, link: Locator, leave: Leave, trail: PageTrail) -> None:
+    async def point_at(self, link: Locator, leave: Leave) -> None:
         """Bring the pointer to the middle of ``link`` along the planned curve (before the
-        click, which lands there)."""
+        click, which lands there). Not in the trail: where the link is depends on how far
+        the page has scrolled, which the wheel does not wait for."""
         await link.scroll_into_view_if_needed(timeout=POINT_TIMEOUT_MS)
         box = await link.bounding_box()
         if box is None:
             return
         end = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         await self.glide(end, leave.bend, leave.steps)
-        trail.moves.append((round(end[0]), round(end[1])))
 
     async def glide(self, end: Point, bend: Point, steps: int) -> None:
         for x, y in bezier_path(self.pointer, end, bend, steps):

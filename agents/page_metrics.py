@@ -27,15 +27,19 @@ CLS_MAX = 1000.0
 VITALS_SCRIPT = """
 (() => {
   if (window.top !== window || window.__trafficbusterVitals) return;
-  const v = { fcp: null, lcp: null, cls: null, burst: 0, first: 0, last: 0, events: new Map() };
+  const v = { fcp: null, lcp: null, cls: null, burst: 0, first: 0, last: 0,
+              events: new Map(), observers: [] };
   Object.defineProperty(window, '__trafficbusterVitals', { value: v });
   const observe = (type, each, extra) => {
     try {
-      new PerformanceObserver(list => list.getEntries().forEach(each))
-        .observe(Object.assign({ type, buffered: true }, extra));
+      const observer = new PerformanceObserver(list => list.getEntries().forEach(each));
+      observer.observe(Object.assign({ type, buffered: true }, extra));
+      v.observers.push([observer, each]);
       return true;
     } catch (e) { return false; }
   };
+  // entries not yet delivered to the callbacks (they come in idle time), taken now
+  v.flush = () => v.observers.forEach(([o, each]) => o.takeRecords().forEach(each));
   observe('paint', e => { if (e.name === 'first-contentful-paint') v.fcp = e.startTime; });
   observe('largest-contentful-paint', e => { v.lcp = e.startTime; });
   if (observe('layout-shift', e => {
@@ -52,11 +56,21 @@ VITALS_SCRIPT = """
 })();
 """
 
+# two animation frames: the page has painted what it had at load (bounded: a hidden or
+# busy page may not give frames)
+PAINTED_SCRIPT = """
+() => Promise.race([
+  new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done))),
+  new Promise(done => setTimeout(done, 1000)),
+])
+"""
+
 READ_SCRIPT = """
 () => {
   const nav = performance.getEntriesByType('navigation')[0];
   const at = name => (nav && nav[name] > 0 ? nav[name] : null);
   const v = window.__trafficbusterVitals;
+  if (v) v.flush();
   let inp = null;
   if (v && v.events.size) {
     const longest = [...v.events.values()].sort((a, b) => b - a);
@@ -96,6 +110,7 @@ async def arrival_timings(page: Page, wait_ms: float = LOAD_WAIT_MS) -> PageTimi
     ``wait_ms`` passed: a page still loading reports what it has)."""
     with contextlib.suppress(PlaywrightError):
         await page.wait_for_load_state("load", timeout=max(1.0, wait_ms))
+        await page.evaluate(PAINTED_SCRIPT)
     return await read_timings(page)
 
 

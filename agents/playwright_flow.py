@@ -208,7 +208,7 @@ class FlowSession:
             return await self.open(href)
         await link.evaluate("a => a.removeAttribute('target')")  # stay in this tab
         if self.plan.human_surfing:
-            await self.surfer.point_at(link, leave, self.trail)
+            await self.surfer.point_at(link, leave)
         async with self.page.expect_navigation(
             wait_until="domcontentloaded", timeout=NAVIGATION_TIMEOUT_MS
         ) as navigation:

@@ -127,9 +127,12 @@ def flow_id(job_id: str, target_index: int, n: int) -> str:
 
 
 def flow_seed(job: Job, flow: str) -> int:
-    """``seed(job, flow)``: a flow's random choices replay the same way."""
+    """``seed(job, flow)``: a flow's random choices replay the same way. With the job's
+    seed set, the flow's index in its job goes in, not its id (which names the job): a
+    new job with that seed replays the same choices flow by flow."""
+    index = flow.removeprefix(f"{job.job_id}_")
     base = job.settings.seed if job.settings.seed is not None else job.job_id
-    digest = hashlib.blake2b(f"{base}:{flow}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 
 

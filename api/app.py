@@ -11,6 +11,7 @@ from litestar.openapi import OpenAPIConfig
 from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.dashboard import dashboard
+from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.health import healthz, readyz
 from api.jobs import JobController
@@ -57,6 +58,7 @@ def create_app(config: ApiConfig) -> Litestar:
             dashboard,
             live,
             JobController,
+            list_devices,
             ConsentController,
             RunnerController,
             QuarantineController,

@@ -44,7 +44,10 @@ class DeviceProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omi
 
     def __post_init__(self) -> None:
         if self.timezone is not None and self.timezone not in time_zones():
-            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone name")
+            raise ValueError(
+                f"timezone must be an IANA time zone name such as 'Europe/Berlin'"
+                f" (got {self.timezone!r})"
+            )
         if self.user_agent is not None and any(
             ord(ch) < 0x20 or ord(ch) == 0x7F for ch in self.user_agent
         ):

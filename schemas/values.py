@@ -155,36 +155,39 @@ class SessionDuration(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
             raise ValueError(problem)
 
     def _problem(self) -> str | None:
-        given = {
+        """What is wrong, as ``<field> <rule>`` (the API names the field)."""
+        given = [
             name
             for name in ("seconds", "min_seconds", "max_seconds", "mean_seconds", "stddev_seconds")
             if getattr(self, name) is not None
-        }
+        ]
         if self.mode == "constant":
-            extra = sorted(given - {"seconds"})
-            if "seconds" not in given:
-                return "mode 'constant' needs seconds"
-            if extra or self.distribution != "uniform":
-                return (
-                    f"mode 'constant' takes only seconds (got {', '.join(extra) or 'distribution'})"
-                )
+            if self.seconds is None:
+                return "seconds must be given for mode 'constant'"
+            extra = [name for name in given if name != "seconds"]
+            if self.distribution != "uniform":
+                extra.insert(0, "distribution")
+            if extra:
+                return f"{extra[0]} is not for mode 'constant' (it takes seconds)"
             return None
-        if self.min_seconds is None or self.max_seconds is None:
-            return "mode 'variable' needs min_seconds and max_seconds"
-        if "seconds" in given:
-            return "mode 'variable' takes min_seconds and max_seconds, not seconds"
-        if self.min_seconds > self.max_seconds:
-            return (
-                f"min_seconds ({self.min_seconds}) must not exceed max_seconds ({self.max_seconds})"
-            )
+        for name in ("min_seconds", "max_seconds"):
+            if getattr(self, name) is None:
+                return f"{name} must be given for mode 'variable'"
+        if self.seconds is not None:
+            return "seconds is not for mode 'variable' (it takes min_seconds and max_seconds)"
+        low, high = self.min_seconds or 0.0, self.max_seconds or 0.0
+        if low > high:
+            return f"min_seconds ({low}) must not exceed max_seconds ({high})"
         if self.distribution == "uniform":
-            if given & {"mean_seconds", "stddev_seconds"}:
-                return "mean_seconds and stddev_seconds are for distribution 'normal'"
+            for name in ("mean_seconds", "stddev_seconds"):
+                if getattr(self, name) is not None:
+                    return f"{name} is for distribution 'normal'"
             return None
-        if self.mean_seconds is None or self.stddev_seconds is None:
-            return "distribution 'normal' needs mean_seconds and stddev_seconds"
-        if not self.min_seconds <= self.mean_seconds <= self.max_seconds:
-            return "mean_seconds must lie within min_seconds..max_seconds"
+        for name in ("mean_seconds", "stddev_seconds"):
+            if getattr(self, name) is None:
+                return f"{name} must be given for distribution 'normal'"
+        if not low <= (self.mean_seconds or 0.0) <= high:
+            return f"mean_seconds must lie within min_seconds..max_seconds ({low}..{high})"
         return None
 
     @property

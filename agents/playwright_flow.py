@@ -83,7 +83,6 @@ class FlowSession:
 
     async def run(self) -> FlowResult:
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(self.plan.delay)
         clicks = pages = 0
         await self.land()
         arrived = page_start = loop.time()
@@ -282,6 +281,7 @@ class PlaywrightExecutor:
             device = resolve(plan.device)
         except KeyError:
             raise FlowError(f"unknown_device: {plan.device.name}", retryable=False) from None
+        await wait_keeping_alive(plan.delay, report)  # the traffic delay, before any browser
         try:
             context = await self._browser.new_context(
                 **context_options(device, self._user_agent, self.version),
@@ -340,6 +340,13 @@ async def probe_browser(browser: Browser) -> tuple[str, list[str]]:
         return str(await page.evaluate("navigator.userAgent")), permissions
     finally:
         await context.close()
+
+
+async def wait_keeping_alive(seconds: float, report: FlowReport) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        await asyncio.sleep(min(left, KEEPALIVE_SECONDS))
+        await report.keepalive()
 
 
 async def keep_alive(report: FlowReport) -> None:

@@ -214,7 +214,8 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     human_surfing: bool = True
     click_timing: SecondsRange | None = None
     external_click_ratio: Ratio = 0.0
-    devices: Annotated[list[DeviceProfile], msgspec.Meta(max_length=100)] = []
+    # a tuple: the settings stay hashable, as a frozen value should be
+    devices: Annotated[tuple[DeviceProfile, ...], msgspec.Meta(max_length=100)] = ()
     platform_switching: bool = False
 
     @property

@@ -67,10 +67,10 @@ async def test_settings_users_know_are_stored_as_given(
     assert (settings.page_traffic, settings.external_click_ratio) == (4, 0.25)
     assert settings.traffic_delay == SecondsRange(min_seconds=1, max_seconds=5)
     assert settings.click_timing == SecondsRange(min_seconds=3, max_seconds=8)
-    assert settings.devices == [
+    assert settings.devices == (
         DeviceProfile(name="iPhone 13", locale="id-ID", timezone="Asia/Jakarta"),
         DeviceProfile(name="default", viewport=Viewport(width=1440, height=900)),
-    ]
+    )
     assert settings.platform_switching and settings.human_surfing
     assert created.targets[0].referrer == "https://ads.example/"
 
@@ -200,7 +200,7 @@ async def test_jobs_from_before_the_settings_still_create_with_defaults(
     (created,) = await all_job_created(nats_server)
     settings = created.settings
     assert settings.session == SessionDuration(seconds=0)
-    assert (settings.page_traffic, settings.human_surfing, settings.devices) == (1, True, [])
+    assert (settings.page_traffic, settings.human_surfing, settings.devices) == (1, True, ())
 
 
 async def test_devices_lists_playwright_descriptors_and_default(client: AsyncTestClient) -> None:

@@ -48,7 +48,9 @@ def durations(draw: st.DrawFn) -> SessionDuration:
 @st.composite
 def job_settings(draw: st.DrawFn) -> JobSettings:
     names = ["default", "iPhone 13", "Pixel 7", "Desktop Chrome", "iPad Mini"]
-    devices = [DeviceProfile(name=n) for n in draw(st.lists(st.sampled_from(names), max_size=4))]
+    devices = tuple(
+        DeviceProfile(name=n) for n in draw(st.lists(st.sampled_from(names), max_size=4))
+    )
     return JobSettings(
         session_duration=draw(durations()),
         page_traffic=draw(st.integers(min_value=1, max_value=8)),
@@ -84,7 +86,7 @@ def test_plan_keeps_to_its_settings(job: JobSettings, seed: int, clicks: int) ->
         assert plan.delay == 0
     else:
         assert job.traffic_delay.min_seconds <= plan.delay <= job.traffic_delay.max_seconds
-    assert plan.device in (job.devices or [DeviceProfile()])
+    assert plan.device in (job.devices or (DeviceProfile(),))
     if not job.platform_switching and job.devices:
         assert plan.device == job.devices[0]
 
@@ -137,7 +139,7 @@ def test_different_flows_of_a_job_plan_differently() -> None:
 @settings(max_examples=100, deadline=None)
 @given(seeds)
 def test_platform_switching_uses_every_profile(seed: int) -> None:
-    devices = [DeviceProfile(name=n) for n in ("iPhone 13", "Pixel 7", "Desktop Chrome")]
+    devices = tuple(DeviceProfile(name=n) for n in ("iPhone 13", "Pixel 7", "Desktop Chrome"))
     job = JobSettings(devices=devices, platform_switching=True)
     chosen = {plan_flow(job, seed + n, 0).device.name for n in range(60)}
     assert chosen == {d.name for d in devices}

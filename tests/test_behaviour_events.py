@@ -56,7 +56,7 @@ def test_page_left_and_the_new_fields_decode_where_they_are_stored() -> None:
     assert stored(done) == done
     settings = JobSettings(
         session_duration=SessionDuration(mode="variable", min_seconds=1, max_seconds=2),
-        devices=[DeviceProfile(name="Pixel 7")],
+        devices=(DeviceProfile(name="Pixel 7"),),
     )
     item = FlowDispatched(
         **FLOW, target_index=0, url="http://a.test/", clicks=1, session_seconds=2,
@@ -87,7 +87,7 @@ def test_events_written_before_the_behaviour_fields_still_decode() -> None:
 
 
 def test_a_device_name_the_catalogue_lost_does_not_make_a_job_undecodable() -> None:
-    settings = JobSettings(devices=[DeviceProfile(name="Phone Of The Future")])
+    settings = JobSettings(devices=(DeviceProfile(name="Phone Of The Future"),))
     job = JobCreated(
         id="e", at=AT, actor="t", job_id="job_1", name="n",
         targets=[Target(url="http://a.test/")], settings=settings,

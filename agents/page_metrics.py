@@ -9,6 +9,7 @@ INP, no load event yet) is ``None``, never a guess.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -18,6 +19,7 @@ from playwright.async_api import Error as PlaywrightError
 from schemas.events import PageTimings
 
 LOAD_WAIT_MS = 5_000  # how long a page's arrival waits for its load event
+READ_TIMEOUT = 3.0  # seconds a page gets to answer a read of its timings
 MS_MAX = 24 * 3600 * 1000.0  # the bounds of PageTimings
 CLS_MAX = 1000.0
 
@@ -95,10 +97,11 @@ async def watch_vitals(context: BrowserContext) -> None:
 
 async def read_timings(page: Page) -> PageTimings | None:
     """The page's timings now; ``None`` when the page cannot be asked (it is navigating
-    away, or closed)."""
+    away, closed, or too busy to answer in time)."""
     try:
-        raw: dict[str, Any] = await page.evaluate(READ_SCRIPT)
-    except PlaywrightError:
+        async with asyncio.timeout(READ_TIMEOUT):
+            raw: dict[str, Any] = await page.evaluate(READ_SCRIPT)
+    except (PlaywrightError, TimeoutError):
         return None
     return PageTimings(
         **{k: _measured(v, CLS_MAX if k == "cls" else MS_MAX) for k, v in raw.items()}
@@ -108,9 +111,10 @@ async def read_timings(page: Page) -> PageTimings | None:
 async def arrival_timings(page: Page, wait_ms: float = LOAD_WAIT_MS) -> PageTimings | None:
     """The timings of a page just arrived on, once its load event has fired (or
     ``wait_ms`` passed: a page still loading reports what it has)."""
-    with contextlib.suppress(PlaywrightError):
+    with contextlib.suppress(PlaywrightError, TimeoutError):
         await page.wait_for_load_state("load", timeout=max(1.0, wait_ms))
-        await page.evaluate(PAINTED_SCRIPT)
+        async with asyncio.timeout(READ_TIMEOUT):  # the page's scripts own its timers
+            await page.evaluate(PAINTED_SCRIPT)
     return await read_timings(page)
 
 

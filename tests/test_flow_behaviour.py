@@ -290,3 +290,24 @@ async def test_interaction_to_next_paint_is_measured_after_an_interaction(
     finally:
         await context.close()
     assert timings is not None and timings.inp_ms is not None and timings.inp_ms >= 100
+
+
+HOSTILE_PAGE = """<!doctype html><html><body><p>no frames, no timers</p><script>
+window.requestAnimationFrame = () => 0;
+window.setTimeout = () => 0;
+window.__trafficbusterVitals = { flush() { throw new Error('mine'); } };
+</script></body></html>"""
+
+
+@needs_chromium
+async def test_a_page_that_takes_away_timers_and_frames_does_not_hold_the_flow(
+    executor: PlaywrightExecutor,
+) -> None:
+    settings = JobSettings(session_seconds=0.5, human_surfing=False)
+    with recording_site(pages={"/": HOSTILE_PAGE}) as site:
+        report = Recorded()
+        started = time.monotonic()
+        await executor.run(work_item(f"{site.base_url}/", settings), report)
+    assert time.monotonic() - started < 0.5 + 2 * 3.0 + 3  # session, two bounded reads
+    ((_, status, _),) = report.visits
+    assert status == 200 and len(report.left) == 1

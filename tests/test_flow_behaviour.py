@@ -103,6 +103,16 @@ async def executor() -> AsyncIterator[PlaywrightExecutor]:
     await ex.close()
 
 
+async def browse(
+    executor: PlaywrightExecutor, pages: dict[str, str], settings: JobSettings
+) -> Recorded:
+    """One flow on a site of ``pages`` served on 127.0.0.1."""
+    with recording_site(pages=pages) as site:
+        report = Recorded()
+        await executor.run(work_item(f"{site.base_url}/", settings), report)
+    return report
+
+
 # -- device profiles ------------------------------------------------------------------
 
 REPORTING_PAGE = """<!doctype html><html><head>
@@ -225,9 +235,7 @@ async def test_page_traffic_external_clicks_referrer_and_traffic_delay(
 @needs_chromium
 async def test_without_human_surfing_a_flow_only_dwells(executor: PlaywrightExecutor) -> None:
     settings = JobSettings(session_seconds=1.0, human_surfing=False, page_traffic=2)
-    with recording_site(pages=SHOP) as site:
-        report = Recorded()
-        await executor.run(work_item(f"{site.base_url}/", settings), report)
+    report = await browse(executor, SHOP, settings)
     assert len(report.left) == 2
     assert all(t.scrolls == t.moves == t.pauses_ms == [] for _, t, _ in report.left)
 
@@ -255,9 +263,7 @@ async def test_page_visited_carries_navigation_timing_and_web_vitals(
     executor: PlaywrightExecutor,
 ) -> None:
     settings = JobSettings(session_seconds=1.0, human_surfing=False)
-    with recording_site(pages={"/": TIMED_PAGE}) as site:
-        report = Recorded()
-        await executor.run(work_item(f"{site.base_url}/", settings), report)
+    report = await browse(executor, {"/": TIMED_PAGE}, settings)
 
     ((_, status, arrival),) = report.visits
     assert status == 200 and arrival is not None
@@ -304,10 +310,8 @@ async def test_a_page_that_takes_away_timers_and_frames_does_not_hold_the_flow(
     executor: PlaywrightExecutor,
 ) -> None:
     settings = JobSettings(session_seconds=0.5, human_surfing=False)
-    with recording_site(pages={"/": HOSTILE_PAGE}) as site:
-        report = Recorded()
-        started = time.monotonic()
-        await executor.run(work_item(f"{site.base_url}/", settings), report)
+    started = time.monotonic()
+    report = await browse(executor, {"/": HOSTILE_PAGE}, settings)
     assert time.monotonic() - started < 0.5 + 2 * 3.0 + 3  # session, two bounded reads
     ((_, status, _),) = report.visits
     assert status == 200 and len(report.left) == 1

@@ -22,7 +22,7 @@ PAUSE = (0.2, 1.6)  # seconds between two steps of a human visitor, before stret
 MAX_STEPS_PER_PAGE = 1000  # long pages get longer pauses instead of more steps
 SCROLL_UP_SHARE = 0.15
 MOVE_SHARE = 0.3  # of the steps, how many are mouse moves (the rest scroll)
-MOVE_STEPS = (12, 32)  # points along one mouse path
+MOVE_STEPS = (6, 12)  # points along one mouse path (each is a round trip to the browser)
 BEND = 0.35  # how far a path's control points stray from the straight line, in its lengths
 NORMAL_TRIES = 100
 

@@ -20,6 +20,7 @@ from schemas.events import PageTimings
 
 LOAD_WAIT_MS = 5_000  # how long a page's arrival waits for its load event
 READ_TIMEOUT = 3.0  # seconds a page gets to answer a read of its timings
+PAINT_WAIT = 2.0  # seconds an arrival waits for the first paint to be reported
 MS_MAX = 24 * 3600 * 1000.0  # the bounds of PageTimings
 CLS_MAX = 1000.0
 
@@ -58,13 +59,15 @@ VITALS_SCRIPT = """
 })();
 """
 
-# two animation frames: the page has painted what it had at load (bounded: a hidden or
-# busy page may not give frames)
+# first paint and its largest element are reported once the frame has been presented,
+# which under load comes well after the load event
 PAINTED_SCRIPT = """
-() => Promise.race([
-  new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done))),
-  new Promise(done => setTimeout(done, 1000)),
-])
+() => {
+  const v = window.__trafficbusterVitals;
+  if (!v) return true;
+  v.flush();
+  return v.fcp !== null && v.lcp !== null;
+}
 """
 
 READ_SCRIPT = """
@@ -113,8 +116,10 @@ async def arrival_timings(page: Page, wait_ms: float = LOAD_WAIT_MS) -> PageTimi
     ``wait_ms`` passed: a page still loading reports what it has)."""
     with contextlib.suppress(PlaywrightError, TimeoutError):
         await page.wait_for_load_state("load", timeout=max(1.0, wait_ms))
-        async with asyncio.timeout(READ_TIMEOUT):  # the page's scripts own its timers
-            await page.evaluate(PAINTED_SCRIPT)
+    with contextlib.suppress(PlaywrightError, TimeoutError):
+        # a page with nothing contentful never paints one: bounded, and by our clock
+        async with asyncio.timeout(PAINT_WAIT):
+            await page.wait_for_function(PAINTED_SCRIPT, polling=50, timeout=PAINT_WAIT * 1000)
     return await read_timings(page)
 
 

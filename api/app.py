@@ -11,6 +11,7 @@ from litestar.openapi import OpenAPIConfig
 from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.dashboard import dashboard
+from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
@@ -63,6 +64,7 @@ def create_app(config: ApiConfig) -> Litestar:
             live,
             JobController,
             FlowController,
+            list_devices,
             ConsentController,
             RunnerController,
             QuarantineController,

@@ -136,6 +136,8 @@ class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     # fails); empty: the flow connects directly. Their endpoints and credentials are in
     # the proxy secrets bucket, never here.
     proxies: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
+    # the job's settings, for the flow's behaviour (None: an item from before they rode along)
+    settings: JobSettings | None = None
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)
@@ -147,16 +149,64 @@ class FlowStarted(FlowEvent, frozen=True, kw_only=True):
     runner_id: Actor
 
 
+Ms = Annotated[float, msgspec.Meta(ge=0, le=24 * 3600 * 1000)]
+TRAIL_LENGTH = 2000  # steps a PageLeft lists at most (a long stay lists its first ones)
+Steps = Annotated[list[int], msgspec.Meta(max_length=TRAIL_LENGTH)]
+
+
+class PageTimings(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the browser measured of a page, in milliseconds from the navigation's start
+    (Navigation Timing, Paint Timing, web vitals); ``None``: not measurable (yet)."""
+
+    ttfb_ms: Ms | None = None
+    dom_content_loaded_ms: Ms | None = None
+    load_ms: Ms | None = None
+    fcp_ms: Ms | None = None
+    lcp_ms: Ms | None = None
+    cls: Annotated[float, msgspec.Meta(ge=0, le=1000)] | None = None
+    inp_ms: Ms | None = None
+
+
 class PageVisited(FlowEvent, frozen=True, kw_only=True):
+    """A page the flow arrived on (after its load event, or a bounded wait for it)."""
+
     url: Text
     status: HttpStatus | None = None
     n: Index = 0
+    timings: PageTimings | None = None
+
+
+class PageLeft(FlowEvent, frozen=True, kw_only=True):
+    """What a flow did on a page before it moved on (or ended): one event per page.
+
+    ``scrolls``: the wheel's vertical deltas in order; ``pauses_ms``: the pause before
+    each step (a scroll or a mouse move); ``moves``: the end point of each mouse path,
+    ``[x, y]``; ``timings``: the page's web vitals when left (CLS and INP grow while a
+    page is open)."""
+
+    url: Text
+    n: Index = 0
+    dwell_ms: Millis = 0
+    scrolls: Steps = []
+    pauses_ms: Steps = []
+    moves: Annotated[list[tuple[int, int]], msgspec.Meta(max_length=TRAIL_LENGTH)] = []
+    timings: PageTimings | None = None
+
+
+class LinkPick(msgspec.Struct, frozen=True):
+    """Which link a click took: ``index`` among ``candidates`` (the page's links of its
+    kind, in page order); ``external``: a link to another consented host of the job."""
+
+    index: Index
+    candidates: Count
+    external: bool = False
 
 
 class ClickDone(FlowEvent, frozen=True, kw_only=True):
     target_index: Index
     href: Text
     n: Index = 0
+    link: LinkPick | None = None
 
 
 class ClickSkipped(FlowEvent, frozen=True, kw_only=True):
@@ -172,6 +222,8 @@ class FlowDone(FlowEvent, frozen=True, kw_only=True):
     target_index: Index
     clicks_done: Count = 0
     duration_ms: Millis = 0
+    device: Name | None = None  # the device profile the flow presented as
+    delay_ms: Millis | None = None  # the traffic delay it waited before its first page
 
 
 class FlowFailed(FlowEvent, frozen=True, kw_only=True):
@@ -331,6 +383,7 @@ FlowEvents = (
     FlowDispatched
     | FlowStarted
     | PageVisited
+    | PageLeft
     | ClickDone
     | ClickSkipped
     | FlowDone

@@ -32,9 +32,10 @@ from agents.browser import (
     managed_chromium_installed,
 )
 from agents.executor import AllowedHosts, FlowError, NoopExecutor
+from agents.human import PageTrail
 from agents.playwright_flow import PlaywrightExecutor
 from demo.site import EXTERNAL_URL, build_demo_app, serve_demo_site
-from schemas.events import FlowDispatched
+from schemas.events import FlowDispatched, LinkPick, PageTimings
 
 VERSION = "9.9.9-test"
 JOB = "job-exec-1"
@@ -162,10 +163,15 @@ class RecordedReport:
     skips: list[tuple[str, str]] = field(default_factory=list)
     keepalives: int = 0
 
-    async def page_visited(self, url: str, status: int | None) -> None:
+    async def page_visited(
+        self, url: str, status: int | None, timings: PageTimings | None = None
+    ) -> None:
         self.visits.append((url, status))
 
-    async def click_done(self, href: str) -> None:
+    async def page_left(self, url: str, trail: PageTrail, timings: PageTimings | None) -> None:
+        pass
+
+    async def click_done(self, href: str, link: LinkPick | None = None) -> None:
         self.clicks.append(href)
 
     async def click_skipped(self, href: str, reason: str) -> None:

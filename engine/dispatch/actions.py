@@ -206,10 +206,11 @@ class ActionWriter:
             target_index=d.target_index,
             url=target.url,
             clicks=target.clicks,
-            session_seconds=job.settings.session_seconds,
+            session_seconds=job.settings.session.longest,
             allowed_hosts=allowed,
             seed=d.seed,
             platform=job.platform,
             referrer=target.referrer,
             proxies=proxies,
+            settings=job.settings,
         )

@@ -35,8 +35,10 @@ log = structlog.get_logger("tb.dispatcher.snapshot")
 
 # 2: finished jobs leave the state; 3: flows hold their lifecycle state and dispatch
 # time, jobs their hosts and whether they are broken; 4: flows hold their work item's
-# sequence and when it was seen delivered; 5: the registered proxies and their health
-SNAPSHOT_FORMAT = 5
+# sequence and when it was seen delivered; 5: the registered proxies and their health;
+# 6: job settings carry the flow behaviour (older code could not decode a job created
+# with them, so its snapshot lacks the job)
+SNAPSHOT_FORMAT = 6
 SNAPSHOT_OBJECT = "state"
 
 

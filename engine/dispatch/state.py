@@ -130,9 +130,12 @@ def flow_id(job_id: str, target_index: int, n: int) -> str:
 
 
 def flow_seed(job: Job, flow: str) -> int:
-    """``seed(job, flow)``: a flow's random choices replay the same way."""
+    """``seed(job, flow)``: a flow's random choices replay the same way. With the job's
+    seed set, the flow's index in its job goes in, not its id (which names the job): a
+    new job with that seed replays the same choices flow by flow."""
+    index = flow.removeprefix(f"{job.job_id}_")
     base = job.settings.seed if job.settings.seed is not None else job.job_id
-    digest = hashlib.blake2b(f"{base}:{flow}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 
 
@@ -484,7 +487,7 @@ class DispatchState:
     def _stalls(
         self, plan: JobPlan, now: datetime, margin: timedelta, out: list[JobAction]
     ) -> None:
-        session = timedelta(seconds=plan.job.settings.session_seconds)
+        session = timedelta(seconds=plan.job.settings.longest_flow_seconds)
         # oldest first: stop at the first one still within time, or not yet delivered (a
         # platform's queue delivers in stream order, so the ones after it wait too)
         for fid in plan.flying:
@@ -501,7 +504,7 @@ class DispatchState:
         if slot is None or slot.delivered_at is None or slot.dispatched_at is None:
             return None
         plan = self.jobs[action.job_id]
-        session = timedelta(seconds=plan.job.settings.session_seconds)
+        session = timedelta(seconds=plan.job.settings.longest_flow_seconds)
         if slot.delivered_at + session + margin > now:
             return None
         return (now - slot.dispatched_at).total_seconds()

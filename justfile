@@ -41,3 +41,11 @@ bench-restart *ARGS: setup
 # dispatcher tick time and snapshot size: 100,000 finished jobs in history against 100
 bench-state *ARGS: setup
     {{bin}}/python -m benchmarks.state {{ARGS}}
+
+# browser density: concurrent 1-second flows per GiB and flows/minute, our runner against a browser per flow
+bench-runner *ARGS: setup
+    {{bin}}/python -m benchmarks.runner {{ARGS}}
+
+# 2,000 short flows on one runner: RSS and open files at the end against after the first 200
+soak *ARGS: setup
+    {{bin}}/python -m benchmarks.soak {{ARGS}}

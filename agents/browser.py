@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
@@ -65,19 +67,24 @@ def managed_chromium_installed() -> bool:
 async def launch_chromium(playwright: Playwright, headless: bool = True) -> Browser:
     """Launch the system Chromium, falling back to Playwright's managed build; either
     starts with a profile that keeps speculative loads off (``agents.egress.launcher``)."""
+    launch = functools.partial(
+        playwright.chromium.launch,
+        headless=headless,
+        args=CHROMIUM_ARGS,
+        # the runner decides what a stop signal means (it drains), not Playwright: a
+        # Ctrl-C reaching the whole process group must not close the browser
+        handle_sigint=False,
+        handle_sigterm=False,
+        handle_sighup=False,
+    )
     path = find_chromium()
     if path is not None:
         try:
-            return await playwright.chromium.launch(
-                executable_path=seeded_launcher(path), headless=headless, args=CHROMIUM_ARGS
-            )
+            return await launch(executable_path=seeded_launcher(path))
         except PlaywrightError as err:
             log.warning("browser.launch_failed", executable=path, error=first_line(err))
     try:
-        managed = seeded_launcher(playwright.chromium.executable_path)
-        return await playwright.chromium.launch(
-            executable_path=managed, headless=headless, args=CHROMIUM_ARGS
-        )
+        return await launch(executable_path=seeded_launcher(playwright.chromium.executable_path))
     except PlaywrightError as err:
         tried = (
             f"{path} and Playwright's managed Chromium" if path else "Playwright's managed Chromium"
@@ -92,3 +99,43 @@ def first_line(err: BaseException) -> str:
     """Playwright errors carry a long call log after the first line."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+# -- which browsers this machine can launch ------------------------------------------
+
+BROWSER_NAMES = ("chromium", "firefox", "webkit")
+BrowserFinder = Callable[[str], str | None]  # browser name -> its executable, or None
+
+
+async def playwright_executables() -> dict[str, str]:
+    """Where this Playwright expects its managed browsers (whether installed or not).
+
+    Only Playwright's own builds count for Firefox and WebKit: a distribution's
+    Firefox (Debian's firefox-esr) is not a build Playwright can drive.
+    """
+    from playwright.async_api import async_playwright
+
+    try:
+        async with async_playwright() as playwright:
+            return {name: getattr(playwright, name).executable_path for name in BROWSER_NAMES}
+    except (PlaywrightError, OSError) as err:  # its driver does not start: none of its own
+        log.warning("browser.playwright_unavailable", error=first_line(err))
+        return {}
+
+
+def installed_browsers(managed: Mapping[str, str]) -> BrowserFinder:
+    """A finder over this machine: Chromium is the system one (as ``launch_chromium``
+    prefers it), else Playwright's; Firefox and WebKit are Playwright's, when installed."""
+
+    def find(name: str) -> str | None:
+        if name == "chromium" and (system := find_chromium()) is not None:
+            return system
+        path = managed.get(name)
+        return path if path and os.access(path, os.X_OK) else None
+
+    return find
+
+
+def available_browsers(find: BrowserFinder) -> dict[str, str]:
+    """The browsers ``find`` has an executable for, each with that executable."""
+    return {name: path for name in BROWSER_NAMES if (path := find(name)) is not None}

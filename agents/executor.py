@@ -8,7 +8,8 @@ from typing import Protocol
 
 import structlog
 
-from schemas.events import FlowDispatched
+from agents.human import PageTrail
+from schemas.events import FlowDispatched, LinkPick, PageTimings
 
 log = structlog.get_logger("tb.agent")
 
@@ -22,9 +23,15 @@ class FlowReport(Protocol):
     handler while the flow is navigating, and keepalives come from a timer.
     """
 
-    async def page_visited(self, url: str, status: int | None) -> None: ...
+    async def page_visited(
+        self, url: str, status: int | None, timings: PageTimings | None = None
+    ) -> None: ...
 
-    async def click_done(self, href: str) -> None: ...
+    async def page_left(self, url: str, trail: PageTrail, timings: PageTimings | None) -> None:
+        """The flow is done with a page: what it did there, what the browser measured."""
+        ...
+
+    async def click_done(self, href: str, link: LinkPick | None = None) -> None: ...
 
     async def click_skipped(self, href: str, reason: str) -> None: ...
 
@@ -83,6 +90,8 @@ class AllowedHosts:
 class FlowResult:
     clicks_done: int
     pages: int
+    device: str | None = None  # the device profile the flow presented as
+    delay_ms: int | None = None  # the traffic delay it waited first
 
 
 class FlowError(Exception):
@@ -92,7 +101,7 @@ class FlowError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
-        self.screenshot: str | None = None  # local PNG path, when one was taken
+        self.screenshot: bytes | None = None  # a PNG of the page as it failed, if taken
 
 
 class FlowExecutor(Protocol):

@@ -4,7 +4,9 @@ The item is admitted first (is its job still running? see ``agents.control``), t
 run by the executor, reported, and acked only once every event it reported is
 stored: a crash, or a publish that failed, before the ack redelivers the item.
 A run can be stopped from outside (its job ended, the runner drains); the
-executor's task is cancelled, which closes the flow's browser context.
+executor's task is cancelled, which closes the flow's browser context. A failed
+run's screenshot is stored in the screenshots bucket before its FlowFailed, which
+names it.
 """
 
 from __future__ import annotations
@@ -16,20 +18,16 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import nats.errors
-import structlog
-from structlog.typing import FilteringBoundLogger
 
 from agents.backoff import Backoff
 from agents.control import Admission, Control, Verdict, target_host
 from agents.executor import AllowedHosts, FlowError, FlowExecutor
 from agents.intake import Work
 from agents.reporter import FlowReporter
+from agents.screenshots import store_screenshot
 from schemas.events import CONSENT_REVOKED
 
-log = structlog.get_logger("tb.agent")
 T = TypeVar("T")
-
-NAK_DELAY = 1.0  # a released item waits this long before JetStream offers it again
 
 
 class Stop(Enum):
@@ -37,7 +35,9 @@ class Stop(Enum):
 
     ENDED = "job ended"  # acked, nothing reported: the dispatcher already let the flow go
     REVOKED = "consent revoked"  # its target host's consent is gone: FlowFailed, not retried
-    RELEASED = "released"  # the runner drains: nak'd, another runner takes it
+    # the runner drains: nak'd without delay (a drain is no failure), so another runner
+    # takes it at once; the delivery count goes up, the attempt stays
+    RELEASED = "released"
 
 
 class Outcome(Enum):
@@ -54,8 +54,10 @@ class FlowRun:
     __slots__ = (
         "_interruptible",
         "_revoked_early",
+        "_started",
         "_task",
         "control",
+        "detail",
         "executor",
         "hosts",
         "item",
@@ -84,16 +86,8 @@ class FlowRun:
         self.stopped: Stop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._interruptible = False  # whether ``stop`` may cancel the task now
-
-    @property
-    def log(self) -> FilteringBoundLogger:
-        bound: FilteringBoundLogger = log.bind(
-            job_id=self.item.job_id,
-            flow_id=self.item.flow_id,
-            attempt=self.item.attempt,
-            delivery=self.work.delivery,
-        )
-        return bound
+        self._started = False  # reported started: a drain lets it finish
+        self.detail = ""  # why it ended as it did (a failure's reason, a drop's cause)
 
     def stop(self, why: Stop) -> None:
         """End the run early; the first reason given counts. A running executor is
@@ -103,6 +97,11 @@ class FlowRun:
             self.stopped = why
         if self._interruptible and self._task is not None:
             self._task.cancel()
+
+    def release_unless_started(self) -> None:
+        """A draining runner hands back what has not started yet; started flows finish."""
+        if not self._started:
+            self.stop(Stop.RELEASED)
 
     def revoke(self, host: str) -> None:
         """A host's consent was revoked: a flow on it ends; one that merely may visit it
@@ -134,6 +133,7 @@ class FlowRun:
             hosts = self.hosts
 
             began = time.monotonic()
+            self._started = True
             await self.report.started()
             if self.stopped is not None:
                 return await self._stopped(self.stopped)
@@ -144,8 +144,13 @@ class FlowRun:
                 self._interruptible = False
                 if self.stopped is not None:  # most likely the stop's doing (browser closed)
                     return await self._stopped(self.stopped)
-                await self.report.failed(err.reason, err.retryable, err.screenshot)
-                self.log.info("flow.failed", reason=err.reason, retryable=err.retryable)
+                shot = None
+                if err.screenshot is not None:
+                    shot = await self._keeping_alive(
+                        store_screenshot(self.report.bus, self.work, err.screenshot)
+                    )
+                await self.report.failed(err.reason, err.retryable, shot)
+                self.detail = err.reason if err.retryable else f"{err.reason} (not retried)"
                 outcome = Outcome.FAILED
             except asyncio.CancelledError:
                 self._interruptible = False
@@ -169,8 +174,8 @@ class FlowRun:
             return Outcome.UNREPORTED
 
     async def _not_run(self, admission: Admission) -> Outcome:
+        self.detail = admission.reason
         if admission.verdict is Verdict.DROP:
-            self.log.info("flow.dropped", reason=admission.reason)
             await self._ack()
             return Outcome.DROPPED
         if admission.verdict is Verdict.RELEASE:
@@ -199,7 +204,7 @@ class FlowRun:
             self._interruptible = False
 
     async def _revoked(self, reason: str = CONSENT_REVOKED) -> Outcome:
-        self.log.info("flow.revoked", host=self.target, reason=reason)
+        self.detail = f"{reason} ({self.target})"
         await self.report.revoked(reason)
         await self._stored()
         await self._ack()
@@ -207,10 +212,11 @@ class FlowRun:
 
     async def _stopped(self, why: Stop) -> Outcome:
         if why is Stop.RELEASED:
+            self.detail = "runner draining"
             return await self._nak()
         if why is Stop.REVOKED:
             return await self._revoked()
-        self.log.info("flow.stopped", reason=why.value)
+        self.detail = why.value
         await self._ack()  # the job is over: nobody should run this flow again
         return Outcome.DROPPED
 
@@ -222,7 +228,7 @@ class FlowRun:
         self.nats_trouble.succeeded()
 
     async def _nak(self) -> Outcome:
-        await self.work.msg.nak(delay=NAK_DELAY)
+        await self.work.msg.nak()
         self.nats_trouble.succeeded()
         return Outcome.RELEASED
 

@@ -10,7 +10,7 @@ still runs), and the two deliveries hold two slots until each ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import NamedTuple
 
 import nats.errors
@@ -85,10 +85,9 @@ class Intake:
         slots: int,
         fetch_batch: int = 128,
         linger: float = 1.0,
-        announce: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.bus, self.platform, self.slots = bus, platform, slots
-        self.fetch_batch, self.linger, self.announce = fetch_batch, linger, announce
+        self.fetch_batch, self.linger = fetch_batch, linger
         self.held: dict[SlotKey, Work] = {}
         self.poisoned = 0  # messages terminated because no runner can run them
         self.recreated = 0  # times the durable consumer was found gone and made again
@@ -121,7 +120,7 @@ class Intake:
                 return
             except nats.js.errors.NotFoundError:
                 if not told:
-                    self.announce("[INFO] Waiting for the engine to provision the event streams")
+                    log.info("Waiting for the engine to provision the event streams")
                     told = True
                 await asyncio.sleep(1.0)
             except nats.errors.Error as err:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from pathlib import Path
@@ -31,7 +30,9 @@ from playwright.async_api import (
 from playwright.async_api import Error as PlaywrightError
 from structlog.typing import FilteringBoundLogger
 
+from agents.behaviour import FlowPlan, Leave, pick_index, plan_for
 from agents.browser import first_line, launch_chromium
+from agents.device_context import context_options, identified
 from agents.egress.flow import FlowEgressReport, consented_ports
 from agents.egress.proxy import EgressProxy, FlowEgress
 from agents.egress.upstream import Upstream
@@ -46,7 +47,10 @@ from agents.guard import (
     host_of,
     scheme_of,
 )
-from schemas.events import FlowDispatched
+from agents.human import PageTrail, Surfer
+from agents.page_metrics import arrival_timings, read_timings, watch_vitals
+from schemas.devices import resolve
+from schemas.events import FlowDispatched, LinkPick
 
 log = structlog.get_logger("tb.agent")
 
@@ -54,7 +58,6 @@ JOB_HEADER = "X-TrafficBuster"
 CLICK_TIMEOUT_MS = 5_000
 SCREENSHOT_TIMEOUT_MS = 5_000
 KEEPALIVE_SECONDS = 1.5
-MAX_PAUSE_SECONDS = 0.4
 LINKS_JS = "els => els.map(e => (typeof e.href === 'string' ? e.href : ''))"
 
 # -- one flow -----------------------------------------------------------------------
@@ -68,7 +71,8 @@ class ClickOutcome(Enum):
 
 
 class FlowSession:
-    """One flow's journey on one page: land, dwell and scroll, follow internal links."""
+    """One flow's journey, as its plan says (``agents.behaviour``): land, browse each
+    page (scroll steps, mouse paths, dwell), leave it by the planned link."""
 
     def __init__(
         self,
@@ -77,14 +81,15 @@ class FlowSession:
         item: FlowDispatched,
         report: FlowReport,
         flog: FilteringBoundLogger,
+        plan: FlowPlan | None = None,
     ) -> None:
         self.page, self.guard, self.item, self.report, self.log = page, guard, item, report, flog
         self.egress_refusal: str | None = None  # why the proxy refused the last navigation
-        rng = random.Random(item.seed)
-        # Two streams: how many scroll steps fit in a dwell depends on timing, which
-        # must not shift the choice of links.
-        self.link_rng = random.Random(rng.getrandbits(64))
-        self.scroll_rng = random.Random(rng.getrandbits(64))
+        self.plan = plan or plan_for(item)
+        self.surfer = Surfer(page, resolve(self.plan.device).viewport)
+        self.trail = PageTrail()  # what the flow did on the page it is on
+        self.status: int | None = None  # that page's HTTP status
+        self.picked: tuple[str, LinkPick] | None = None  # the link the last leave took
 
     @property
     def refused(self) -> list[str]:
@@ -92,20 +97,42 @@ class FlowSession:
         return self.guard.refused(self.page)
 
     async def run(self) -> FlowResult:
-        await self.land()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.item.session_seconds
-        clicks = 0
-        for step in range(self.item.clicks):
-            pages_left = self.item.clicks - step + 1
-            await self.dwell(until=loop.time() + (deadline - loop.time()) / pages_left)
-            outcome = await self.click_step()
-            if outcome is ClickOutcome.DONE:
-                clicks += 1
-            elif outcome is not ClickOutcome.REFUSED:
-                break
-        await self.dwell(until=deadline)
-        return FlowResult(clicks_done=clicks, pages=clicks + 1)
+        clicks = pages = 0
+        await self.land()
+        arrived = page_start = loop.time()
+        await self.arrived()
+        stuck = False  # no way off the page: the rest of the session is spent on it
+        for plan in self.plan.pages:
+            await self.surfer.browse(plan, arrived, self.trail)
+            arrived += plan.dwell
+            if plan.leave is None or stuck:
+                continue
+            here, timings = self.page.url, await read_timings(self.page)
+            outcome = await self.leave(plan.leave)
+            if outcome is ClickOutcome.DONE and self.picked is not None:
+                pages += 1
+                self.trail.dwell_ms = round((loop.time() - page_start) * 1000)
+                await self.report.page_left(here, self.trail, timings)
+                self.trail = PageTrail()
+                if plan.leave.click:
+                    clicks += 1
+                    await self.report.click_done(*self.picked)
+                arrived = page_start = loop.time()
+                await self.arrived()
+            stuck = outcome in (ClickOutcome.NO_LINK, ClickOutcome.FAILED)
+        self.trail.dwell_ms = round((loop.time() - page_start) * 1000)
+        await self.report.page_left(self.page.url, self.trail, await read_timings(self.page))
+        return FlowResult(
+            clicks_done=clicks,
+            pages=pages + 1,
+            device=self.plan.device.name,
+            delay_ms=round(self.plan.delay * 1000),
+        )
+
+    async def arrived(self) -> None:
+        timings = await arrival_timings(self.page)
+        await self.report.page_visited(self.page.url, self.status, timings)
 
     async def land(self) -> None:
         url, referrer = self.item.url, self.item.referrer
@@ -130,7 +157,7 @@ class FlowSession:
             raise FlowError(f"egress_refused: {self.egress_refusal}", False)
         if status is not None and status >= 400:
             raise FlowError(f"http_{status}", retryable=status >= 500)
-        await self.report.page_visited(self.page.url, status)
+        self.status = status
 
     async def navigate(self, start: Callable[[], Awaitable[Response | None]]) -> int | None:
         """Run a main-frame navigation (Chromium follows its redirects itself)."""
@@ -138,23 +165,28 @@ class FlowSession:
         self.egress_refusal = egress_refusal(response)
         return response.status if response is not None else None
 
-    async def dwell(self, until: float) -> None:
-        loop = asyncio.get_running_loop()
-        while (left := until - loop.time()) > 0:
-            await self.page.mouse.wheel(0, self.scroll_rng.randint(-240, 720))
-            await asyncio.sleep(min(left, self.scroll_rng.uniform(0.05, MAX_PAUSE_SECONDS)))
-
-    async def click_step(self) -> ClickOutcome:
-        internal, external = await self.links()
-        if external:
-            await self.guard.report_unauthorised(self.link_rng.choice(external))
-        if not internal:
+    async def leave(self, leave: Leave) -> ClickOutcome:
+        """Leave the page by the link ``leave`` picks: a click, or opening it directly."""
+        internal, external, unauthorised = await self.links()
+        if unauthorised:
+            await self.guard.report_unauthorised(
+                unauthorised[pick_index(leave.pick, len(unauthorised))]
+            )
+        outside = leave.external and bool(external)  # no other consented host linked: stay
+        candidates = external if outside else internal
+        if not candidates:
             return ClickOutcome.NO_LINK
-        index, href = self.link_rng.choice(internal)
+        picked = pick_index(leave.pick, len(candidates))
+        index, href = candidates[picked]
+        link = LinkPick(index=picked, candidates=len(candidates), external=outside)
+        self.picked = (href, link)
         refused_before = len(self.refused)
         here = self.page.url
         try:
-            status = await self.navigate(lambda: self.follow(index, href))
+            if leave.click:
+                self.status = await self.navigate(lambda: self.follow(index, href, leave))
+            else:
+                self.status = await self.navigate(lambda: self.open(href))
         except PlaywrightError as err:
             if len(self.refused) > refused_before:
                 await self.stay(here)
@@ -164,8 +196,6 @@ class FlowSession:
         if not self.guard.allows(self.page.url) or self.egress_refusal:
             await self.stay(here)  # the proxy refused the page (or a redirect hop): no page
             return ClickOutcome.REFUSED
-        await self.report.click_done(href)
-        await self.report.page_visited(self.page.url, status)
         return ClickOutcome.DONE
 
     async def stay(self, here: str) -> None:
@@ -173,35 +203,50 @@ class FlowSession:
         if self.page.url != here:
             await self.page.goto(here, wait_until="domcontentloaded", timeout=NAVIGATION_TIMEOUT_MS)
 
-    async def links(self) -> tuple[list[tuple[int, str]], list[str]]:
-        """Internal links (index among ``a[href]``, href) and external hrefs, in page order."""
+    async def links(
+        self,
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[str]]:
+        """Links to follow, each ``(index among a[href], href)`` in page order: to this
+        page's host, and to another host the flow may visit; and hrefs it may not."""
         hrefs: list[str] = await self.page.eval_on_selector_all("a[href]", LINKS_JS)
         here = self.page.url
         seen = {urldefrag(here).url}  # links back to this page are no click
         internal: list[tuple[int, str]] = []
-        external: list[str] = []
+        external: list[tuple[int, str]] = []
+        unauthorised: list[str] = []
         for index, href in enumerate(hrefs):
             if scheme_of(href) not in WEB_SCHEMES or urldefrag(href).url in seen:
                 continue
             seen.add(urldefrag(href).url)
             if not self.guard.allows(href):
-                external.append(href)
+                unauthorised.append(href)
             elif host_of(href) == host_of(here):
                 internal.append((index, href))
-        return internal, external
+            else:
+                external.append((index, href))
+        return internal, external, unauthorised
 
-    async def follow(self, index: int, href: str) -> Response | None:
+    async def follow(self, index: int, href: str, leave: Leave) -> Response | None:
         link = self.page.locator("a[href]").nth(index)
         if not await link.is_visible():
-            return await self.page.goto(
-                href, wait_until="domcontentloaded", timeout=NAVIGATION_TIMEOUT_MS
-            )
+            return await self.open(href)
         await link.evaluate("a => a.removeAttribute('target')")  # stay in this tab
+        if self.plan.human_surfing:
+            await self.surfer.point_at(link, leave)
         async with self.page.expect_navigation(
             wait_until="domcontentloaded", timeout=NAVIGATION_TIMEOUT_MS
         ) as navigation:
             await link.click(timeout=CLICK_TIMEOUT_MS)
         return await navigation.value
+
+    async def open(self, href: str) -> Response | None:
+        """Go to a link of the page without clicking it (a page beyond the clicks)."""
+        return await self.page.goto(
+            href,
+            referer=self.page.url,
+            wait_until="domcontentloaded",
+            timeout=NAVIGATION_TIMEOUT_MS,
+        )
 
 
 # -- the executor -------------------------------------------------------------------
@@ -222,7 +267,7 @@ class PlaywrightExecutor:
         self.screenshot_dir = screenshot_dir
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
-        self._user_agent = ""
+        self._user_agent = ""  # the browser's own, without the suffix
         self._permissions: list[str] = []
         self.egress = EgressProxy()
 
@@ -239,8 +284,9 @@ class PlaywrightExecutor:
             await self.egress.close()
             raise
         self._playwright, self._browser = playwright, browser
-        self._user_agent = f"{default_agent} TrafficBuster/{self.version}"
-        log.info("executor.started", browser=browser.version, user_agent=self._user_agent)
+        self._user_agent = default_agent
+        user_agent = identified(default_agent, self.version)
+        log.info("executor.started", browser=browser.version, user_agent=user_agent)
 
     async def close(self) -> None:
         browser, playwright = self._browser, self._playwright
@@ -258,13 +304,18 @@ class PlaywrightExecutor:
         if self._browser is None:
             raise RuntimeError("PlaywrightExecutor.run() before start()")
         flog = log.bind(job_id=item.job_id, flow_id=item.flow_id, attempt=item.attempt)
+        plan = plan_for(item)
+        try:
+            device = resolve(plan.device)
+        except KeyError:
+            raise FlowError(f"unknown_device: {plan.device.name}", retryable=False) from None
+        await wait_keeping_alive(plan.delay, report)  # the traffic delay, before any browser
         hosts = hosts or AllowedHosts(item.allowed_hosts)
         egress = self._register(item, hosts, report, flog)
         try:
             context = await self._browser.new_context(
-                user_agent=self._user_agent,
+                **context_options(device, self._user_agent, self.version),
                 extra_http_headers={JOB_HEADER: item.job_id},
-                viewport={"width": 1280, "height": 800},
                 service_workers="block",
                 permissions=self._permissions,
                 proxy=self.context_proxy(egress),
@@ -276,13 +327,14 @@ class PlaywrightExecutor:
         guard = HostGuard(hosts, report, flog)
         page: Page | None = None
         try:
+            await watch_vitals(context)
             try:
                 await guard.install(context)
                 page = await context.new_page()
                 await guard.prepare(page)
             except GuardFailed as err:
                 raise FlowError(f"guard: {err}", retryable=True) from err
-            return await FlowSession(page, guard, item, report, flog).run()
+            return await FlowSession(page, guard, item, report, flog, plan).run()
         except FlowError as err:
             err.screenshot = await self._screenshot(page, item, flog)
             raise
@@ -322,7 +374,7 @@ class PlaywrightExecutor:
     def host_map(self, item: FlowDispatched) -> dict[str, str]:
         """The flow's DNS mode: a host->IP map the egress proxy applies (empty: the
         system resolver)."""
-        return item.host_map
+        return item.settings.host_map if item.settings is not None else {}
 
     def upstream(self, item: FlowDispatched) -> Upstream | None:
         """The proxy the flow's connections are chained to (None: connect directly)."""
@@ -335,16 +387,15 @@ class PlaywrightExecutor:
 
     async def _screenshot(
         self, page: Page | None, item: FlowDispatched, flog: FilteringBoundLogger
-    ) -> str | None:
-        if self.screenshot_dir is None or page is None:
+    ) -> bytes | None:
+        """The page as the flow failed, as PNG (the runner stores it in the object store)."""
+        if page is None:
             return None
-        path = self.screenshot_dir / f"{item.flow_id}-{item.attempt}.png"
         try:
-            await page.screenshot(path=path, timeout=SCREENSHOT_TIMEOUT_MS)
+            return await page.screenshot(type="png", timeout=SCREENSHOT_TIMEOUT_MS)
         except PlaywrightError as err:
             flog.warning("flow.screenshot_failed", error=first_line(err))
             return None
-        return str(path)
 
 
 async def probe_browser(browser: Browser) -> tuple[str, list[str]]:
@@ -360,6 +411,13 @@ async def probe_browser(browser: Browser) -> tuple[str, list[str]]:
         return str(await page.evaluate("navigator.userAgent")), permissions
     finally:
         await context.close()
+
+
+async def wait_keeping_alive(seconds: float, report: FlowReport) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        await asyncio.sleep(min(left, KEEPALIVE_SECONDS))
+        await report.keepalive()
 
 
 async def keep_alive(report: FlowReport) -> None:

@@ -1,8 +1,9 @@
 """A runner's presence: its lifecycle events and its heartbeat in the ``tb_runners`` bucket.
 
-The bucket's TTL is about three beats, so a runner that stops beating (killed, cut
-off) drops out of the fleet by itself; a beat that fails is retried with back-off
-and never stops the runner.
+Both say what the runner serves: platform, browser version as launched, capacity
+(slots), labels and runner version; the beat adds its load. The bucket's TTL is about
+three beats, so a runner that stops beating (killed, cut off) drops out of the fleet
+by itself; a beat that fails is retried with back-off and never stops the runner.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -52,9 +53,15 @@ class Presence:
         slots: int,
         load: Callable[[], Load],
         interval: float = 5.0,
+        *,
+        browser_version: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.bus, self.runner_id, self.platform, self.slots = bus, runner_id, platform, slots
         self.load = load
+        self.browser_version = browser_version
+        self.labels = dict(labels or {})
+        self.started_at = ""  # set when it registers
         # presence expires after the bucket's TTL: beat at least three times within it
         self.interval = min(interval, bus.config.presence_ttl / 3)
         self.hostname = socket.gethostname()
@@ -63,19 +70,24 @@ class Presence:
 
     async def register(self) -> None:
         """Announce the runner (event and first beat), retrying until NATS takes both."""
+        started = utcnow()
+        self.started_at = started.isoformat()
         registered = RunnerRegistered(
             id=new_id(),
-            at=utcnow(),
+            at=started,
             actor=self.runner_id,
             runner_id=self.runner_id,
             platform=self.platform,
             slots=self.slots,
             hostname=self.hostname,
             version=VERSION,
+            browser_version=self.browser_version,
+            labels=self.labels,
         )
         retry = Backoff("runner.register", base=0.2, cap=5.0)
         while True:
             try:
+                await self._fit_to_bucket()
                 await self._emit(registered)  # same event, same msg-id: a retry dedupes
                 await self.beat()
             except nats.errors.Error as err:
@@ -83,6 +95,24 @@ class Presence:
                 continue
             retry.succeeded()
             return
+
+    async def _fit_to_bucket(self) -> None:
+        """Beat three times within the TTL the bucket really has: whoever created it first
+        set it, and a runner whose own TB_PRESENCE_TTL is longer would flicker in and out
+        of the fleet between beats."""
+        kv = await self.bus.kv(subjects.RUNNERS_BUCKET)
+        try:
+            ttl = (await kv.status()).ttl
+        except nats.errors.Error as err:  # not allowed to look: keep its own setting
+            log.info("runner.presence_ttl_unknown", error=str(err))
+            return
+        if ttl and ttl / 3 < self.interval:
+            log.warning(
+                "runner.presence_ttl_shorter",
+                bucket_ttl=ttl,
+                configured=self.bus.config.presence_ttl,
+            )
+            self.interval = self._retry.cap = ttl / 3
 
     async def beat(self) -> None:
         load = self.load()
@@ -98,6 +128,9 @@ class Presence:
             hostname=self.hostname,
             version=VERSION,
             last_heartbeat=utcnow().isoformat(),
+            browser_version=self.browser_version,
+            labels=self.labels,
+            started_at=self.started_at,
         )
         kv = await self.bus.kv(subjects.RUNNERS_BUCKET)
         await kv.put(self.runner_id, msgspec.json.encode(presence))

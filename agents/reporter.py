@@ -17,10 +17,12 @@ from nats.aio.msg import Msg
 
 from agents.backoff import Backoff
 from agents.executor import FlowResult
+from agents.human import PageTrail
 from engine.bus import Appended, Bus
 from schemas import subjects
 from schemas.events import (
     CONSENT_REVOKED,
+    TRAIL_LENGTH,
     ClickDone,
     ClickSkipped,
     EgressRefused,
@@ -30,6 +32,9 @@ from schemas.events import (
     FlowFailed,
     FlowReleased,
     FlowStarted,
+    LinkPick,
+    PageLeft,
+    PageTimings,
     PageVisited,
 )
 from schemas.ids import new_id, utcnow
@@ -122,14 +127,32 @@ class FlowReporter:
 
     # -- the executor's callbacks (agents.executor.FlowReport) --------------------------
 
-    async def page_visited(self, url: str, status: int | None) -> None:
+    async def page_visited(
+        self, url: str, status: int | None, timings: PageTimings | None = None
+    ) -> None:
         n = self._next(PageVisited)
-        await self.publish(self._event(PageVisited, url=url, status=status, n=n))
+        event = self._event(PageVisited, url=url, status=status, n=n, timings=timings)
+        await self.publish(event)
 
-    async def click_done(self, href: str) -> None:
+    async def page_left(self, url: str, trail: PageTrail, timings: PageTimings | None) -> None:
+        n = self._next(PageLeft)
+        event = self._event(
+            PageLeft,
+            url=url,
+            n=n,
+            dwell_ms=trail.dwell_ms,
+            scrolls=trail.scrolls[:TRAIL_LENGTH],
+            pauses_ms=trail.pauses_ms[:TRAIL_LENGTH],
+            moves=trail.moves[:TRAIL_LENGTH],
+            timings=timings,
+        )
+        await self.publish(event)
+
+    async def click_done(self, href: str, link: LinkPick | None = None) -> None:
         n = self._next(ClickDone)
         index = self.item.target_index
-        await self.publish(self._event(ClickDone, target_index=index, href=href, n=n))
+        event = self._event(ClickDone, target_index=index, href=href, n=n, link=link)
+        await self.publish(event)
 
     async def click_skipped(self, href: str, reason: str) -> None:
         n = self._next(ClickSkipped)
@@ -166,6 +189,8 @@ class FlowReporter:
             target_index=self.item.target_index,
             clicks_done=result.clicks_done,
             duration_ms=duration_ms,
+            device=result.device,
+            delay_ms=result.delay_ms,
         )
         await self.publish(event)
 

@@ -3,12 +3,18 @@
 Delivery is at-least-once: a flow whose runner dies is redelivered after the ack
 wait and may report twice; the msg-ids make a replayed publish a no-op, and the
 read side counts flows, not events.
+
+A stop drains: intake stops at once, work items not started yet are handed back at
+once (a nak without delay: another runner takes them now), started flows get the
+drain grace to finish, and what still runs after it is handed back the same way.
+The console says what happens, one line per step and per flow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from schemas.values import Platform
 log = structlog.get_logger("tb.agent")
 
 RELEASE_GRACE = 10.0  # seconds stopped flows get to close their browsers and hand back
+DRAIN_GRACE = 30.0  # seconds started flows get to finish once the runner is told to stop
 
 
 @dataclass
@@ -42,8 +49,11 @@ class Runner:
     # several smaller waves (measured: ~100-150 beats both all free slots and ~25)
     fetch_batch: int = 128
     runner_id: str = field(default_factory=lambda: short_id("runner"))
+    browser_version: str = ""  # as launched: advertised with the platform
+    labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval: float = 5.0
-    drain_grace: float = 30.0
+    drain_grace: float = DRAIN_GRACE
+    # told each milestone (today: "Registered as runner: <id>"), for whoever embeds a runner
     announce: Callable[[str], None] = lambda line: None
     completed: int = 0  # flow runs that ended done
     tally: Counter[Outcome] = field(default_factory=Counter)  # how the others ended
@@ -51,7 +61,6 @@ class Runner:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _watching: int = 0  # callers of wait_until (only then is a change worth telling)
-    _seen_jobs: set[str] = field(default_factory=set)  # for the console only
 
     def __post_init__(self) -> None:
         self.intake = Intake(
@@ -59,7 +68,6 @@ class Runner:
             self.platform,
             slots=self.slots,
             fetch_batch=self.fetch_batch,
-            announce=self.announce,
         )
         self.control = Control(
             self.bus, on_job_ended=self._job_ended, on_host_revoked=self._host_revoked
@@ -86,9 +94,19 @@ class Runner:
         await self.wait_until(lambda: not self.runs)
 
     def stop(self) -> None:
-        """Stop intake; running flows finish (or are released after the grace period)."""
+        """Drain: stop intake and hand back what has not started; started flows get
+        ``drain_grace`` seconds to finish, then they are handed back too. Asked again
+        (a second Ctrl-C), it hands everything back now."""
+        if self._stopping.is_set():
+            if self.runs:
+                log.info("Stop again: handing back now", flows=len(self.runs))
+            for run in list(self.runs.values()):
+                run.stop(Stop.RELEASED)
+            return
         self._stopping.set()
         self.intake.stop()
+        for run in list(self.runs.values()):
+            run.release_unless_started()
 
     async def run(self) -> None:
         presence = Presence(
@@ -98,20 +116,29 @@ class Runner:
             self.slots,
             self._load,
             interval=self.heartbeat_interval,
+            browser_version=self.browser_version,
+            labels=self.labels,
         )
         await self.executor.start()
         try:
             if not await self._unless_stopped(self._start_up(presence)):
                 return  # stopped while NATS or the streams were not there yet
-            self.announce(f"✅ Registered as runner: {self.runner_id}")
+            p = self.platform
+            log.info(
+                "Registered as runner",
+                runner_id=self.runner_id,
+                os=p.os,
+                browser=p.browser,
+                slots=self.slots,
+            )
+            self.announce(f"Registered as runner: {self.runner_id}")
             heartbeat = asyncio.create_task(presence.run(), name="runner-heartbeat")
             try:
                 async with contextlib.aclosing(self.intake.items()) as items:
                     async for work in items:
                         self._start(work)
-                if self.runs:
-                    await presence.draining()
-                    await self._drain()
+                await presence.draining()
+                await self._drain()
             finally:
                 presence.stop()
                 heartbeat.cancel()
@@ -145,18 +172,23 @@ class Runner:
 
     def _start(self, work: Work) -> None:
         item = work.item
-        if item.job_id not in self._seen_jobs:
-            if len(self._seen_jobs) >= 1000:
-                self._seen_jobs.clear()
-            self._seen_jobs.add(item.job_id)
-            self.announce(f"📥 Received new job: {item.job_id}")
-            self.announce(f"Starting job {item.job_id}")
+        received = time.monotonic()
+        log.info(
+            "Flow received",
+            job_id=item.job_id,
+            flow_id=item.flow_id,
+            attempt=item.attempt,
+            delivery=work.delivery,
+            url=item.url,
+        )
         reporter = FlowReporter(self.bus, item, self.runner_id, work.msg, work.delivery)
         run = FlowRun(work, reporter, self.executor, self.control, self.nats_trouble)
         key = work.key
         self.runs[key] = run
         if self._watching:
             self._changed.set()
+        if self._stopping.is_set():
+            run.stop(Stop.RELEASED)  # came with the last pull: handed back unstarted
         task = run._task = asyncio.create_task(run.run())
 
         def finished(task: asyncio.Task[Outcome]) -> None:
@@ -170,10 +202,21 @@ class Runner:
                 # not acked: JetStream redelivers the work item after the ack wait
                 log.error("flow.unreported", flow_id=key.flow_id, error=repr(err))
                 self.tally[Outcome.UNREPORTED] += 1
-            elif (outcome := task.result()) is Outcome.DONE:
+                return
+            if (outcome := task.result()) is Outcome.DONE:
                 self.completed += 1  # the common case: no enum hashed
             else:
                 self.tally[outcome] += 1
+            log.info(
+                "Flow finished",
+                job_id=item.job_id,
+                flow_id=key.flow_id,
+                attempt=key.attempt,
+                delivery=key.delivery,
+                outcome=outcome.value,
+                seconds=round(time.monotonic() - received, 3),
+                **({"reason": run.detail} if run.detail else {}),
+            )
 
         task.add_done_callback(finished)
 
@@ -195,12 +238,22 @@ class Runner:
         )
 
     async def _drain(self) -> None:
+        """Give started flows the grace to finish (intake has stopped)."""
+        if not self.runs:
+            return
+        log.info(
+            "Draining", runner_id=self.runner_id, running=len(self.runs), grace=self.drain_grace
+        )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.drain_grace):
                 await self.wait_idle()
 
     async def _release_all(self) -> None:
         """Hand back what still runs: another runner takes it."""
+        if self.runs:
+            log.info(
+                "Handing back unfinished flows", runner_id=self.runner_id, flows=len(self.runs)
+            )
         for run in list(self.runs.values()):
             run.stop(Stop.RELEASED)
         with contextlib.suppress(TimeoutError):

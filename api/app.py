@@ -11,17 +11,22 @@ from litestar.openapi import OpenAPIConfig
 from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.dashboard import dashboard
+from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
+from api.flows import FlowController
 from api.health import healthz, readyz
 from api.jobs import JobController
 from api.live import live
 from api.openapi import StrictStructSchemaPlugin
+from api.proxies import ProxyController
 from api.quarantine import QuarantineController
 from api.runners import RunnerController
 from api.services import ApiConfig, Services
 from engine.bus import Bus
 from engine.consent import ConsentCommands
 from engine.jobs.service import JobCommands
+from engine.proxies.secrets import ProxySecrets
+from engine.proxies.service import ProxyCommands
 from projections import db as read_db
 from projections.projector import Projector
 from schemas import VERSION
@@ -43,6 +48,7 @@ def create_app(config: ApiConfig) -> Litestar:
             jobs=JobCommands(bus),
             consents=ConsentCommands(bus),
         )
+        app.state.proxies = ProxyCommands(bus, ProxySecrets(bus))
         try:
             yield
         finally:
@@ -57,9 +63,12 @@ def create_app(config: ApiConfig) -> Litestar:
             dashboard,
             live,
             JobController,
+            FlowController,
+            list_devices,
             ConsentController,
             RunnerController,
             QuarantineController,
+            ProxyController,
         ],
         lifespan=[lifespan],
         before_request=refuse_deep_json,

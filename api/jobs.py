@@ -12,16 +12,19 @@ from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
 from api.openapi import problems
+from api.proxies import check_pool
+from api.reads import MIN_SEQ_HELP
+from api.reads import wait_for_seq as _wait
 from api.services import Services
+from api.waiting import with_waiting_detail
 from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
-from engine.presence import online_runners
+from engine.presence import serving_platforms
 from projections import queries
 from projections.queries import JobView
 from schemas.values import JobStatus, Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
-MIN_SEQ_HELP = "wait until the read model has applied this stream sequence (read-your-writes)"
 
 
 class JobController(Controller):
@@ -47,12 +50,9 @@ class JobController(Controller):
         total = sum(t.flows for t in data.targets)
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
+        await check_pool(services.bus, data.settings)
         platform = data.platform or Platform()
-        online = await online_runners(services.bus)
-        if not any(
-            r.status == "online" and (r.os, r.browser) == (platform.os, platform.browser)
-            for r in online
-        ):
+        if (platform.os, platform.browser) not in await serving_platforms(services.bus):
             raise Conflict(
                 "platform", f"No available runners online for {platform.os}/{platform.browser}"
             )
@@ -78,7 +78,8 @@ class JobController(Controller):
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> list[JobView]:
         await _wait(services, min_seq)
-        return await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
+        jobs = await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
+        return await with_waiting_detail(services.bus, jobs)
 
     @get(
         "/{job_id:str}",
@@ -96,6 +97,7 @@ class JobController(Controller):
         job = await queries.get_job(services.db, job_id)
         if job is None:
             raise NotFound("job_id", f"no job {job_id}")
+        [job] = await with_waiting_detail(services.bus, [job])
         return job
 
     @post(
@@ -149,18 +151,3 @@ class JobController(Controller):
         job_id = job_id_in_path(job_id)
         appended = await services.jobs.resume(job_id, "api", command_id)
         return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.RUNNING)
-
-
-async def _wait(services: Services, min_seq: int) -> None:
-    if min_seq <= 0:
-        return
-    last = await services.bus.last_seq()
-    if min_seq > last:  # no write answered this sequence: waiting would not bring it
-        raise Conflict("min_seq", f"the log holds no sequence {min_seq} (its last is {last})")
-    try:
-        await services.projector.wait_for(min_seq, timeout=services.config.read_wait_timeout)
-    except TimeoutError:
-        raise Conflict(
-            "min_seq",
-            f"read model has not reached {min_seq} yet (at {services.projector.position})",
-        ) from None

@@ -14,7 +14,9 @@ from litestar.exceptions import WebSocketDisconnect
 
 from api.deps import services_from_state
 from api.services import Services
+from projections import proxies as proxy_views
 from projections import queries
+from projections.proxies import ProxyView
 from projections.queries import JobView
 from schemas.values import JobStatus
 
@@ -35,6 +37,13 @@ class ProgressUpdate(msgspec.Struct, tag="progressUpdate", tag_field="type"):
     fail: int
     eta_seconds: float | None
     targets: list[TargetProgress]
+
+
+class ProxyUpdate(msgspec.Struct, tag="proxyUpdate", tag_field="type"):
+    """A proxy's health changed (registered, failed, marked bad, checked, restored, retired)."""
+
+    proxy_id: str
+    proxy: ProxyView
 
 
 def progress_update(job: JobView, now: datetime | None = None) -> ProgressUpdate:
@@ -74,10 +83,16 @@ async def live(socket: WebSocket[Any, Any, Any], services: NamedDependency[Servi
             if not next_update.done():
                 next_update.cancel()
                 break
-            for job_id in sorted(next_update.result().job_ids):
+            update = next_update.result()
+            for job_id in sorted(update.job_ids):
                 job = await queries.get_job(services.db, job_id)
                 if job is not None:
                     await socket.send_text(msgspec.json.encode(progress_update(job)).decode())
+            for proxy_id in sorted(update.proxy_ids):
+                proxy = await proxy_views.get_proxy(services.db, proxy_id)
+                if proxy is not None:
+                    pushed = ProxyUpdate(proxy_id, proxy)
+                    await socket.send_text(msgspec.json.encode(pushed).decode())
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:

@@ -11,23 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from cli.nats_server import start_nats_server
-from engine.bus import Bus, BusConfig
-from engine.consent import ConsentCommands
+from benchmarks.system import local_system
+from engine.bus import Bus
 from engine.jobs.service import JobCommands
 from schemas import subjects
 from schemas.events import JobCompleted, JobFailed
-from schemas.values import ConsentCaps, JobSettings, Platform, Target
-from tests.conftest import free_port
-from tests.sites import recording_site
+from schemas.values import JobSettings, Platform, Target
 
 PAYLOAD = b"x" * 420  # about the size of an encoded FlowDispatched
 
@@ -78,73 +70,30 @@ async def flow_rate(bus: Bus, nats_url: str, flows: int, site_url: str, token_do
 
 
 async def main(flows: int, messages: int, rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        nats = await start_nats_server(port, Path(tmp) / "js")
-        url = f"nats://127.0.0.1:{port}"
-        env = {**os.environ, "TB_LOG_LEVEL": "warning"}
-        procs: list[asyncio.subprocess.Process] = []
-        try:
-            bus = await Bus.connect(url, name="bench", config=BusConfig())
-            await bus.provision()
-            consents = ConsentCommands(bus)
-            with recording_site() as site:
-                token, _ = await consents.claim(site.host, "bench")
-            with recording_site(token=token) as site:
-                await consents.verify(
-                    site.host,
-                    site.base_url,
-                    "bench",
-                    caps=ConsentCaps(max_concurrent=10_000, max_flows_per_minute=1_000_000),
-                )
-                for args in (
-                    ["engine", "--nats-url", url],
-                    ["runner", "--nats-url", url, "--executor", "noop", "--slots", "500"],
-                ):
-                    procs.append(
-                        await asyncio.create_subprocess_exec(
-                            sys.executable,
-                            "-m",
-                            "cli.main",
-                            *args,
-                            env=env,
-                            stdout=asyncio.subprocess.DEVNULL,
-                            stderr=asyncio.subprocess.DEVNULL,
-                        )
-                    )
-                await flow_rate(bus, url, 200, site.base_url, site.host)  # warm-up
-                baseline, ours = [], []
-                for _ in range(rounds):
-                    baseline.append(await raw_publish_rate(bus, messages))
-                    ours.append(await flow_rate(bus, url, flows, site.base_url, site.host))
-            raw, flow = statistics.median(baseline), statistics.median(ours)
-            print(
-                f"raw JetStream publish (pipelined, acked): {raw:,.0f} msg/s "
-                f"(median of {rounds} x {messages:,})"
-            )
-            print(
-                f"end-to-end no-op flows (engine + runner): {flow:,.0f} flows/s "
-                f"(median of {rounds} x {flows:,})"
-            )
-            print(f"ratio flows/s : publishes/s = {flow / raw:.2f}  (goal >= 0.25)")
-            # context, not the goal: each flow stores three events (FlowDispatched,
-            # FlowStarted, FlowDone) and is delivered to a runner and to the engine
-            print(
-                f"for context: {3 * flow:,.0f} stored events/s on our path "
-                f"= {3 * flow / raw:.2f} of the raw publish rate"
-            )
-            await bus.close()
-        finally:
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-            nats.kill()
-            await nats.wait()
+    runner = ["--executor", "noop", "--slots", "500"]
+    async with local_system(runner) as system:
+        bus, site = system.bus, system.site
+        await flow_rate(bus, system.url, 200, site.base_url, site.host)  # warm-up
+        baseline, ours = [], []
+        for _ in range(rounds):
+            baseline.append(await raw_publish_rate(bus, messages))
+            ours.append(await flow_rate(bus, system.url, flows, site.base_url, site.host))
+    raw, flow = statistics.median(baseline), statistics.median(ours)
+    print(
+        f"raw JetStream publish (pipelined, acked): {raw:,.0f} msg/s "
+        f"(median of {rounds} x {messages:,})"
+    )
+    print(
+        f"end-to-end no-op flows (engine + runner): {flow:,.0f} flows/s "
+        f"(median of {rounds} x {flows:,})"
+    )
+    print(f"ratio flows/s : publishes/s = {flow / raw:.2f}  (goal >= 0.25)")
+    # context, not the goal: each flow stores three events (FlowDispatched,
+    # FlowStarted, FlowDone) and is delivered to a runner and to the engine
+    print(
+        f"for context: {3 * flow:,.0f} stored events/s on our path "
+        f"= {3 * flow / raw:.2f} of the raw publish rate"
+    )
 
 
 if __name__ == "__main__":

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
 
 from cli.logs import announce, end_progress_line, progress_line
-from cli.settings import bus_config_from_env, open_bind_warning, stall_margin_from_env
+from cli.settings import (
+    bus_config_from_env,
+    open_bind_warning,
+    proxy_health_from_env,
+    stall_margin_from_env,
+)
 from cli.supervise import supervise
 from engine.bus import Bus, ConsumerSettingsRefused
 from schemas import subjects
@@ -18,9 +24,12 @@ from schemas import subjects
 log = structlog.get_logger("tb.cli")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def on_stop_signals(stop: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop)
 
 
@@ -54,7 +63,9 @@ def consumer_settings_message(err: ConsumerSettingsRefused) -> str:
 async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.dispatcher import Dispatcher
+    from engine.proxies.health import ProxyHealth
 
+    policy = proxy_health_from_env()
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
 
@@ -65,10 +76,17 @@ async def run_engine(nats_url: str) -> None:
     async def exhausted() -> None:
         await ExhaustedDeliveries(bus).run()
 
+    async def proxy_health() -> None:
+        await ProxyHealth(bus, policy).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
-        for name, run in (("dispatcher", dispatcher), ("exhausted-delivery watch", exhausted))
+        for name, run in (
+            ("dispatcher", dispatcher),
+            ("exhausted-delivery watch", exhausted),
+            ("proxy health", proxy_health),
+        )
     ]
 
     def stop() -> None:
@@ -77,7 +95,7 @@ async def run_engine(nats_url: str) -> None:
             task.cancel()
 
     on_stop_signals(stop)
-    announce("✅ Engine running (dispatcher, exhausted-delivery watch)")
+    announce("✅ Engine running (dispatcher, exhausted-delivery watch, proxy health)")
     stopped = asyncio.ensure_future(stopping.wait())
     try:
         # components end only when stopped (or on SystemExit)
@@ -115,53 +133,112 @@ async def run_runner(
     nats_url: str,
     *,
     api_url: str | None,
-    os_name: str,
+    os_name: str | None,
     browser: str,
     slots: int,
+    labels: dict[str, str],
     executor_kind: str,
     runner_id: str | None,
     headless: bool,
-    screenshot_dir: Path | None,
-) -> None:
+) -> int:
+    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS refuses its credentials."""
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.runner import Runner
+    from cli.display import display_for_headed_browser
+    from cli.reach import AuthenticationFailed, until_reachable
+    from cli.runner_options import launchable_browser_version, runner_labels, runner_platform
+    from cli.settings import drain_grace_from_env
     from schemas import VERSION
     from schemas.ids import short_id
-    from schemas.values import Platform
 
+    platform = runner_platform(os_name, browser)
+    labels = runner_labels(labels)
+    browser_version = ""  # the no-op executor launches no browser: it serves what it is told
+    if executor_kind != "noop":
+        browser_version = await launchable_browser_version(platform)
+        log.info("Serving", platform=f"{platform.os}/{platform.browser}", version=browser_version)
     if api_url:
-        announce(f"[INFO] Connecting to Backend: {api_url}")
-    bus = await connect_bus(nats_url, "tb-runner")
-    platform = Platform(os=os_name, browser=browser)  # type: ignore[arg-type]
+        log.info("Backend (API) for this fleet", url=api_url)
+    drain_grace = drain_grace_from_env()
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()
     current: Runner | None = None
 
-    def executor() -> FlowExecutor:
-        if executor_kind == "noop":
-            return NoopExecutor()
-        return PlaywrightExecutor(VERSION, headless=headless, screenshot_dir=screenshot_dir)
-
-    async def run_once() -> None:
-        nonlocal current
-        # a fresh runner and browser under the same id: work it held is redelivered
-        current = Runner(bus, executor(), platform=platform, slots=slots, announce=announce)
-        current.runner_id = name
-        if stopping.is_set():
-            return
-        await current.run()
-
     def stop() -> None:
+        if not stopping.is_set():
+            log.info("Stopping: draining", runner_id=name, grace=drain_grace)
         stopping.set()
         if current is not None:
             current.stop()
 
     on_stop_signals(stop)
+    reaching = asyncio.ensure_future(until_reachable(nats_url))
+    stopped = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({reaching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not reaching.done():
+        reaching.cancel()
+        await asyncio.gather(reaching, return_exceptions=True)
+        log.info("Stopped before NATS was reached", runner_id=name)
+        return 0
     try:
-        await supervise(f"runner {name}", run_once, stopping=stopping)
+        reaching.result()
+    except AuthenticationFailed as err:
+        log.error("Authentication Failed, stopping", reason=str(err))
+        return 2
+    bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
+
+    def executor() -> FlowExecutor:
+        if executor_kind == "noop":
+            return NoopExecutor()
+        return PlaywrightExecutor(VERSION, headless=headless)
+
+    async def run_once() -> None:
+        nonlocal current
+        # a fresh runner and browser under the same id: work it held is redelivered
+        browser = executor()
+        current = Runner(
+            bus,
+            browser,
+            platform=platform,
+            slots=slots,
+            browser_version=browser_version,
+            labels=labels,
+            drain_grace=drain_grace,
+        )
+        current.runner_id = name
+        if stopping.is_set():
+            return
+        async with deaf_to_stop_signals(stop):
+            await browser.start()  # its driver process inherits the deafness
+        await current.run()
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if not headless and executor_kind != "noop":
+                await stack.enter_async_context(display_for_headed_browser())
+            await supervise(f"runner {name}", run_once, stopping=stopping)
     finally:
         await bus.close()
+    log.info("Runner stopped", runner_id=name)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def deaf_to_stop_signals(stop: Callable[[], object]) -> AsyncIterator[None]:
+    """Ignore SIGINT and SIGTERM while child processes start (they inherit it), then
+    stop on them again: a Ctrl-C reaches the terminal's whole process group, and the
+    browser's driver must outlive it while the runner drains."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop)
 
 
 async def run_demo_site(host: str, port: int, token_file: Path) -> None:

@@ -1,4 +1,6 @@
-"""Process-wide logging: structlog key=value lines on stderr."""
+"""Process-wide logging: structlog lines on stderr, for people on a terminal (key=value)
+and as JSON for machines elsewhere (a log file, a pipe); TB_LOG_FORMAT=console|json
+chooses explicitly."""
 
 from __future__ import annotations
 
@@ -18,15 +20,24 @@ def configure_logging(level: str | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            # plain tracebacks: one screen per crash, and no local variables in the log
-            structlog.dev.ConsoleRenderer(
-                colors=False, exception_formatter=structlog.dev.plain_traceback
-            ),
+            *_rendering(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def _rendering() -> list[structlog.typing.Processor]:
+    chosen = os.environ.get("TB_LOG_FORMAT", "").strip().lower()
+    if chosen == "json" or (chosen != "console" and not sys.stderr.isatty()):
+        return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    # plain tracebacks: one screen per crash, and no local variables in the log
+    return [
+        structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
+    ]
 
 
 _open_line = False  # a progress line without its newline is on the terminal

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -47,6 +48,15 @@ def _count(raw: str) -> int:
     return value
 
 
+def _label(raw: str) -> tuple[str, str]:
+    from schemas.labels import BadLabel, parse_label
+
+    try:
+        return parse_label(raw)
+    except BadLabel as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _nats_url(raw: str) -> str:
     if not raw.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise argparse.ArgumentTypeError(f"must be a URL like nats://127.0.0.1:4222 (got {raw!r})")
@@ -79,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--executor", choices=["playwright", "noop"], default="playwright", help=argparse.SUPPRESS
     )
+    p.add_argument(
+        "--headed",
+        action="store_true",
+        help="local runners show their browser (under Xvfb where there is no display)",
+    )
 
     p = sub.add_parser("engine", help="run the engine (dispatcher) against a NATS server")
     p.add_argument("--nats-url", type=_nats_url, required=True)
@@ -94,13 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runner", help="run a runner agent against a NATS server")
     p.add_argument("--nats-url", type=_nats_url, required=True)
     p.add_argument("--api", default=None, help="the API's URL, for the log")
-    p.add_argument("--os", dest="os_name", choices=["linux", "windows", "macos"], default="linux")
-    p.add_argument("--browser", choices=["chromium", "firefox", "webkit"], default="chromium")
-    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows")
+    p.add_argument(
+        "--os",
+        dest="os_name",
+        choices=["linux", "windows", "macos"],
+        default=None,
+        help="default: this machine's; a runner serves only its own operating system",
+    )
+    p.add_argument(
+        "--browser",
+        choices=["chromium", "firefox", "webkit"],
+        default="chromium",
+        help="refused unless this machine can launch it",
+    )
+    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows (capacity)")
+    p.add_argument(
+        "--label",
+        dest="labels",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="advertised with the runner (repeatable; adds to and overrides TB_RUNNER_LABELS)",
+    )
     p.add_argument("--runner-id", default=None)
-    p.add_argument("--headful", action="store_true", help="show the browser window")
+    p.add_argument(
+        "--headed",
+        "--headful",
+        dest="headed",
+        action="store_true",
+        help="show the browser window (under Xvfb where there is no display); HEADLESS=false too",
+    )
     p.add_argument("--executor", choices=["playwright", "noop"], default="playwright")
-    p.add_argument("--screenshot-dir", type=Path, default=None)
 
     p = sub.add_parser("demo-site", help="serve the bundled demo site")
     p.add_argument("--host", default="127.0.0.1")
@@ -147,6 +187,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "up":
             from cli.up import UpOptions, up
 
+            if args.headed:
+                os.environ["HEADLESS"] = "false"  # the runners it starts inherit it
+
             return await up(
                 UpOptions(
                     host=args.host,
@@ -166,16 +209,18 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "api":
             await commands.run_api(args.nats_url, args.host, args.port, args.db)
         case "runner":
-            await commands.run_runner(
+            from cli.settings import headless_from_env
+
+            return await commands.run_runner(
                 args.nats_url,
                 api_url=args.api,
                 os_name=args.os_name,
                 browser=args.browser,
                 slots=args.slots,
+                labels=dict(args.labels),
                 executor_kind=args.executor,
                 runner_id=args.runner_id,
-                headless=not args.headful,
-                screenshot_dir=args.screenshot_dir,
+                headless=headless_from_env() and not args.headed,
             )
         case "demo-site":
             await commands.run_demo_site(args.host, args.port, args.token_file)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from typing import TYPE_CHECKING
 
 from engine.bus import BusConfig
+
+if TYPE_CHECKING:
+    from engine.proxies.decider import HealthPolicy
 
 
 def _float(name: str, default: float) -> float:
@@ -54,6 +58,44 @@ def stall_margin_from_env() -> float:
     from engine.dispatch.state import STALL_MARGIN
 
     return _float("TB_STALL_MARGIN", STALL_MARGIN.total_seconds())
+
+
+def proxy_health_from_env() -> HealthPolicy:
+    """TB_PROXY_FAILURES (default 3) ProxyFailed within TB_PROXY_WINDOW (s, default 60)
+    mark a proxy bad for TB_PROXY_COOLDOWN (s, default 30); a failed check extends it,
+    doubling, up to TB_PROXY_MAX_COOLDOWN (s, default 600); a check may take
+    TB_PROXY_CHECK_TIMEOUT (s, default 5)."""
+    from datetime import timedelta
+
+    from engine.proxies.decider import HealthPolicy
+
+    d = HealthPolicy()
+    seconds = timedelta(seconds=1)
+    return HealthPolicy(
+        failures=_int("TB_PROXY_FAILURES", d.failures),
+        window=_float("TB_PROXY_WINDOW", d.window / seconds) * seconds,
+        cooldown=_float("TB_PROXY_COOLDOWN", d.cooldown / seconds) * seconds,
+        max_cooldown=_float("TB_PROXY_MAX_COOLDOWN", d.max_cooldown / seconds) * seconds,
+        check_timeout=_float("TB_PROXY_CHECK_TIMEOUT", d.check_timeout),
+    )
+
+
+def drain_grace_from_env() -> float:
+    """TB_DRAIN_GRACE (s, default 30): how long a stopping runner lets its started flows
+    finish before it hands them back to the queue."""
+    from agents.runner import DRAIN_GRACE
+
+    return _float("TB_DRAIN_GRACE", DRAIN_GRACE)
+
+
+def headless_from_env() -> bool:
+    """HEADLESS (true/false, default true): false runs the runner's browser visibly."""
+    raw = os.environ.get("HEADLESS", "").strip().lower()
+    if raw in ("", "true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise SystemExit(f"HEADLESS: must be true or false (got {raw!r})")
 
 
 def auth_disabled_explicitly() -> bool:

@@ -287,7 +287,6 @@ class System:
             await self.tree.spawn(
                 f"runner-{n + 1}", "runner", *nats, "--api", self.api_url,
                 "--slots", str(o.slots), "--executor", o.executor,
-                "--screenshot-dir", str(self.state.root / "screenshots"),
             )  # fmt: skip
 
     async def session(self, started: float) -> int:

@@ -229,7 +229,11 @@ class Bus:
             )
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.create_key_value(kv)
-        for bucket in (subjects.DATASETS_BUCKET, subjects.DISPATCHER_BUCKET):
+        for bucket in (
+            subjects.DATASETS_BUCKET,
+            subjects.DISPATCHER_BUCKET,
+            subjects.SCREENSHOTS_BUCKET,
+        ):
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.create_object_store(
                     bucket,

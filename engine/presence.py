@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 import nats.js.errors
 import structlog
@@ -38,3 +40,13 @@ async def online_runners(bus: Bus) -> list[RunnerPresence]:
                     _reported.add((key, entry.revision or 0))
                     log.warning("presence.undecodable", key=key, error=str(err))
     return found
+
+
+def serving(runners: Iterable[RunnerPresence]) -> set[tuple[str, str]]:
+    """The (os, browser) platforms that a runner takes new work for: present and not
+    draining. A runner killed without deregistering stays in until its entry's TTL lapses."""
+    return {(r.os, r.browser) for r in runners if r.status == "online"}
+
+
+async def serving_platforms(bus: Bus) -> set[tuple[str, str]]:
+    return serving(await online_runners(bus))

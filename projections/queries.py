@@ -32,12 +32,14 @@ class TargetView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     """``GET /api/v1/jobs/{job_id}``; ``reason`` is present only for refused, failed or
-    cancelled jobs that gave one."""
+    cancelled jobs that gave one; ``detail`` says what a running job waits for (the API
+    fills it in from what is true now, e.g. no runner online for its platform)."""
 
     job_id: str
     name: str
     status: JobStatus
     reason: str | None = None
+    detail: str | None = None
     approval: str | None = None
     platform_os: str
     platform_browser: str
@@ -73,14 +75,21 @@ class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class RunnerView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A runner as its events tell it; ``flows_completed`` and ``flows_failed`` count the
+    flow runs it reported since it last registered."""
+
     runner_id: str
     os: str
     browser: str
+    browser_version: str = ""
     slots: int
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
     hostname: str
     version: str
     status: RunnerStatus
     reason: str | None = None
+    flows_completed: int = 0
+    flows_failed: int = 0
     registered_at: datetime
     last_event_at: datetime
 
@@ -114,6 +123,10 @@ _JOB_COLUMNS = (
     " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
     " duration_ms_total, egress_refused, created_by, created_at, started_at, finished_at,"
     " updated_at, last_seq"
+)
+_FLOW_COLUMNS = (
+    "flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"
+    " duration_ms, updated_at"
 )
 _TARGET_COLUMNS = (
     "job_id, idx, url, label, referrer, flow_target, flow_done, flow_failed, click_target,"
@@ -151,20 +164,34 @@ async def list_flows(
     return await _fetch(
         db,
         FlowView,
-        "SELECT flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"
-        f" duration_ms, updated_at FROM flows WHERE job_id = ?{where}"
+        f"SELECT {_FLOW_COLUMNS} FROM flows WHERE job_id = ?{where}"
         " ORDER BY updated_at DESC, flow_id LIMIT ? OFFSET ?",
         (job_id, *params, limit, offset),
     )
 
 
-async def list_runners(db: aiosqlite.Connection) -> list[RunnerView]:
-    return await _fetch(
+async def get_flow(db: aiosqlite.Connection, flow_id: str) -> FlowView | None:
+    flows = await _fetch(
         db,
-        RunnerView,
-        "SELECT runner_id, os, browser, slots, hostname, version, status, reason,"
-        " registered_at, last_event_at FROM runners ORDER BY runner_id",
+        FlowView,
+        f"SELECT {_FLOW_COLUMNS} FROM flows WHERE flow_id = ?",
+        (flow_id,),
     )
+    return flows[0] if flows else None
+
+
+async def list_runners(db: aiosqlite.Connection) -> list[RunnerView]:
+    rows = await _rows(
+        db,
+        "SELECT runner_id, os, browser, browser_version, slots, labels, hostname, version,"
+        " status, reason, flows_completed, flows_failed, registered_at, last_event_at"
+        " FROM runners ORDER BY runner_id",
+        (),
+    )
+    return [
+        msgspec.convert({**row, "labels": msgspec.json.decode(row["labels"])}, RunnerView)
+        for row in rows
+    ]
 
 
 async def list_platforms(db: aiosqlite.Connection) -> list[PlatformView]:

@@ -8,14 +8,24 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from projections import consents, jobs, runners
+from projections import consents, jobs, proxies, runners
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
-from schemas.events import ConsentEvent, Envelope, FlowEvent, JobEvent, RunnerEvent
+from schemas.events import (
+    ConsentEvent,
+    Envelope,
+    FlowDone,
+    FlowEvent,
+    FlowFailed,
+    JobEvent,
+    ProxyEvent,
+    ProxyFailed,
+    RunnerEvent,
+)
 
 CHECKPOINT = "read_model"
-SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA)
+SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 3  # 3: jobs count the egress proxy's refusals
+SCHEMA_VERSION = 5  # 5: jobs count the egress proxy's refusals
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -25,6 +35,7 @@ class ProjectionUpdate(msgspec.Struct, frozen=True):
     job_ids: set[str] = msgspec.field(default_factory=set)
     runner_ids: set[str] = msgspec.field(default_factory=set)
     domains: set[str] = msgspec.field(default_factory=set)
+    proxy_ids: set[str] = msgspec.field(default_factory=set)
 
 
 async def open_read_model(path: Path) -> aiosqlite.Connection:
@@ -72,10 +83,16 @@ async def apply_batch(
             event = env.event
             if isinstance(event, JobEvent | FlowEvent):
                 update.job_ids.update(await jobs.apply(db, env))
+                if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
+                    update.runner_ids.update(await runners.apply(db, env))
+                if isinstance(event, ProxyFailed):
+                    update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, RunnerEvent):
                 update.runner_ids.update(await runners.apply(db, env))
             elif isinstance(event, ConsentEvent):
                 update.domains.update(await consents.apply(db, env))
+            elif isinstance(event, ProxyEvent):
+                update.proxy_ids.update(await proxies.apply(db, env))
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)
 

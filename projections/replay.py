@@ -28,6 +28,7 @@ TABLES = {
     "flows": "flow_id",
     "runners": "runner_id",
     "consents": "domain",
+    "proxies": "proxy_id",
 }
 
 

@@ -1,13 +1,29 @@
-"""Read model of runner agents: who is registered, on which platform, with how many slots."""
+"""Read model of runner agents: who registered, on which platform and browser, with what
+capacity and labels, and how many flows each completed and failed since it last started.
+
+The counts are folded from the flow events that name the runner (``FlowDone``,
+``FlowFailed``): each event is one flow run that runner reported, so a flow retried on
+the same runner counts once per run. A ``FlowFailed`` the dispatcher wrote (stalled,
+spent attempts) names no runner and counts for none. ``RunnerRegistered`` starts the
+counts afresh: they are the runner's since its start, as its uptime is.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import aiosqlite
+import msgspec
 
 from projections.db import iso
-from schemas.events import Envelope, RunnerDeregistered, RunnerDraining, RunnerRegistered
+from schemas.events import (
+    Envelope,
+    FlowDone,
+    FlowFailed,
+    RunnerDeregistered,
+    RunnerDraining,
+    RunnerRegistered,
+)
 
 RunnerStatus = Literal["registered", "draining", "deregistered"]
 
@@ -16,36 +32,46 @@ SCHEMA = (
         runner_id TEXT PRIMARY KEY,
         os TEXT NOT NULL,
         browser TEXT NOT NULL,
+        browser_version TEXT NOT NULL DEFAULT '',
         slots INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
         hostname TEXT NOT NULL,
         version TEXT NOT NULL,
         status TEXT NOT NULL,
         reason TEXT,
+        flows_completed INTEGER NOT NULL DEFAULT 0,
+        flows_failed INTEGER NOT NULL DEFAULT 0,
         registered_at TEXT NOT NULL,
         last_event_at TEXT NOT NULL,
         last_seq INTEGER NOT NULL
     )""",
 )
 
+_labels = msgspec.json.Encoder()
+
 
 async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
-    """Fold one runner event; returns the ids of the runners whose rows changed."""
+    """Fold one runner event, or one flow end a runner reported; returns the ids of the
+    runners whose rows changed."""
     event = env.event
     match event:
         case RunnerRegistered():
             # a runner that comes back registers again under its id: start a fresh record
             await db.execute(
-                "INSERT INTO runners (runner_id, os, browser, slots, hostname, version, status,"
-                " registered_at, last_event_at, last_seq)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'registered', ?, ?, ?)"
+                "INSERT INTO runners (runner_id, os, browser, browser_version, slots, labels,"
+                " hostname, version, status, registered_at, last_event_at, last_seq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'registered', ?, ?, ?)"
                 " ON CONFLICT (runner_id) DO UPDATE SET os = excluded.os,"
-                " browser = excluded.browser, slots = excluded.slots,"
+                " browser = excluded.browser, browser_version = excluded.browser_version,"
+                " slots = excluded.slots, labels = excluded.labels,"
                 " hostname = excluded.hostname, version = excluded.version,"
                 " status = excluded.status, reason = NULL,"
+                " flows_completed = 0, flows_failed = 0,"
                 " registered_at = excluded.registered_at,"
                 " last_event_at = excluded.last_event_at, last_seq = excluded.last_seq",
                 (
-                    event.runner_id, event.platform.os, event.platform.browser, event.slots,
+                    event.runner_id, event.platform.os, event.platform.browser,
+                    event.browser_version, event.slots, _labels.encode(event.labels).decode(),
                     event.hostname, event.version, iso(event.at), iso(event.at), env.seq,
                 ),
             )  # fmt: skip
@@ -61,4 +87,10 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
                 (status, reason, iso(event.at), env.seq, event.runner_id),
             )
             return {event.runner_id} if cur.rowcount else set()
+        case FlowDone(runner_id=runner_id) | FlowFailed(runner_id=runner_id) if runner_id:
+            column = "flows_completed" if isinstance(event, FlowDone) else "flows_failed"
+            cur = await db.execute(
+                f"UPDATE runners SET {column} = {column} + 1 WHERE runner_id = ?", (runner_id,)
+            )
+            return {runner_id} if cur.rowcount else set()
     return set()

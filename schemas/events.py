@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from schemas.labels import Labels
 from schemas.values import (
     Attempt,
     AwareDatetime,
@@ -22,9 +23,11 @@ from schemas.values import (
     JobSettings,
     Millis,
     Platform,
+    ProxyLabel,
     Target,
     Text,
     Url,
+    host_is_valid,
     url_problem,
 )
 
@@ -134,8 +137,12 @@ class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     # the consented ports of each allowed host (empty in items dispatched before ports
     # were recorded: the runner then allows 80, 443 and the target URL's port)
     allowed_ports: dict[str, Ports] = {}
-    # the job's DNS mode: host -> IP address for the egress proxy (empty: system DNS)
-    host_map: dict[str, str] = {}
+    # upstream proxy candidates by id, tried in this order (the next one when a proxy
+    # fails); empty: the flow connects directly. Their endpoints and credentials are in
+    # the proxy secrets bucket, never here.
+    proxies: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
+    # the job's settings, for the flow's behaviour (None: an item from before they rode along)
+    settings: JobSettings | None = None
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)
@@ -147,16 +154,64 @@ class FlowStarted(FlowEvent, frozen=True, kw_only=True):
     runner_id: Actor
 
 
+Ms = Annotated[float, msgspec.Meta(ge=0, le=24 * 3600 * 1000)]
+TRAIL_LENGTH = 2000  # steps a PageLeft lists at most (a long stay lists its first ones)
+Steps = Annotated[list[int], msgspec.Meta(max_length=TRAIL_LENGTH)]
+
+
+class PageTimings(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the browser measured of a page, in milliseconds from the navigation's start
+    (Navigation Timing, Paint Timing, web vitals); ``None``: not measurable (yet)."""
+
+    ttfb_ms: Ms | None = None
+    dom_content_loaded_ms: Ms | None = None
+    load_ms: Ms | None = None
+    fcp_ms: Ms | None = None
+    lcp_ms: Ms | None = None
+    cls: Annotated[float, msgspec.Meta(ge=0, le=1000)] | None = None
+    inp_ms: Ms | None = None
+
+
 class PageVisited(FlowEvent, frozen=True, kw_only=True):
+    """A page the flow arrived on (after its load event, or a bounded wait for it)."""
+
     url: Text
     status: HttpStatus | None = None
     n: Index = 0
+    timings: PageTimings | None = None
+
+
+class PageLeft(FlowEvent, frozen=True, kw_only=True):
+    """What a flow did on a page before it moved on (or ended): one event per page.
+
+    ``scrolls``: the wheel's vertical deltas in order; ``pauses_ms``: the pause before
+    each step (a scroll or a mouse move); ``moves``: the end point of each mouse path,
+    ``[x, y]``; ``timings``: the page's web vitals when left (CLS and INP grow while a
+    page is open)."""
+
+    url: Text
+    n: Index = 0
+    dwell_ms: Millis = 0
+    scrolls: Steps = []
+    pauses_ms: Steps = []
+    moves: Annotated[list[tuple[int, int]], msgspec.Meta(max_length=TRAIL_LENGTH)] = []
+    timings: PageTimings | None = None
+
+
+class LinkPick(msgspec.Struct, frozen=True):
+    """Which link a click took: ``index`` among ``candidates`` (the page's links of its
+    kind, in page order); ``external``: a link to another consented host of the job."""
+
+    index: Index
+    candidates: Count
+    external: bool = False
 
 
 class ClickDone(FlowEvent, frozen=True, kw_only=True):
     target_index: Index
     href: Text
     n: Index = 0
+    link: LinkPick | None = None
 
 
 class ClickSkipped(FlowEvent, frozen=True, kw_only=True):
@@ -172,6 +227,8 @@ class FlowDone(FlowEvent, frozen=True, kw_only=True):
     target_index: Index
     clicks_done: Count = 0
     duration_ms: Millis = 0
+    device: Name | None = None  # the device profile the flow presented as
+    delay_ms: Millis | None = None  # the traffic delay it waited before its first page
 
 
 class FlowFailed(FlowEvent, frozen=True, kw_only=True):
@@ -198,9 +255,16 @@ class FlowReleased(FlowEvent, frozen=True, kw_only=True):
 
 
 class ProxyFailed(FlowEvent, frozen=True, kw_only=True):
+    """A connection of this flow through one of its proxy candidates failed because of the
+    proxy; the flow went on with the next candidate. ``proxy`` is its label
+    (``scheme://host:port``, never credentials), ``error`` the kind of failure
+    (``schemas.proxies.ProxyErrorKind``), ``reason`` what happened."""
+
     proxy: Text
     reason: Text
     n: Index = 0
+    proxy_id: Id | None = None
+    error: Annotated[str, msgspec.Meta(max_length=32)] = ""
 
 
 class EgressRefused(FlowEvent, frozen=True, kw_only=True):
@@ -221,10 +285,15 @@ class RunnerEvent(Event, frozen=True, kw_only=True):
 
 
 class RunnerRegistered(RunnerEvent, frozen=True, kw_only=True):
+    """``slots`` is the runner's capacity; ``browser_version`` what its launched browser
+    reports ("" for a runner without a browser); ``labels`` the operator's ``key=value``s."""
+
     platform: Platform
     slots: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
     hostname: Name = ""
     version: Name = ""
+    browser_version: Name = ""
+    labels: Labels = msgspec.field(default_factory=dict)
 
 
 class RunnerDraining(RunnerEvent, frozen=True, kw_only=True):
@@ -233,6 +302,55 @@ class RunnerDraining(RunnerEvent, frozen=True, kw_only=True):
 
 class RunnerDeregistered(RunnerEvent, frozen=True, kw_only=True):
     reason: Text = ""
+
+
+# -- proxies ------------------------------------------------------------------------
+
+
+class ProxyEvent(Event, frozen=True, kw_only=True):
+    proxy_id: Id
+
+
+class ProxyRegistered(ProxyEvent, frozen=True, kw_only=True):
+    """Where the proxy is. Its credentials (``has_credentials``) are in the proxy secrets
+    bucket under its id, never in the log."""
+
+    scheme: Literal["http", "https", "socks5"]
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    has_credentials: bool = False
+    label: ProxyLabel | None = None
+
+    def __post_init__(self) -> None:
+        if not host_is_valid(self.host):
+            raise ValueError("host must be a domain name or an IP address")
+
+
+class ProxyRetired(ProxyEvent, frozen=True, kw_only=True):
+    reason: Text = ""
+
+
+class ProxyMarkedBad(ProxyEvent, frozen=True, kw_only=True):
+    """``failures`` ProxyFailed within ``window_seconds``: not handed out until a check
+    after ``bad_until`` passes."""
+
+    failures: Count
+    window_seconds: Annotated[float, msgspec.Meta(ge=0)]
+    bad_until: AwareDatetime
+    reason: Text = ""  # the last failure's
+
+
+class ProxyCheckFailed(ProxyEvent, frozen=True, kw_only=True):
+    """The check after the cool-down failed: the cool-down is extended to ``bad_until``."""
+
+    reason: Text
+    bad_until: AwareDatetime
+
+
+class ProxyRestored(ProxyEvent, frozen=True, kw_only=True):
+    """The check passed: the proxy is handed out again."""
+
+    check: Text = ""  # what the check did
 
 
 # -- consent ------------------------------------------------------------------------
@@ -283,6 +401,7 @@ FlowEvents = (
     FlowDispatched
     | FlowStarted
     | PageVisited
+    | PageLeft
     | ClickDone
     | ClickSkipped
     | FlowDone
@@ -294,8 +413,9 @@ FlowEvents = (
 )
 RunnerEvents = RunnerRegistered | RunnerDraining | RunnerDeregistered
 ConsentEvents = DomainClaimed | ConsentGiven | ConsentVerificationFailed | ConsentRevoked
+ProxyEvents = ProxyRegistered | ProxyRetired | ProxyMarkedBad | ProxyCheckFailed | ProxyRestored
 
-TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents
+TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents | ProxyEvents
 
 _decoder = msgspec.json.Decoder(TbEvent)
 _encoder = msgspec.json.Encoder()

@@ -12,6 +12,8 @@ from schemas.events import (
     FlowReleased,
     FlowStalled,
     JobEvent,
+    ProxyEvent,
+    ProxyFailed,
     RunnerEvent,
 )
 
@@ -38,6 +40,8 @@ RUNNERS_BUCKET = "tb_runners"
 LEASES_BUCKET = "tb_leases"
 DATASETS_BUCKET = "tb_datasets"
 DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
+PROXY_SECRETS_BUCKET = "tb_proxy_secrets"  # proxy endpoints with credentials, by proxy id
+SCREENSHOTS_BUCKET = "tb_screenshots"  # failure screenshots: the only bucket runners write
 
 TYPE_HEADER = "Tb-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -112,6 +116,23 @@ def all_consents(event_type: str = "*") -> str:
     return f"tb.consent.*.{event_type}"
 
 
+def proxy_subject(proxy_id: str, event_type: str) -> str:
+    return f"tb.proxy.{proxy_id}.{event_type}"
+
+
+def proxy_stream_filter(proxy_id: str) -> str:
+    """All events of one proxy (the optimistic-concurrency scope of its health)."""
+    return f"tb.proxy.{proxy_id}.*"
+
+
+def proxy_health_msg_id(proxy_id: str, event_type: str, episode: int, n: int = 0) -> str:
+    """``proxy:<id>:<type>:<episode>:<n>``: the ``episode``-th time the proxy was marked bad,
+    and its ``n``-th failed check; two engines deciding the same step write the same id."""
+    return f"proxy:{proxy_id}:{event_type}:{episode}:{n}"
+
+
+ALL_PROXIES = "tb.proxy.>"
+ALL_PROXY_FAILURES = all_flows(ProxyFailed.__name__)
 ALL_DISPATCH = "tb.dispatch.>"
 
 # only what planning folds in: FlowStarted, PageVisited, clicks… never change the plan,
@@ -121,6 +142,7 @@ DISPATCHER_INPUTS = [
     ALL_DISPATCH,
     *(all_flows(kind.__name__) for kind in (FlowDone, FlowFailed, FlowStalled, FlowReleased)),
     "tb.consent.>",
+    ALL_PROXIES,  # which proxies may be handed out
 ]
 
 
@@ -137,6 +159,8 @@ def subject_for(event: Event) -> str:
         return runner_subject(event.runner_id, kind)
     if isinstance(event, ConsentEvent):
         return consent_subject(event.domain, kind)
+    if isinstance(event, ProxyEvent):
+        return proxy_subject(event.proxy_id, kind)
     raise TypeError(f"no subject for {kind}")
 
 
@@ -171,6 +195,11 @@ def stalled_msg_id(flow_id: str, attempt: int) -> str:
 
 def released_msg_id(flow_id: str, attempt: int, delivery: int) -> str:
     return f"{flow_id}:{attempt}:FlowReleased:{delivery}"
+
+
+def screenshot_name(flow_id: str, attempt: int, delivery: int) -> str:
+    """The object holding the screenshot of one delivery of one attempt that failed."""
+    return f"{flow_id}/{attempt}/{delivery}.png"
 
 
 def quarantine_subject(stream: str, seq: int) -> str:

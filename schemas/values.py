@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from schemas.devices import DeviceProfile
 from schemas.ids import ID_PATTERN
 
 OsName = Literal["linux", "windows", "macos"]
@@ -131,14 +132,128 @@ class DnsEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"dns: {self.address!r} is not an IP address") from None
 
 
+ProxyLabel = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.:/-]*$")
+]
+"""A name several registered proxies can share (a region, a provider), to pool them."""
+
+
+class ProxyPool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which registered proxies a job's flows go through: the proxies ``ids`` names (in
+    that order), or every proxy carrying ``label``, or, with neither, every registered one.
+    Retired proxies and those marked bad are never handed out."""
+
+    ids: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
+    label: ProxyLabel | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids and self.label is not None:
+            raise ValueError("label cannot be combined with ids: name proxies one way")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("ids must not repeat a proxy")
+
+
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class SecondsRange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A span of seconds a flow draws from (uniformly); equal ends make it constant."""
+
+    min_seconds: Seconds
+    max_seconds: Seconds
+
+    def __post_init__(self) -> None:
+        if self.min_seconds > self.max_seconds:
+            raise ValueError(
+                f"min_seconds ({self.min_seconds}) must not exceed max_seconds ({self.max_seconds})"
+            )
+
+
+class SessionDuration(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """How long a flow browses (its time on pages). ``constant``: ``seconds``.
+    ``variable``: drawn per flow within ``min_seconds``..``max_seconds``, uniformly, or
+    from a normal distribution (``mean_seconds``, ``stddev_seconds``) cut to those bounds."""
+
+    mode: Literal["constant", "variable"] = "constant"
+    seconds: Seconds | None = None
+    min_seconds: Seconds | None = None
+    max_seconds: Seconds | None = None
+    distribution: Literal["uniform", "normal"] = "uniform"
+    mean_seconds: Seconds | None = None
+    stddev_seconds: Seconds | None = None
+
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _problem(self) -> str | None:
+        """What is wrong, as ``<field> <rule>`` (the API names the field)."""
+        given = [
+            name
+            for name in ("seconds", "min_seconds", "max_seconds", "mean_seconds", "stddev_seconds")
+            if getattr(self, name) is not None
+        ]
+        if self.mode == "constant":
+            if self.seconds is None:
+                return "seconds must be given for mode 'constant'"
+            extra = [name for name in given if name != "seconds"]
+            if self.distribution != "uniform":
+                extra.insert(0, "distribution")
+            if extra:
+                return f"{extra[0]} is not for mode 'constant' (it takes seconds)"
+            return None
+        for name in ("min_seconds", "max_seconds"):
+            if getattr(self, name) is None:
+                return f"{name} must be given for mode 'variable'"
+        if self.seconds is not None:
+            return "seconds is not for mode 'variable' (it takes min_seconds and max_seconds)"
+        low, high = self.min_seconds or 0.0, self.max_seconds or 0.0
+        if low > high:
+            return f"min_seconds ({low}) must not exceed max_seconds ({high})"
+        if self.distribution == "uniform":
+            for name in ("mean_seconds", "stddev_seconds"):
+                if getattr(self, name) is not None:
+                    return f"{name} is for distribution 'normal'"
+            return None
+        for name in ("mean_seconds", "stddev_seconds"):
+            if getattr(self, name) is None:
+                return f"{name} must be given for distribution 'normal'"
+        if not low <= (self.mean_seconds or 0.0) <= high:
+            return f"mean_seconds must lie within min_seconds..max_seconds ({low}..{high})"
+        return None
+
+    @property
+    def longest(self) -> float:
+        if self.max_seconds is not None:
+            return self.max_seconds
+        return self.seconds or 0.0
+
+
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How a job runs. Later settings get defaults so older events still decode."""
+    """How a job runs. Later settings get defaults so older events still decode.
+
+    ``session_seconds`` is a constant session duration; ``session_duration``, when
+    given, rules instead (constant or variable)."""
 
     instance_count: Annotated[int, msgspec.Meta(ge=1, le=500)] = 1
-    session_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+    session_seconds: Seconds = 5.0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     priority: Annotated[int, msgspec.Meta(ge=0, le=9)] = 0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    proxies: ProxyPool | None = None  # None: flows connect directly
+    proxy_switching: bool = False  # rotate the pool's order per flow (else one order for all)
+
+    session_duration: SessionDuration | None = None
+    page_traffic: Annotated[int, msgspec.Meta(ge=1, le=50)] = 1
+    traffic_delay: SecondsRange | None = None
+    human_surfing: bool = True
+    click_timing: SecondsRange | None = None
+    external_click_ratio: Ratio = 0.0
+    # a tuple: the settings stay hashable, as a frozen value should be
+    devices: Annotated[tuple[DeviceProfile, ...], msgspec.Meta(max_length=100)] = ()
+    platform_switching: bool = False
     # DNS mode: empty is the system resolver; else host -> IP address, applied by the
     # runner's egress proxy, which then checks the address it connects to
     dns: Annotated[tuple[DnsEntry, ...], msgspec.Meta(max_length=1000)] = ()
@@ -146,6 +261,19 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def host_map(self) -> dict[str, str]:
         return {entry.host.lower(): entry.address for entry in self.dns}
+
+    @property
+    def session(self) -> SessionDuration:
+        if self.session_duration is not None:
+            return self.session_duration
+        return SessionDuration(seconds=self.session_seconds)
+
+    @property
+    def longest_flow_seconds(self) -> float:
+        """The most time a flow spends by design: its longest session and traffic delay
+        (navigations come on top)."""
+        delay = self.traffic_delay.max_seconds if self.traffic_delay is not None else 0.0
+        return self.session.longest + delay
 
 
 class ConsentCaps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

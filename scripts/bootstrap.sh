@@ -55,3 +55,10 @@ if ! have_browser; then
     exit 1
   fi
 fi
+
+# A virtual display for headed browsers where there is none (./dev up --headed,
+# TB_HEADED=1; CI runs the headed test, so it sets it too).
+if [ "${TB_HEADED:-}" = 1 ] && ! command -v Xvfb >/dev/null; then
+  echo "==> installing Xvfb"
+  apt_install xvfb || { echo "Xvfb is needed for --headed without a display: install the 'xvfb' package" >&2; exit 1; }
+fi

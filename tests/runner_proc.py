@@ -3,7 +3,7 @@
 ``python -m tests.runner_proc --nats-url URL --seconds S --slots N --record FILE``
 appends one JSON line per executor run to FILE as it starts and as it ends (done or
 cancelled), with wall-clock times, so a test can tell what ran when even in a runner
-it SIGKILLed.
+it SIGKILLed. SIGTERM drains it (TB_DRAIN_GRACE), as it does ``tb runner``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import msgspec
 
 from agents.executor import AllowedHosts, FlowReport, FlowResult
 from agents.runner import Runner
-from cli.settings import bus_config_from_env
+from cli.logs import configure_logging
+from cli.settings import bus_config_from_env, drain_grace_from_env
 from engine.bus import Bus
 from schemas.events import FlowDispatched
 
@@ -84,7 +85,8 @@ def read_runs(path: Path) -> list[Run]:
 async def main(url: str, seconds: float, slots: int, runner_id: str, record: Path) -> None:
     bus = await Bus.connect(url, name=runner_id, config=bus_config_from_env())
     with record.open("ab") as out:
-        runner = Runner(bus, SleepingExecutor(seconds, runner_id, out), slots=slots)
+        executor = SleepingExecutor(seconds, runner_id, out)
+        runner = Runner(bus, executor, slots=slots, drain_grace=drain_grace_from_env())
         runner.runner_id = runner_id
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.stop)
@@ -102,4 +104,5 @@ if __name__ == "__main__":
     p.add_argument("--runner-id", required=True)
     p.add_argument("--record", type=Path, required=True)
     a = p.parse_args()
+    configure_logging()
     asyncio.run(main(a.nats_url, a.seconds, a.slots, a.runner_id, a.record))

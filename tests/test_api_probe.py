@@ -37,7 +37,7 @@ async def test_presence_entry_that_does_not_decode_is_skipped(
     async with asyncio.timeout(WAIT):
         runners = await client.get("/api/v1/runners")
         assert runners.status_code == 200, runners.text
-        assert [r["runner_id"] for r in runners.json()] == ["runner_linux"]
+        assert [r["id"] for r in runners.json()] == ["runner_linux"]
         created = await client.post("/api/v1/jobs", json=JOB)
         assert created.status_code == 201, created.text
         ready = await client.get("/readyz")

@@ -32,9 +32,11 @@ from agents.browser import (
     managed_chromium_installed,
 )
 from agents.executor import AllowedHosts, FlowError, NoopExecutor
+from agents.human import PageTrail
 from agents.playwright_flow import PlaywrightExecutor
 from demo.site import EXTERNAL_URL, build_demo_app, serve_demo_site
-from schemas.events import FlowDispatched
+from schemas.events import FlowDispatched, LinkPick, PageTimings
+from schemas.values import DnsEntry, JobSettings
 
 VERSION = "9.9.9-test"
 JOB = "job-exec-1"
@@ -163,10 +165,15 @@ class RecordedReport:
     refusals: list[tuple[str, int, str, str]] = field(default_factory=list)
     keepalives: int = 0
 
-    async def page_visited(self, url: str, status: int | None) -> None:
+    async def page_visited(
+        self, url: str, status: int | None, timings: PageTimings | None = None
+    ) -> None:
         self.visits.append((url, status))
 
-    async def click_done(self, href: str) -> None:
+    async def page_left(self, url: str, trail: PageTrail, timings: PageTimings | None) -> None:
+        pass
+
+    async def click_done(self, href: str, link: LinkPick | None = None) -> None:
         self.clicks.append(href)
 
     async def click_skipped(self, href: str, reason: str) -> None:
@@ -207,7 +214,12 @@ def flow(
         seed=seed,
         referrer=referrer,
         allowed_ports=allowed_ports or {},
-        host_map=host_map or {},
+        settings=JobSettings(
+            session_seconds=session_seconds,
+            dns=tuple(DnsEntry(host, address) for host, address in (host_map or {}).items()),
+        )
+        if host_map
+        else None,
     )
 
 
@@ -544,10 +556,8 @@ async def test_server_error_on_first_page_is_retryable_with_screenshot(
         await executor.run(flow(url, flow_id="flow-500"), RecordedReport())
 
     assert (failure.value.reason, failure.value.retryable) == ("http_500", True)
-    assert failure.value.screenshot is not None
-    shot = Path(failure.value.screenshot)
-    assert shot.name == "flow-500-1.png"
-    assert shot.read_bytes().startswith(b"\x89PNG")
+    assert failure.value.screenshot is not None  # the runner stores it in tb_screenshots
+    assert failure.value.screenshot.startswith(b"\x89PNG")
 
 
 @needs_chromium

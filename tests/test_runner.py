@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from agents.backoff import Backoff
@@ -605,19 +608,29 @@ async def terminal_failures(bus: Bus, job_id: str, flows: int, timeout: float) -
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def told(said: Callable[[dict[str, Any]], bool]) -> Iterator[asyncio.Event]:
+    """An event set once a log line satisfies ``said`` (lines are captured, not printed)."""
+    seen = asyncio.Event()
+
+    def spy(_: object, __: str, line: dict[str, Any]) -> dict[str, Any]:
+        if said(line):
+            seen.set()
+        raise structlog.DropEvent
+
+    with capture_logs():  # restores the configuration afterwards
+        structlog.configure(processors=[spy])
+        yield seen
+
+
 async def test_runner_stopped_while_waiting_for_the_streams_stops_at_once(
     nats_server: NatsServer,
 ) -> None:
     bare = await Bus.connect(nats_server.url, name="runner")  # nothing provisioned yet
-    waiting = asyncio.Event()
-
-    def announce(line: str) -> None:
-        if "Waiting for the engine" in line:
-            waiting.set()
-
-    runner = Runner(bare, SteadyExecutor(0), slots=1, announce=announce)
-    running = asyncio.create_task(runner.run())
-    await asyncio.wait_for(waiting.wait(), 10)
+    runner = Runner(bare, SteadyExecutor(0), slots=1)
+    with told(lambda line: line["event"].startswith("Waiting for the engine")) as waiting:
+        running = asyncio.create_task(runner.run())
+        await asyncio.wait_for(waiting.wait(), 10)
     runner.stop()
     await asyncio.wait_for(running, 5)
     await bare.close()

@@ -179,7 +179,9 @@ class ActionWriter:
                     allowed = hosts[d.job_id] = sorted(plan.host_set & authorised)
                 msg_id = subjects.dispatch_msg_id(d.flow_id, d.attempt)
                 ports = {h: sorted(state.consents[h].ports) for h in allowed}
-                items.append((self._work_item(plan, d, allowed, ports, now), msg_id))
+                proxies = state.proxy_candidates(plan, d.flow_id, d.attempt) or []
+                item = self._work_item(plan, d, allowed, ports, proxies, now)
+                items.append((item, msg_id))
             except Exception as err:
                 state.break_job(plan, f"dispatching failed: {err!r}", err)
         items = [(e, m) for e, m in items if not state.jobs[e.job_id].broken]
@@ -197,6 +199,7 @@ class ActionWriter:
         d: Dispatch,
         allowed: list[str],
         ports: dict[str, list[int]],
+        proxies: list[str],
         now: datetime,
     ) -> FlowDispatched:
         job = plan.job
@@ -211,11 +214,12 @@ class ActionWriter:
             target_index=d.target_index,
             url=target.url,
             clicks=target.clicks,
-            session_seconds=job.settings.session_seconds,
+            session_seconds=job.settings.session.longest,
             allowed_hosts=allowed,
             seed=d.seed,
             platform=job.platform,
             referrer=target.referrer,
             allowed_ports=ports,
-            host_map=job.settings.host_map,
+            proxies=proxies,
+            settings=job.settings,
         )

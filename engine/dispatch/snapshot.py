@@ -29,13 +29,16 @@ from engine.jobs.decider import Job
 from schemas import subjects
 from schemas.consent_state import Consent
 from schemas.flow_lifecycle import FlowState
+from schemas.proxy_state import ProxyState
 
 log = structlog.get_logger("tb.dispatcher.snapshot")
 
 # 2: finished jobs leave the state; 3: flows hold their lifecycle state and dispatch
 # time, jobs their hosts and whether they are broken; 4: flows hold their work item's
-# sequence and when it was seen delivered; 5: consents hold their ports
-SNAPSHOT_FORMAT = 5
+# sequence and when it was seen delivered; 5: the registered proxies and their health;
+# 6: job settings carry the flow behaviour (older code could not decode a job created
+# with them, so its snapshot lacks the job); 7: consents hold their ports
+SNAPSHOT_FORMAT = 7
 SNAPSHOT_OBJECT = "state"
 
 
@@ -67,6 +70,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     consents: list[Consent]
     domain_in_flight: dict[str, int]
     domain_recent: dict[str, list[datetime]]
+    proxies: list[ProxyState] = []
 
 
 class _Header(msgspec.Struct):
@@ -114,6 +118,7 @@ def encode(state: DispatchState) -> bytes:
             consents=list(state.consents.values()),
             domain_in_flight={d: n for d, n in state.domain_in_flight.items() if n},
             domain_recent={d: list(r) for d, r in state.domain_recent.items() if r},
+            proxies=list(state.proxies.values()),
         )
     )
 
@@ -133,6 +138,7 @@ def decode(data: bytes) -> DispatchState | None:
     except (IndexError, KeyError):
         return None
     state.consents = {c.domain: c for c in snap.consents}
+    state.proxies = {p.proxy_id: p for p in snap.proxies}
     state.domain_in_flight = Counter(snap.domain_in_flight)
     state.domain_recent = {d: deque(r) for d, r in snap.domain_recent.items()}
     return state

@@ -31,6 +31,7 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
+from engine.proxies.pool import candidates
 from schemas import subjects
 from schemas.consent_state import Consent, ConsentStatus, evolve_consent
 from schemas.events import (
@@ -44,9 +45,11 @@ from schemas.events import (
     JobCreated,
     JobEvent,
     JobStarted,
+    ProxyEvent,
     TbEvent,
 )
 from schemas.flow_lifecycle import IN_FLIGHT, WAITING, FlowState, flow_transition
+from schemas.proxy_state import ProxyState, fold_into
 
 RATE_WINDOW = timedelta(minutes=1)
 STALL_MARGIN = timedelta(minutes=10)  # beyond a flow's planned session, before it is stalled
@@ -127,10 +130,20 @@ def flow_id(job_id: str, target_index: int, n: int) -> str:
 
 
 def flow_seed(job: Job, flow: str) -> int:
-    """``seed(job, flow)``: a flow's random choices replay the same way."""
+    """``seed(job, flow)``: a flow's random choices replay the same way. With the job's
+    seed set, the flow's index in its job goes in, not its id (which names the job): a
+    new job with that seed replays the same choices flow by flow."""
+    index = flow.removeprefix(f"{job.job_id}_")
     base = job.settings.seed if job.settings.seed is not None else job.job_id
-    digest = hashlib.blake2b(f"{base}:{flow}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def flow_turn(fid: str, targets: int, attempt: int) -> int:
+    """Where a flow (and attempt) comes in its job's order of flows: the rotation of its
+    proxy candidates under proxy switching."""
+    _, index, n = fid.rsplit("_", 2)
+    return int(n) * max(targets, 1) + int(index) + attempt - 1
 
 
 def host_of(url: str) -> str:
@@ -218,6 +231,7 @@ class DispatchState:
     consents: dict[str, Consent] = field(default_factory=dict)
     domain_in_flight: Counter[str] = field(default_factory=Counter)
     domain_recent: dict[str, deque[datetime]] = field(default_factory=dict)
+    proxies: dict[str, ProxyState] = field(default_factory=dict)  # registered, not retired
     position: int = 0
     errors: list[LaneError] = field(default_factory=list)  # not checkpointed: logged once
     # attempts this process ended (stalled, revoked) whose event the reader has not
@@ -241,6 +255,8 @@ class DispatchState:
             self._apply_job(seq, event)
         elif isinstance(event, ConsentEvent):
             self._apply_consent(seq, event)
+        elif isinstance(event, ProxyEvent):
+            fold_into(self.proxies, event, seq)
 
     def unreadable(self, job_id: str, seq: int, kind: str, reason: str, first: bool) -> None:
         """A message on the job's subjects that is no event (it was quarantined).
@@ -386,6 +402,16 @@ class DispatchState:
             self.consents[domain] = Consent(domain=domain, version=seq)
             self.errors.append(LaneError(f"consent:{domain}", f"consent unreadable: {err!r}", err))
 
+    def proxy_candidates(self, plan: JobPlan, fid: str, attempt: int) -> list[str] | None:
+        """The proxy ids a flow's work item names, in the order to try them; ``None`` when
+        its job draws on a pool in which no proxy is usable now (the flow waits)."""
+        settings = plan.job.settings
+        if settings.proxies is None:
+            return []
+        turn = flow_turn(fid, len(plan.job.targets), attempt)
+        found = candidates(settings.proxies, self.proxies, settings.proxy_switching, turn)
+        return found or None
+
     @contextmanager
     def _lane(self, plan: JobPlan, event: object, seq: int) -> Iterator[None]:
         try:
@@ -461,7 +487,7 @@ class DispatchState:
     def _stalls(
         self, plan: JobPlan, now: datetime, margin: timedelta, out: list[JobAction]
     ) -> None:
-        session = timedelta(seconds=plan.job.settings.session_seconds)
+        session = timedelta(seconds=plan.job.settings.longest_flow_seconds)
         # oldest first: stop at the first one still within time, or not yet delivered (a
         # platform's queue delivers in stream order, so the ones after it wait too)
         for fid in plan.flying:
@@ -478,7 +504,7 @@ class DispatchState:
         if slot is None or slot.delivered_at is None or slot.dispatched_at is None:
             return None
         plan = self.jobs[action.job_id]
-        session = timedelta(seconds=plan.job.settings.session_seconds)
+        session = timedelta(seconds=plan.job.settings.longest_flow_seconds)
         if slot.delivered_at + session + margin > now:
             return None
         return (now - slot.dispatched_at).total_seconds()
@@ -544,7 +570,9 @@ class DispatchState:
             return False
         if authorised is None:
             authorised = self.authorised_hosts(now)
-        return slot.host in authorised
+        if slot.host not in authorised:
+            return False
+        return self.proxy_candidates(plan, d.flow_id, d.attempt) is not None
 
     def dispatches(self, now: datetime, max_dispatches: int = 1000) -> list[Dispatch]:
         authorised = self.authorised_hosts(now)
@@ -610,6 +638,8 @@ class DispatchState:
             domain_rate[slot.host] = self._recent(slot.host, now)
         if domain_rate[slot.host] >= consent.caps.max_flows_per_minute:
             return None
+        if self.proxy_candidates(plan, slot.flow_id, slot.attempt + 1) is None:
+            return None  # no usable proxy in the job's pool: its flows wait for one
         cursor[jid] += 1
         in_flight[jid] += 1
         domain_load[slot.host] += 1

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from engine.errors import Conflict, Rejected
+from engine.jobs.settings import check_settings
 from schemas.events import (
     Event,
     JobCancelled,
@@ -151,6 +152,7 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
         case CreateJob(name=name, targets=targets, settings=settings, platform=platform):
             if not targets:
                 raise Rejected("targets", "at least one target is required")
+            check_settings(settings, target_hosts(targets))
             created = JobCreated(
                 id=meta.id,
                 at=meta.at,

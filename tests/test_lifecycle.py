@@ -350,7 +350,7 @@ async def test_in_progress_acks_keep_a_flow_longer_than_the_ack_wait_to_one_deli
     assert bus.config.ack_wait == 3.0
     with recording_site(pages={"/": "<html><body>long read</body></html>"}) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)
             runner = Runner(bus, PlaywrightExecutor(VERSION), slots=2)
             tb.run(runner.run(), "runner")
             job_id = await tb.create_job(
@@ -448,7 +448,7 @@ async def test_ctrl_c_to_the_process_group_drains_a_browser_runner_its_flows_fin
     pages = {"/": "<html><body>reading<a href='/'>home</a></body></html>"}
     with recording_site(pages=pages) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)
             # its own process group, as a terminal's foreground job is
             runner = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cli.main", "runner", "--nats-url", nats_server.url,

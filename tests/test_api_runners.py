@@ -113,6 +113,7 @@ async def create(client: AsyncTestClient, body: object) -> str:
     return job_id
 
 
+@pytest.mark.slow
 async def test_runners_advertise_and_a_killed_one_drops_out_only_when_its_ttl_lapses(
     live: Live, tmp_path: Path
 ) -> None:

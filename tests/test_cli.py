@@ -107,6 +107,7 @@ def test_bad_flags_exit_2_naming_the_flag() -> None:
     assert result.returncode == 2 and "--nats-url" in result.stderr
 
 
+@pytest.mark.slow
 async def test_up_runs_the_demo_job_counting_every_flow_once(tmp_path: Path) -> None:
     # no browser here, to keep the default suite short: the demo in real Chromium runs
     # in the slow restart test below, and flows in Chromium in test_end_to_end
@@ -136,6 +137,7 @@ async def test_up_runs_the_demo_job_counting_every_flow_once(tmp_path: Path) -> 
     assert not port_is_open("127.0.0.1", port) and not port_is_open("127.0.0.1", nats_port)
 
 
+@pytest.mark.slow
 async def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     port, nats_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -188,6 +190,7 @@ def test_up_refuses_a_port_in_use_naming_the_flag(tmp_path: Path) -> None:
     assert f"--port {port}: already in use" in result.stderr
 
 
+@pytest.mark.slow
 async def test_runner_says_connection_refused_and_keeps_retrying(tmp_path: Path) -> None:
     from cli.nats_server import start_nats_server
     from engine.bus import Bus
@@ -480,6 +483,7 @@ def _nats_servers_on(store: Path) -> list[str]:
     ).stdout.split()
 
 
+@pytest.mark.slow
 async def test_replay_with_the_system_stopped_serves_the_store_itself(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -504,6 +508,7 @@ async def test_replay_with_the_system_stopped_serves_the_store_itself(
     assert _nats_servers_on(nats_server.store) == []  # stopped what it started
 
 
+@pytest.mark.slow
 async def test_replay_names_the_url_it_cannot_reach_within_10s(tmp_path: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -521,6 +526,7 @@ async def test_replay_without_a_store_or_a_server_says_so(tmp_path: Path) -> Non
     assert "holds no event store" in result.stderr
 
 
+@pytest.mark.slow
 async def test_verify_against_a_running_system_under_load_matches_and_catches_tampering(
     bus: object, nats_server: NatsServer, tmp_path: Path
 ) -> None:

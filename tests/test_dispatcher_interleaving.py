@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -288,6 +289,7 @@ def check_log(log: MemoryLog) -> None:
             assert e.reason.startswith("consent revoked for ")
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_a_tick_acts_on_the_state_as_it_is_whatever_happens_meanwhile(data: st.DataObject) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nats.errors
 import nats.js.errors
+import pytest
 from structlog.testing import capture_logs
 
 from agents.runner import Runner
@@ -29,6 +30,7 @@ def unavailable() -> Exception:
     return nats.js.errors.ServiceUnavailableError(code=503, description="JetStream unavailable")
 
 
+@pytest.mark.slow
 async def test_the_dispatcher_waits_out_nats_trouble_and_says_so_once_per_episode(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

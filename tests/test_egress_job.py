@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agents.playwright_flow import PlaywrightExecutor
 from agents.runner import Runner
 from engine.bus import Bus
@@ -19,6 +21,7 @@ from tests.test_executor import chromium, needs_chromium
 __all__ = ["chromium"]
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_refusals_of_a_jobs_flows_are_on_the_log_and_counted(
     bus: Bus, nats_server: NatsServer, tmp_path: Path

@@ -42,6 +42,7 @@ async def flow_done_ids(bus: Bus, job_id: str) -> tuple[set[str], int]:
     return ids, events
 
 
+@pytest.mark.slow
 async def test_job_in_real_chromium_completes_counting_each_flow_once(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -132,6 +133,7 @@ async def test_runner_sigkilled_mid_job_another_finishes_it_counting_each_flow_o
     assert events >= flows  # duplicates may sit in the stream, never in the counts
 
 
+@pytest.mark.slow
 async def test_replay_rebuilds_identical_tables(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

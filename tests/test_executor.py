@@ -268,6 +268,7 @@ async def test_every_request_carries_job_header_and_user_agent(
     assert site.hits[0].headers.get("referer") == referrer
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_concurrent_flows_keep_their_own_job_header(
     executor: PlaywrightExecutor, site: RecordingSite
@@ -314,6 +315,7 @@ async def test_flow_follows_internal_links_for_its_session(
     assert report.keepalives >= 1 and report.skips == []
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_same_seed_clicks_same_links(
     executor: PlaywrightExecutor, site: RecordingSite
@@ -412,6 +414,7 @@ async def test_every_redirect_hop_is_checked(
     assert evil.hits == []
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_frames_and_subresources_of_unauthorised_hosts_never_load(
     executor: PlaywrightExecutor, site: RecordingSite, evil: RecordingSite
@@ -493,6 +496,7 @@ async def socket_server() -> AsyncIterator[SocketServer]:
         yield recorder
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_revoked_host_gets_nothing_more_while_the_flow_goes_on(
     executor: PlaywrightExecutor,

@@ -24,6 +24,7 @@ def bus_config() -> BusConfig:
     return BusConfig(ack_wait=1.0, max_deliver=2, presence_ttl=3.0)
 
 
+@pytest.mark.slow
 async def test_flow_delivered_max_times_without_outcome_fails_the_flow(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -69,6 +70,7 @@ async def test_flow_delivered_max_times_without_outcome_fails_the_flow(
     assert isinstance(failures[0], FlowFailed) and failures[0].reason.startswith("exhausted")
 
 
+@pytest.mark.slow
 async def test_a_flow_whose_end_never_arrives_is_stalled_then_failed_without_the_advisory(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -136,6 +136,7 @@ def reports(site_requests: list[tuple[str, dict[str, str]]]) -> list[dict[str, s
     ]
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_device_profile_with_overrides_is_what_the_page_sees(
     executor: PlaywrightExecutor,
@@ -159,6 +160,7 @@ async def test_device_profile_with_overrides_is_what_the_page_sees(
     assert result.device == "iPhone 13"
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_platform_switching_rotates_profiles_and_keeps_the_identifying_suffix(
     executor: PlaywrightExecutor,
@@ -188,6 +190,7 @@ async def test_platform_switching_rotates_profiles_and_keeps_the_identifying_suf
 # -- pages, clicks, referrer, delay ---------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_chromium
 async def test_page_traffic_external_clicks_referrer_and_traffic_delay(
     executor: PlaywrightExecutor,

@@ -57,6 +57,7 @@ POLICY = HealthPolicy(
 )
 
 
+@pytest.mark.slow
 async def test_bad_proxy_is_left_out_checked_and_restored(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -110,6 +110,7 @@ async def test_runner_says_where_it_connects_who_it_is_and_each_flow(
     assert said.index("Stopping: draining") < said.index("Runner stopped")
 
 
+@pytest.mark.slow
 async def test_runner_retries_an_unreachable_nats_with_back_off_then_registers(
     tmp_path: Path,
 ) -> None:

@@ -38,6 +38,7 @@ def bus_config() -> BusConfig:
         ({"session_seconds": 0}, True),
     ],
 )
+@pytest.mark.slow
 async def test_a_flow_within_its_longest_session_is_not_stalled(
     bus: Bus, nats_server: NatsServer, tmp_path: Path, settings: dict[str, object], stalls: bool
 ) -> None:

@@ -23,6 +23,7 @@ def bus_config() -> BusConfig:
     return BusConfig(ack_wait=1.0, max_deliver=2, presence_ttl=3.0)
 
 
+@pytest.mark.slow
 async def test_work_waiting_in_the_queue_for_a_slot_is_not_stalled_nor_run_twice(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

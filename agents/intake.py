@@ -10,8 +10,8 @@ still runs), and the two deliveries hold two slots until each ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import NamedTuple
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any, NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -141,11 +141,11 @@ class Intake:
                 except nats.errors.TimeoutError:
                     # nobody answered the pull: the consumer is gone or NATS is away
                     self.pulls += 1
-                    await self._recover()
+                    await self._unless_stopped(self._recover())
                     continue
                 except nats.errors.Error as err:
                     self.pulls += 1
-                    await self._retry.wait(err)
+                    await self._unless_stopped(self._retry.wait(err))
                     continue
                 self._retry.succeeded()
                 for msg in msgs:
@@ -173,6 +173,18 @@ class Intake:
             await msg.term()
         except nats.errors.Error as err:  # redelivered after the ack wait: terminated then
             log.warning("intake.term_failed", subject=msg.subject, error=str(err))
+
+    async def _unless_stopped(self, waiting: Coroutine[Any, Any, None]) -> None:
+        """Wait out a back-off or a recovery, but not past ``stop``: a runner told to stop
+        while NATS is away leaves at once."""
+        task = asyncio.ensure_future(waiting)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (task, stopping):
+                pending.cancel()
+            await asyncio.gather(task, stopping, return_exceptions=True)
 
     async def _recover(self) -> None:
         """After a pull nobody answered: recreate a deleted consumer, else back off."""

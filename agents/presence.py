@@ -161,6 +161,9 @@ class Presence:
             delay = self.interval
 
     async def draining(self) -> None:
+        if not self.bus.nc.is_connected:  # a stop while NATS is away does not wait for it
+            log.warning("runner.draining_not_recorded", error="not connected to NATS")
+            return
         try:
             await self._emit(
                 RunnerDraining(
@@ -172,6 +175,9 @@ class Presence:
 
     async def deregister(self) -> None:
         """Best effort: the presence entry expires by itself when this fails."""
+        if not self.bus.nc.is_connected:
+            log.warning("runner.deregister_failed", error="not connected to NATS")
+            return
         try:
             await self._emit(
                 RunnerDeregistered(

@@ -65,7 +65,7 @@ async def test_headed_runner_without_a_display_runs_its_flow_under_xvfb(
     env.update(TB_ACK_WAIT="3", TB_PRESENCE_TTL="3", TB_LOG_LEVEL="info")
     with recording_site(pages=PAGES) as site:
         async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await tb.authorise("127.0.0.1")
+            await tb.authorise("127.0.0.1", on=site)  # the consent covers the site's port
             runner = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cli.main", "runner", "--nats-url", nats_server.url,
                 "--headed", "--slots", "1",

@@ -334,10 +334,10 @@ async def test_runners_ride_out_a_nats_restart_without_losing_or_doubling_flows(
     assert {e.attempt for e in done} == {1}
     runs = Counter(r.flow_id for r in read_runs(record))
     assert sorted(runs) == expected
-    # delivery is at-least-once: a flow in flight when the server died may run again
-    # (its ack did not survive), and still counts once; nothing else runs twice
-    again = {flow for flow, n in runs.items() if n > 1}
-    assert all(runs[flow] == 2 for flow in again) and len(again) <= 4, runs
+    # delivery is at-least-once: a flow whose ack did not survive runs again and still
+    # counts once. Not only the flows in flight when the server died: a SIGKILLed
+    # nats-server also loses acks it had not yet written to its store
+    assert all(n <= 2 for n in runs.values()), runs
 
 
 # -- keepalives -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ the next tick); errors of NATS itself propagate, for the loop to retry.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -51,6 +52,7 @@ from engine.jobs.service import append_decision
 from schemas import subjects
 from schemas.events import CONSENT_REVOKED, FlowDispatched, FlowFailed, FlowStalled
 from schemas.ids import new_id
+from schemas.values import JobSettings
 
 log = structlog.get_logger("tb.dispatcher")
 
@@ -221,5 +223,31 @@ class ActionWriter:
             referrer=target.referrer,
             allowed_ports=ports,
             proxies=proxies,
-            settings=job.settings,
+            settings=settings_for_runners(job.settings),
         )
+
+
+# what a runner reads of a job's settings: how a flow behaves and where names resolve
+BEHAVIOUR = (
+    "session_duration",
+    "page_traffic",
+    "traffic_delay",
+    "human_surfing",
+    "click_timing",
+    "external_click_ratio",
+    "devices",
+    "platform_switching",
+    "dns",
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def settings_for_runners(settings: JobSettings) -> JobSettings | None:
+    """The settings a work item carries: ``None`` when a runner would behave the same
+    without them (it takes a constant session of the item's ``session_seconds``), which
+    keeps the work item of a plain job small (each is stored, and read by a runner and
+    by the engine)."""
+    plain = JobSettings(session_seconds=settings.session_seconds)
+    if all(getattr(settings, name) == getattr(plain, name) for name in BEHAVIOUR):
+        return None
+    return settings

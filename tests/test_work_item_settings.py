@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from engine.dispatch.actions import BEHAVIOUR, settings_for_runners
-from schemas.values import JobSettings, SecondsRange
+from schemas.values import JobSettings, ProxyPool, SecondsRange
 
 # read by the engine alone (dispatching, retries, proxies), never by a runner
 ENGINE_SIDE = {
@@ -31,3 +31,7 @@ def test_a_plain_job_sends_no_settings_and_one_with_behaviour_sends_them_all() -
     surfing = JobSettings(session_seconds=3, traffic_delay=SecondsRange(1, 2))
     assert settings_for_runners(surfing) == surfing
     assert settings_for_runners(JobSettings(human_surfing=False)) is not None
+    # settings holding lists (a proxy pool by ids) are values too, never hashed here
+    pooled = JobSettings(proxies=ProxyPool(ids=["proxy_a"]), human_surfing=False)
+    assert settings_for_runners(pooled) == pooled
+    assert settings_for_runners(JobSettings(proxies=ProxyPool(ids=["proxy_a"]))) is None

@@ -17,7 +17,6 @@ the next tick); errors of NATS itself propagate, for the loop to retry.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -241,13 +240,14 @@ BEHAVIOUR = (
 )
 
 
-@functools.lru_cache(maxsize=1024)
+_PLAIN = JobSettings()
+
+
 def settings_for_runners(settings: JobSettings) -> JobSettings | None:
     """The settings a work item carries: ``None`` when a runner would behave the same
     without them (it takes a constant session of the item's ``session_seconds``), which
     keeps the work item of a plain job small (each is stored, and read by a runner and
     by the engine)."""
-    plain = JobSettings(session_seconds=settings.session_seconds)
-    if all(getattr(settings, name) == getattr(plain, name) for name in BEHAVIOUR):
+    if all(getattr(settings, name) == getattr(_PLAIN, name) for name in BEHAVIOUR):
         return None
     return settings

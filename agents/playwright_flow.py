@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from pathlib import Path
 from urllib.parse import urldefrag
 
 import structlog
@@ -261,10 +260,9 @@ class PlaywrightExecutor:
     """Runs flows in one Chromium, one fresh browser context per flow (safe to run
     several flows at once)."""
 
-    def __init__(self, version: str, headless: bool = True, screenshot_dir: Path | None = None):
+    def __init__(self, version: str, headless: bool = True):
         self.version = version
         self.headless = headless
-        self.screenshot_dir = screenshot_dir
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._user_agent = ""  # the browser's own, without the suffix

@@ -19,7 +19,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.bus import Bus
-from engine.transient import Backoff, is_transient
+from engine.transient import Backoff, is_transient, until_done
 from schemas import subjects
 from schemas.events import FlowDispatched, FlowFailed
 from schemas.ids import new_id, utcnow
@@ -101,16 +101,7 @@ class ExhaustedDeliveries:
     async def _handle_until_done(self, data: bytes) -> None:
         """Handle one advisory, waiting out NATS trouble in place: unacked, it would
         otherwise come back only after the consumer's ack wait."""
-        while True:
-            try:
-                await self._handle(data)
-            except Exception as err:
-                if not is_transient(err, self.bus.nc):
-                    raise
-                await self.backoff.failed(err)
-            else:
-                self.backoff.succeeded()
-                return
+        await until_done(lambda: self._handle(data), self.backoff, self.bus.nc)
 
     async def _handle(self, data: bytes) -> None:
         try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -20,6 +22,8 @@ import structlog
 from nats.aio.client import Client
 
 log = structlog.get_logger("tb.engine")
+
+T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream: the expected last subject sequence moved on
 
@@ -67,3 +71,18 @@ class Backoff:
             waited = round(time.monotonic() - self._since, 1)
             log.info("nats.available", loop=self.what, retries=self.failures, seconds=waited)
             self.failures = 0
+
+
+async def until_done(step: Callable[[], Awaitable[T]], backoff: Backoff, nc: Client) -> T:
+    """Run ``step`` until it gets through NATS trouble, waiting ``backoff`` between tries;
+    other errors propagate."""
+    while True:
+        try:
+            result = await step()
+        except Exception as err:
+            if not is_transient(err, nc):
+                raise
+            await backoff.failed(err)
+        else:
+            backoff.succeeded()
+            return result

@@ -232,8 +232,8 @@ def nav(*paths: str) -> str:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def executor(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PlaywrightExecutor]:
-    ex = PlaywrightExecutor(VERSION, screenshot_dir=tmp_path_factory.mktemp("screenshots"))
+async def executor() -> AsyncIterator[PlaywrightExecutor]:
+    ex = PlaywrightExecutor(VERSION)
     await ex.start()
     yield ex
     await ex.close()

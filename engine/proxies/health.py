@@ -30,7 +30,7 @@ from engine.proxies.check import (
 )
 from engine.proxies.decider import CheckProxy, HealthPolicy, MarkBad, Meta, RecordCheck, decide, due
 from engine.proxies.secrets import ProxySecrets
-from engine.transient import Backoff, is_transient
+from engine.transient import Backoff, is_transient, until_done
 from schemas import subjects
 from schemas.consent_state import Consent, evolve_consent
 from schemas.events import (
@@ -123,16 +123,7 @@ class ProxyHealth:
                 self.evidence[domain] = event.evidence
 
     async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            try:
-                await step()
-            except Exception as err:
-                if not is_transient(err, self.bus.nc):
-                    raise
-                await self.backoff.failed(err)
-            else:
-                self.backoff.succeeded()
-                return
+        await until_done(step, self.backoff, self.bus.nc)
 
     async def tick(self) -> None:
         """Decide what is due for every proxy now; checks run in the background."""

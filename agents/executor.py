@@ -39,6 +39,11 @@ class FlowReport(Protocol):
         """The egress proxy refused a connection the flow's browser asked for."""
         ...
 
+    async def proxy_failed(self, proxy_id: str, proxy: str, error: str, reason: str) -> None:
+        """An upstream proxy candidate failed (``proxy`` is its label, never its
+        credentials); the flow goes on with the next one."""
+        ...
+
     async def keepalive(self) -> None:
         """Called at least every ~2 s while a flow runs (the runner's in-progress ack)."""
         ...

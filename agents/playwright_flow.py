@@ -34,7 +34,6 @@ from agents.browser import first_line, launch_chromium
 from agents.device_context import context_options, identified
 from agents.egress.flow import FlowEgressReport, consented_ports
 from agents.egress.proxy import EgressProxy, FlowEgress
-from agents.egress.upstream import Upstream
 from agents.executor import AllowedHosts, FlowError, FlowReport, FlowResult
 from agents.guard import (
     NAVIGATION_TIMEOUT_MS,
@@ -48,6 +47,7 @@ from agents.guard import (
 )
 from agents.human import PageTrail, Surfer
 from agents.page_metrics import arrival_timings, read_timings, watch_vitals
+from agents.proxy_failover import FlowProxies, SecretSource
 from schemas.devices import resolve
 from schemas.events import FlowDispatched, LinkPick
 
@@ -260,9 +260,14 @@ class PlaywrightExecutor:
     """Runs flows in one Chromium, one fresh browser context per flow (safe to run
     several flows at once)."""
 
-    def __init__(self, version: str, headless: bool = True):
+    def __init__(
+        self, version: str, headless: bool = True, proxy_secrets: SecretSource | None = None
+    ):
         self.version = version
         self.headless = headless
+        # where flows' upstream proxies are looked up by id (None: flows with proxy
+        # candidates fail closed, never run direct)
+        self.proxy_secrets = proxy_secrets
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._user_agent = ""  # the browser's own, without the suffix
@@ -334,10 +339,14 @@ class PlaywrightExecutor:
                 raise FlowError(f"guard: {err}", retryable=True) from err
             return await FlowSession(page, guard, item, report, flog, plan).run()
         except FlowError as err:
-            err.screenshot = await self._screenshot(page, item, flog)
-            raise
+            failure = proxies_exhausted(egress)
+            if failure is None:
+                err.screenshot = await self._screenshot(page, item, flog)
+                raise
+            failure.screenshot = await self._screenshot(page, item, flog)
+            raise failure from err
         except PlaywrightError as err:
-            failure = FlowError(f"browser_error: {first_line(err)}")
+            failure = proxies_exhausted(egress) or FlowError(f"browser_error: {first_line(err)}")
             failure.screenshot = await self._screenshot(page, item, flog)
             raise failure from err
         finally:
@@ -363,7 +372,7 @@ class PlaywrightExecutor:
                 consented_ports(item),
                 refusals.refused,
                 host_map=self.host_map(item),
-                upstream=self.upstream(item),
+                proxies=self.proxies(item, report),
                 label=f"{item.flow_id}:{item.attempt}",
             )
         except ValueError as err:
@@ -374,9 +383,14 @@ class PlaywrightExecutor:
         system resolver)."""
         return item.settings.host_map if item.settings is not None else {}
 
-    def upstream(self, item: FlowDispatched) -> Upstream | None:
-        """The proxy the flow's connections are chained to (None: connect directly)."""
-        return None
+    def proxies(self, item: FlowDispatched, report: FlowReport) -> FlowProxies | None:
+        """The upstream proxy candidates the flow's connections are chained through
+        (None: they connect directly)."""
+        if not item.proxies:
+            return None
+        if self.proxy_secrets is None:
+            raise FlowError("guard: no proxy secrets to chain the flow's proxies", retryable=True)
+        return FlowProxies.for_flow(item, self.proxy_secrets, report)
 
     def context_proxy(self, egress: FlowEgress) -> ProxySettings | None:
         """The browser context's proxy: the runner's egress proxy with the flow's
@@ -394,6 +408,15 @@ class PlaywrightExecutor:
         except PlaywrightError as err:
             flog.warning("flow.screenshot_failed", error=first_line(err))
             return None
+
+
+def proxies_exhausted(egress: FlowEgress) -> FlowError | None:
+    """The flow's failure when every upstream proxy candidate failed: that, not what the
+    page made of it, is why the flow did not complete (a retry gets fresh candidates)."""
+    proxies = egress.proxies
+    if proxies is None or not proxies.exhausted:
+        return None
+    return FlowError(f"proxy: all {len(proxies.candidates)} proxy candidates failed")
 
 
 async def probe_browser(browser: Browser) -> tuple[str, list[str]]:

@@ -30,10 +30,10 @@ import nats.errors
 import nats.js.errors
 import structlog
 
+from agents.executor import FlowReport
 from engine.bus import Bus
 from schemas import subjects
-from schemas.events import FlowDispatched, ProxyFailed
-from schemas.ids import new_id, utcnow
+from schemas.events import FlowDispatched
 from schemas.proxies import ProxyEndpoint, ProxyError, ProxyErrorKind, decode_secret
 
 log = structlog.get_logger("tb.agent")
@@ -131,25 +131,33 @@ class FlowProxies:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def for_work_item(
-        cls,
-        bus: Bus,
-        item: FlowDispatched,
-        secrets: SecretSource,
-        *,
-        runner_id: str,
-        delivery: int,
-        errors: tuple[type[Exception], ...] = (ProxyError,),
+    def for_flow(
+        cls, item: FlowDispatched, secrets: SecretSource, report: FlowReport
     ) -> FlowProxies:
-        """A flow's candidates as its work item names them, failures published as
-        ``ProxyFailed``; ``secrets`` is the runner's one cache, shared by its flows."""
-        report = publishing_report(bus, item, runner_id, delivery)
-        return cls(item.proxies, secrets, report, errors=errors)
+        """A flow's candidates as its work item names them, each failure reported as
+        ``ProxyFailed`` through the flow's report; ``secrets`` is the runner's one cache,
+        shared by its flows."""
+
+        async def proxy_failed(failure: ProxyFailure) -> None:
+            try:
+                await report.proxy_failed(
+                    failure.proxy_id, failure.proxy, failure.error, failure.reason
+                )
+            except nats.errors.Error as err:
+                # the flow goes on: a lost report only delays the proxy being marked bad
+                log.warning("proxy.report_failed", proxy_id=failure.proxy_id, error=repr(err))
+
+        return cls(item.proxies, secrets, proxy_failed)
 
     @property
     def direct(self) -> bool:
         """No proxy: the flow's connections go straight out."""
         return not self.candidates
+
+    @property
+    def exhausted(self) -> bool:
+        """Every candidate has failed: the flow's connections cannot leave."""
+        return bool(self.candidates) and self._index >= len(self.candidates)
 
     @property
     def current_id(self) -> str | None:
@@ -192,38 +200,3 @@ class FlowProxies:
             "proxy.failed", proxy_id=pid, proxy=label, error=kind, next=self.current_id or "none"
         )
         await self.report(failure)
-
-
-def proxy_failed(
-    item: FlowDispatched, failure: ProxyFailure, *, runner_id: str, delivery: int
-) -> ProxyFailed:
-    """The event a runner publishes for ``failure`` (msg-id ``subjects.flow_msg_id(event,
-    failure.n)``)."""
-    return ProxyFailed(
-        id=new_id(),
-        at=utcnow(),
-        actor=runner_id,
-        job_id=item.job_id,
-        flow_id=item.flow_id,
-        attempt=item.attempt,
-        delivery=delivery,
-        proxy=failure.proxy,
-        reason=failure.reason,
-        n=failure.n,
-        proxy_id=failure.proxy_id,
-        error=failure.error,
-    )
-
-
-def publishing_report(bus: Bus, item: FlowDispatched, runner_id: str, delivery: int) -> Report:
-    """A ``Report`` that appends each failure as ``ProxyFailed`` and awaits its ack."""
-
-    async def report(failure: ProxyFailure) -> None:
-        event = proxy_failed(item, failure, runner_id=runner_id, delivery=delivery)
-        try:
-            await bus.append(event, msg_id=subjects.flow_msg_id(event, failure.n))
-        except nats.errors.Error as err:
-            # the flow goes on: a lost report only delays the proxy being marked bad
-            log.warning("proxy.report_failed", proxy_id=failure.proxy_id, error=repr(err))
-
-    return report

@@ -36,6 +36,7 @@ from schemas.events import (
     PageLeft,
     PageTimings,
     PageVisited,
+    ProxyFailed,
 )
 from schemas.ids import new_id, utcnow
 
@@ -162,6 +163,18 @@ class FlowReporter:
         n = self._next(EgressRefused)
         event = self._event(
             EgressRefused, host=host, port=port, reason=reason, request=request, n=n
+        )
+        await self.publish(event)
+
+    async def proxy_failed(self, proxy_id: str, proxy: str, error: str, reason: str) -> None:
+        n = self._next(ProxyFailed)
+        event = self._event(
+            ProxyFailed,
+            proxy=proxy,
+            reason=reason[:1000],
+            n=n,
+            proxy_id=proxy_id,
+            error=error[:32],
         )
         await self.publish(event)
 

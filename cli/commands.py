@@ -144,6 +144,7 @@ async def run_runner(
     """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS refuses its credentials."""
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
+    from agents.proxy_failover import ProxySecretCache
     from agents.runner import Runner
     from cli.display import display_for_headed_browser
     from cli.reach import AuthenticationFailed, until_reachable
@@ -189,10 +190,12 @@ async def run_runner(
         return 2
     bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
 
+    proxy_secrets = ProxySecretCache(bus)  # one for the runner's whole life
+
     def executor() -> FlowExecutor:
         if executor_kind == "noop":
             return NoopExecutor()
-        return PlaywrightExecutor(VERSION, headless=headless)
+        return PlaywrightExecutor(VERSION, headless=headless, proxy_secrets=proxy_secrets)
 
     async def run_once() -> None:
         nonlocal current

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,9 +16,10 @@ import pytest
 
 from agents.egress.proxy import EgressProxy, FlowEgress, Refused
 from agents.egress.rule import Refusal
-from agents.egress.upstream import Upstream, UpstreamFailed
 from agents.executor import AllowedHosts
-from tests.conftest import free_port
+from agents.proxy_failover import FlowProxies, ProxyFailure
+from schemas.proxies import ProxyEndpoint, ProxyScheme
+from tests.proxies import LocalProxy, dead_port, http_proxy, socks5_proxy
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 5.0
@@ -94,93 +94,6 @@ class Origin:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-
-
-@dataclass
-class UpstreamServer:
-    """An upstream proxy on 127.0.0.1 with a password; records where it was asked to go."""
-
-    username: str
-    password: str
-    port: int = 0
-    targets: list[str] = field(default_factory=list)
-    server: asyncio.Server | None = None
-
-    async def start(self) -> UpstreamServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
-
-
-class HttpUpstream(UpstreamServer):
-    """An HTTP CONNECT proxy requiring a password; records the CONNECT targets."""
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        target = head.split(" ")[1]
-        expected = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-        if f"Proxy-Authorization: Basic {expected}" not in head:
-            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
-            await writer.drain()
-            writer.close()
-            return
-        self.targets.append(target)
-        host, port = target.rsplit(":", 1)
-        remote_reader, remote_writer = await asyncio.open_connection(host.strip("[]"), int(port))
-        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        await splice(reader, writer, remote_reader, remote_writer)
-
-
-class SocksUpstream(UpstreamServer):
-    """A SOCKS5 proxy with username/password authentication; records the targets."""
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, count = await reader.readexactly(2)
-        methods = await reader.readexactly(count)
-        if 2 not in methods:
-            writer.write(b"\x05\xff")
-            writer.close()
-            return
-        writer.write(b"\x05\x02")
-        _, size = await reader.readexactly(2)
-        user = (await reader.readexactly(size)).decode()
-        (size,) = await reader.readexactly(1)
-        password = (await reader.readexactly(size)).decode()
-        if (user, password) != (self.username, self.password):
-            writer.write(b"\x01\x01")
-            writer.close()
-            return
-        writer.write(b"\x01\x00")
-        _, _, _, kind = await reader.readexactly(4)
-        assert kind == 1, "the egress proxy sends addresses, never names"
-        host = ".".join(str(b) for b in await reader.readexactly(4))
-        (port,) = struct.unpack("!H", await reader.readexactly(2))
-        self.targets.append(f"{host}:{port}")
-        remote_reader, remote_writer = await asyncio.open_connection(host, port)
-        writer.write(b"\x05\x00\x00\x01" + bytes(4) + b"\x00\x00")
-        await splice(reader, writer, remote_reader, remote_writer)
-
-
-async def splice(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-) -> None:
-    async def one_way(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1024):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    await asyncio.gather(one_way(a_reader, b_writer), one_way(b_reader, a_writer))
 
 
 # -- a client speaking to the proxy ---------------------------------------------------
@@ -471,89 +384,125 @@ async def test_unregistering_a_flow_closes_every_connection_it_has(
 # -- upstream proxies ------------------------------------------------------------------
 
 
+class Secrets(dict[str, ProxyEndpoint]):
+    """Proxy endpoints by id, as the runner's secrets cache gives them."""
+
+    async def get(self, proxy_id: str) -> ProxyEndpoint | None:  # type: ignore[override]
+        return dict.get(self, proxy_id)
+
+
+class Failures(list[ProxyFailure]):
+    async def __call__(self, failure: ProxyFailure) -> None:
+        self.append(failure)
+
+
+def chained(secrets: Secrets, *endpoints: ProxyEndpoint) -> tuple[FlowProxies, Failures]:
+    """A flow whose connections go through ``endpoints`` in order, failures kept."""
+    ids = []
+    for endpoint in endpoints:
+        ids.append(f"p{len(secrets)}")
+        secrets[ids[-1]] = endpoint
+    failures = Failures()
+    return FlowProxies(ids, secrets, failures), failures
+
+
+def local(
+    proxy: LocalProxy, scheme: ProxyScheme, user: str = "", password: str = ""
+) -> ProxyEndpoint:
+    return ProxyEndpoint(scheme, proxy.host, proxy.port, user, password)
+
+
 async def test_a_flow_is_chained_to_its_http_upstream_with_the_checked_address(
     proxy: EgressProxy, site: Origin, evil: Origin
 ) -> None:
-    upstream = await HttpUpstream("user", "s3cret").start()
-    chained = Upstream("http", "127.0.0.1", upstream.port, "user", "s3cret")
-    flow = register(
-        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
-        upstream=chained,
-    )  # fmt: skip
-    client = await connect(proxy)
-    assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
-    assert await client.echo(b"via upstream\n") == b"via upstream\n"
-    assert upstream.targets == [f"127.0.0.1:{site.port}"]
+    secrets = Secrets()
+    async with http_proxy(("user", "s3cret")) as upstream:
+        proxies, failures = chained(secrets, local(upstream, "http", "user", "s3cret"))
+        flow = register(
+            proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+            proxies=proxies,
+        )  # fmt: skip
+        client = await connect(proxy)
+        assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+        assert await client.echo(b"via upstream\n") == b"via upstream\n"
+        assert upstream.tunnels == [("127.0.0.1", site.port)]
 
-    # refused before the upstream is asked
-    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.2:{evil.port} HTTP/1.1", flow)
-    assert status == 403
-    assert upstream.targets == [f"127.0.0.1:{site.port}"] and evil.connections == 0
+        # refused before the upstream is asked
+        status, _ = await (await connect(proxy)).ask(
+            f"CONNECT 127.0.0.2:{evil.port} HTTP/1.1", flow
+        )
+        assert status == 403
+        assert upstream.tunnels == [("127.0.0.1", site.port)] and evil.connections == 0
 
-    wrong = Upstream("http", "127.0.0.1", upstream.port, "user", "wrong")
-    denied = register(
-        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
-        upstream=wrong,
-    )  # fmt: skip
-    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", denied)
-    assert status == 502
-    assert "s3cret" not in repr(chained)
+        wrong, wrong_failures = chained(secrets, local(upstream, "http", "user", "wrong"))
+        denied = register(
+            proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+            proxies=wrong,
+        )  # fmt: skip
+        status, _ = await (await connect(proxy)).ask(
+            f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", denied
+        )
+        assert status == 502  # never a direct connection instead
+        assert site.connections == 1
+    assert not failures and [f.error for f in wrong_failures] == ["auth"]
+    assert wrong.exhausted and "s3cret" not in repr(secrets)
 
 
 async def test_a_flow_is_chained_to_its_socks5_upstream_with_a_password(
     proxy: EgressProxy, site: Origin
 ) -> None:
-    upstream = await SocksUpstream("sock", "pw").start()
-    flow = register(
-        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
-        upstream=Upstream("socks5", "127.0.0.1", upstream.port, "sock", "pw"),
-    )  # fmt: skip
-    client = await connect(proxy)
-    status, _ = await client.ask(f"GET http://127.0.0.1:{site.port}/s HTTP/1.1", flow, "Host: x")
-    assert status == 200
-    assert await asyncio.wait_for(client.reader.readexactly(5), WAIT) == b"hello"
-    assert upstream.targets == [f"127.0.0.1:{site.port}"]
+    secrets = Secrets()
+    async with socks5_proxy("sock", "pw") as upstream:
+        proxies, _ = chained(secrets, local(upstream, "socks5", "sock", "pw"))
+        flow = register(
+            proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+            proxies=proxies,
+        )  # fmt: skip
+        client = await connect(proxy)
+        status, _ = await client.ask(
+            f"GET http://127.0.0.1:{site.port}/s HTTP/1.1", flow, "Host: x"
+        )
+        assert status == 200
+        assert await asyncio.wait_for(client.reader.readexactly(5), WAIT) == b"hello"
+        assert upstream.tunnels == [("127.0.0.1", site.port)]
 
-    denied = register(
-        proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
-        upstream=Upstream("socks5", "127.0.0.1", upstream.port, "sock", "nope"),
-    )  # fmt: skip
-    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", denied)
-    assert status == 502
-    assert len(upstream.targets) == 1
+        denied, failures = chained(secrets, local(upstream, "socks5", "sock", "nope"))
+        flow = register(
+            proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+            proxies=denied,
+        )  # fmt: skip
+        status, _ = await (await connect(proxy)).ask(
+            f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow
+        )
+        assert status == 502
+        assert len(upstream.tunnels) == 1 and [f.error for f in failures] == ["auth"]
 
 
-async def test_a_failed_upstream_hands_over_to_the_next_the_flow_names(
+async def test_failed_upstreams_hand_over_to_the_next_candidate_within_the_connection(
     proxy: EgressProxy, site: Origin
 ) -> None:
-    working = await HttpUpstream("user", "pw").start()
-    dead = Upstream("http", "127.0.0.1", free_port(), "user", "pw")
-    good = Upstream("http", "127.0.0.1", working.port, "user", "pw")
-    failed: list[str] = []
-
-    async def next_upstream(upstream: Upstream, err: UpstreamFailed) -> Upstream | None:
-        failed.append(upstream.label)
-        return good if upstream is dead else None
-
-    flow = proxy.register(
-        AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
-        upstream=dead, on_upstream_failed=next_upstream,
-    )  # fmt: skip
-    for _ in range(2):  # the second connection goes straight to the one that works
-        client = await connect(proxy)
-        assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
-        assert await client.echo(b"failover\n") == b"failover\n"
-    assert failed == [dead.label]
-    assert flow.upstream is good and len(working.targets) == 2
-
-    # when no candidate is left the connection fails: never a direct one instead
-    last = proxy.register(
-        AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
-        upstream=dead, on_upstream_failed=next_upstream,
-    )  # fmt: skip
-    failed.clear()
-    working_dead = Upstream("http", "127.0.0.1", free_port())
-    last.upstream = working_dead
-    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", last)
-    assert status == 502 and failed == [working_dead.label]
+    secrets = Secrets()
+    async with http_proxy(answer=502) as gateway, http_proxy(("user", "pw")) as working:
+        dead = ProxyEndpoint("http", "127.0.0.1", dead_port())
+        proxies, failures = chained(
+            secrets, dead, local(gateway, "http"), local(working, "http", "user", "pw")
+        )
+        flow = register(
+            proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({site.port})}, Refusals(),
+            proxies=proxies,
+        )  # fmt: skip
+        for _ in range(2):  # the second connection goes straight to the one that works
+            client = await connect(proxy)
+            assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+            assert await client.echo(b"failover\n") == b"failover\n"
+        assert [(f.proxy, f.error) for f in failures] == [
+            (dead.label, "unreachable"),
+            (local(gateway, "http").label, "refused"),
+        ]
+        assert proxies.current_id == "p2" and len(working.tunnels) == 2
+    # the one in use went away and no candidate is left: the connection fails, never
+    # a direct one instead
+    status, _ = await (await connect(proxy)).ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow)
+    assert status == 502 and proxies.exhausted
+    assert [f.error for f in failures][-1] == "unreachable"
     assert site.connections == 2

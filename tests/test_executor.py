@@ -162,6 +162,7 @@ class RecordedReport:
     visits: list[tuple[str, int | None]] = field(default_factory=list)
     clicks: list[str] = field(default_factory=list)
     skips: list[tuple[str, str]] = field(default_factory=list)
+    proxy_failures: list[tuple[str, str]] = field(default_factory=list)
     refusals: list[tuple[str, int, str, str]] = field(default_factory=list)
     keepalives: int = 0
 
@@ -181,6 +182,9 @@ class RecordedReport:
 
     async def egress_refused(self, host: str, port: int, reason: str, request: str) -> None:
         self.refusals.append((host, port, reason, request))
+
+    async def proxy_failed(self, proxy_id: str, proxy: str, error: str, reason: str) -> None:
+        self.proxy_failures.append((proxy_id, error))
 
     async def keepalive(self) -> None:
         self.keepalives += 1

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
+from nats.aio.msg import Msg
 
-from agents.proxy_failover import (
-    FlowProxies,
-    ProxiesExhausted,
-    ProxyFailure,
-    ProxySecretCache,
-    publishing_report,
-)
+from agents.backoff import Backoff
+from agents.proxy_failover import FlowProxies, ProxiesExhausted, ProxyFailure, ProxySecretCache
+from agents.reporter import FlowReporter
 from engine.bus import Bus
 from engine.proxies.secrets import ProxySecrets
 from engine.proxies.service import ProxyCommands
@@ -107,7 +105,9 @@ async def test_failover_picks_the_working_proxy_and_reports_the_bad_ones(bus: Bu
 
             item = work_item(candidates)
             cache = ProxySecretCache(bus)
-            flow = FlowProxies(candidates, cache, publishing_report(bus, item, "runner-1", 1))
+            # the flow's reporter as a runner has it (no work item message: nothing to ack)
+            reporter = FlowReporter(bus, item, "runner-1", cast(Msg, None), 1)
+            flow = FlowProxies.for_flow(item, cache, reporter)
 
             fetch = through(site)
 
@@ -122,6 +122,7 @@ async def test_failover_picks_the_working_proxy_and_reports_the_bad_ones(bus: Bu
         with pytest.raises(ProxiesExhausted):
             await flow.open(fetch)
 
+    await reporter.stored(Backoff("test"))
     kinds = [(f.proxy_id, f.error) for f in flow.failures]
     assert kinds == [
         (dead, "unreachable"),

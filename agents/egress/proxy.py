@@ -49,8 +49,10 @@ from agents.egress.rule import (
     as_address,
     normal_host,
 )
-from agents.egress.upstream import Streams, Upstream, UpstreamFailed, open_direct, open_through
+from agents.egress.upstream import open_upstream
 from agents.executor import AllowedHosts
+from agents.proxy_failover import FlowProxies, ProxiesExhausted
+from engine.proxies.tunnel import Streams
 from schemas.consent_state import DEFAULT_PORTS
 
 log = structlog.get_logger("tb.egress")
@@ -59,8 +61,6 @@ HEAD_LIMIT = 65_536
 HEAD_TIMEOUT = 30.0  # for a request head to arrive, first or next on a kept connection
 REALM = 'Basic realm="trafficbuster-egress"'
 REFUSAL_HEADER = "X-TrafficBuster-Egress"  # on the proxy's 403: why it refused
-
-NextUpstream = Callable[[Upstream, UpstreamFailed], Awaitable[Upstream | None]]
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,10 @@ class FlowEgress:
     hosts: AllowedHosts
     ports: Mapping[str, frozenset[int]]
     host_map: Mapping[str, IpAddress]
-    upstream: Upstream | None
+    # the upstream proxy candidates its connections are chained through (None: direct)
+    proxies: FlowProxies | None
     on_refused: Callable[[Refused], Awaitable[None]]
     label: str = ""
-    # a failed upstream in, the next candidate out (None: no more): proxy failover
-    on_upstream_failed: NextUpstream | None = None
     tunnels: set[Tunnel] = field(default_factory=set)
     opened: int = 0  # connections admitted so far
     _unwatch: Callable[[], None] | None = None
@@ -181,8 +180,7 @@ class EgressProxy:
         on_refused: Callable[[Refused], Awaitable[None]],
         *,
         host_map: Mapping[str, str] | None = None,
-        upstream: Upstream | None = None,
-        on_upstream_failed: NextUpstream | None = None,
+        proxies: FlowProxies | None = None,
         label: str = "",
     ) -> FlowEgress:
         """A flow's credentials; ``hosts`` is watched: a revoked host's connections are cut.
@@ -200,10 +198,9 @@ class EgressProxy:
             hosts=hosts,
             ports={normal_host(h): frozenset(p) for h, p in ports.items()},
             host_map=mapped,
-            upstream=upstream,
+            proxies=proxies,
             on_refused=on_refused,
             label=label,
-            on_upstream_failed=on_upstream_failed,
         )
         flow._unwatch = hosts.watch(lambda host: self._revoked(flow, host))
         self._flows[token] = flow
@@ -388,10 +385,9 @@ class EgressProxy:
         last: Exception | None = None
         for address in allowed:
             try:
-                if flow.upstream is None:
-                    return await open_direct(address, port)
-                return await self._open_through(flow, address, port)
-            except UpstreamFailed:
+                return await open_upstream(flow.proxies, address, port)
+            except ProxiesExhausted:
+                log.info("egress.proxies_exhausted", flow=flow.label, host=host, port=port)
                 await respond(writer, 502, "Bad Gateway", close=True)
                 return None
             except (OSError, TimeoutError) as err:
@@ -399,22 +395,6 @@ class EgressProxy:
         log.debug("egress.connect_failed", flow=flow.label, host=host, port=port, error=repr(last))
         await respond(writer, 502, "Bad Gateway", close=True)
         return None
-
-    async def _open_through(self, flow: FlowEgress, address: IpAddress, port: int) -> Streams:
-        """Through the flow's upstream; on its failure the flow may name the next one
-        (``on_upstream_failed``), which the flow keeps from then on."""
-        while (upstream := flow.upstream) is not None:
-            try:
-                return await open_through(upstream, address, port)
-            except UpstreamFailed as err:
-                log.info("egress.upstream_failed", flow=flow.label, upstream=upstream.label)
-                if flow.on_upstream_failed is None:
-                    raise
-                if flow.upstream is upstream:  # not already moved on by a parallel failure
-                    flow.upstream = await flow.on_upstream_failed(upstream, err)
-                if flow.upstream is None:
-                    raise
-        raise UpstreamFailed("no upstream proxy left")  # never a direct connection instead
 
     async def _resolve(self, flow: FlowEgress, host: str, port: int) -> list[IpAddress]:
         if (mapped := flow.host_map.get(host)) is not None:

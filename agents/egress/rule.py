@@ -38,7 +38,6 @@ class Refusal(StrEnum):
     RESERVED = "reserved address"  # unspecified, multicast, reserved ranges
     AUTH = "no flow credentials"
     REQUEST = "malformed request"
-    UPSTREAM = "upstream proxy refused"
 
 
 def normal_host(host: str) -> str:

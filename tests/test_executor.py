@@ -315,7 +315,7 @@ async def test_flow_follows_internal_links_for_its_session(
     assert len(report.clicks) == 2 and len(report.visits) == 3
     assert [url for url, _ in report.visits[1:]] == report.clicks
     assert all(status == 200 for _, status in report.visits)
-    assert 1.0 <= elapsed < 4.0
+    assert 1.0 <= elapsed < 10.0  # the session's length, bounded: no runaway (not a speed test)
     assert report.keepalives >= 1 and report.skips == []
 
 

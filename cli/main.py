@@ -114,13 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="os_name",
         choices=["linux", "windows", "macos"],
         default=None,
-        help="default: this machine's; a runner serves only its own operating system",
+        help="default: RUNNER_OS, else this machine's; a runner serves only its own "
+        "operating system",
     )
     p.add_argument(
         "--browser",
         choices=["chromium", "firefox", "webkit"],
-        default="chromium",
-        help="refused unless this machine can launch it",
+        default=None,
+        help="default: RUNNER_BROWSER (chrome, firefox, safari), else chromium; refused "
+        "unless this machine can launch it",
     )
     p.add_argument("--slots", type=_positive, default=2, help="concurrent flows (capacity)")
     p.add_argument(
@@ -209,13 +211,17 @@ async def _dispatch(args: argparse.Namespace) -> int:
         case "api":
             await commands.run_api(args.nats_url, args.host, args.port, args.db)
         case "runner":
-            from cli.settings import headless_from_env
+            from cli.settings import (
+                headless_from_env,
+                runner_browser_from_env,
+                runner_os_from_env,
+            )
 
             return await commands.run_runner(
                 args.nats_url,
                 api_url=args.api,
-                os_name=args.os_name,
-                browser=args.browser,
+                os_name=args.os_name or runner_os_from_env(),
+                browser=args.browser or runner_browser_from_env() or "chromium",
                 slots=args.slots,
                 labels=dict(args.labels),
                 executor_kind=args.executor,

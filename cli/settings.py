@@ -139,3 +139,38 @@ def open_bind_warning(host: str, port: int) -> str | None:
         f"WARNING: AUTH_ENABLED=false and --host {host!r}: the API on port {port} has no "
         f"login; anyone who reaches it can create jobs and run browser traffic"
     )
+
+
+# the names runners' .env files already use, with the browsers Playwright calls them by
+RUNNER_BROWSERS = {
+    "chromium": "chromium",
+    "chrome": "chromium",
+    "firefox": "firefox",
+    "webkit": "webkit",
+    "safari": "webkit",
+}
+RUNNER_OSES = ("linux", "windows", "macos")
+
+
+def runner_os_from_env() -> str | None:
+    """RUNNER_OS (windows, linux or macos), when set: the platform's OS (``--os`` wins)."""
+    raw = os.environ.get("RUNNER_OS", "").strip().lower()
+    if not raw:
+        return None
+    if raw not in RUNNER_OSES:
+        raise SystemExit(f"RUNNER_OS: must be one of windows, linux, macos (got {raw!r})")
+    return raw
+
+
+def runner_browser_from_env() -> str | None:
+    """RUNNER_BROWSER (chrome, firefox or safari; or Playwright's chromium, firefox,
+    webkit), when set: the platform's browser (``--browser`` wins)."""
+    raw = os.environ.get("RUNNER_BROWSER", "").strip().lower()
+    if not raw:
+        return None
+    if raw not in RUNNER_BROWSERS:
+        raise SystemExit(
+            f"RUNNER_BROWSER: must be one of chrome, firefox, safari (or chromium, webkit) "
+            f"(got {raw!r})"
+        )
+    return RUNNER_BROWSERS[raw]

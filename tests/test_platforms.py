@@ -139,6 +139,32 @@ def test_the_runner_refuses_a_browser_it_cannot_launch_before_connecting() -> No
     assert "cannot serve linux/firefox: --browser firefox" in result.stderr
 
 
+@pytest.mark.slow
+def test_runner_os_and_browser_come_from_the_env_names_runners_already_use() -> None:
+    def runner(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*TB, "runner", "--nats-url", "nats://127.0.0.1:1", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+
+    # safari is Playwright's webkit, refused here as a browser this machine cannot launch
+    result = runner({"RUNNER_BROWSER": "safari"})
+    assert result.returncode == 3 and "cannot serve linux/webkit" in result.stderr
+    result = runner({"RUNNER_OS": "windows"})
+    assert result.returncode == 3 and "cannot serve windows/chromium: --os windows" in (
+        result.stderr
+    )
+    # the flag wins over the environment
+    result = runner({"RUNNER_BROWSER": "chrome"}, "--browser", "firefox")
+    assert result.returncode == 3 and "linux/firefox" in result.stderr
+    for name, value in (("RUNNER_OS", "beos"), ("RUNNER_BROWSER", "lynx")):
+        result = runner({name: value})
+        assert result.returncode != 0 and f"{name}: must be one of" in result.stderr
+
+
 def test_bad_labels_are_refused_naming_where_they_came_from() -> None:
     result = subprocess.run(
         [*TB, "runner", "--nats-url", "nats://127.0.0.1:1", "--label", "bad key=1"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ log = structlog.get_logger("tb.agent")
 
 RELEASE_GRACE = 10.0  # seconds stopped flows get to close their browsers and hand back
 DRAIN_GRACE = 30.0  # seconds started flows get to finish once the runner is told to stop
+JOBS_REMEMBERED = 256  # jobs whose first flow here was announced (bounded: a runner lives long)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Runner:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _watching: int = 0  # callers of wait_until (only then is a change worth telling)
+    _jobs_seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.intake = Intake(
@@ -170,9 +172,20 @@ class Runner:
         task.result()  # what the step raised, if it did
         return True
 
+    def _new_job(self, job_id: str) -> None:
+        """The first flow of a job this runner takes: said once per job, as operators
+        of runners are used to reading it."""
+        self._jobs_seen[job_id] = None
+        if len(self._jobs_seen) > JOBS_REMEMBERED:
+            self._jobs_seen.popitem(last=False)
+        log.info("Received new job", job_id=job_id)
+        log.info("Starting job", job_id=job_id)
+
     def _start(self, work: Work) -> None:
         item = work.item
         received = time.monotonic()
+        if item.job_id not in self._jobs_seen:
+            self._new_job(item.job_id)
         log.info(
             "Flow received",
             job_id=item.job_id,

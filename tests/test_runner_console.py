@@ -101,6 +101,8 @@ async def test_runner_says_where_it_connects_who_it_is_and_each_flow(
         "slots": 2,
     }
     assert all(line["level"] == "info" for line in console.lines if "Flow" in line["event"])
+    assert [line["job_id"] for line in console.said("Received new job")] == [job_id]
+    assert said.index("Received new job") < said.index("Starting job") < said.index("Flow received")
     received = console.said("Flow received")
     finished = console.said("Flow finished")
     ids = {f"{job_id}_0_{n}" for n in range(flows)}

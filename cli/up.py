@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from agents.runner import RELEASE_GRACE
 from cli.commands import ProgressBar, consumer_settings_message
 from cli.http import call
 from cli.logs import announce
 from cli.nats_server import nats_server_args, port_is_open, wait_for_port
-from cli.settings import bus_config_from_env, is_loopback, open_bind_warning
+from cli.settings import (
+    bus_config_from_env,
+    drain_grace_from_env,
+    is_loopback,
+    open_bind_warning,
+)
 from cli.state_dir import StateDir, StateDirBusy
 from cli.supervise import Backoff
 from engine.bus import Bus, ConsumerSettingsRefused
@@ -26,6 +32,7 @@ from schemas.events import FlowDone
 from schemas.values import TERMINAL_JOB_STATUSES, JobStatus
 
 DEMO_HOST = "127.0.0.1"
+STOP_GRACE = 10.0  # seconds a stopping child gets before SIGKILL (runners: their drain too)
 
 
 class StartupFailed(Exception):
@@ -54,6 +61,7 @@ class Child:
     argv: list[str]
     log_path: Path
     last: bool = False  # stopped after the others (nats-server: they need it to stop cleanly)
+    stop_grace: float = STOP_GRACE  # seconds from SIGTERM to SIGKILL
     proc: asyncio.subprocess.Process | None = None
     log: IO[bytes] | None = None
     started_at: float = 0.0
@@ -78,14 +86,19 @@ class ProcessTree:
     _watchers: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: bool = False
 
-    async def spawn(self, name: str, *args: str) -> Child:
+    async def spawn(self, name: str, *args: str, stop_grace: float = STOP_GRACE) -> Child:
         """A ``tb <args>`` child."""
-        return await self.spawn_exec(name, [sys.executable, "-m", "cli.main", *args])
+        argv = [sys.executable, "-m", "cli.main", *args]
+        return await self.spawn_exec(name, argv, stop_grace=stop_grace)
 
-    async def spawn_exec(self, name: str, argv: list[str], *, last: bool = False) -> Child:
+    async def spawn_exec(
+        self, name: str, argv: list[str], *, last: bool = False, stop_grace: float = STOP_GRACE
+    ) -> Child:
         self.state.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.state.logs / f"{name}.log"
-        child = Child(name, argv, log_path, last=last, backoff=self.backoff())
+        child = Child(
+            name, argv, log_path, last=last, stop_grace=stop_grace, backoff=self.backoff()
+        )
         await self._start(child)
         self.children.append(child)
         self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch-{name}"))
@@ -138,9 +151,9 @@ class ProcessTree:
                     self.announce(f"{child.name} could not start ({err}); retrying in {delay:.1f}s")
                     await asyncio.sleep(delay)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self) -> None:
         """No more restarts; SIGTERM to every child at once (each stops cleanly on its
-        own), then to the ``last`` ones; SIGKILL after ``grace``."""
+        own), then to the ``last`` ones; SIGKILL after each child's ``stop_grace``."""
         self._stopping = True
         for watcher in self._watchers:
             watcher.cancel()
@@ -153,13 +166,13 @@ class ProcessTree:
                 if child.proc is not None and child.proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         child.proc.send_signal(signal.SIGTERM)
-            await asyncio.gather(*(self._reap(child, grace) for child in wave))
+            await asyncio.gather(*(self._reap(child) for child in wave))
 
-    async def _reap(self, child: Child, grace: float) -> None:
+    async def _reap(self, child: Child) -> None:
         if child.proc is None:
             return
         try:
-            await asyncio.wait_for(child.proc.wait(), grace)
+            await asyncio.wait_for(child.proc.wait(), child.stop_grace)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.kill()
@@ -283,10 +296,12 @@ class System:
                 "demo-site", "demo-site", "--host", DEMO_HOST, "--port", str(self.demo_port),
                 "--token-file", str(self.token_file),
             )  # fmt: skip
+        # a stopping runner lets its started flows finish, then hands the rest back
+        runner_grace = drain_grace_from_env() + RELEASE_GRACE + STOP_GRACE
         for n in range(o.runners):
             await self.tree.spawn(
                 f"runner-{n + 1}", "runner", *nats, "--api", self.api_url,
-                "--slots", str(o.slots), "--executor", o.executor,
+                "--slots", str(o.slots), "--executor", o.executor, stop_grace=runner_grace,
             )  # fmt: skip
 
     async def session(self, started: float) -> int:

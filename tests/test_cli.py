@@ -340,9 +340,37 @@ async def test_process_tree_restarts_a_crash_looping_child_without_touching_the_
         pid = int((tmp_path / "pids" / "steady.pid").read_text())
         assert steady.proc is not None and pid == steady.proc.pid
     finally:
-        await tree.stop(grace=5)
+        await tree.stop()
     assert steady.returncode is not None
     assert not list((tmp_path / "pids").glob("*.pid"))
+
+
+async def test_each_child_gets_its_own_grace_after_sigterm(tmp_path: Path) -> None:
+    # a child that takes its time over SIGTERM (as a draining runner does) is waited for
+    # within its grace, and killed only after it
+    from cli.state_dir import StateDir
+    from cli.up import ProcessTree
+
+    ready = "print('ready', flush=True); time.sleep(60)"
+    stubborn = f"import signal, time; signal.signal(signal.SIGTERM, lambda *_: None); {ready}"
+    slow = (
+        "import signal, sys, time; "
+        f"signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(0))); {ready}"
+    )
+    tree = ProcessTree(StateDir(tmp_path), announce=lambda line: None)
+    killed = await tree.spawn_exec("killed", [sys.executable, "-c", stubborn], stop_grace=0.5)
+    drained = await tree.spawn_exec("drained", [sys.executable, "-c", slow], stop_grace=20)
+
+    def both_ready() -> bool:
+        logs = [tmp_path / "logs" / f"{name}.log" for name in ("killed", "drained")]
+        return all("ready" in log.read_text() for log in logs)
+
+    async with asyncio.timeout(20):
+        while not both_ready():  # noqa: ASYNC110 - a file to watch, no event to wait on
+            await asyncio.sleep(0.05)
+    await tree.stop()
+    assert killed.returncode == -signal.SIGKILL
+    assert drained.returncode == 0  # its 1.5 s of stopping ran to the end: not cut at 0.5 s
 
 
 async def _notify(condition: asyncio.Condition) -> None:

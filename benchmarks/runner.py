@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from playwright.async_api import Playwright, async_playwright
 
 from agents.browser import launch_chromium
-from agents.executor import AllowedHosts
+from agents.executor import AllowedHosts, FlowReport
+from agents.human import PageTrail
 from agents.playwright_flow import JOB_HEADER, PlaywrightExecutor
 from benchmarks.processes import browser_pss
 from cli.logs import configure_logging
-from schemas.events import FlowDispatched
+from schemas.events import FlowDispatched, LinkPick, PageTimings
 from schemas.ids import new_id, utcnow
 from tests.sites import recording_site
 
@@ -44,19 +45,31 @@ PAGE = (
 
 
 class QuietReport:
-    """A flow report that keeps nothing (no NATS in this benchmark)."""
+    """A flow report that keeps nothing (no NATS in this benchmark); a complete
+    ``FlowReport``, so mypy checks it against the port."""
 
-    async def page_visited(self, url: str, status: int | None) -> None:
+    async def page_visited(
+        self, url: str, status: int | None, timings: PageTimings | None = None
+    ) -> None:
         return None
 
-    async def click_done(self, href: str) -> None:
+    async def page_left(self, url: str, trail: PageTrail, timings: PageTimings | None) -> None:
+        return None
+
+    async def click_done(self, href: str, link: LinkPick | None = None) -> None:
         return None
 
     async def click_skipped(self, href: str, reason: str) -> None:
         return None
 
+    async def egress_refused(self, host: str, port: int, reason: str, request: str) -> None:
+        return None
+
     async def keepalive(self) -> None:
         return None
+
+
+QUIET: FlowReport = QuietReport()  # the assignment makes mypy hold it to the protocol
 
 
 @dataclass
@@ -166,11 +179,10 @@ def work_item(url: str, host: str, session: float, n: int) -> FlowDispatched:
 async def ours(url: str, host: str, args: argparse.Namespace) -> Level | None:
     executor = PlaywrightExecutor(version="bench")
     await executor.start()
-    report = QuietReport()
 
     async def flow(n: int) -> None:
         item = work_item(url, host, args.session, n)
-        await executor.run(item, report, AllowedHosts(item.allowed_hosts))
+        await executor.run(item, QUIET, AllowedHosts(item.allowed_hosts))
 
     try:
         return await ramp("ours", flow, args)

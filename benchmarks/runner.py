@@ -44,6 +44,7 @@ from schemas.values import JobSettings, SessionDuration
 from tests.sites import recording_site
 
 GIB = 1024**3
+MIB = 1024**2
 LEVELS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PAGE = (
     """<!doctype html><html><head><title>bench</title></head><body>
@@ -202,15 +203,26 @@ def work_item(
 async def ours(url: str, host: str, args: argparse.Namespace) -> Level | None:
     executor = PlaywrightExecutor(version="bench")
     await executor.start()
+    await asyncio.sleep(2)  # the browser's start-up settled
+    idle = await asyncio.to_thread(browser_pss)
 
     async def flow(n: int) -> None:
         item = work_item(url, host, args.session, n)
         await executor.run(item, QUIET, AllowedHosts(item.allowed_hosts))
 
     try:
-        return await ramp("ours", flow, args)
+        best = await ramp("ours", flow, args)
     finally:
         await executor.close()
+    if best is not None:
+        # what agents.capacity.PER_FLOW_BYTES rests on
+        per_context = (best.peak_pss - idle) / best.concurrency
+        print(
+            f"ours: idle browser {idle / MIB:,.0f} MiB PSS; {per_context / MIB:,.0f} MiB PSS "
+            f"per context above it at x{best.concurrency}",
+            flush=True,
+        )
+    return best
 
 
 async def baseline(url: str, args: argparse.Namespace) -> Level | None:

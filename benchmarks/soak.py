@@ -61,16 +61,19 @@ class Footprint:
         self.fds = sum(open_fds(pid) for pid in tree)
         self.kinds: Counter[str] = Counter()  # processes of each kind
         self.kind_fds: Counter[str] = Counter()  # and their open fds
+        self.kind_rss: Counter[str] = Counter()  # and their RSS
         for pid in tree:
-            self.kinds[kind(pid)] += 1
-            self.kind_fds[kind(pid)] += open_fds(pid)
+            name = kind(pid)
+            self.kinds[name] += 1
+            self.kind_fds[name] += open_fds(pid)
+            self.kind_rss[name] += rss_bytes([pid])
 
     def __str__(self) -> str:
         return f"RSS {self.rss / MIB:,.0f} MiB, {self.fds} open fds, {self.processes} processes"
 
     def by_kind(self) -> str:
         return ", ".join(
-            f"{name} x{count} ({self.kind_fds[name]} fds)"
+            f"{name} x{count} ({self.kind_rss[name] / MIB:,.0f} MiB, {self.kind_fds[name]} fds)"
             for name, count in sorted(self.kinds.items())
         )
 

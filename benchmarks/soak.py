@@ -34,7 +34,7 @@ RSS_GOAL = 0.15
 # What the estimate at the start rests on. Quick end: a flow of this soak (land, one
 # click, a 0-second session) took ~2.5 s of executor time alone, with at most ~2 flows
 # in progress per core keeping pace. Slow end: runs of 60 flows (4 slots) on a 2-core
-# machine busy with other work (load ~20) went at 11-13 flows/min. The estimate printed
+# machine busy with other work (load ~20) went at 9-14 flows/min. The estimate printed
 # after the first look uses the run's own pace.
 SECONDS_PER_FLOW = 2.5
 CORE_BOUND_SLOTS = 2
@@ -57,8 +57,6 @@ class Footprint:
     def __init__(self, root: int) -> None:
         tree = [root, *descendants(root)]
         self.processes = len(tree)
-        self.rss = rss_bytes(tree)
-        self.fds = sum(open_fds(pid) for pid in tree)
         self.kinds: Counter[str] = Counter()  # processes of each kind
         self.kind_fds: Counter[str] = Counter()  # and their open fds
         self.kind_rss: Counter[str] = Counter()  # and their RSS
@@ -67,6 +65,8 @@ class Footprint:
             self.kinds[name] += 1
             self.kind_fds[name] += open_fds(pid)
             self.kind_rss[name] += rss_bytes([pid])
+        self.rss = self.kind_rss.total()
+        self.fds = self.kind_fds.total()
 
     def __str__(self) -> str:
         return f"RSS {self.rss / MIB:,.0f} MiB, {self.fds} open fds, {self.processes} processes"

@@ -10,8 +10,10 @@ what is free beside whatever else already runs on the machine (page cache counts
 available, since the kernel gives it back), so it neither pushes the host into swap
 nor counts memory another service holds. In a container with a memory limit (cgroup
 v2 ``memory.max``) the limit, less what the cgroup already uses, bounds it too, since
-/proc/meminfo shows the host's memory there. Cores are those the process may run on
-(``os.sched_getaffinity``, else ``os.cpu_count``), bounded by a cgroup CPU quota.
+/proc/meminfo shows the host's memory there. Without /proc (macOS) the physical
+memory counts; where no figure can be read (Windows) the capacity is 2, as before it
+was derived. Cores are those the process may run on (``os.sched_getaffinity``, else
+``os.cpu_count``), bounded by a cgroup CPU quota.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BASE_BYTES = 512 * MIB
 # Flows in progress per core: a flow is mostly waiting (dwell, network), with bursts of
 # work at each navigation and step.
 FLOWS_PER_CORE = 4
+# where the memory cannot be read, the capacity runners had before it was derived
+UNKNOWN_MEMORY_CAPACITY = 2
 
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")
@@ -60,13 +64,15 @@ def derived_capacity(
 class Machine:
     """What the rule was given and where each figure came from, for the runner's log."""
 
-    memory_bytes: int
+    memory_bytes: int | None  # None: not known on this system
     memory_source: str
     cores: int
     cores_source: str
 
     @property
     def capacity(self) -> int:
+        if self.memory_bytes is None:
+            return UNKNOWN_MEMORY_CAPACITY
         return derived_capacity(self.memory_bytes, self.cores)
 
 
@@ -88,19 +94,29 @@ def cgroup_number(path: Path) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def free_memory(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> tuple[int, str]:
-    """Memory a runner may take now, and where the figure came from."""
-    text = meminfo.read_text()
-    available = meminfo_bytes(text, "MemAvailable")
-    found, source = (available, "MemAvailable") if available is not None else (None, "")
+def free_memory(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> tuple[int | None, str]:
+    """Memory a runner may take now, and where the figure came from (None: unknown)."""
+    try:
+        text = meminfo.read_text()
+    except OSError:  # no /proc (macOS): the physical memory, what is free unknown
+        return physical_memory()
+    found = meminfo_bytes(text, "MemAvailable")
+    source = "MemAvailable"
     if found is None:  # kernels before 3.14
-        found, source = meminfo_bytes(text, "MemTotal") or 0, "MemTotal"
+        found, source = meminfo_bytes(text, "MemTotal"), "MemTotal"
     limit = cgroup_number(cgroup / "memory.max")
     if limit is not None:
-        in_cgroup = limit - (cgroup_number(cgroup / "memory.current") or 0)
-        if in_cgroup < found:
-            found, source = max(in_cgroup, 0), "cgroup memory.max less memory.current"
+        in_cgroup = max(limit - (cgroup_number(cgroup / "memory.current") or 0), 0)
+        if found is None or in_cgroup < found:
+            found, source = in_cgroup, "cgroup memory.max less memory.current"
     return found, source
+
+
+def physical_memory() -> tuple[int | None, str]:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "SC_PHYS_PAGES"
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None, "unknown"
 
 
 def usable_cores(cgroup: Path = CGROUP) -> tuple[int, str]:

@@ -58,7 +58,7 @@ def runner_capacity(given: int | None, *, browser: bool = True) -> int:
         source="derived from this machine",
         rule=f"min((memory - {BASE_BYTES // MIB} MiB) / {PER_FLOW_BYTES // MIB} MiB, "
         f"{FLOWS_PER_CORE} x cores), at least 1",
-        memory_mib=machine.memory_bytes // MIB,
+        memory_mib=None if machine.memory_bytes is None else machine.memory_bytes // MIB,
         memory_from=machine.memory_source,
         cores=machine.cores,
         cores_from=machine.cores_source,

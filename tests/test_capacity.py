@@ -21,6 +21,8 @@ from agents.capacity import (
     FLOWS_PER_CORE,
     MIB,
     PER_FLOW_BYTES,
+    UNKNOWN_MEMORY_CAPACITY,
+    Machine,
     derived_capacity,
     free_memory,
     meminfo_bytes,
@@ -83,6 +85,17 @@ def test_free_memory_is_mem_available_else_mem_total(tmp_path: Path) -> None:
     assert free_memory(meminfo, tmp_path / "none") == (22571492 * 1024, "MemAvailable")
     meminfo.write_text("MemTotal:  1048576 kB\n")  # a kernel without MemAvailable
     assert free_memory(meminfo, tmp_path / "none") == (GIB, "MemTotal")
+
+
+def test_without_proc_the_physical_memory_counts(tmp_path: Path) -> None:
+    memory_bytes, source = free_memory(tmp_path / "no-meminfo", tmp_path)
+    assert source == "SC_PHYS_PAGES"
+    assert memory_bytes == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_unknown_memory_keeps_the_former_default() -> None:
+    assert Machine(None, "unknown", 64, "cpu_count").capacity == UNKNOWN_MEMORY_CAPACITY
+    assert Machine(64 * GIB, "MemAvailable", 1, "cpu_count").capacity == FLOWS_PER_CORE
 
 
 def test_a_cgroup_memory_limit_bounds_free_memory(tmp_path: Path) -> None:

@@ -407,4 +407,7 @@ if __name__ == "__main__":
     egress.add_argument("--egress-rounds", type=int, default=3)
     egress.add_argument("--egress-clicks", type=int, default=1, help="clicks per flow")
     egress.add_argument("--dwell-max", type=float, default=1.0, help="seconds")
-    asyncio.run(main(parser.parse_args()))
+    parsed = parser.parse_args()
+    if min(parsed.egress_flows, parsed.egress_concurrency, parsed.egress_rounds) < 1:
+        parser.error("--egress-flows, --egress-concurrency and --egress-rounds: at least 1")
+    asyncio.run(main(parsed))

@@ -194,4 +194,7 @@ if __name__ == "__main__":
         default=None,
         help="seconds per job (default: 2x the slow estimate)",
     )
-    asyncio.run(main(parser.parse_args()))
+    parsed = parser.parse_args()
+    if not 0 < parsed.settle < parsed.flows:
+        parser.error("--settle must be at least 1 and fewer than --flows")
+    asyncio.run(main(parsed))

@@ -35,7 +35,8 @@ PER_FLOW_BYTES = 160 * MIB
 # idle browser measured ~260-300 MiB PSS together; the rest is headroom.
 BASE_BYTES = 512 * MIB
 # Flows in progress per core: a flow is mostly waiting (dwell, network), with bursts of
-# work at each navigation and step.
+# work at each navigation and step. A judgment still to be checked on a quiet machine:
+# the highest concurrency bench-runner's density phase sustains, per core.
 FLOWS_PER_CORE = 4
 # where the memory cannot be read, the capacity runners had before it was derived
 UNKNOWN_MEMORY_CAPACITY = 2

@@ -26,8 +26,9 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from playwright.async_api import Playwright, ProxySettings, async_playwright
 
@@ -44,6 +45,7 @@ from schemas.values import JobSettings, SessionDuration
 from tests.sites import recording_site
 
 GIB = 1024**3
+FLOW_TIMEOUT = 60  # seconds: a flow slower than this counts as failed
 MIB = 1024**2
 LEVELS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PAGE = (
@@ -89,13 +91,14 @@ class Batch:
     flows: int
     failed: int
     seconds: float
+    why: Counter[str] = field(default_factory=Counter)  # failures by reason
 
     @property
     def per_minute(self) -> float:
         return self.flows * 60 / self.seconds
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Level(Batch):
     concurrency: int
     median_flow: float
@@ -122,7 +125,7 @@ async def run_level(flow: Flow, concurrency: int, window: float) -> Level:
         while time.monotonic() < stop:
             began = time.monotonic()
             try:
-                await asyncio.wait_for(flow(next(counter)), timeout=60)
+                await asyncio.wait_for(flow(next(counter)), timeout=FLOW_TIMEOUT)
             except Exception:
                 failed += 1
             else:
@@ -274,20 +277,22 @@ class DirectExecutor(CountingExecutor):
 
 async def run_batch(flow: Flow, concurrency: int, flows: int) -> Batch:
     """Flows 0..``flows``-1 on ``concurrency`` workers, to the last one."""
-    failed = 0
+    why: Counter[str] = Counter()
     counter = iter(range(flows))
 
     async def worker() -> None:
-        nonlocal failed
         for n in counter:
             try:
-                await asyncio.wait_for(flow(n), timeout=60)
-            except Exception:
-                failed += 1
+                await asyncio.wait_for(flow(n), timeout=FLOW_TIMEOUT)
+            except TimeoutError:
+                why[f"over {FLOW_TIMEOUT} s"] += 1
+            except Exception as err:
+                why[getattr(err, "reason", None) or repr(err)[:120]] += 1
 
     began = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Batch(flows=flows - failed, failed=failed, seconds=time.monotonic() - began)
+    failed = why.total()
+    return Batch(flows - failed, failed, time.monotonic() - began, why)
 
 
 def dwell_settings(dwell_max: float) -> JobSettings:
@@ -329,7 +334,8 @@ async def egress_cost(url: str, host: str, args: argparse.Namespace) -> None:
                 rates[name].append(batch.per_minute)
                 print(
                     f"  round {round_ + 1} {name:8} {batch.flows:5} flows {batch.failed:3} "
-                    f"failed in {batch.seconds:6.1f} s  {batch.per_minute:7.1f} flows/min",
+                    f"failed in {batch.seconds:6.1f} s  {batch.per_minute:7.1f} flows/min"
+                    + "".join(f"\n    failed: {n} x {reason}" for reason, n in batch.why.items()),
                     flush=True,
                 )
         connections = {name: executor.proxied_connections for name, executor in sides.items()}

@@ -135,7 +135,7 @@ async def run_runner(
     api_url: str | None,
     os_name: str | None,
     browser: str,
-    slots: int,
+    slots: int | None,
     labels: dict[str, str],
     executor_kind: str,
     runner_id: str | None,
@@ -148,7 +148,12 @@ async def run_runner(
     from agents.runner import Runner
     from cli.display import display_for_headed_browser
     from cli.reach import AuthenticationFailed, until_reachable
-    from cli.runner_options import launchable_browser_version, runner_labels, runner_platform
+    from cli.runner_options import (
+        launchable_browser_version,
+        runner_capacity,
+        runner_labels,
+        runner_platform,
+    )
     from cli.settings import drain_grace_from_env
     from schemas import VERSION
     from schemas.ids import short_id
@@ -161,6 +166,7 @@ async def run_runner(
         log.info("Serving", platform=f"{platform.os}/{platform.browser}", version=browser_version)
     if api_url:
         log.info("Backend (API) for this fleet", url=api_url)
+    slots = runner_capacity(slots, browser=executor_kind != "noop")
     drain_grace = drain_grace_from_env()
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()

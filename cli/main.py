@@ -124,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: RUNNER_BROWSER (chrome, firefox, safari), else chromium; refused "
         "unless this machine can launch it",
     )
-    p.add_argument("--slots", type=_positive, default=2, help="concurrent flows (capacity)")
+    p.add_argument(
+        "--slots",
+        type=_positive,
+        default=None,
+        help="concurrent flows (capacity); default: TB_RUNNER_SLOTS, else derived from "
+        "this machine's free memory and cores",
+    )
     p.add_argument(
         "--label",
         dest="labels",

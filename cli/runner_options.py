@@ -1,5 +1,5 @@
-"""What a ``tb runner`` advertises: its labels, and a platform it can serve (checked
-before it connects, so a runner never takes work it would fail)."""
+"""What a ``tb runner`` advertises: its labels, its capacity, and a platform it can
+serve (checked before it connects, so a runner never takes work it would fail)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import os
 import sys
 from collections.abc import Mapping
 
+import structlog
+
 from schemas.labels import MAX_LABELS, BadLabel, parse_labels, split_label_list
 from schemas.values import OsName, Platform
 
+log = structlog.get_logger("tb.cli")
+
 LABELS_ENV = "TB_RUNNER_LABELS"
+SLOTS_ENV = "TB_RUNNER_SLOTS"
+NO_BROWSER_SLOTS = 2  # a no-op executor launches no browser: the machine says nothing
 CANNOT_SERVE_EXIT = 3  # the runner cannot launch the platform it was asked to serve
 
 
@@ -26,6 +32,38 @@ def runner_labels(given: Mapping[str, str]) -> dict[str, str]:
             f"--label and {LABELS_ENV}: at most {MAX_LABELS} labels (got {len(labels)})"
         )
     return labels
+
+
+def runner_capacity(given: int | None, *, browser: bool = True) -> int:
+    """The flows a runner runs at once: ``--slots``, else ``TB_RUNNER_SLOTS``, else
+    derived from this machine (``agents.capacity``); logged with where it came from."""
+    from agents.capacity import BASE_BYTES, FLOWS_PER_CORE, MIB, PER_FLOW_BYTES, this_machine
+
+    if given is not None:
+        log.info("Capacity", slots=given, source="--slots")
+        return given
+    raw = os.environ.get(SLOTS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise SystemExit(f"{SLOTS_ENV}: must be a whole number, at least 1 (got {raw!r})")
+        log.info("Capacity", slots=int(raw), source=SLOTS_ENV)
+        return int(raw)
+    if not browser:
+        log.info("Capacity", slots=NO_BROWSER_SLOTS, source="default without a browser")
+        return NO_BROWSER_SLOTS
+    machine = this_machine()
+    log.info(
+        "Capacity",
+        slots=machine.capacity,
+        source="derived from this machine",
+        rule=f"min((memory - {BASE_BYTES // MIB} MiB) / {PER_FLOW_BYTES // MIB} MiB, "
+        f"{FLOWS_PER_CORE} x cores), at least 1",
+        memory_mib=None if machine.memory_bytes is None else machine.memory_bytes // MIB,
+        memory_from=machine.memory_source,
+        cores=machine.cores,
+        cores_from=machine.cores_source,
+    )
+    return machine.capacity
 
 
 def runner_platform(os_name: str | None, browser: str) -> Platform:

@@ -79,6 +79,9 @@ class QuietReport:
     async def egress_refused(self, host: str, port: int, reason: str, request: str) -> None:
         return None
 
+    async def proxy_failed(self, proxy_id: str, proxy: str, error: str, reason: str) -> None:
+        return None
+
     async def keepalive(self) -> None:
         return None
 

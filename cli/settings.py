@@ -41,13 +41,15 @@ def _int(name: str, default: int, allowed: tuple[int, ...] | None = None) -> int
 
 def bus_config_from_env() -> BusConfig:
     """TB_ACK_WAIT (s, default 60), TB_PRESENCE_TTL (s, default 15), TB_MAX_DELIVER
-    (default 5), TB_REPLICAS (1 or 3: stream replicas, 3 in a cluster)."""
+    (default 5), TB_REPLICAS (1 or 3: stream replicas, 3 in a cluster),
+    TB_SCREENSHOT_MAX_AGE (s, default 7 days: how long failure screenshots are kept)."""
     default = BusConfig()
     return BusConfig(
         replicas=_int("TB_REPLICAS", default.replicas, allowed=(1, 3)),
         ack_wait=_float("TB_ACK_WAIT", default.ack_wait),
         presence_ttl=_float("TB_PRESENCE_TTL", default.presence_ttl),
         max_deliver=_int("TB_MAX_DELIVER", default.max_deliver),
+        screenshots_max_age=_float("TB_SCREENSHOT_MAX_AGE", default.screenshots_max_age),
     )
 
 

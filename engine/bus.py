@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -102,6 +103,7 @@ class BusConfig:
     max_deliver: int = 5
     presence_ttl: float = 15.0
     logs_max_age: float = 7 * 24 * 3600.0
+    screenshots_max_age: float = 7 * 24 * 3600.0  # failure screenshots age out, not pile up
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,19 +231,26 @@ class Bus:
             )
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.create_key_value(kv)
-        for bucket in (
-            subjects.DATASETS_BUCKET,
-            subjects.DISPATCHER_BUCKET,
-            subjects.SCREENSHOTS_BUCKET,
+        for bucket, max_age in (
+            (subjects.DATASETS_BUCKET, None),
+            (subjects.DISPATCHER_BUCKET, None),
+            (subjects.SCREENSHOTS_BUCKET, c.screenshots_max_age),
         ):
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.create_object_store(
                     bucket,
                     config=ObjectStoreConfig(
-                        replicas=c.replicas,
-                        storage=StorageType.FILE,
+                        replicas=c.replicas, storage=StorageType.FILE, ttl=max_age
                     ),
                 )
+            if max_age is not None:
+                await self._keep_max_age(f"OBJ_{bucket}", max_age)
+
+    async def _keep_max_age(self, stream: str, max_age: float) -> None:
+        """A bucket made before its age limit (or with another) gets the current one."""
+        info = await self.js.stream_info(stream)
+        if info.config.max_age != max_age:
+            await self.js.update_stream(dataclasses.replace(info.config, max_age=max_age))
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         try:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import msgspec
 import pytest
@@ -13,6 +14,7 @@ from schemas import subjects
 from schemas.events import JobCancelled, JobCreated, encode_event
 from schemas.ids import new_id, utcnow
 from schemas.values import JobSettings, Platform, Target
+from tests.conftest import NatsServer
 
 
 def created(job_id: str) -> JobCreated:
@@ -36,6 +38,21 @@ async def create(bus: Bus, job_id: str) -> int:
     scope = subjects.job_stream_filter(job_id)
     appended = await bus.append(created(job_id), msg_id=new_id(), expect=Expect(scope, 0))
     return appended.seq
+
+
+async def test_screenshots_age_out_and_an_older_bucket_is_given_the_limit(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    stream = f"OBJ_{subjects.SCREENSHOTS_BUCKET}"
+    assert (await bus.js.stream_info(stream)).config.max_age == 7 * 24 * 3600
+    for max_age in (3600.0, 7 * 24 * 3600.0):  # a changed setting reaches the bucket
+        config = dataclasses.replace(bus.config, screenshots_max_age=max_age)
+        async with await Bus.connect(nats_server.url, name="again", config=config) as again:
+            await again.provision()
+        assert (await bus.js.stream_info(stream)).config.max_age == max_age
+    # the other buckets keep everything
+    datasets = await bus.js.stream_info(f"OBJ_{subjects.DATASETS_BUCKET}")
+    assert not datasets.config.max_age
 
 
 async def test_provision_is_idempotent(bus: Bus) -> None:

@@ -11,6 +11,7 @@ knows it was refused and can stay where it was.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -66,6 +67,9 @@ class HostGuard:
         # top-level navigations refused, in order, per page (None: a popup not yet open)
         self._refused: dict[Page | None, list[str]] = {}
         self._reported: set[str] = set()
+        # each page prepared once: the flow's own page is prepared both by the executor
+        # (before it navigates) and by the context's page event; they share one call
+        self._preparing: dict[Page, asyncio.Future[None]] = {}
 
     @property
     def allowed(self) -> frozenset[str]:
@@ -87,6 +91,12 @@ class HostGuard:
     async def prepare(self, page: Page) -> None:
         """Before ``page`` loads anything: no prerendering from it (the browser process
         would load those pages without the job's header). Raises ``GuardFailed``."""
+        preparing = self._preparing.get(page)
+        if preparing is None:
+            preparing = self._preparing[page] = asyncio.ensure_future(self._prepare(page))
+        await asyncio.shield(preparing)
+
+    async def _prepare(self, page: Page) -> None:
         try:
             # the setting lasts as long as the DevTools session: it stays open with the page
             session = await page.context.new_cdp_session(page)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, QueryParameter
@@ -21,7 +22,9 @@ from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
 from engine.presence import serving_platforms
 from projections import queries
+from projections.metrics_views import job_metrics
 from projections.queries import JobView
+from schemas.ids import utcnow
 from schemas.values import JobStatus, Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
@@ -98,7 +101,18 @@ class JobController(Controller):
         if job is None:
             raise NotFound("job_id", f"no job {job_id}")
         [job] = await with_waiting_detail(services.bus, [job])
-        return job
+        metrics = await job_metrics(
+            services.db,
+            job.job_id,
+            status=job.status,
+            total=job.flows_total,
+            success=job.flows_done,
+            fail=job.flows_failed,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            now=utcnow(),
+        )
+        return msgspec.structs.replace(job, metrics=metrics)
 
     @post(
         "/{job_id:str}/cancel",

@@ -10,6 +10,7 @@ import aiosqlite
 import msgspec
 
 from projections.consents import domain_key
+from projections.metrics_views import RunMetrics
 from projections.runners import RunnerStatus
 from schemas.consent_state import ConsentStatus
 from schemas.flow_lifecycle import FlowStatus
@@ -59,6 +60,7 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     finished_at: datetime | None = None
     updated_at: datetime
     last_seq: int
+    metrics: RunMetrics | None = None  # one job's read only: rate, ETA, durations, web vitals
 
 
 class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):

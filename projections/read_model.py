@@ -8,7 +8,7 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from projections import consents, jobs, proxies, runners
+from projections import consents, jobs, proxies, run_metrics, runners
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
@@ -23,9 +23,9 @@ from schemas.events import (
 )
 
 CHECKPOINT = "read_model"
-SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA)
+SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA, *run_metrics.SCHEMA)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 5  # 5: jobs count the egress proxy's refusals
+SCHEMA_VERSION = 6  # 6: run metrics (histograms, outcomes per minute, events by type)
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -83,6 +83,8 @@ async def apply_batch(
             event = env.event
             if isinstance(event, JobEvent | FlowEvent):
                 update.job_ids.update(await jobs.apply(db, env))
+                if isinstance(event, FlowEvent):
+                    await run_metrics.apply(db, env)  # reads the flow row jobs just wrote
                 if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
                     update.runner_ids.update(await runners.apply(db, env))
                 if isinstance(event, ProxyFailed):
@@ -93,6 +95,7 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+        await run_metrics.count_events(db, (type(env.event).__name__ for env in fresh))
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)
 

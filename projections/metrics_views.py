@@ -13,7 +13,7 @@ import aiosqlite
 import msgspec
 
 from projections.db import iso
-from projections.run_metrics import EVERY_JOB, VITALS, Metric, upper_bound
+from projections.run_metrics import EVERY_JOB, SCALE, VITALS, Metric, upper_bound
 from schemas.values import JobStatus
 
 QUANTILES = (0.5, 0.75, 0.9, 0.99)
@@ -113,8 +113,8 @@ async def histograms(db: aiosqlite.Connection, scope: str) -> dict[str, Buckets]
     async with db.execute(
         "SELECT metric, bucket, count, sum FROM metric_histograms WHERE scope = ?", (scope,)
     ) as cur:
-        for metric, bucket, count, total in await cur.fetchall():
-            found.setdefault(metric, {})[bucket] = (count, total)
+        for metric, bucket, count, units in await cur.fetchall():
+            found.setdefault(metric, {})[bucket] = (count, units / SCALE[metric])
     return found
 
 

@@ -83,8 +83,6 @@ async def apply_batch(
             event = env.event
             if isinstance(event, JobEvent | FlowEvent):
                 update.job_ids.update(await jobs.apply(db, env))
-                if isinstance(event, FlowEvent):
-                    await run_metrics.apply(db, env)  # reads the flow row jobs just wrote
                 if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
                     update.runner_ids.update(await runners.apply(db, env))
                 if isinstance(event, ProxyFailed):
@@ -95,7 +93,7 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
-        await run_metrics.count_events(db, (type(env.event).__name__ for env in fresh))
+        await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)
 

@@ -22,9 +22,11 @@ from projections.metrics_views import (
 )
 from projections.projector import Projector
 from projections.queries import get_job
+from projections.read_model import apply_batch, open_read_model
 from projections.replay import dump_tables
 from projections.run_metrics import EVERY_JOB, bucket_of, upper_bound
-from schemas.events import FlowDone, JobStarted, PageTimings, PageVisited
+from schemas import subjects
+from schemas.events import Envelope, FlowDone, JobStarted, PageTimings, PageVisited
 from schemas.values import Target
 from tests.test_projections import (
     T0,
@@ -188,3 +190,36 @@ async def test_the_metrics_tables_rebuild_alike(
     second = await dump_tables(tmp_path / "again.db")
     for table in ("metric_histograms", "metric_flows", "metric_minutes", "metric_events"):
         assert first[table] == second[table], table
+
+
+async def test_folded_one_by_one_or_all_at_once_the_metrics_are_equal(tmp_path: Path) -> None:
+    events = [job("job_f", Target(url="http://site.test/", flows=40, clicks=0))]
+    events.append(ev(JobStarted, job_id="job_f", flows_total=40, allowed_hosts=["site.test"]))
+    for i in range(40):
+        flow_id = f"k{i}"
+        events.append(dispatched("job_f", flow_id))
+        timings = {"ttfb_ms": 0.1 * i + 0.7, "lcp_ms": 1234.5678 / (i + 1), "cls": 0.0001 * i}
+        events += [visited("job_f", flow_id, 0, **timings), visited("job_f", flow_id, 0)]
+        if i % 3:
+            events.append(finished("job_f", flow_id, duration_ms=37 * i))
+        else:
+            events.append(failed("job_f", flow_id, retryable=False))
+    # outcomes a day and more apart: the older minutes are dropped whatever the batches
+    late = msgspec.structs.replace(finished("job_f", "k1", 5), at=T0 + timedelta(days=2))
+    events += [dispatched("job_f", "late"), msgspec.structs.replace(late, flow_id="late")]
+    envelopes = [
+        Envelope(seq=n, subject=subjects.subject_for(e), event=e)
+        for n, e in enumerate(events, start=1)
+    ]
+    for name, size in (("one.db", 1), ("all.db", len(envelopes)), ("some.db", 7)):
+        db = await open_read_model(tmp_path / name)
+        try:
+            for start in range(0, len(envelopes), size):
+                await apply_batch(db, envelopes[start : start + size])
+        finally:
+            await db.close()
+    dumps = [await dump_tables(tmp_path / n) for n in ("one.db", "all.db", "some.db")]
+    assert dumps[0]["metric_minutes"] and dumps[0]["metric_histograms"]
+    assert all(d == dumps[0] for d in dumps)
+    kept = min(row[0] for row in dumps[0]["metric_minutes"])
+    assert kept >= (T0 + timedelta(days=1)).isoformat()[:16]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -9,6 +11,7 @@ from engine.bus import Bus
 from schemas.events import JobStarted
 from schemas.values import Target
 from tests.api_client import client, put_presence
+from tests.conftest import NatsServer
 from tests.test_projections import append, dispatched, ev, job
 from tests.test_run_metrics import finished, visited
 
@@ -116,3 +119,20 @@ async def test_tb_min_seq_header_is_checked_and_names_itself(
     r = await client.get("/api/v1/consents", headers={"TB-Min-Seq": "1000000"})
     assert r.status_code == 409 and r.json()["field"] == "TB-Min-Seq"
     assert "holds no sequence 1000000" in r.json()["detail"]
+
+
+async def test_metrics_still_answer_from_the_read_model_while_nats_is_down(
+    client: AsyncTestClient, bus: Bus, nats_server: NatsServer
+) -> None:
+    seq = await a_run(bus)
+    await client.get("/api/v1/metrics/summary", headers={"TB-Min-Seq": str(seq)})
+    await nats_server.kill()
+    started = time.monotonic()
+    r = await client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < 5  # each source is bounded, and read at once
+    got = samples(r.text)
+    assert got[("tb_flows_total", (("result", "done"),))] == 3
+    for source in ("stream", "dispatch_queues", "presence"):
+        assert got[("tb_metrics_source_up", (("source", source),))] == 0
+    assert ("tb_projection_lag_events", ()) not in got

@@ -13,7 +13,10 @@ are taken when its row in ``flows`` is done or failed (the one flow rule, applie
 ``projections.jobs`` first; the row's ``updated_at`` is then the time of the event that
 ended it), once per flow. A page's timings count once per flow attempt and page number
 (``n``), the key of its message id: a page reported again after the dedupe window is not
-counted twice. Everything is folded once per batch, in a few statements.
+counted twice, and pages stored out of order (a publish retried after the next one) all
+count. The pages seen of a flow's latest attempt are a bit set, so the timings of its
+first ``PAGES_TRACKED`` pages count (a session has at most 50). Everything is folded
+once per batch, in a few statements.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ SCALE: dict[Metric, int] = {
 }
 MINUTES_KEPT = timedelta(days=1)
 IN_CHUNK = 500  # ids per ``IN (…)``
+PAGES_TRACKED = 62  # bits of a page set that fit a signed 64-bit integer
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS metric_histograms (
@@ -59,8 +63,8 @@ SCHEMA = (
         sum INTEGER NOT NULL,  -- in units of 1 / SCALE[metric]
         PRIMARY KEY (scope, metric, bucket)
     ) WITHOUT ROWID""",
-    # per flow: the attempt and page count whose timings are counted, and whether its
-    # outcome (duration, minute) is
+    # per flow: its latest attempt, the pages of it whose timings are counted (bit n for
+    # page n), and whether its outcome (duration, minute) is
     """CREATE TABLE IF NOT EXISTS metric_flows (
         flow_id TEXT PRIMARY KEY,
         attempt INTEGER NOT NULL DEFAULT 0,
@@ -149,8 +153,7 @@ async def _count_events(db: aiosqlite.Connection, types: Iterable[str]) -> None:
 async def _page_timings(
     db: aiosqlite.Connection, visits: list[PageVisited], deltas: _Deltas
 ) -> None:
-    """Count each page's timings once: a runner reports a flow's pages in order, so a
-    page numbered below the pages already counted for its attempt was counted."""
+    """Count each page's timings once per flow attempt (the latest one of the flow)."""
     seen = await _select_in(
         db, "SELECT flow_id, attempt, pages FROM metric_flows WHERE flow_id IN ({})",
         sorted({v.flow_id for v in visits}),
@@ -159,9 +162,14 @@ async def _page_timings(
     changed: set[str] = set()
     for visit in visits:
         attempt, pages = state.get(visit.flow_id, (0, 0))
-        if visit.attempt < attempt or (visit.attempt == attempt and visit.n < pages):
+        if visit.attempt < attempt or visit.n >= PAGES_TRACKED:
+            continue  # a page of an older attempt, or past the pages tracked
+        if visit.attempt > attempt:
+            attempt, pages = visit.attempt, 0  # a new attempt visits its pages anew
+        bit = 1 << visit.n
+        if pages & bit:
             continue
-        state[visit.flow_id] = (visit.attempt, visit.n + 1)
+        state[visit.flow_id] = (attempt, pages | bit)
         changed.add(visit.flow_id)
         timings = visit.timings
         if timings is None:

@@ -107,6 +107,9 @@ async def test_durations_and_vitals_count_each_flow_and_page_once(
         events.append(finished("job_m", flow_id, duration_ms=1000 * (i + 1)))
     # reported again after the dedupe window (new event ids, same flow, attempt and n)
     events.append(visited("job_m", "f0", 0, ttfb_ms=5000))
+    # stored out of order (the publish of page 1 retried after page 2's): both count
+    events += [visited("job_m", "f1", 2, fcp_ms=200), visited("job_m", "f1", 1, fcp_ms=200)]
+    events.append(visited("job_m", "f2", 100_000, fcp_ms=200))  # past the pages tracked
     events.append(finished("job_m", "f0", duration_ms=99_000))
     # a failure that is retried is no outcome yet; one that is not is
     events += [dispatched("job_m", "g1"), failed("job_m", "g1", retryable=True)]
@@ -135,6 +138,7 @@ async def test_durations_and_vitals_count_each_flow_and_page_once(
     assert d.p99 is not None and 10_000 * 0.91 <= d.p99 <= 10_000 * 1.1
     vitals = m.web_vitals
     assert vitals.ttfb_ms.count == 10 and vitals.ttfb_ms.mean == 104.5
+    assert vitals.fcp_ms.count == 12
     assert vitals.cls.count == 10 and vitals.cls.mean is not None
     assert math.isclose(vitals.cls.mean, 0.1)
     assert vitals.lcp_ms.p75 is not None and 400 * 0.91 <= vitals.lcp_ms.p75 <= 400 * 1.1
@@ -144,7 +148,7 @@ async def test_durations_and_vitals_count_each_flow_and_page_once(
     assert everything.flow_duration_ms == d
     assert everything.jobs == {"running": 1}
     counts = dict(await events_by_type(reader))
-    assert counts["FlowDone"] == 11 and counts["PageVisited"] == 11 and counts["JobCreated"] == 1
+    assert counts["FlowDone"] == 11 and counts["PageVisited"] == 14 and counts["JobCreated"] == 1
     assert sum(counts.values()) == len(events)
 
 

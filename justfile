@@ -46,6 +46,10 @@ bench-state *ARGS: setup
 bench-runner *ARGS: setup
     {{bin}}/python -m benchmarks.runner {{ARGS}}
 
+# the API under load: GET /api/v1/jobs p50/p99 with 10,000 jobs and 100 clients, /ws fan-out to 500
+bench-api *ARGS: setup
+    {{bin}}/python -m benchmarks.api {{ARGS}}
+
 # 2,000 short flows on one runner: RSS and open files at the end against after the first 200
 soak *ARGS: setup
     {{bin}}/python -m benchmarks.soak {{ARGS}}

@@ -17,9 +17,11 @@ from api.flows import FlowController
 from api.health import healthz, readyz
 from api.jobs import JobController
 from api.live import live
+from api.metrics import MetricsController
 from api.openapi import StrictStructSchemaPlugin
 from api.proxies import ProxyController
 from api.quarantine import QuarantineController
+from api.read_side import ReadSide
 from api.runners import RunnerController
 from api.services import ApiConfig, Services
 from engine.bus import Bus
@@ -69,11 +71,12 @@ def create_app(config: ApiConfig) -> Litestar:
             RunnerController,
             QuarantineController,
             ProxyController,
+            MetricsController,
         ],
         lifespan=[lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
         request_max_body_size=config.body_limit,
-        plugins=[StrictStructSchemaPlugin()],
+        plugins=[StrictStructSchemaPlugin(), ReadSide()],
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from litestar import Controller, get, post
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody
 
@@ -10,6 +12,7 @@ from api.deps import services_from_state
 from api.dto import Claimed, ClaimIn, Revoked, RevokeIn, Verified, VerifyIn
 from api.inputs import DomainPath, command_id, domain_in_path
 from api.openapi import problems
+from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.services import Services
 from engine.consent.service import well_known_url
 from projections import queries
@@ -91,6 +94,19 @@ class ConsentController(Controller):
         )
         return Revoked(domain=domain, status="revoked", seq=appended.seq)
 
-    @get("/", summary="Every claimed domain and its consent status")
-    async def list_consents(self, services: NamedDependency[Services]) -> list[ConsentView]:
-        return await queries.list_consents(services.db)
+    @get(
+        "/",
+        summary="Every claimed domain and its consent status, by domain, a page at a time",
+        responses=problems(400, 409, 503),
+        response_headers=PAGE_HEADERS,
+    )
+    async def list_consents(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> Response[list[ConsentView]]:
+        (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
+        consents = await queries.list_consents(services.db, limit=limit + 1, after=after)
+        return page(request, consents, limit, lambda consent: (consent.domain,))

@@ -70,6 +70,10 @@ class Revoked(msgspec.Struct):
     seq: int
 
 
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
 class Problem(msgspec.Struct, omit_defaults=True):
     """Every 4xx body: ``detail`` names the field and the rule."""
 
@@ -86,7 +90,9 @@ class AvailablePlatform(msgspec.Struct):
     slots: int
 
 
-class Readiness(msgspec.Struct):
+class Readiness(msgspec.Struct, kw_only=True):
     status: Literal["ready", "not ready"]
     missing: list[str]
-    projection_seq: int
+    projection_seq: int  # the read model's checkpoint
+    stream_last_seq: int | None = None  # None while the stream cannot be read
+    projection_lag: int | None = None  # events stored and not yet applied

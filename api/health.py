@@ -7,7 +7,7 @@ from litestar import Response, get
 from litestar.di import NamedDependency, Provide
 
 from api.deps import services_from_state
-from api.dto import Readiness
+from api.dto import Health, Readiness
 from api.openapi import NOT_READY
 from api.services import Services
 from engine.presence import online_runners
@@ -16,8 +16,8 @@ log = structlog.get_logger("tb.api")
 
 
 @get("/healthz", summary="The process is alive", tags=["health"])
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Health:
+    return Health(status="ok")
 
 
 @get(
@@ -33,8 +33,10 @@ async def readyz(services: NamedDependency[Services]) -> Response[Readiness]:
         missing.append("nats")
     if not services.projector.healthy:
         missing.append("projector")
+    last_seq: int | None = None
     if "nats" not in missing:
         try:
+            last_seq = await services.bus.last_seq()
             if not any(r.status == "online" for r in await online_runners(services.bus)):
                 missing.append("runner")
         except Exception:  # an unreachable KV answers "not ready", not a 500
@@ -46,5 +48,7 @@ async def readyz(services: NamedDependency[Services]) -> Response[Readiness]:
         status="not ready" if missing else "ready",
         missing=missing,
         projection_seq=services.projector.position,
+        stream_last_seq=last_seq,
+        projection_lag=None if last_seq is None else max(last_seq - services.projector.position, 0),
     )
     return Response(body, status_code=503 if missing else 200)

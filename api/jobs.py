@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, get, post
+import msgspec
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, QueryParameter
 
@@ -12,6 +13,7 @@ from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
 from api.openapi import problems
+from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.proxies import check_pool
 from api.reads import MIN_SEQ_HELP
 from api.reads import wait_for_seq as _wait
@@ -21,7 +23,11 @@ from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
 from engine.presence import serving_platforms
 from projections import queries
-from projections.queries import JobView
+from projections.db import iso
+from projections.metrics_views import job_metrics
+from projections.queries import FlowView, JobView
+from schemas.flow_lifecycle import FlowStatus
+from schemas.ids import utcnow
 from schemas.values import JobStatus, Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
@@ -66,20 +72,61 @@ class JobController(Controller):
         )
         return Created(job_id=job_id, seq=appended.seq)
 
-    @get("/", summary="Jobs, newest first", responses=problems(400, 409, 503))
+    @get(
+        "/",
+        summary="Jobs, newest first, a page at a time",
+        responses=problems(400, 409, 503),
+        response_headers=PAGE_HEADERS,
+    )
     async def list_jobs(
         self,
+        request: Request[Any, Any, Any],
         services: NamedDependency[Services],
-        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0, le=10_000_000)] = 0,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        offset: Annotated[
+            int, QueryParameter(ge=0, le=10_000_000, description="jobs to skip (prefer cursor)")
+        ] = 0,
         status: Annotated[
             JobStatus | None, QueryParameter(description="only jobs in this status")
         ] = None,
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
-    ) -> list[JobView]:
+    ) -> Response[list[JobView]]:
+        after = decode_cursor(cursor, str, str) if cursor is not None else None
         await _wait(services, min_seq)
-        jobs = await queries.list_jobs(services.db, limit=limit, offset=offset, status=status)
-        return await with_waiting_detail(services.bus, jobs)
+        jobs = await queries.list_jobs(
+            services.db, limit=limit + 1, offset=offset, status=status, after=after
+        )
+        jobs[:limit] = await with_waiting_detail(services.bus, jobs[:limit])
+        return page(request, jobs, limit, lambda job: (iso(job.created_at), job.job_id))
+
+    @get(
+        "/{job_id:str}/flows",
+        summary="A job's flows by id, a page at a time",
+        responses=problems(400, 404, 409, 503),
+        response_headers=PAGE_HEADERS,
+    )
+    async def list_flows(
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobIdPath,
+        services: NamedDependency[Services],
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        status: Annotated[
+            FlowStatus | None, QueryParameter(description="only flows in this status")
+        ] = None,
+        min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
+    ) -> Response[list[FlowView]]:
+        job_id = job_id_in_path(job_id)
+        (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
+        await _wait(services, min_seq)
+        if await queries.get_job(services.db, job_id) is None:
+            raise NotFound("job_id", f"no job {job_id}")
+        flows = await queries.page_of_flows(
+            services.db, job_id, limit=limit + 1, status=status, after=after
+        )
+        return page(request, flows, limit, lambda flow: (flow.flow_id,))
 
     @get(
         "/{job_id:str}",
@@ -98,7 +145,18 @@ class JobController(Controller):
         if job is None:
             raise NotFound("job_id", f"no job {job_id}")
         [job] = await with_waiting_detail(services.bus, [job])
-        return job
+        metrics = await job_metrics(
+            services.db,
+            job.job_id,
+            status=job.status,
+            total=job.flows_total,
+            success=job.flows_done,
+            fail=job.flows_failed,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            now=utcnow(),
+        )
+        return msgspec.structs.replace(job, metrics=metrics)
 
     @post(
         "/{job_id:str}/cancel",

@@ -6,10 +6,10 @@ the proxy secrets bucket, never into the log, an answer or an error message.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, PathParameter, QueryParameter
@@ -17,6 +17,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 from api.deps import services_from_state
 from api.inputs import command_id
 from api.openapi import problems
+from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
 from engine.bus import Bus
@@ -119,18 +120,28 @@ class ProxyController(Controller):
             label=event.label,
         )
 
-    @get("/", summary="The proxy pool with each proxy's health", responses=problems(400, 409))
+    @get(
+        "/",
+        summary="The proxy pool with each proxy's health, a page at a time",
+        responses=problems(400, 409),
+        response_headers=PAGE_HEADERS,
+    )
     async def list_proxies(
         self,
+        request: Request[Any, Any, Any],
         services: NamedDependency[Services],
+        limit: Limit = 100,
+        cursor: Cursor = None,
         status: Annotated[
             ProxyStatus | None,
             QueryParameter(description="only proxies in this status (retired ones only so)"),
         ] = None,
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
-    ) -> list[ProxyView]:
+    ) -> Response[list[ProxyView]]:
+        (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
         await wait_for_seq(services, min_seq)
-        return await proxy_views.list_proxies(services.db, status)
+        proxies = await proxy_views.list_proxies(services.db, status, limit=limit + 1, after=after)
+        return page(request, proxies, limit, lambda proxy: (proxy.proxy_id,))
 
     @get("/{proxy_id:str}", summary="One proxy and its health", responses=problems(400, 404, 409))
     async def get_proxy(

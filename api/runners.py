@@ -9,14 +9,16 @@ last ``RunnerRegistered``), so the counts survive the API, and a runner that van
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency, Provide
 
 from api.deps import services_from_state
 from api.dto import AvailablePlatform
+from api.openapi import problems
+from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.services import Services
 from engine.presence import online_runners
 from projections import queries
@@ -70,23 +72,48 @@ class RunnerController(Controller):
     tags = ["runners"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 
-    @get("/", summary="Runners present now (presence heartbeat within its TTL)")
-    async def list_runners(self, services: NamedDependency[Services]) -> list[RunnerOut]:
-        return [present(p) for p in await online_runners(services.bus)]
+    @get(
+        "/",
+        summary="Runners present now (presence heartbeat within its TTL), by id, a page at a time",
+        responses=problems(400, 409, 503),
+        response_headers=PAGE_HEADERS,
+    )
+    async def list_runners(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> Response[list[RunnerOut]]:
+        (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
+        runners = [
+            present(p)
+            for p in await online_runners(services.bus)
+            if after is None or p.runner_id > after
+        ]
+        return page(request, runners[: limit + 1], limit, lambda runner: (runner.id,))
 
     @get(
         "/status",
         summary="Every runner: flows completed and failed since its start, uptime, labels, "
-        "in-flight flows, last heartbeat",
+        "in-flight flows, last heartbeat; by id, a page at a time",
+        responses=problems(400, 409, 503),
+        response_headers=PAGE_HEADERS,
     )
-    async def runner_status(self, services: NamedDependency[Services]) -> list[RunnerStatusOut]:
+    async def runner_status(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> Response[list[RunnerStatusOut]]:
+        (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
         presence = {p.runner_id: p for p in await online_runners(services.bus)}
         known = {r.runner_id: r for r in await queries.list_runners(services.db)}
         now = utcnow()
-        return [
-            status_of(presence.get(runner_id), known.get(runner_id), now)
-            for runner_id in sorted(presence.keys() | known.keys())
-        ]
+        ids = sorted(i for i in presence.keys() | known.keys() if after is None or i > after)
+        runners = [status_of(presence.get(i), known.get(i), now) for i in ids[: limit + 1]]
+        return page(request, runners, limit, lambda runner: (runner.id,))
 
     @get("/available-platforms", summary="Platforms with a runner online now")
     async def available_platforms(

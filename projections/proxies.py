@@ -141,11 +141,23 @@ _COLUMNS = (
 
 
 async def list_proxies(
-    db: aiosqlite.Connection, status: ProxyStatus | None = None
+    db: aiosqlite.Connection,
+    status: ProxyStatus | None = None,
+    *,
+    limit: int = -1,
+    after: str | None = None,
 ) -> list[ProxyView]:
-    """In the order they were registered; retired ones only when asked for."""
+    """In the order they were registered; retired ones only when asked for. ``after``:
+    the previous page's last proxy id; ``limit`` -1: every one."""
     where, params = ("status = ?", (status.value,)) if status else ("status != 'retired'", ())
-    return await _views(db, f"SELECT {_COLUMNS} FROM proxies WHERE {where} ORDER BY rowid", params)
+    if after is not None:
+        where += " AND rowid > (SELECT rowid FROM proxies WHERE proxy_id = ?)"
+        params = (*params, after)
+    return await _views(
+        db,
+        f"SELECT {_COLUMNS} FROM proxies WHERE {where} ORDER BY rowid LIMIT ?",
+        (*params, limit),
+    )
 
 
 async def get_proxy(db: aiosqlite.Connection, proxy_id: str) -> ProxyView | None:

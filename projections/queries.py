@@ -10,6 +10,7 @@ import aiosqlite
 import msgspec
 
 from projections.consents import domain_key
+from projections.metrics_views import RunMetrics
 from projections.runners import RunnerStatus
 from schemas.consent_state import ConsentStatus
 from schemas.flow_lifecycle import FlowStatus
@@ -59,6 +60,7 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     finished_at: datetime | None = None
     updated_at: datetime
     last_seq: int
+    metrics: RunMetrics | None = None  # one job's read only: rate, ETA, durations, web vitals
 
 
 class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -140,10 +142,22 @@ async def get_job(db: aiosqlite.Connection, job_id: str) -> JobView | None:
 
 
 async def list_jobs(
-    db: aiosqlite.Connection, limit: int = 50, offset: int = 0, status: JobStatus | None = None
+    db: aiosqlite.Connection,
+    limit: int = 50,
+    offset: int = 0,
+    status: JobStatus | None = None,
+    after: tuple[str, str] | None = None,
 ) -> list[JobView]:
-    """Newest first."""
-    where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+    """Newest first; ``after``: the (created_at, job_id) of the previous page's last job."""
+    conditions: list[str] = []
+    params: list[object] = []
+    if status:
+        conditions.append("status = ?")
+        params.append(status)
+    if after:
+        conditions.append("(created_at, job_id) < (?, ?)")
+        params.extend(after)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     return await _jobs(
         db,
         f"SELECT {_JOB_COLUMNS} FROM jobs {where}"
@@ -167,6 +181,28 @@ async def list_flows(
         f"SELECT {_FLOW_COLUMNS} FROM flows WHERE job_id = ?{where}"
         " ORDER BY updated_at DESC, flow_id LIMIT ? OFFSET ?",
         (job_id, *params, limit, offset),
+    )
+
+
+async def page_of_flows(
+    db: aiosqlite.Connection,
+    job_id: str,
+    *,
+    limit: int,
+    status: FlowStatus | None = None,
+    after: str | None = None,
+) -> list[FlowView]:
+    """A job's flows by id (a stable order while they change), from after ``after``."""
+    params: list[object] = [status] if status else []
+    where = " AND status = ?" if status else ""
+    if after is not None:
+        where += " AND flow_id > ?"
+        params.append(after)
+    return await _fetch(
+        db,
+        FlowView,
+        f"SELECT {_FLOW_COLUMNS} FROM flows WHERE job_id = ?{where} ORDER BY flow_id LIMIT ?",
+        (job_id, *params, limit),
     )
 
 
@@ -209,8 +245,14 @@ _CONSENT_QUERY = (
 )
 
 
-async def list_consents(db: aiosqlite.Connection) -> list[ConsentView]:
-    return await _fetch(db, ConsentView, f"{_CONSENT_QUERY} ORDER BY domain")
+async def list_consents(
+    db: aiosqlite.Connection, limit: int = -1, after: str | None = None
+) -> list[ConsentView]:
+    """By domain; ``after``: the previous page's last domain; ``limit`` -1: every one."""
+    where, params = (" WHERE domain > ?", (after,)) if after is not None else ("", ())
+    return await _fetch(
+        db, ConsentView, f"{_CONSENT_QUERY}{where} ORDER BY domain LIMIT ?", (*params, limit)
+    )
 
 
 async def get_consent(db: aiosqlite.Connection, domain: str) -> ConsentView | None:

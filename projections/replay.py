@@ -14,6 +14,7 @@ import aiosqlite
 import structlog
 
 from engine.bus import Bus
+from projections import run_metrics
 from projections.db import connect
 from projections.read_model import applied_seq, apply_batch, open_read_model
 
@@ -29,6 +30,7 @@ TABLES = {
     "runners": "runner_id",
     "consents": "domain",
     "proxies": "proxy_id",
+    **run_metrics.TABLES,
 }
 
 

@@ -79,6 +79,14 @@ def dispatch_subject(os: str, browser: str) -> str:
     return f"tb.dispatch.{os}.{browser}"
 
 
+def dispatch_platform(subject: str) -> tuple[str, str] | None:
+    """``(os, browser)`` of a ``tb.dispatch.<os>.<browser>`` subject, else ``None``."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["tb", "dispatch"]:
+        return None
+    return parts[2], parts[3]
+
+
 def dispatch_consumer(os: str, browser: str) -> str:
     """The one shared durable pull consumer of a platform's work queue."""
     return f"dispatch_{os}_{browser}"

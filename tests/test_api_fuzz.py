@@ -1,6 +1,8 @@
 """Schemathesis against the running system: the API served on loopback with the engine
-(dispatcher) and a runner live on a real nats-server. Every operation, 15 examples each of
-valid and of invalid input: never a 5xx, and the system is still ready afterwards."""
+(dispatcher) and a runner live on a real nats-server. Every operation, 20 examples each of
+valid and of invalid input: never a 5xx, never an answer its OpenAPI document does not
+describe (status code, content type, headers, body schema), and the system is still
+ready afterwards."""
 
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from agents.executor import NoopExecutor
 from agents.runner import Runner
@@ -25,7 +34,14 @@ from tests.api_client import when_registered
 from tests.conftest import NatsServer, free_port
 from tests.harness import embedded
 
-EXAMPLES = 15
+EXAMPLES = 20
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 def fuzz(base_url: str) -> dict[str, Counter[int]]:
@@ -55,6 +71,7 @@ def fuzz(base_url: str) -> dict[str, Counter[int]]:
                 assert response.status_code < 500, (
                     f"{case.as_curl_command()} answered {response.status_code}: {response.text}"
                 )
+                case.validate_response(response, checks=CHECKS)
 
             call()
     return seen
@@ -68,7 +85,7 @@ def get_status(url: str) -> int:
         return err.code
 
 
-@pytest.mark.slow  # ~30 s: 15 examples of valid and of invalid input per operation
+@pytest.mark.slow  # ~60 s: 20 examples of valid and of invalid input per operation
 async def test_fuzzing_every_operation_of_the_running_system_never_answers_5xx(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -10,17 +10,15 @@ import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 
-from agents.proxy_failover import (
-    FlowProxies,
-    ProxiesExhausted,
-    ProxyFailure,
-    ProxySecretCache,
-    publishing_report,
-)
+from agents.backoff import Backoff
+from agents.proxy_failover import FlowProxies, ProxiesExhausted, ProxySecretCache
+from agents.reporter import FlowReporter
 from engine.bus import Bus
 from engine.jobs.decider import CancelJob
 from engine.proxies.decider import HealthPolicy
@@ -147,9 +145,11 @@ async def runner(bus: Bus, host: str, port: int, taken: WorkItems) -> None:
         item = decode_event(msg.data)  # type: ignore[attr-defined]
         assert isinstance(item, FlowDispatched)
         await taken.add(msg.metadata.sequence.stream, list(item.proxies))  # type: ignore[attr-defined]
-        flow = FlowProxies.for_work_item(bus, item, secrets, runner_id="runner-1", delivery=1)
+        reporter = FlowReporter(bus, item, "runner-1", cast(Msg, msg), 1)
+        flow = FlowProxies.for_flow(item, secrets, reporter)
         with contextlib.suppress(ProxiesExhausted):
             await flow.open(fetch)
+        await reporter.stored(Backoff("test"))
         await asyncio.sleep(0.05)
         done = FlowDone(
             id=new_id(),
@@ -178,8 +178,9 @@ async def report_failures(bus: Bus, proxy_id: str, count: int) -> None:
             attempt=1, target_index=0, url="http://127.0.0.1/", clicks=0, session_seconds=1,
             allowed_hosts=["127.0.0.1"], seed=1, proxies=[proxy_id],
         )  # fmt: skip
-        failure = ProxyFailure(proxy_id, "http://127.0.0.1:1", "unreachable", "refused", 0)
-        await publishing_report(bus, item, "runner-1", 1)(failure)
+        reporter = FlowReporter(bus, item, "runner-1", cast(Msg, None), 1)
+        await reporter.proxy_failed(proxy_id, "http://127.0.0.1:1", "unreachable", "refused")
+        await reporter.stored(Backoff("test"))
 
 
 async def test_two_engines_record_each_health_step_once(

@@ -152,9 +152,10 @@ async def test_bytes_after_the_upstreams_200_head_are_the_tunnels_first_bytes(
         (answering(b"SSH-2.0-OpenSSH\r\n\r\n"), "protocol"),
         (answering(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2/\r\n\r\n"), "refused"),
         (answering(b""), "protocol"),
+        (answering(b"HTTP/1.1 \xb2\xb3\xb9 OK\r\n\r\n"), "protocol"),  # digits, not ASCII ones
     ],
     ids=["slow-loris", "endless-head", "huge-head", "long-head", "not-http", "redirect",
-         "closes"],
+         "closes", "superscript-status"],
 )  # fmt: skip
 async def test_a_broken_upstream_is_reported_once_and_the_next_one_carries_the_flow(
     proxy: EgressProxy,
@@ -412,3 +413,34 @@ async def test_an_upstream_on_an_unconsented_address_is_used_as_the_proxy_only(
             assert (await (await connect(proxy)).ask(line, flow, "Host: 127.0.0.2"))[0] == 403
     assert upstream_proxy.connections == 1 and upstream_proxy.tunnels == [("127.0.0.1", site.port)]
     assert not failures
+
+
+# -- digits that are not ASCII ones --------------------------------------------------------
+
+
+async def test_non_ascii_digits_in_a_site_answer_or_a_connect_target_are_refused_cleanly(
+    proxy: EgressProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    framed = b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n"
+    answers = [b"HTTP/1.1 \xb200 OK\r\n\r\n", framed]
+
+    async def odd_site(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0))
+        await writer.drain()
+
+    async with serving(LocalProxy(0), odd_site) as odd:
+        flow = register(proxy, AllowedHosts(["127.0.0.1"]), {"127.0.0.1": frozenset({odd.port})},
+                        Refusals())  # fmt: skip
+        line = f"GET http://127.0.0.1:{odd.port}/ HTTP/1.1"
+        assert (await (await connect(proxy)).ask(line, flow, "Host: x"))[0] == 502
+        client = await connect(proxy)
+        secret = base64.b64encode(f"{flow.username}:{flow.password}".encode())
+        client.writer.write(f"{line}\r\nHost: x\r\n".encode() + b"Proxy-Authorization: Basic "
+                            + secret + b"\r\n\r\n")  # fmt: skip
+        # the head is passed on; a body it cannot frame is not: the connection closes
+        assert await asyncio.wait_for(client.reader.read(), WAIT) == framed
+        status, _ = await (await connect(proxy)).ask("CONNECT 127.0.0.1:\xb2\xb3 HTTP/1.1", flow)
+        assert status == 403
+    await asyncio.sleep(0.05)
+    assert "Unhandled exception" not in caplog.text and proxy.open_connections == 0

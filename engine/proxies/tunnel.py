@@ -94,9 +94,11 @@ async def _http_connect(
         raise ProxyError("protocol", f"{proxy.label}: answer head too long")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    code = parts[1] if len(parts) > 1 else ""
+    # ASCII digits only: int() refuses the other characters str.isdigit() accepts ("²")
+    if not parts[0].startswith("HTTP/") or not (code.isascii() and code.isdigit()):
         raise ProxyError("protocol", f"{proxy.label}: not an HTTP answer to CONNECT")
-    status = int(parts[1])
+    status = int(code)
     if status == 407:
         raise ProxyError("auth", f"{proxy.label} refused the credentials (407)")
     if not 200 <= status < 300:

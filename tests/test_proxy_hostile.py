@@ -179,6 +179,29 @@ async def test_a_broken_upstream_is_reported_once_and_the_next_one_carries_the_f
     assert working.tunnels == [("127.0.0.1", site.port)] and evil.connections == 0
 
 
+async def test_an_upstream_echoing_the_credentials_does_not_put_them_in_the_failure(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        echoed = head.split(b"Proxy-Authorization: ", 1)[1].split(b"\r\n", 1)[0]
+        writer.write(b"HTTP/1.1 403 " + echoed + b" user:" + PASSWORD.encode() + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with serving(LocalProxy(0), handle) as echoing:
+        proxies, failures = chained(Secrets(), local(echoing, "http", "user", PASSWORD))
+        flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
+                        proxies=proxies)  # fmt: skip
+        assert await connect_status(proxy, flow, site) == 502
+    assert TOKEN.encode() in heads[0]  # it did get them, and echoed them
+    assert [f.error for f in failures] == ["refused"]
+    assert PASSWORD not in failures[0].reason and TOKEN not in failures[0].reason
+
+
 # -- hostile SOCKS5 answers --------------------------------------------------------------
 
 

@@ -102,7 +102,9 @@ async def _http_connect(
     if status == 407:
         raise ProxyError("auth", f"{proxy.label} refused the credentials (407)")
     if not 200 <= status < 300:
-        raise ProxyError("refused", f"{proxy.label} answered CONNECT with {status_line[:100]!r}")
+        # the code only: the rest of the line is the proxy's to write, and one that echoes
+        # the request would put its credentials into ProxyFailed
+        raise ProxyError("refused", f"{proxy.label} answered CONNECT with {status}")
 
 
 async def _socks5(

@@ -23,10 +23,14 @@ import structlog
 from agents.egress import upstream
 from agents.egress.proxy import EgressProxy
 from agents.executor import AllowedHosts
+from agents.proxy_failover import FlowProxies, ProxySecretCache
+from engine.bus import Bus
+from engine.proxies.secrets import ProxySecrets
 from engine.proxies.tunnel import open_tunnel
 from schemas.proxies import ProxyEndpoint, ProxyError
 from tests.proxies import LocalProxy, dead_port, http_proxy, serving, socks5_proxy
 from tests.test_egress_proxy import (
+    Failures,
     Origin,
     Refusals,
     Secrets,
@@ -315,6 +319,32 @@ async def test_concurrent_connections_on_a_dying_candidate_report_once_and_move_
 
 
 # -- secrets, logs, plain http, IPv6 ----------------------------------------------------
+
+
+async def test_candidates_with_malformed_secrets_are_skipped_as_no_secret(
+    bus: Bus, proxy: EgressProxy, site: Origin
+) -> None:
+    kv = await ProxySecrets(bus).bucket()
+    await kv.put("not-json", b"{not json")
+    await kv.put("bad-scheme", b'{"scheme":"ftp","host":"127.0.0.1","port":1}')
+    await kv.put("bad-port", b'{"scheme":"http","host":"127.0.0.1","port":70000}')
+    await kv.put("no-host", b'{"scheme":"http","host":"","port":3128}')
+    await kv.put("bad-host", b'{"scheme":"http","host":"a b\\r\\nc","port":3128}')
+    long = "u" * 300
+    await kv.put(
+        "long-user",
+        f'{{"scheme":"socks5","host":"127.0.0.1","port":1,"username":"{long}","password":"p"}}'.encode(),
+    )
+    async with http_proxy() as working:
+        await kv.put("ok", f'{{"scheme":"http","host":"127.0.0.1","port":{working.port}}}'.encode())
+        failures = Failures()
+        ids = ["not-json", "bad-scheme", "bad-port", "no-host", "bad-host", "long-user", "ok"]
+        proxies = FlowProxies(ids, ProxySecretCache(bus), failures)
+        flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
+                        proxies=proxies)  # fmt: skip
+        assert await connect_status(proxy, flow, site) == 200
+    assert [(f.proxy_id, f.error) for f in failures] == [(i, "no_secret") for i in ids[:-1]]
+    assert proxy.open_connections == 1  # the one tunnel, no handler died on a bad secret
 
 
 async def test_no_password_in_logs_failures_or_reprs(

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -443,6 +444,61 @@ async def test_ipv6_literal_targets_are_chained_by_address(
             )
         )[0] == 403
     assert upstream_proxy.tunnels == [("::1", site6.port)] * 2 and not failures
+
+
+# -- a flow ends while a connection is mid-failover ------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("end", ["unregister", "revoke"])
+async def test_a_flow_ending_mid_failover_stops_its_connection_at_once(
+    proxy: EgressProxy,
+    site: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    end: str,
+) -> None:
+    """The flow is unregistered, or its host revoked, while a connection waits on a
+    silent candidate: the connection closes at once and goes no further."""
+    monkeypatch.setattr(upstream, "CONNECT_TIMEOUT", 1.5)
+    arrived = asyncio.Event()
+
+    async def silent_script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.set()
+        await never_answers(reader, writer)
+
+    async with scripted(silent_script) as silent, http_proxy() as working:
+        await asyncio.sleep(0)
+        fds, tasks = open_fds(), len(asyncio.all_tasks())
+        proxies, failures = chained(Secrets(), local(silent, "http"), local(working, "http"))
+        hosts = AllowedHosts(["127.0.0.1"])
+        flow = register(proxy, hosts, ports_of(site), Refusals(), proxies=proxies)
+        client = await connect(proxy)
+        client.writer.write(
+            f"CONNECT 127.0.0.1:{site.port} HTTP/1.1\r\n".encode()
+            + b"Proxy-Authorization: Basic "
+            + base64.b64encode(f"{flow.username}:{flow.password}".encode())
+            + b"\r\n\r\n"
+        )
+        await asyncio.wait_for(arrived.wait(), WAIT)  # waiting on the silent candidate
+        started = time.monotonic()
+        if end == "unregister":
+            proxy.unregister(flow)
+        else:
+            hosts.revoke("127.0.0.1")
+        assert await asyncio.wait_for(client.reader.read(), WAIT) == b""
+        assert time.monotonic() - started < 1.0
+        client.writer.close()
+        await asyncio.sleep(2.0)  # past the silent candidate's timeout
+        assert not failures and not working.tunnels and working.connections == 0
+        assert proxy.open_connections == 0
+        assert len(asyncio.all_tasks()) <= tasks
+        assert open_fds() <= fds
+    assert site.connections == 0
+    assert "Exception in callback" not in caplog.text and "Unhandled" not in caplog.text
 
 
 # -- where the operator's proxy is ------------------------------------------------------

@@ -319,6 +319,24 @@ async def test_concurrent_connections_on_a_dying_candidate_report_once_and_move_
     assert site.connections == 21 and evil.connections == 0
 
 
+async def test_concurrent_connections_waiting_on_a_silent_candidate_report_it_once(
+    proxy: EgressProxy, site: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "CONNECT_TIMEOUT", 0.5)
+    async with scripted(never_answers) as silent, http_proxy() as working:
+        proxies, failures = chained(Secrets(), local(silent, "http"), local(working, "http"))
+        flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
+                        proxies=proxies)  # fmt: skip
+        clients = [await connect(proxy) for _ in range(20)]
+        line = f"CONNECT 127.0.0.1:{site.port} HTTP/1.1"
+        started = time.monotonic()
+        answers = await asyncio.gather(*(c.ask(line, flow) for c in clients))
+        assert time.monotonic() - started < 2.0  # one timeout, waited out together
+        assert [status for status, _ in answers] == [200] * 20
+    assert silent.connections == 20 and len(working.tunnels) == 20
+    assert [(f.proxy_id, f.error) for f in failures] == [("p0", "timeout")]
+
+
 # -- secrets, logs, plain http, IPv6 ----------------------------------------------------
 
 
@@ -444,6 +462,20 @@ async def test_ipv6_literal_targets_are_chained_by_address(
             )
         )[0] == 403
     assert upstream_proxy.tunnels == [("::1", site6.port)] * 2 and not failures
+
+
+async def test_an_upstream_on_an_ipv6_address_is_spoken_to_there(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    async with http_proxy(("user", PASSWORD), host="::1") as upstream_proxy:
+        endpoint = local(upstream_proxy, "http", "user", PASSWORD)
+        proxies, failures = chained(Secrets(), endpoint)
+        flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
+                        proxies=proxies)  # fmt: skip
+        client = await connect(proxy)
+        assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+        assert await client.echo(b"over v6\n") == b"over v6\n"
+    assert endpoint.label == f"http://[::1]:{upstream_proxy.port}" and not failures
 
 
 # -- a flow ends while a connection is mid-failover ------------------------------------

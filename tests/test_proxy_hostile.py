@@ -14,9 +14,11 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import structlog
@@ -29,7 +31,15 @@ from engine.bus import Bus
 from engine.proxies.secrets import ProxySecrets
 from engine.proxies.tunnel import open_tunnel
 from schemas.proxies import ProxyEndpoint, ProxyError
-from tests.proxies import LocalProxy, dead_port, http_proxy, serving, socks5_proxy
+from tests.proxies import (
+    LocalProxy,
+    dead_port,
+    http_get,
+    http_proxy,
+    self_signed,
+    serving,
+    socks5_proxy,
+)
 from tests.test_egress_proxy import (
     Failures,
     Origin,
@@ -585,3 +595,34 @@ async def test_non_ascii_digits_in_a_site_answer_or_a_connect_target_are_refused
         assert status == 403
     await asyncio.sleep(0.05)
     assert "Unhandled exception" not in caplog.text and proxy.open_connections == 0
+
+
+# -- a TLS link to an https proxy that breaks after the handshake ---------------------------
+
+
+async def test_an_https_proxy_whose_tls_breaks_after_the_handshake_is_a_proxy_failure(
+    tmp_path: Path, site: Origin
+) -> None:
+    server_tls, client_tls = self_signed(tmp_path)
+
+    async def corrupt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        # a record that is no TLS record of this session, written under the TLS layer
+        raw = socket.socket(fileno=writer.get_extra_info("socket").fileno())
+        raw.send(b"\x17\x03\x03\x00\x05garbage")
+        raw.detach()
+        await reader.read()
+
+    async with (
+        serving(LocalProxy(0), corrupt, server_tls) as broken,
+        http_proxy(tls=server_tls) as working,
+    ):
+        proxies, failures = chained(Secrets(), local(broken, "https"), local(working, "https"))
+
+        async def through(endpoint: ProxyEndpoint) -> int:
+            reader, writer = await open_tunnel(endpoint, site.host, site.port, tls=client_tls)
+            return await http_get(reader, writer, site.host)
+
+        assert await proxies.open(through) == 200
+    assert [(f.proxy_id, f.error) for f in failures] == [("p0", "protocol")]
+    assert working.tunnels == [(site.host, site.port)]

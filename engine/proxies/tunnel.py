@@ -45,7 +45,8 @@ async def open_tunnel(
                 raise
     except TimeoutError:
         raise ProxyError("timeout", f"{proxy.label} did not answer within {timeout:g}s") from None
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as err:
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as err:
+        # OSError: a reset, or a TLS link to an https proxy that broke (ssl.SSLError)
         raise ProxyError("protocol", f"{proxy.label} broke off: {type(err).__name__}") from None
     return reader, writer
 

@@ -626,3 +626,46 @@ async def test_an_https_proxy_whose_tls_breaks_after_the_handshake_is_a_proxy_fa
         assert await proxies.open(through) == 200
     assert [(f.proxy_id, f.error) for f in failures] == [("p0", "protocol")]
     assert working.tunnels == [(site.host, site.port)]
+
+
+# -- the last candidate dies under load; many failovers leave nothing behind ---------------
+
+
+async def test_concurrent_connections_on_the_last_dying_candidate_all_fail_closed(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    async with http_proxy() as only:
+        proxies, failures = chained(Secrets(), local(only, "http"))
+        flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
+                        proxies=proxies)  # fmt: skip
+        assert await connect_status(proxy, flow, site) == 200
+    clients = [await connect(proxy) for _ in range(20)]
+    line = f"CONNECT 127.0.0.1:{site.port} HTTP/1.1"
+    answers = await asyncio.gather(*(c.ask(line, flow) for c in clients))
+    assert [status for status, _ in answers] == [502] * 20
+    assert [f.error for f in failures] == ["unreachable"] and proxies.exhausted
+    assert site.connections == 1  # the one before it died; none direct after
+
+
+async def test_many_failovers_leave_no_sockets_or_tasks_behind(
+    proxy: EgressProxy, site: Origin
+) -> None:
+    async with http_proxy(answer=502) as refusing, http_proxy() as working:
+        # one refused connection first: what the proxy sets up once is not counted
+        await connect_status(proxy, register(proxy, AllowedHosts([]), {}, Refusals()), site)
+        await asyncio.sleep(0.05)
+        fds, tasks = open_fds(), len(asyncio.all_tasks())
+        for _ in range(30):  # a flow each: the first candidate refuses, the second works
+            proxies, _ = chained(Secrets(), ProxyEndpoint("http", "127.0.0.1", dead_port()),
+                                 local(refusing, "http"), local(working, "http"))  # fmt: skip
+            flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
+                            proxies=proxies)  # fmt: skip
+            client = await connect(proxy)
+            assert (await client.ask(f"CONNECT 127.0.0.1:{site.port} HTTP/1.1", flow))[0] == 200
+            assert await client.echo(b"x\n") == b"x\n"
+            proxy.unregister(flow)
+            client.writer.close()
+        await asyncio.wait_for(proxy.idle(), WAIT)
+        await asyncio.sleep(0.2)  # the local servers' halves close
+        assert proxy.flows == 1 and proxy.open_connections == 0
+        assert open_fds() <= fds and len(asyncio.all_tasks()) <= tasks

@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from agents.egress import upstream
-from agents.egress.proxy import EgressProxy
+from agents.egress.proxy import EgressProxy, FlowEgress
 from agents.executor import AllowedHosts
 from agents.proxy_failover import FlowProxies, ProxySecretCache
 from engine.bus import Bus
@@ -41,6 +41,7 @@ from tests.proxies import (
     socks5_proxy,
 )
 from tests.test_egress_proxy import (
+    Client,
     Failures,
     Origin,
     Refusals,
@@ -110,10 +111,20 @@ def ports_of(origin: Origin) -> dict[str, frozenset[int]]:
     return {origin.host: frozenset({origin.port})}
 
 
-async def connect_status(egress: EgressProxy, flow: object, origin: Origin) -> int:
+async def connect_status(egress: EgressProxy, flow: FlowEgress, origin: Origin) -> int:
     client = await connect(egress)
-    status, _ = await client.ask(f"CONNECT {origin.host}:{origin.port} HTTP/1.1", flow)  # type: ignore[arg-type]
+    status, _ = await client.ask(f"CONNECT {origin.host}:{origin.port} HTTP/1.1", flow)
     return status
+
+
+async def connect_at_once(
+    egress: EgressProxy, flow: FlowEgress, origin: Origin, count: int
+) -> tuple[list[Client], list[int]]:
+    """``count`` connections of the flow asking for ``origin`` together: their answers."""
+    clients = [await connect(egress) for _ in range(count)]
+    line = f"CONNECT {origin.host}:{origin.port} HTTP/1.1"
+    answers = await asyncio.gather(*(c.ask(line, flow) for c in clients))
+    return clients, [status for status, _ in answers]
 
 
 # -- hostile HTTP CONNECT answers -------------------------------------------------------
@@ -316,10 +327,8 @@ async def test_concurrent_connections_on_a_dying_candidate_report_once_and_move_
                             proxies=proxies)  # fmt: skip
             assert await connect_status(proxy, flow, site) == 200
         # the first candidate is gone: twenty connections at once find out together
-        clients = [await connect(proxy) for _ in range(20)]
-        line = f"CONNECT 127.0.0.1:{site.port} HTTP/1.1"
-        answers = await asyncio.gather(*(c.ask(line, flow) for c in clients))
-        assert [status for status, _ in answers] == [200] * 20
+        clients, statuses = await connect_at_once(proxy, flow, site, 20)
+        assert statuses == [200] * 20
         for client in clients:
             assert await client.echo(b"together\n") == b"together\n"
     assert [(f.proxy, f.error, f.n) for f in failures] == [
@@ -337,12 +346,10 @@ async def test_concurrent_connections_waiting_on_a_silent_candidate_report_it_on
         proxies, failures = chained(Secrets(), local(silent, "http"), local(working, "http"))
         flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
                         proxies=proxies)  # fmt: skip
-        clients = [await connect(proxy) for _ in range(20)]
-        line = f"CONNECT 127.0.0.1:{site.port} HTTP/1.1"
         started = time.monotonic()
-        answers = await asyncio.gather(*(c.ask(line, flow) for c in clients))
+        _, statuses = await connect_at_once(proxy, flow, site, 20)
         assert time.monotonic() - started < 2.0  # one timeout, waited out together
-        assert [status for status, _ in answers] == [200] * 20
+        assert statuses == [200] * 20
     assert silent.connections == 20 and len(working.tunnels) == 20
     assert [(f.proxy_id, f.error) for f in failures] == [("p0", "timeout")]
 
@@ -639,10 +646,8 @@ async def test_concurrent_connections_on_the_last_dying_candidate_all_fail_close
         flow = register(proxy, AllowedHosts(["127.0.0.1"]), ports_of(site), Refusals(),
                         proxies=proxies)  # fmt: skip
         assert await connect_status(proxy, flow, site) == 200
-    clients = [await connect(proxy) for _ in range(20)]
-    line = f"CONNECT 127.0.0.1:{site.port} HTTP/1.1"
-    answers = await asyncio.gather(*(c.ask(line, flow) for c in clients))
-    assert [status for status, _ in answers] == [502] * 20
+    _, statuses = await connect_at_once(proxy, flow, site, 20)
+    assert statuses == [502] * 20
     assert [f.error for f in failures] == ["unreachable"] and proxies.exhausted
     assert site.connections == 1  # the one before it died; none direct after
 

@@ -144,9 +144,18 @@ def encode_secret(endpoint: ProxyEndpoint) -> bytes:
 
 
 def decode_secret(data: bytes) -> ProxyEndpoint:
-    """The stored endpoint; ``ValueError`` (never quoting the value) when it is not one."""
+    """The stored endpoint; ``ValueError`` (never quoting the value) when it is not one,
+    or not one ``parse_proxy_url`` would have accepted (a port out of range makes the
+    connect raise ``OverflowError``, an overlong credential breaks SOCKS5 framing)."""
     try:
         stored = msgspec.json.decode(data, type=_StoredEndpoint)
     except msgspec.DecodeError:
         raise ValueError("not a stored proxy endpoint") from None
+    credentials = (stored.username.encode(), stored.password.encode())
+    if (
+        not host_is_valid(stored.host)
+        or not 1 <= stored.port <= 65535
+        or max(map(len, credentials)) > MAX_CREDENTIAL_BYTES
+    ):
+        raise ValueError("not a usable proxy endpoint")
     return ProxyEndpoint(stored.scheme, stored.host, stored.port, stored.username, stored.password)

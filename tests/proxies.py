@@ -83,10 +83,11 @@ def http_proxy(
     answer: int = 200,
     port: int = 0,
     tls: ssl.SSLContext | None = None,
+    host: str = "127.0.0.1",
 ) -> contextlib.AbstractAsyncContextManager[LocalProxy]:
     """An HTTP CONNECT proxy (over TLS with ``tls``: an https proxy); ``answer`` other than
     200 refuses every tunnel with it."""
-    proxy = LocalProxy(port)
+    proxy = LocalProxy(port, host)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")

@@ -54,6 +54,11 @@ class Status:
     raw: bytes
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``int()`` refuses the others ``str.isdigit()`` accepts ("²")."""
+    return text.isascii() and text.isdigit()
+
+
 def header(headers: list[tuple[str, str]], name: str) -> str | None:
     name = name.lower()
     return next((v for k, v in headers if k.lower() == name), None)
@@ -90,7 +95,7 @@ def parse_head(raw: bytes) -> Head | None:
 def parse_status(raw: bytes) -> Status | None:
     lines = raw.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not is_number(parts[1]):
         return None
     headers = _header_lines(lines[1:])
     if headers is None:
@@ -101,7 +106,7 @@ def parse_status(raw: bytes) -> Status | None:
 def split_authority(target: str) -> tuple[str, int] | None:
     """``host:port`` of a CONNECT request (IPv6 literals in brackets)."""
     host, sep, port_text = target.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not is_number(port_text):
         return None
     port = int(port_text)
     if not 0 < port < 65536:
@@ -136,7 +141,7 @@ def framing(headers: list[tuple[str, str]], *, response: bool) -> tuple[Framing,
         raise BadMessage("conflicting Content-Length")
     if lengths:
         (length,) = lengths
-        if not length.isdigit():
+        if not is_number(length):
             raise BadMessage("bad Content-Length")
         return (Framing.LENGTH, int(length)) if int(length) else (Framing.NONE, 0)
     return (Framing.UNTIL_CLOSE, 0) if response else (Framing.NONE, 0)

@@ -99,6 +99,9 @@ class FlowEgress:
     on_refused: Callable[[Refused], Awaitable[None]]
     label: str = ""
     tunnels: set[Tunnel] = field(default_factory=set)
+    # connections still being opened (through upstreams, each may wait on several), and
+    # to which host: cut too, so an ended flow or a revoked host gets no new connection
+    opening: dict[asyncio.Task[None], str] = field(default_factory=dict)
     opened: int = 0  # connections admitted so far
     _unwatch: Callable[[], None] | None = None
 
@@ -116,6 +119,9 @@ class FlowEgress:
         for tunnel in chosen:
             self.tunnels.discard(tunnel)
             tunnel.cut()
+        for task, to in self.opening.items():
+            if host is None or to == host:
+                task.cancel()
         return len(chosen)
 
 
@@ -227,6 +233,10 @@ class EgressProxy:
         self._idle.clear()
         try:
             await self._handle(reader, writer)
+        except asyncio.CancelledError:
+            # cut while opening (flow ended, host revoked) or the proxy closing: the
+            # connection's task ends here, as the server expects its tasks to end
+            pass
         except (
             OSError,
             asyncio.IncompleteReadError,
@@ -383,7 +393,10 @@ class EgressProxy:
             await self._refuse(flow, writer, host, port, reason, head)
             return None
         last: Exception | None = None
+        task = asyncio.current_task()
+        assert task is not None
         for address in allowed:
+            flow.opening[task] = host
             try:
                 return await open_upstream(flow.proxies, address, port)
             except ProxiesExhausted:
@@ -392,6 +405,8 @@ class EgressProxy:
                 return None
             except (OSError, TimeoutError) as err:
                 last = err
+            finally:
+                flow.opening.pop(task, None)
         log.debug("egress.connect_failed", flow=flow.label, host=host, port=port, error=repr(last))
         await respond(writer, 502, "Bad Gateway", close=True)
         return None

@@ -45,7 +45,8 @@ async def open_tunnel(
                 raise
     except TimeoutError:
         raise ProxyError("timeout", f"{proxy.label} did not answer within {timeout:g}s") from None
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as err:
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as err:
+        # OSError: a reset, or a TLS link to an https proxy that broke (ssl.SSLError)
         raise ProxyError("protocol", f"{proxy.label} broke off: {type(err).__name__}") from None
     return reader, writer
 
@@ -94,13 +95,17 @@ async def _http_connect(
         raise ProxyError("protocol", f"{proxy.label}: answer head too long")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    code = parts[1] if len(parts) > 1 else ""
+    # ASCII digits only: int() refuses the other characters str.isdigit() accepts ("²")
+    if not parts[0].startswith("HTTP/") or not (code.isascii() and code.isdigit()):
         raise ProxyError("protocol", f"{proxy.label}: not an HTTP answer to CONNECT")
-    status = int(parts[1])
+    status = int(code)
     if status == 407:
         raise ProxyError("auth", f"{proxy.label} refused the credentials (407)")
     if not 200 <= status < 300:
-        raise ProxyError("refused", f"{proxy.label} answered CONNECT with {status_line[:100]!r}")
+        # the code only: the rest of the line is the proxy's to write, and one that echoes
+        # the request would put its credentials into ProxyFailed
+        raise ProxyError("refused", f"{proxy.label} answered CONNECT with {status}")
 
 
 async def _socks5(

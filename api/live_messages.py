@@ -143,6 +143,7 @@ class Unsubscribe(msgspec.Struct, forbid_unknown_fields=True, tag="unsubscribe",
     proxies: bool | None = None
 
 
+JobMessage = JobInfo | ProgressUpdate | FlowDoneUpdate | ClickDoneUpdate
 ClientMessage = Subscribe | Unsubscribe
 decode_client_message = msgspec.json.Decoder(ClientMessage).decode
 

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from litestar import get
 from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
@@ -22,6 +23,7 @@ from api.deps import services_from_state
 from api.inputs import JobIdPath, job_id_in_path
 from api.live import hub_from_state
 from api.live_hub import LiveHub
+from api.live_messages import JobMessage
 from api.openapi import problems
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
@@ -35,7 +37,16 @@ from projections import queries
     "flowDoneUpdate, clickDoneUpdate, ...), ending when the job closes",
     tags=["jobs"],
     media_type="text/event-stream",
-    responses=problems(400, 404, 409, 503),
+    responses={
+        200: ResponseSpec(
+            data_container=JobMessage,
+            generate_examples=False,
+            media_type="text/event-stream",
+            description="``data: <message>`` events, each one of these (its ``type`` "
+            "says which), and ``: keepalive`` comments",
+        ),
+        **problems(400, 404, 409, 503),
+    },
     dependencies={
         "services": Provide(services_from_state, sync_to_thread=False),
         "hub": Provide(hub_from_state, sync_to_thread=False),

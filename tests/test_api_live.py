@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from litestar import Litestar
 from websockets.asyncio.client import ClientConnection, connect
@@ -29,6 +30,9 @@ from api.services import ApiConfig
 from cli.nats_server import wait_for_port
 from engine.bus import Bus
 from engine.jobs.service import job_id_for
+from schemas import subjects
+from schemas.events import EgressRefused
+from schemas.ids import new_id, utcnow
 from schemas.values import Target
 from tests.api_client import put_presence, when_registered
 from tests.conftest import NatsServer
@@ -57,6 +61,19 @@ async def served(app: Litestar, send_buffer: int | None = None) -> AsyncIterator
         server.should_exit = True
         await serving
         listening.close()
+
+
+@asynccontextmanager
+async def running_system(bus: Bus, nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[None]:
+    """Engine, projector and a runner whose flows end at once, on 127.0.0.1's consent;
+    everything inside is time-boxed."""
+    async with embedded(bus, nats_server.url, tmp_path) as tb, asyncio.timeout(WAIT):
+        await tb.authorise("127.0.0.1")
+        registered = asyncio.Event()
+        runner = Runner(bus, NoopExecutor(), slots=4, announce=when_registered(registered))
+        tb.run(runner.run(), "runner")
+        await registered.wait()
+        yield
 
 
 async def runner_present(nats_server: NatsServer) -> None:
@@ -99,24 +116,19 @@ async def test_progress_at_the_end_equals_the_job_view(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
-    async with embedded(bus, nats_server.url, tmp_path) as tb:
-        await tb.authorise("127.0.0.1")
-        registered = asyncio.Event()
-        runner = Runner(bus, NoopExecutor(), slots=4, announce=when_registered(registered))
-        tb.run(runner.run(), "runner")
-        async with asyncio.timeout(WAIT), served(app) as host:
-            await registered.wait()
-            async with (
-                connect(f"ws://{host}/ws") as ws,
-                httpx.AsyncClient(base_url=f"http://{host}") as http,
-            ):
-                r = await http.post("/api/v1/jobs", json=job_body("live", targets=3, flows=8))
-                assert r.status_code == 201, r.text
-                job_id = r.json()["job_id"]
-                seen = await until(ws, job_id, "completed")
-                end = seen[-1]
-                view = (await http.get(f"/api/v1/jobs/{job_id}?min_seq={end['seq']}")).json()
-                runners = (await http.get("/api/v1/runners/status")).json()
+    async with (
+        running_system(bus, nats_server, tmp_path),
+        served(app) as host,
+        connect(f"ws://{host}/ws") as ws,
+        httpx.AsyncClient(base_url=f"http://{host}") as http,
+    ):
+        r = await http.post("/api/v1/jobs", json=job_body("live", targets=3, flows=8))
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        seen = await until(ws, job_id, "completed")
+        end = seen[-1]
+        view = (await http.get(f"/api/v1/jobs/{job_id}?min_seq={end['seq']}")).json()
+        runners = (await http.get("/api/v1/runners/status")).json()
 
     assert (
         (end["total"], end["success"], end["fail"])
@@ -358,3 +370,92 @@ async def test_a_client_that_never_reads_is_cut_off_and_holds_back_no_one(
     assert position == await bus.last_seq()
     print(f"unread client: {len(data)} bytes reached it before the cut")
     assert close_frame(data) == (1008, "too slow: 4 updates left unread")
+
+
+async def test_an_sse_client_that_never_reads_is_cut_off(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db", live_queue=4)
+    app = create_app(config)
+    async with (
+        embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb,
+        asyncio.timeout(WAIT),
+        served(app, send_buffer=8192) as host,
+    ):
+        # the largest job there is: each progressUpdate of it is about 100 kB
+        targets = [Target(url=f"http://127.0.0.1:9/{i}", flows=1) for i in range(1000)]
+        job_id = await tb.create_job(targets)
+        path = f"/api/v1/jobs/{job_id}/events/stream?min_seq={await bus.last_seq()}"
+        stuck = await asyncio.to_thread(stream_that_never_reads, host, path)
+        hub: LiveHub = app.state.live_hub
+        async with asyncio.timeout(5):
+            while hub.clients < 1:  # noqa: ASYNC110 (a count, no event to await)
+                await asyncio.sleep(0.01)
+        for n in range(40):  # each one changes the job's row: one update each
+            refused = EgressRefused(
+                id=new_id(), at=utcnow(), actor="runner_1", job_id=job_id, flow_id="flow_1",
+                attempt=1, n=n, host="elsewhere.example", port=443, reason="host not consented",
+                request="CONNECT elsewhere.example:443",
+            )  # fmt: skip
+            await bus.append(refused, msg_id=subjects.flow_msg_id(refused, n))
+            if hub.dropped:
+                break
+        async with asyncio.timeout(10):
+            while hub.dropped == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        data = await asyncio.to_thread(read_to_end, stuck)  # the server ends the response
+        stuck.close()
+        clients = hub.clients
+    assert clients == 0
+    assert data.count(b"data: ") < 40
+
+
+def stream_that_never_reads(host: str, path: str) -> socket.socket:
+    address, port = host.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect((address, int(port)))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return data
+
+
+@pytest.mark.slow  # 8-14 s: a real Chromium starts and stops
+async def test_the_dashboard_shows_a_job_live_in_a_browser(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from playwright.async_api import async_playwright
+
+    from agents.browser import launch_chromium
+
+    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    async with (
+        running_system(bus, nats_server, tmp_path),
+        served(app) as host,
+        async_playwright() as playwright,
+        httpx.AsyncClient(base_url=f"http://{host}") as http,
+    ):
+        browser = await launch_chromium(playwright)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://{host}/")
+            await page.locator("#conn", has_text="live").wait_for()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            r = await http.post("/api/v1/jobs", json=job_body("on the page", flows=6))
+            job_id = r.json()["job_id"]
+            row = page.locator("#jobs tbody tr", has_text=job_id)
+            # live, not the page's reload every 10 s
+            await row.locator(".status", has_text="completed").wait_for(timeout=8000)
+            text, took = await row.inner_text(), loop.time() - started
+            print(f"dashboard showed the completed job {took:.2f}s after the page was live")
+        finally:
+            await browser.close()
+    assert "on the page" in text and "6/6" in text

@@ -27,7 +27,11 @@ from litestar import Litestar, WebSocket, websocket
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import WebSocketDisconnect
-from litestar.status_codes import WS_1008_POLICY_VIOLATION
+from litestar.status_codes import (
+    WS_1000_NORMAL_CLOSURE,
+    WS_1001_GOING_AWAY,
+    WS_1008_POLICY_VIOLATION,
+)
 
 from api.errors import field_and_rule
 from api.live_hub import Listener, LiveHub
@@ -42,7 +46,7 @@ from api.live_messages import (
 from api.services import Services
 
 MAX_CLIENT_MESSAGE = 64 * 1024
-CLOSE_GRACE = 2.0  # seconds a close frame may wait behind unread data
+CLOSE_GRACE = 5.0  # seconds a close frame may wait behind unread data
 
 
 @asynccontextmanager
@@ -80,17 +84,20 @@ async def live(socket: WebSocket[Any, Any, Any], hub: NamedDependency[LiveHub]) 
         for task in (*tasks, cut_off):
             task.cancel()
         await asyncio.wait({*tasks, cut_off})
-    code, reason = 1000, ""
-    if cut_off.done() and not cut_off.cancelled():
+    code, reason = WS_1000_NORMAL_CLOSURE, ""
+    if hub.stopped:
+        code, reason = WS_1001_GOING_AWAY, "server stopping"
+    elif cut_off.done() and not cut_off.cancelled():
         code = WS_1008_POLICY_VIOLATION
         reason = f"too slow: {listener.queue.maxsize} updates left unread"
-    with contextlib.suppress(Exception):
+    # gone already, or its unread data holds the close frame back: either way, done
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
         async with asyncio.timeout(CLOSE_GRACE):
             await socket.close(code=code, reason=reason)
 
 
 async def _send(socket: WebSocket[Any, Any, Any], listener: Listener) -> None:
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         while True:
             for frame in await listener.queue.get():
                 await socket.send_text(frame.text)
@@ -98,7 +105,7 @@ async def _send(socket: WebSocket[Any, Any, Any], listener: Listener) -> None:
 
 async def _requests(socket: WebSocket[Any, Any, Any], hub: LiveHub, listener: Listener) -> None:
     """Read the client's messages until it disconnects."""
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         while True:
             event = await socket.receive()
             if event["type"] == "websocket.disconnect":

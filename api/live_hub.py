@@ -51,7 +51,9 @@ log = structlog.get_logger("tb.api.live")
 Kind = Literal["job", "runner", "proxy", "reply"]
 
 READ_CHUNK = 500  # ids per IN (…) query
-REMEMBERED_JOBS = 10_000  # jobs whose last state the hub keeps to see what changed
+# what the hub keeps of open jobs to see what changed, in target rows (a job counts one
+# more): the oldest is forgotten past it, and then its next update says it all again
+REMEMBERED_ROWS = 200_000
 
 _encode = msgspec.json.Encoder().encode
 
@@ -136,12 +138,14 @@ class LiveHub:
         before it is cut off."""
         self.projector, self.db_path, self.queue_size = projector, db_path, queue_size
         self.dropped = 0  # clients cut off for not reading
+        self.stopped = False
         self.reads = 0  # read transactions that produced messages (bursts coalesce)
         self._listeners: set[Listener] = set()
         self._pending = _Changes()
         self._wake = asyncio.Event()
         self._snapshots: list[_Snapshot] = []
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self._seen_rows = 0
         self._db: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -153,6 +157,7 @@ class LiveHub:
         self._task = asyncio.create_task(self._run(), name="live-hub")
 
     async def stop(self) -> None:
+        self.stopped = True
         self.projector.unlisten(self._notice)
         task, self._task = self._task, None
         if task is not None:
@@ -268,12 +273,10 @@ class LiveHub:
     def _job_frames(self, job: JobView, seq: int, now: datetime) -> list[Frame]:
         """jobInfo when its status changed, a flowDone/clickDone update per target whose
         counts changed, and its progressUpdate last."""
-        before, after = self._seen.pop(job.job_id, None), _seen(job)
+        before, after = self._forget(job.job_id), _seen(job)
         ends = job.status in TERMINAL_JOB_STATUSES
         if not ends:  # a closed job's counts stand: nothing to compare it with later
-            self._seen[job.job_id] = after
-            if len(self._seen) > REMEMBERED_JOBS:
-                self._seen.popitem(last=False)
+            self._remember(job.job_id, after)
         out: list[Frame] = []
         if before is None or (before.status, before.reason, before.approval) != (
             after.status,
@@ -290,6 +293,18 @@ class LiveHub:
                 out.append(frame(click_done_update(job.job_id, target, seq), job.job_id))
         out.append(frame(progress_update(job, seq, now), job.job_id, ends))
         return out
+
+    def _remember(self, job_id: str, seen: _Seen) -> None:
+        self._seen[job_id] = seen
+        self._seen_rows += 1 + len(seen.targets)
+        while self._seen_rows > REMEMBERED_ROWS:
+            self._forget(next(iter(self._seen)))
+
+    def _forget(self, job_id: str) -> _Seen | None:
+        seen = self._seen.pop(job_id, None)
+        if seen is not None:
+            self._seen_rows -= 1 + len(seen.targets)
+        return seen
 
     def _fan_out(self, frames: list[Frame]) -> None:
         for listener in list(self._listeners):

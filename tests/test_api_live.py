@@ -353,7 +353,11 @@ async def test_a_client_that_never_reads_is_cut_off_and_holds_back_no_one(
                 await asyncio.sleep(0.01)
         # big messages: 200 targets per job, so a few fill the socket buffers
         targets = [Target(url=f"http://127.0.0.1:9/{i}", flows=1) for i in range(200)]
-        ids = [await tb.create_job(targets) for _ in range(jobs)]
+        projector = app.state.services.projector
+        ids = []
+        for _ in range(jobs):
+            ids.append(await tb.create_job(targets))
+            await projector.wait_for(await bus.last_seq(), timeout=10)  # an update each, mostly
         async with asyncio.timeout(10):
             while hub.dropped == 0:  # noqa: ASYNC110 (a count, no event to await)
                 await asyncio.sleep(0.01)
@@ -391,23 +395,22 @@ async def test_an_sse_client_that_never_reads_is_cut_off(
         async with asyncio.timeout(5):
             while hub.clients < 1:  # noqa: ASYNC110 (a count, no event to await)
                 await asyncio.sleep(0.01)
-        for n in range(40):  # each one changes the job's row: one update each
+        projector = app.state.services.projector
+        for n in range(400):  # each one changes the job's row: an update each, until cut off
             refused = EgressRefused(
                 id=new_id(), at=utcnow(), actor="runner_1", job_id=job_id, flow_id="flow_1",
                 attempt=1, n=n, host="elsewhere.example", port=443, reason="host not consented",
                 request="CONNECT elsewhere.example:443",
             )  # fmt: skip
-            await bus.append(refused, msg_id=subjects.flow_msg_id(refused, n))
+            appended = await bus.append(refused, msg_id=subjects.flow_msg_id(refused, n))
+            await projector.wait_for(appended.seq, timeout=10)  # one read per event, mostly
             if hub.dropped:
                 break
-        async with asyncio.timeout(10):
-            while hub.dropped == 0:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
         data = await asyncio.to_thread(read_to_end, stuck)  # the server ends the response
         stuck.close()
-        clients = hub.clients
-    assert clients == 0
-    assert data.count(b"data: ") < 40
+        dropped, clients = hub.dropped, hub.clients
+    assert (dropped, clients) == (1, 0)
+    assert data.startswith(b"HTTP/1.1 200")
 
 
 def stream_that_never_reads(host: str, path: str) -> socket.socket:

@@ -48,7 +48,8 @@ from schemas.values import TERMINAL_JOB_STATUSES
 
 log = structlog.get_logger("tb.api.live")
 
-Kind = Literal["job", "runner", "proxy", "reply"]
+# job: for the job's clients; chosen: only for clients that chose the job; reply: to one
+Kind = Literal["job", "chosen", "runner", "proxy", "reply"]
 
 READ_CHUNK = 500  # ids per IN (…) query
 # what the hub keeps of open jobs to see what changed, in target rows (a job counts one
@@ -92,6 +93,8 @@ class Listener:
     def wants(self, f: Frame) -> bool:
         if f.kind == "job":
             return self.jobs is None or f.job_id in self.jobs
+        if f.kind == "chosen":
+            return self.jobs is not None and f.job_id in self.jobs
         return self.runners if f.kind == "runner" else self.proxies if f.kind == "proxy" else True
 
 
@@ -185,9 +188,12 @@ class LiveHub:
     def unlisten(self, listener: Listener) -> None:
         self._listeners.discard(listener)
 
-    def publish(self, job_id: str, message: msgspec.Struct) -> None:
-        """Send ``message`` (a tagged Struct, e.g. a log line) to every client of ``job_id``."""
-        self._fan_out([frame(message, job_id)])
+    def publish(self, job_id: str, message: msgspec.Struct, *, chosen_only: bool = False) -> None:
+        """Send ``message`` (a tagged Struct, e.g. a log line) to the clients of ``job_id``:
+        those that chose it (WebSocket subscribers, its SSE streams) and, unless
+        ``chosen_only``, those that take every job (the dashboard)."""
+        kind: Kind = "chosen" if chosen_only else "job"
+        self._fan_out([frame(message, job_id, kind=kind)], to_all=not chosen_only)
 
     def send(self, listener: Listener, message: msgspec.Struct) -> None:
         """A message to one client alone (an answer to what it sent)."""
@@ -306,9 +312,10 @@ class LiveHub:
             self._seen_rows -= 1 + len(seen.targets)
         return seen
 
-    def _fan_out(self, frames: list[Frame]) -> None:
+    def _fan_out(self, frames: list[Frame], *, to_all: bool = True) -> None:
+        """``to_all``: every frame goes to a client that takes everything."""
         for listener in list(self._listeners):
-            if listener.jobs is None and listener.runners and listener.proxies:
+            if to_all and listener.jobs is None and listener.runners and listener.proxies:
                 self._offer(listener, frames)  # the dashboard's case: the list as it is
             else:
                 self._offer(listener, [f for f in frames if listener.wants(f)])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import uvicorn
 from litestar import Litestar
@@ -91,6 +92,10 @@ def job_body(name: str, targets: int = 1, flows: int = 2) -> dict[str, object]:
         ],
         "settings": {"instance_count": 4, "session_seconds": 0},
     }
+
+
+class Note(msgspec.Struct, tag="note", tag_field="type"):
+    text: str
 
 
 async def next_message(ws: ClientConnection) -> dict[str, Any]:
@@ -195,6 +200,15 @@ async def test_a_subscription_chooses_jobs_and_bad_requests_name_the_field(
         got_narrow = await until(narrow, chosen, "cancelled")
         got_all = await until(everything, chosen, "cancelled")
 
+        # what another source publishes (log lines): to the job's clients, or only to those
+        # that chose it
+        hub: LiveHub = app.state.live_hub
+        hub.publish(chosen, Note(text="one"))
+        hub.publish(chosen, Note(text="two"), chosen_only=True)
+        hub.publish(other, Note(text="three"))
+        notes_narrow = [await next_message(narrow) for _ in range(2)]
+        notes_all = [await next_message(everything) for _ in range(2)]
+
         # a newly chosen job that exists comes with its state now
         await narrow.send(json.dumps({"type": "subscribe", "jobs": [other], "proxies": True}))
         snapshot = [await next_message(narrow) for _ in range(3)]
@@ -217,6 +231,8 @@ async def test_a_subscription_chooses_jobs_and_bad_requests_name_the_field(
         await narrow.send(json.dumps({"type": "subscribe"}))  # still served
         still = await next_message(narrow)
 
+    assert [m["text"] for m in notes_narrow] == ["one", "two"]
+    assert [m["text"] for m in notes_all] == ["one", "three"]
     assert {m.get("job_id") for m in got_narrow} == {chosen}
     assert {m["type"] for m in got_narrow} == {"jobInfo", "progressUpdate"}
     assert {m.get("job_id") for m in got_all} >= {chosen, other}

@@ -7,7 +7,8 @@ and proxy updates only when it asks for them (``"runners": true``, ``"proxies": 
 each is answered by a ``subscribed`` message (``unknown``: chosen jobs the read model
 does not hold yet), preceded by the current ``jobInfo`` and ``progressUpdate`` of each
 newly chosen job. A message that is not one of these
-gets an ``error`` naming the field, and the connection stays open.
+gets an ``error`` naming the field, and the connection stays open (up to
+``MAX_REFUSALS`` of them).
 
 A client that leaves ``live_queue`` updates unread (an update: the messages of one read
 of the read model) is closed with code 1008 and a reason: it never holds back the
@@ -46,7 +47,12 @@ from api.live_messages import (
 from api.services import Services
 
 MAX_CLIENT_MESSAGE = 64 * 1024
+MAX_REFUSALS = 100  # refused messages a connection may send before it is closed
 CLOSE_GRACE = 5.0  # seconds a close frame may wait behind unread data
+
+
+class TooManyRefusals(Exception):
+    """A client kept sending what is refused: it is closed (1008)."""
 
 
 @asynccontextmanager
@@ -90,6 +96,8 @@ async def live(socket: WebSocket[Any, Any, Any], hub: NamedDependency[LiveHub]) 
     elif cut_off.done() and not cut_off.cancelled():
         code = WS_1008_POLICY_VIOLATION
         reason = f"too slow: {listener.queue.maxsize} updates left unread"
+    elif any(isinstance(t.exception(), TooManyRefusals) for t in tasks if not t.cancelled()):
+        code, reason = WS_1008_POLICY_VIOLATION, f"{MAX_REFUSALS} messages refused"
     # gone already, or its unread data holds the close frame back: either way, done
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
         async with asyncio.timeout(CLOSE_GRACE):
@@ -104,9 +112,11 @@ async def _send(socket: WebSocket[Any, Any, Any], listener: Listener) -> None:
 
 
 async def _requests(socket: WebSocket[Any, Any, Any], hub: LiveHub, listener: Listener) -> None:
-    """Read the client's messages until it disconnects."""
+    """Read the client's messages until it disconnects, or has sent ``MAX_REFUSALS``
+    that were refused (each costs the server a reply)."""
+    refused = 0
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-        while True:
+        while refused < MAX_REFUSALS:
             event = await socket.receive()
             if event["type"] == "websocket.disconnect":
                 return
@@ -116,13 +126,17 @@ async def _requests(socket: WebSocket[Any, Any, Any], hub: LiveHub, listener: Li
             if len(data) > MAX_CLIENT_MESSAGE:
                 too_long = f"at most {MAX_CLIENT_MESSAGE} bytes"
                 hub.send(listener, LiveError(field="$", detail=too_long))
+                refused += 1
                 continue
             try:
                 request = decode_client_message(data)
             except msgspec.DecodeError as err:
                 hub.send(listener, _refusal(err))
+                refused += 1
                 continue
             await _apply(hub, listener, request)
+    if refused >= MAX_REFUSALS:
+        raise TooManyRefusals
 
 
 async def _apply(hub: LiveHub, listener: Listener, request: Subscribe | Unsubscribe) -> None:

@@ -202,6 +202,8 @@ class LiveHub:
     async def snapshot(self, listener: Listener, job_ids: Iterable[str]) -> set[str]:
         """Queue the current ``jobInfo`` and ``progressUpdate`` of each job for this client,
         in order with what the hub sends next; returns the ids the read model lacks."""
+        if self.stopped:
+            raise RuntimeError("live hub stopped")
         request = _Snapshot(listener, set(job_ids), asyncio.get_running_loop().create_future())
         self._snapshots.append(request)
         self._wake.set()

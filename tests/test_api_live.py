@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 from litestar import Litestar
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from agents.executor import NoopExecutor
 from agents.runner import Runner
@@ -231,6 +232,16 @@ async def test_a_subscription_chooses_jobs_and_bad_requests_name_the_field(
         await narrow.send(json.dumps({"type": "subscribe"}))  # still served
         still = await next_message(narrow)
 
+        # a client that keeps sending what is refused is closed
+        async with connect(f"ws://{host}/ws") as spammer:
+            for _ in range(100):
+                await spammer.send("not json")
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await spammer.recv()
+
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "100 messages refused")
     assert [m["text"] for m in notes_narrow] == ["one", "two"]
     assert [m["text"] for m in notes_all] == ["one", "three"]
     assert {m.get("job_id") for m in got_narrow} == {chosen}

@@ -274,9 +274,10 @@ async def test_sse_streams_one_job_with_keepalives_until_it_closes(
 ) -> None:
     await runner_present(nats_server)
     config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db", live_keepalive=0.3)
+    app = create_app(config)
     async with (
         asyncio.timeout(WAIT),
-        served(create_app(config)) as host,
+        served(app) as host,
         httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http,
     ):
         assert (await http.get("/api/v1/jobs/job_nope/events/stream")).status_code == 404
@@ -291,20 +292,24 @@ async def test_sse_streams_one_job_with_keepalives_until_it_closes(
             assert stream.headers["content-type"].startswith("text/event-stream")
             async for line in stream.aiter_lines():
                 lines.append(line)
-                if line == ": keepalive":
+                if line == ": keepalive" and lines.count(line) == 1:
+                    hub: LiveHub = app.state.live_hub
+                    hub.publish(job_id, Note(text="for its viewers"), chosen_only=True)
+                    hub.publish(other["job_id"], Note(text="another job's"))
                     await http.post(f"/api/v1/jobs/{other['job_id']}/cancel")
                     await http.post(f"/api/v1/jobs/{job_id}/cancel")
         # the stream ended by itself after the job closed
         again = await http.get(f"/api/v1/jobs/{job_id}/events/stream")
 
     events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data:")]
-    assert [(e["type"], e["status"]) for e in events] == [
+    assert [(e["type"], e.get("status") or e.get("text")) for e in events] == [
         ("jobInfo", "created"),
         ("progressUpdate", "created"),
+        ("note", "for its viewers"),
         ("jobInfo", "cancelled"),
         ("progressUpdate", "cancelled"),
     ]
-    assert {e["job_id"] for e in events} == {job_id}
+    assert {e["job_id"] for e in events if e["type"] != "note"} == {job_id}
     assert ": keepalive" in lines
     closed = [json.loads(line[6:]) for line in again.text.splitlines() if line.startswith("data:")]
     assert [(e["type"], e["status"]) for e in closed] == [

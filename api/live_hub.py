@@ -127,12 +127,14 @@ class _Seen:
     status: str
     reason: str | None
     approval: str | None
+    counts: tuple[int, int, int]  # flows_total, flows_done, flows_failed
     targets: tuple[tuple[int, int, int], ...]  # flow_done, flow_failed, click_done per idx
 
 
 def _seen(job: JobView) -> _Seen:
+    counts = (job.flows_total, job.flows_done, job.flows_failed)
     targets = tuple((t.flow_done, t.flow_failed, t.click_done) for t in job.targets)
-    return _Seen(job.status.value, job.reason, job.approval, targets)
+    return _Seen(job.status.value, job.reason, job.approval, counts, targets)
 
 
 class LiveHub:
@@ -280,7 +282,8 @@ class LiveHub:
 
     def _job_frames(self, job: JobView, seq: int, now: datetime) -> list[Frame]:
         """jobInfo when its status changed, a flowDone/clickDone update per target whose
-        counts changed, and its progressUpdate last."""
+        counts changed, and its progressUpdate last when any count or the status changed
+        (a flow dispatched or started changes none: no message)."""
         before, after = self._forget(job.job_id), _seen(job)
         ends = job.status in TERMINAL_JOB_STATUSES
         if not ends:  # a closed job's counts stand: nothing to compare it with later
@@ -299,7 +302,8 @@ class LiveHub:
                 out.append(frame(flow_done_update(job.job_id, target, seq), job.job_id))
             if target.click_done != was[2]:
                 out.append(frame(click_done_update(job.job_id, target, seq), job.job_id))
-        out.append(frame(progress_update(job, seq, now), job.job_id, ends))
+        if before != after:
+            out.append(frame(progress_update(job, seq, now), job.job_id, ends))
         return out
 
     def _remember(self, job_id: str, seen: _Seen) -> None:

@@ -16,7 +16,8 @@ from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
 from api.jobs import JobController
-from api.live import live
+from api.live import live, live_hub
+from api.live_sse import job_events
 from api.metrics import MetricsController
 from api.openapi import StrictStructSchemaPlugin
 from api.proxies import ProxyController
@@ -64,6 +65,7 @@ def create_app(config: ApiConfig) -> Litestar:
             readyz,
             dashboard,
             live,
+            job_events,
             JobController,
             FlowController,
             list_devices,
@@ -73,7 +75,7 @@ def create_app(config: ApiConfig) -> Litestar:
             ProxyController,
             MetricsController,
         ],
-        lifespan=[lifespan],
+        lifespan=[lifespan, live_hub],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),

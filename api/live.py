@@ -1,108 +1,179 @@
-"""Live updates on /ws, pushed after the projector applies events (no polling)."""
+"""Live updates on ``/ws``, pushed after the projector applies events (no polling).
+
+A client that sends nothing receives every job's messages and every runner and proxy
+update, as the dashboard does. Sending ``{"type":"subscribe","jobs":[…]}`` narrows it
+to those jobs (more ``subscribe`` adds to them, ``unsubscribe`` removes), with runner
+and proxy updates only when it asks for them (``"runners": true``, ``"proxies": true``);
+each is answered by a ``subscribed`` message (``unknown``: chosen jobs the read model
+does not hold yet), preceded by the current ``jobInfo`` and ``progressUpdate`` of each
+newly chosen job. A message that is not one of these
+gets an ``error`` naming the field, and the connection stays open (up to
+``MAX_REFUSALS`` of them).
+
+A client that leaves ``live_queue`` updates unread (an update: the messages of one read
+of the read model) is closed with code 1008 and a reason: it never holds back the
+projector or the other clients.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import WebSocket, websocket
+from litestar import Litestar, WebSocket, websocket
+from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import WebSocketDisconnect
+from litestar.status_codes import (
+    WS_1000_NORMAL_CLOSURE,
+    WS_1001_GOING_AWAY,
+    WS_1008_POLICY_VIOLATION,
+)
 
-from api.deps import services_from_state
+from api.errors import field_and_rule
+from api.live_hub import Listener, LiveHub
+from api.live_messages import (
+    MAX_SUBSCRIBED_JOBS,
+    LiveError,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    decode_client_message,
+)
 from api.services import Services
-from projections import proxies as proxy_views
-from projections import queries
-from projections.proxies import ProxyView
-from projections.queries import JobView
-from schemas.values import JobStatus
+
+MAX_CLIENT_MESSAGE = 64 * 1024
+MAX_REFUSALS = 100  # refused messages a connection may send before it is closed
+CLOSE_GRACE = 5.0  # seconds a close frame may wait behind unread data
 
 
-class TargetProgress(msgspec.Struct):
-    url: str
-    flow_done: int
-    flow_target: int
-    click_done: int
-    click_target: int
+class TooManyRefusals(Exception):
+    """A client kept sending what is refused: it is closed (1008)."""
 
 
-class ProgressUpdate(msgspec.Struct, tag="progressUpdate", tag_field="type"):
-    job_id: str
-    status: str
-    total: int
-    success: int
-    fail: int
-    eta_seconds: float | None
-    targets: list[TargetProgress]
+@asynccontextmanager
+async def live_hub(app: Litestar) -> AsyncIterator[None]:
+    """Runs inside the app's lifespan: the hub needs the projector it follows."""
+    services: Services = app.state.services
+    config = services.config
+    hub = LiveHub(services.projector, config.db_path, queue_size=config.live_queue)
+    await hub.start()
+    app.state.live_hub = hub
+    try:
+        yield
+    finally:
+        await hub.stop()
 
 
-class ProxyUpdate(msgspec.Struct, tag="proxyUpdate", tag_field="type"):
-    """A proxy's health changed (registered, failed, marked bad, checked, restored, retired)."""
-
-    proxy_id: str
-    proxy: ProxyView
+def hub_from_state(state: State) -> LiveHub:
+    hub: LiveHub = state.live_hub
+    return hub
 
 
-def progress_update(job: JobView, now: datetime | None = None) -> ProgressUpdate:
-    return ProgressUpdate(
-        job_id=job.job_id,
-        status=job.status,
-        total=job.flows_total,
-        success=job.flows_done,
-        fail=job.flows_failed,
-        eta_seconds=eta_seconds(job, now or datetime.now(UTC)),
-        targets=[
-            TargetProgress(t.url, t.flow_done, t.flow_target, t.click_done, t.click_target)
-            for t in job.targets
-        ],
+@websocket("/ws", dependencies={"hub": Provide(hub_from_state, sync_to_thread=False)})
+async def live(socket: WebSocket[Any, Any, Any], hub: NamedDependency[LiveHub]) -> None:
+    await socket.accept()
+    listener = hub.listen()
+    tasks = {
+        asyncio.create_task(_requests(socket, hub, listener)),
+        asyncio.create_task(_send(socket, listener)),
+    }
+    cut_off = asyncio.create_task(listener.overflowed.wait())
+    try:
+        await asyncio.wait({*tasks, cut_off}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hub.unlisten(listener)
+        for task in (*tasks, cut_off):
+            task.cancel()
+        await asyncio.wait({*tasks, cut_off})
+    code, reason = WS_1000_NORMAL_CLOSURE, ""
+    if hub.stopped:
+        code, reason = WS_1001_GOING_AWAY, "server stopping"
+    elif cut_off.done() and not cut_off.cancelled():
+        code = WS_1008_POLICY_VIOLATION
+        reason = f"too slow: {listener.queue.maxsize} updates left unread"
+    elif any(isinstance(t.exception(), TooManyRefusals) for t in tasks if not t.cancelled()):
+        code, reason = WS_1008_POLICY_VIOLATION, f"{MAX_REFUSALS} messages refused"
+    # gone already, or its unread data holds the close frame back: either way, done
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+        async with asyncio.timeout(CLOSE_GRACE):
+            await socket.close(code=code, reason=reason)
+
+
+async def _send(socket: WebSocket[Any, Any, Any], listener: Listener) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        while True:
+            for frame in await listener.queue.get():
+                await socket.send_text(frame.text)
+
+
+async def _requests(socket: WebSocket[Any, Any, Any], hub: LiveHub, listener: Listener) -> None:
+    """Read the client's messages until it disconnects, or has sent ``MAX_REFUSALS``
+    that were refused (each costs the server a reply)."""
+    refused = 0
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        while refused < MAX_REFUSALS:
+            event = await socket.receive()
+            if event["type"] == "websocket.disconnect":
+                return
+            data = event.get("text") or event.get("bytes") or b""
+            if not isinstance(data, str | bytes):
+                continue
+            if len(data) > MAX_CLIENT_MESSAGE:
+                too_long = f"at most {MAX_CLIENT_MESSAGE} bytes"
+                hub.send(listener, LiveError(field="$", detail=too_long))
+                refused += 1
+                continue
+            try:
+                request = decode_client_message(data)
+            except msgspec.DecodeError as err:
+                hub.send(listener, _refusal(err))
+                refused += 1
+                continue
+            await _apply(hub, listener, request)
+    if refused >= MAX_REFUSALS:
+        raise TooManyRefusals
+
+
+async def _apply(hub: LiveHub, listener: Listener, request: Subscribe | Unsubscribe) -> None:
+    if listener.jobs is None:  # the first choice: from everything to what is asked for
+        listener.jobs, listener.runners, listener.proxies = set(), False, False
+    jobs = listener.jobs
+    fresh: set[str] = set()
+    if isinstance(request, Subscribe):
+        fresh = set(request.jobs) - jobs
+        if len(jobs) + len(fresh) > MAX_SUBSCRIBED_JOBS:
+            too_many = f"at most {MAX_SUBSCRIBED_JOBS} jobs per client"
+            hub.send(listener, LiveError(field="jobs", detail=too_many))
+            return
+        jobs |= fresh
+        listener.runners = request.runners if request.runners is not None else listener.runners
+        listener.proxies = request.proxies if request.proxies is not None else listener.proxies
+    else:
+        jobs -= set(request.jobs)
+        listener.runners = listener.runners and not request.runners
+        listener.proxies = listener.proxies and not request.proxies
+    # the current state of each newly chosen job first, then the answer, then changes
+    unknown = await hub.snapshot(listener, fresh) if fresh else set()
+    hub.send(
+        listener,
+        Subscribed(
+            jobs=sorted(jobs),
+            runners=listener.runners,
+            proxies=listener.proxies,
+            unknown=sorted(unknown),
+        ),
     )
 
 
-def eta_seconds(job: JobView, now: datetime) -> float | None:
-    finished = job.flows_done + job.flows_failed
-    if job.status != JobStatus.RUNNING or job.started_at is None or finished == 0:
-        return None
-    elapsed = (now - job.started_at).total_seconds()
-    if elapsed <= 0:
-        return None
-    return round((job.flows_total - finished) * elapsed / finished, 1)
-
-
-@websocket("/ws", dependencies={"services": Provide(services_from_state, sync_to_thread=False)})
-async def live(socket: WebSocket[Any, Any, Any], services: NamedDependency[Services]) -> None:
-    await socket.accept()
-    updates = services.projector.subscribe()
-    incoming = asyncio.create_task(_until_closed(socket))
-    try:
-        while not incoming.done():
-            next_update = asyncio.create_task(updates.get())
-            await asyncio.wait({next_update, incoming}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_update.done():
-                next_update.cancel()
-                break
-            update = next_update.result()
-            for job_id in sorted(update.job_ids):
-                job = await queries.get_job(services.db, job_id)
-                if job is not None:
-                    await socket.send_text(msgspec.json.encode(progress_update(job)).decode())
-            for proxy_id in sorted(update.proxy_ids):
-                proxy = await proxy_views.get_proxy(services.db, proxy_id)
-                if proxy is not None:
-                    pushed = ProxyUpdate(proxy_id, proxy)
-                    await socket.send_text(msgspec.json.encode(pushed).decode())
-    except (WebSocketDisconnect, RuntimeError):
-        pass
-    finally:
-        incoming.cancel()
-        services.projector.unsubscribe(updates)
-        with contextlib.suppress(Exception):
-            await socket.close()
-
-
-async def _until_closed(socket: WebSocket[Any, Any, Any]) -> None:
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while True:
-            await socket.receive_data(mode="text")
+def _refusal(err: msgspec.DecodeError) -> LiveError:
+    """msgspec says where (``… - at `$.jobs[1]```) unless the problem is at the top."""
+    rule, at, path = str(err).rpartition(" - at `")
+    if not at:
+        rule, path = str(err), "$`"
+    field, rule = field_and_rule(path.removesuffix("`").removeprefix("$").lstrip("."), rule)
+    return LiveError(field=field or "$", detail=rule)

@@ -20,6 +20,8 @@ class ApiConfig:
     bus: BusConfig = BusConfig()
     body_limit: int = 32 * 1024
     read_wait_timeout: float = 5.0
+    live_queue: int = 256  # live updates (one read's messages) a client may leave unread
+    live_keepalive: float = 15.0  # seconds of quiet before an SSE stream sends a comment
 
 
 @dataclass

@@ -123,7 +123,16 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     db_path.parent.mkdir(parents=True, exist_ok=True)
     app = create_app(ApiConfig(nats_url=nats_url, db_path=db_path, bus=bus_config_from_env()))
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="auto")
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            ws="auto",
+            # an open event stream never ends by itself: shutdown waits this long at most
+            timeout_graceful_shutdown=5,
+        )
     )
     announce(f"✅ API and dashboard on http://{host}:{port}/")
     await server.serve()

@@ -8,6 +8,7 @@ the loop is restarted from the checkpoint.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
@@ -54,6 +55,7 @@ class Projector:
         self._error: BaseException | None = None
         self._changed = asyncio.Condition()
         self._queues: set[asyncio.Queue[ProjectionUpdate]] = set()
+        self._listeners: list[Callable[[ProjectionUpdate], None]] = []
         self.restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -121,6 +123,16 @@ class Projector:
 
     def unsubscribe(self, queue: asyncio.Queue[ProjectionUpdate]) -> None:
         self._queues.discard(queue)
+
+    def listen(self, listener: Callable[[ProjectionUpdate], None]) -> None:
+        """Call ``listener`` with every update, right after its batch commits. It must
+        return at once (merge the update and wake its own task): it runs in the read loop,
+        and unlike a queue it is never dropped from, so nothing it is told goes missing."""
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[ProjectionUpdate], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     async def wait_for(self, seq: int, timeout: float) -> None:  # noqa: ASYNC109
         """Return once ``seq`` is applied; ``TimeoutError`` after ``timeout`` seconds."""
@@ -205,3 +217,5 @@ class Projector:
                 queue.get_nowait()
                 log.warning("projector.listener_lagging", seq=update.seq)
             queue.put_nowait(update)
+        for listener in self._listeners:
+            listener(update)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -141,6 +141,16 @@ async def get_job(db: aiosqlite.Connection, job_id: str) -> JobView | None:
     return jobs[0] if jobs else None
 
 
+async def get_jobs(db: aiosqlite.Connection, job_ids: Collection[str]) -> list[JobView]:
+    """The jobs of ``job_ids`` that exist, in no set order (keep the ids to a few hundred)."""
+    if not job_ids:
+        return []
+    marks = ", ".join("?" for _ in job_ids)
+    return await _jobs(
+        db, f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id IN ({marks})", list(job_ids)
+    )
+
+
 async def list_jobs(
     db: aiosqlite.Connection,
     limit: int = 50,
@@ -216,13 +226,21 @@ async def get_flow(db: aiosqlite.Connection, flow_id: str) -> FlowView | None:
     return flows[0] if flows else None
 
 
-async def list_runners(db: aiosqlite.Connection) -> list[RunnerView]:
+async def list_runners(
+    db: aiosqlite.Connection, runner_ids: Collection[str] | None = None
+) -> list[RunnerView]:
+    """Every runner that registered, or only those of ``runner_ids``."""
+    where = ""
+    if runner_ids is not None:
+        if not runner_ids:
+            return []
+        where = f" WHERE runner_id IN ({', '.join('?' for _ in runner_ids)})"
     rows = await _rows(
         db,
         "SELECT runner_id, os, browser, browser_version, slots, labels, hostname, version,"
         " status, reason, flows_completed, flows_failed, registered_at, last_event_at"
-        " FROM runners ORDER BY runner_id",
-        (),
+        f" FROM runners{where} ORDER BY runner_id",
+        list(runner_ids or ()),
     )
     return [
         msgspec.convert({**row, "labels": msgspec.json.decode(row["labels"])}, RunnerView)

@@ -185,6 +185,8 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
                     _post_json, f"http://127.0.0.1:{port}/api/v1/jobs", JOB
                 )
                 update = json.loads(await ws.recv())
+                while update["type"] != "progressUpdate":  # jobInfo comes first
+                    update = json.loads(await ws.recv())
     finally:
         server.should_exit = True
         await serving

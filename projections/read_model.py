@@ -25,7 +25,7 @@ from schemas.events import (
 CHECKPOINT = "read_model"
 SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 5  # 5: jobs count the egress proxy's refusals
+SCHEMA_VERSION = 6  # 6: external jobs (kind, progress)
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

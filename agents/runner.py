@@ -27,6 +27,7 @@ from agents.control import Control
 from agents.executor import FlowExecutor
 from agents.flow_run import FlowRun, Outcome, Stop
 from agents.intake import Intake, SlotKey, Work
+from agents.job_log import JobLog
 from agents.presence import Load, Presence
 from agents.reporter import FlowReporter
 from engine.bus import Bus
@@ -74,6 +75,7 @@ class Runner:
         )
         # reports, acks and loads of the runner's flows: one line per episode of trouble
         self.nats_trouble = Backoff("runner.nats", base=0.2, cap=5.0)
+        self.job_log = JobLog(self.bus, self.runner_id)  # lines in each job's log
 
     @property
     def failed(self) -> int:
@@ -146,6 +148,7 @@ class Runner:
                 await self._release_all()
                 await presence.deregister()
         finally:
+            await self.job_log.close()
             await self.control.stop()
             await self.executor.close()
 
@@ -181,6 +184,7 @@ class Runner:
             delivery=work.delivery,
             url=item.url,
         )
+        self.job_log.received(item, work.delivery)
         reporter = FlowReporter(self.bus, item, self.runner_id, work.msg, work.delivery)
         run = FlowRun(work, reporter, self.executor, self.control, self.nats_trouble)
         key = work.key
@@ -202,11 +206,14 @@ class Runner:
                 # not acked: JetStream redelivers the work item after the ack wait
                 log.error("flow.unreported", flow_id=key.flow_id, error=repr(err))
                 self.tally[Outcome.UNREPORTED] += 1
+                seconds = time.monotonic() - received
+                self.job_log.finished(item, key.delivery, "unreported", seconds, repr(err))
                 return
             if (outcome := task.result()) is Outcome.DONE:
                 self.completed += 1  # the common case: no enum hashed
             else:
                 self.tally[outcome] += 1
+            seconds = time.monotonic() - received
             log.info(
                 "Flow finished",
                 job_id=item.job_id,
@@ -214,9 +221,10 @@ class Runner:
                 attempt=key.attempt,
                 delivery=key.delivery,
                 outcome=outcome.value,
-                seconds=round(time.monotonic() - received, 3),
+                seconds=round(seconds, 3),
                 **({"reason": run.detail} if run.detail else {}),
             )
+            self.job_log.finished(item, key.delivery, outcome.value, seconds, run.detail)
 
         task.add_done_callback(finished)
 

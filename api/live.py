@@ -13,6 +13,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.exceptions import WebSocketDisconnect
 
 from api.deps import services_from_state
+from api.log_feed import forward_log_lines
 from api.services import Services
 from projections import proxies as proxy_views
 from projections import queries
@@ -76,6 +77,7 @@ async def live(socket: WebSocket[Any, Any, Any], services: NamedDependency[Servi
     await socket.accept()
     updates = services.projector.subscribe()
     incoming = asyncio.create_task(_until_closed(socket))
+    log_lines = asyncio.create_task(forward_log_lines(socket))  # logLine messages
     try:
         while not incoming.done():
             next_update = asyncio.create_task(updates.get())
@@ -97,6 +99,7 @@ async def live(socket: WebSocket[Any, Any, Any], services: NamedDependency[Servi
         pass
     finally:
         incoming.cancel()
+        log_lines.cancel()
         services.projector.unsubscribe(updates)
         with contextlib.suppress(Exception):
             await socket.close()

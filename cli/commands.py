@@ -13,6 +13,7 @@ import structlog
 from cli.logs import announce, end_progress_line, progress_line
 from cli.settings import (
     bus_config_from_env,
+    logs_config_from_env,
     open_bind_warning,
     proxy_health_from_env,
     stall_margin_from_env,
@@ -121,7 +122,10 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     if warning:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    app = create_app(ApiConfig(nats_url=nats_url, db_path=db_path, bus=bus_config_from_env()))
+    config = ApiConfig(
+        nats_url=nats_url, db_path=db_path, bus=bus_config_from_env(), logs=logs_config_from_env()
+    )
+    app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="auto")
     )

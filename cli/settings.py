@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from engine.bus import BusConfig
 
 if TYPE_CHECKING:
+    from api.services import LogsConfig
     from engine.proxies.decider import HealthPolicy
 
 
@@ -41,13 +42,33 @@ def _int(name: str, default: int, allowed: tuple[int, ...] | None = None) -> int
 
 def bus_config_from_env() -> BusConfig:
     """TB_ACK_WAIT (s, default 60), TB_PRESENCE_TTL (s, default 15), TB_MAX_DELIVER
-    (default 5), TB_REPLICAS (1 or 3: stream replicas, 3 in a cluster)."""
+    (default 5), TB_REPLICAS (1 or 3: stream replicas, 3 in a cluster), TB_LOGS_MAX_AGE
+    (s, default 7 days: how long TB_LOGS keeps job log lines; at least the duplicate
+    window)."""
     default = BusConfig()
+    logs_max_age = _float("TB_LOGS_MAX_AGE", default.logs_max_age)
+    if logs_max_age < default.duplicate_window:
+        raise SystemExit(
+            f"TB_LOGS_MAX_AGE: must be at least {default.duplicate_window:g} seconds"
+            f" (the duplicate window; got {logs_max_age:g})"
+        )
     return BusConfig(
         replicas=_int("TB_REPLICAS", default.replicas, allowed=(1, 3)),
         ack_wait=_float("TB_ACK_WAIT", default.ack_wait),
         presence_ttl=_float("TB_PRESENCE_TTL", default.presence_ttl),
         max_deliver=_int("TB_MAX_DELIVER", default.max_deliver),
+        logs_max_age=logs_max_age,
+    )
+
+
+def logs_config_from_env() -> LogsConfig:
+    """TB_INGEST_API_KEY: the X-API-Key log ingest requires (unset: loopback clients
+    only); TB_SSE_KEEPALIVE (s, default 15): keepalive comments of the log streams."""
+    from api.services import LogsConfig
+
+    key = os.environ.get("TB_INGEST_API_KEY", "").strip() or None
+    return LogsConfig(
+        ingest_api_key=key, keepalive=_float("TB_SSE_KEEPALIVE", LogsConfig().keepalive)
     )
 
 

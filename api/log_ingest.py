@@ -24,7 +24,7 @@ from litestar.params import HeaderParameter, JSONBody
 
 from api.deps import services_from_state
 from api.dto import Problem
-from api.errors import http_error, validation
+from api.errors import http_error, rejected, validation
 from api.inputs import IDEMPOTENCY_KEY, KEY_PATTERN, KEY_RULE
 from api.openapi import problems
 from api.services import Services
@@ -116,6 +116,10 @@ def unprocessable(request: Request[Any, Any, Any], exc: Exception) -> Response[P
         answer = validation(request, exc)
     elif isinstance(exc, HTTPException) and exc.status_code == 400:
         answer = http_error(request, exc)
+    elif isinstance(exc, Invalid) and exc.field == "body":  # e.g. nested too deep
+        answer = rejected(request, exc)
+    elif isinstance(exc, Rejected):
+        return rejected(request, exc)
     else:
         return http_error(request, exc)  # type: ignore[arg-type]
     body = answer.content
@@ -123,7 +127,11 @@ def unprocessable(request: Request[Any, Any, Any], exc: Exception) -> Response[P
     return Response(msgspec.structs.replace(body, status_code=422), status_code=422)
 
 
-LEGACY_422 = {ValidationException: unprocessable, HTTPException: unprocessable}
+LEGACY_422 = {
+    ValidationException: unprocessable,
+    HTTPException: unprocessable,
+    Rejected: unprocessable,
+}
 
 
 # -- taking a line -----------------------------------------------------------------------

@@ -42,7 +42,13 @@ async def serve(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Serve]
         config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db", logs=logs)
         port = free_port()
         server = uvicorn.Server(
-            uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
+            uvicorn.Config(
+                create_app(config),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                timeout_graceful_shutdown=5,
+            )
         )
         servers.append((server, asyncio.create_task(server.serve())))
         await wait_for_port("127.0.0.1", port)
@@ -189,7 +195,8 @@ async def test_every_legacy_ingest_answer(serve: Serve) -> None:
         assert r.status_code == 404
         assert r.json()["detail"] == "Job no such.job not found or already completed"
 
-        for body in (b"", b"{}", b"not json", b'{"job_id": 1, "message": "x"}', b"[]"):
+        deep = b'{"job_id": ' + b"[" * 40 + b"]" * 40 + b"}"
+        for body in (b"", b"{}", b"not json", b'{"job_id": 1, "message": "x"}', b"[]", deep):
             r = await post("/api/crawler/log", content=body, headers=ok)
             assert r.status_code == 422, (body, r.text)
             r = await post("/api/v1/logs", content=body, headers=ok)

@@ -28,8 +28,12 @@ CLOSE_GRACE = 2.0  # seconds a stopping runner gives its queued lines to go out
 
 
 class JobLog:
-    def __init__(self, bus: Bus, runner_id: str, queued: int = QUEUED_LINES) -> None:
-        self.bus, self.runner_id = bus, runner_id
+    """``enabled=False`` writes nothing (``TB_RUNNER_JOB_LOGS=false``)."""
+
+    def __init__(
+        self, bus: Bus, runner_id: str, *, enabled: bool = True, queued: int = QUEUED_LINES
+    ) -> None:
+        self.bus, self.runner_id, self.enabled = bus, runner_id, enabled
         self._queue: deque[tuple[LogLine, str]] = deque(maxlen=queued)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -37,6 +41,8 @@ class JobLog:
         self.lost = 0  # not taken by NATS, or pushed out of a full queue
 
     def received(self, item: FlowDispatched, delivery: int) -> None:
+        if not self.enabled:
+            return
         text = f"[INFO] Flow received: {item.flow_id} attempt {item.attempt} {item.url}"
         self._line(item, delivery, "received", "INFO", text)
 
@@ -44,6 +50,8 @@ class JobLog:
         self, item: FlowDispatched, delivery: int, outcome: str, seconds: float, detail: str
     ) -> None:
         """``outcome``: the run's (done, failed, revoked, released, dropped, unreported)."""
+        if not self.enabled:
+            return
         if outcome == "done":
             level: LogLevel = "SUCCESS"
             text = f"[SUCCESS] Flow done: {item.flow_id} in {seconds:.1f}s"

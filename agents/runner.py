@@ -54,6 +54,7 @@ class Runner:
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval: float = 5.0
     drain_grace: float = DRAIN_GRACE
+    job_log_lines: bool = True  # a line in the job's log per flow received and ended
     # told each milestone (today: "Registered as runner: <id>"), for whoever embeds a runner
     announce: Callable[[str], None] = lambda line: None
     completed: int = 0  # flow runs that ended done
@@ -75,7 +76,7 @@ class Runner:
         )
         # reports, acks and loads of the runner's flows: one line per episode of trouble
         self.nats_trouble = Backoff("runner.nats", base=0.2, cap=5.0)
-        self.job_log = JobLog(self.bus, self.runner_id)  # lines in each job's log
+        self.job_log = JobLog(self.bus, self.runner_id, enabled=self.job_log_lines)
 
     @property
     def failed(self) -> int:
@@ -111,6 +112,7 @@ class Runner:
             run.release_unless_started()
 
     async def run(self) -> None:
+        self.job_log.runner_id = self.runner_id  # the embedder may have named the runner
         presence = Presence(
             self.bus,
             self.runner_id,

@@ -152,7 +152,7 @@ async def run_runner(
     from cli.display import display_for_headed_browser
     from cli.reach import AuthenticationFailed, until_reachable
     from cli.runner_options import launchable_browser_version, runner_labels, runner_platform
-    from cli.settings import drain_grace_from_env
+    from cli.settings import drain_grace_from_env, runner_job_logs_from_env
     from schemas import VERSION
     from schemas.ids import short_id
 
@@ -165,6 +165,7 @@ async def run_runner(
     if api_url:
         log.info("Backend (API) for this fleet", url=api_url)
     drain_grace = drain_grace_from_env()
+    job_log_lines = runner_job_logs_from_env()
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()
     current: Runner | None = None
@@ -210,6 +211,7 @@ async def run_runner(
             browser_version=browser_version,
             labels=labels,
             drain_grace=drain_grace,
+            job_log_lines=job_log_lines,
         )
         current.runner_id = name
         if stopping.is_set():

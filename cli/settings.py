@@ -109,14 +109,26 @@ def drain_grace_from_env() -> float:
     return _float("TB_DRAIN_GRACE", DRAIN_GRACE)
 
 
-def headless_from_env() -> bool:
-    """HEADLESS (true/false, default true): false runs the runner's browser visibly."""
-    raw = os.environ.get("HEADLESS", "").strip().lower()
-    if raw in ("", "true", "1", "yes", "on"):
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("true", "1", "yes", "on"):
         return True
     if raw in ("false", "0", "no", "off"):
         return False
-    raise SystemExit(f"HEADLESS: must be true or false (got {raw!r})")
+    raise SystemExit(f"{name}: must be true or false (got {raw!r})")
+
+
+def headless_from_env() -> bool:
+    """HEADLESS (true/false, default true): false runs the runner's browser visibly."""
+    return _bool("HEADLESS", True)
+
+
+def runner_job_logs_from_env() -> bool:
+    """TB_RUNNER_JOB_LOGS (true/false, default true): false keeps a runner's lines about
+    its flows (received, done, failed) out of the jobs' logs."""
+    return _bool("TB_RUNNER_JOB_LOGS", True)
 
 
 def auth_disabled_explicitly() -> bool:

@@ -263,6 +263,9 @@ async def test_an_external_jobs_progress_and_summary(serve: Serve, bus: Bus) -> 
             assert r.status_code == 200
         body = await status_now(client, bus, job_id)
         assert body["progress"] == 40
+        running = (await client.get(f"/api/v1/jobs/{job_id}")).json()
+        assert (running["status"], running["progress"]) == ("running", 40)
+        assert "detail" not in running  # no runner is online, and none is waited for
         assert body["message"] == "[INFO] Progress: 40% - Generated domain 2/5"
         summary = '[SUMMARY] {"status": "success", "domains_generated": {"success": 5, "total": 5}}'
         r = await client.post("/api/crawler/log", json={"job_id": job_id, "message": summary})
@@ -376,3 +379,62 @@ async def test_the_websocket_pushes_log_lines(serve: Serve) -> None:
                         continue
     assert pushed["job_id"] == job_id and pushed["message"] == "[INFO] ws"
     assert (pushed["level"], pushed["source"]) == ("INFO", "ingest")
+
+
+async def test_a_retried_post_with_its_key_is_stored_once(serve: Serve, bus: Bus) -> None:
+    base = await serve()
+    async with http(base) as client:
+        job_id = await start_external(client)
+        line = {"job_id": job_id, "message": "[INFO] Progress: 10%"}
+        key = {"Idempotency-Key": "line-0001"}
+        answers = [await client.post("/api/v1/logs", json=line, headers=key) for _ in range(3)]
+        assert {r.status_code for r in answers} == {200}
+        await client.post("/api/v1/logs", json=line)  # no key: a new line each time
+        lines = [s.line async for batch in read_log(bus, job_id, follow=False) for s in batch]
+        assert [line.message for line in lines] == ["[INFO] Progress: 10%"] * 2
+        progressed = await bus.load(subjects.job_subject(job_id, "JobProgressed"))
+        assert len(progressed) == 1
+        r = await client.post("/api/v1/logs", json=line, headers={"Idempotency-Key": "a b"})
+        assert r.status_code == 400 and r.json()["field"] == "Idempotency-Key"
+
+
+async def test_a_summary_on_a_job_of_flows_is_only_a_line(
+    serve: Serve, bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    base = await serve()
+    (tmp_path / "engine").mkdir()
+    async with embedded(bus, nats_server.url, tmp_path / "engine", dispatcher=False) as tb:
+        job_id = await tb.create_job([Target(url="http://127.0.0.1:9/", flows=1)])
+        async with http(base) as client:
+            summary = {"job_id": job_id, "message": '[SUMMARY] {"status": "error"}'}
+            assert (await client.post("/api/crawler/log", json=summary)).status_code == 200
+            progress = {"job_id": job_id, "message": "[INFO] Progress: 50%"}
+            assert (await client.post("/api/crawler/log", json=progress)).status_code == 200
+            status = await status_now(client, bus, job_id)
+    assert (status["status"], status["kind"], status["progress"]) == ("created", "flows", 0)
+    stored = await bus.load(subjects.job_stream_filter(job_id))
+    assert [type(env.event).__name__ for env in stored] == ["JobCreated"]
+
+
+async def test_a_client_that_leaves_the_stream_leaves_no_reader_behind(
+    serve: Serve, bus: Bus
+) -> None:
+    base = await serve(keepalive=0.2)
+    deleted = asyncio.Event()
+
+    async def on_deleted(_: object) -> None:
+        deleted.set()
+
+    advisory = f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{subjects.LOGS_STREAM}.*"
+    sub = await bus.nc.subscribe(advisory, cb=on_deleted)
+    async with http(base) as client:
+        job_id = await start_external(client)
+        await client.post("/api/v1/logs", json={"job_id": job_id, "message": "[INFO] x"})
+        async with client.stream("GET", f"/api/v1/jobs/{job_id}/logs/stream") as stream:
+            async with asyncio.timeout(10):
+                assert await sse_lines(stream, 1) == ["data: [INFO] x"]
+        async with asyncio.timeout(10):  # the stream's reader goes with its client
+            await deleted.wait()
+    await sub.unsubscribe()
+    info = await bus.js.stream_info(subjects.LOGS_STREAM)
+    assert info.state.consumer_count == 0

@@ -28,8 +28,11 @@ from api.errors import http_error, rejected, validation
 from api.inputs import IDEMPOTENCY_KEY, KEY_PATTERN, KEY_RULE
 from api.openapi import problems
 from api.services import Services
+from engine.bus import ConcurrencyConflict
 from engine.errors import Conflict, Invalid, Rejected
+from engine.job_logs import ENDING_TYPES, last_job_event_type
 from engine.jobs.decider import EndExternalJob, ReportProgress
+from projections import queries
 from schemas import subjects
 from schemas.ids import is_valid_id, utcnow
 from schemas.logs import LOG_SOURCE_INGEST, MESSAGE_LENGTH, log_line, progress_of, summary_of
@@ -138,15 +141,20 @@ LEGACY_422 = {
 
 
 async def open_job_kind(services: Services, job_id: str) -> JobKind | None:
-    """The job's kind while it is open (not ended), else ``None``; read from the job's
-    own events, not the read model, so a line that comes right after the job ended (or
-    right after it was created) is judged by what the log holds."""
+    """The job's kind while it is open (not ended), else ``None``. Whether it ended is
+    read from the last event stored on its subjects, not only from the read model, so a
+    line that comes right after a cancel or a summary is refused."""
     if not is_valid_id(job_id):
         return None
-    job = await services.jobs.load(job_id)
-    if job.version == 0 or job.status in TERMINAL_JOB_STATUSES:
+    view = await queries.get_job(services.db, job_id)
+    if view is not None and view.status in TERMINAL_JOB_STATUSES:
         return None
-    return job.kind
+    last = await last_job_event_type(services.bus, job_id)
+    if last is None or last in ENDING_TYPES:
+        return None
+    if view is not None:
+        return view.kind
+    return (await services.jobs.load(job_id)).kind  # created a moment ago
 
 
 async def take_line(services: Services, job_id: str, message: str, key: str | None) -> None:
@@ -172,6 +180,10 @@ async def take_line(services: Services, job_id: str, message: str, key: str | No
             await services.jobs.execute(progress, LOG_SOURCE_INGEST, command_id)
     except Conflict:
         pass  # the job ended meanwhile (cancelled): the line is kept, the job stays ended
+    except ConcurrencyConflict:
+        if summary is not None:
+            raise
+        # many progress lines at once: the line is kept, and the next one sets progress
 
 
 async def received(services: Services, data: LogIn | LegacyLogIn, key: str | None) -> LogReceived:

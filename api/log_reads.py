@@ -28,7 +28,7 @@ from api.log_ingest import ApiKey, Said, key_guard_when_configured
 from api.openapi import problems
 from api.services import Services
 from engine.errors import NotFound
-from engine.job_logs import read_log, save_log, saved_log
+from engine.job_logs import ENDING_TYPES, last_job_event_type, read_log, save_log, saved_log
 from projections import queries
 from schemas.ids import is_valid_id
 from schemas.logs import LogLine, decode_log_line, encode_log_line
@@ -54,12 +54,12 @@ def sse_frame(message: str) -> bytes:
 async def job_ended(services: Services, job_id: str) -> bool | None:
     """Whether the job has ended; ``None`` when there is no such job."""
     view = await queries.get_job(services.db, job_id)
-    if view is not None:
-        return view.status in TERMINAL_JOB_STATUSES
+    if view is not None and view.status in TERMINAL_JOB_STATUSES:
+        return True
     if not is_valid_id(job_id):
         return None
-    job = await services.jobs.load(job_id)
-    return None if job.version == 0 else job.status in TERMINAL_JOB_STATUSES
+    last = await last_job_event_type(services.bus, job_id)
+    return None if last is None else last in ENDING_TYPES
 
 
 async def log_events(services: Services, job_id: str) -> AsyncIterator[bytes]:

@@ -23,9 +23,25 @@ from engine.bus import Bus
 from engine.puller import Puller, stream_seq
 from engine.transient import Backoff, is_transient
 from schemas import subjects
+from schemas.events import JobCancelled, JobCompleted, JobFailed, JobRefused
 from schemas.logs import LogLine, decode_log_line, encode_log_line
 
 SPOOL_IN_MEMORY = 1 << 20  # bytes of a log kept in memory before it spills to a file
+
+
+ENDING_TYPES = frozenset(t.__name__ for t in (JobCompleted, JobFailed, JobCancelled, JobRefused))
+
+
+async def last_job_event_type(bus: Bus, job_id: str) -> str | None:
+    """The type of the last message stored on the job's subjects (``None``: there is no
+    such job): one direct read, no consumer, for checks made per log line. The deciders
+    append nothing after a job's end, so an ending type there means the job has ended."""
+    try:
+        msg = await bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.job_stream_filter(job_id))
+    except nats.js.errors.NotFoundError:
+        return None
+    found = subjects.job_of_subject(msg.subject or "")
+    return found[1] if found else None
 
 
 @dataclass(frozen=True, slots=True)

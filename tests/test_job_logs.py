@@ -438,3 +438,22 @@ async def test_a_client_that_leaves_the_stream_leaves_no_reader_behind(
     await sub.unsubscribe()
     info = await bus.js.stream_info(subjects.LOGS_STREAM)
     assert info.state.consumer_count == 0
+
+
+async def test_many_progress_lines_at_once_are_all_taken(serve: Serve, bus: Bus) -> None:
+    base = await serve()
+    async with http(base) as client:
+        job_id = await start_external(client)
+        posts = [
+            client.post(
+                "/api/crawler/log", json={"job_id": job_id, "message": f"[INFO] Progress: {n}%"}
+            )
+            for n in range(1, 41)
+        ]
+        answers = await asyncio.gather(*posts)
+        assert {r.status_code for r in answers} == {200}
+        summary = {"job_id": job_id, "message": '[SUMMARY] {"status": "success"}'}
+        assert (await client.post("/api/crawler/log", json=summary)).status_code == 200
+        assert (await status_now(client, bus, job_id))["status"] == "completed"
+        lines = [s.line async for batch in read_log(bus, job_id, follow=False) for s in batch]
+        assert len(lines) == 41

@@ -20,6 +20,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from litestar import Litestar, WebSocket
+from litestar.exceptions import WebSocketDisconnect
 from nats.aio.msg import Msg
 
 from api.services import Services
@@ -88,6 +89,8 @@ async def forward_log_lines(socket: WebSocket[Any, Any, Any]) -> None:
         while True:
             update = await queue.get()
             await socket.send_text(msgspec.json.encode(update).decode())
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the socket closed: the live handler ends too
     finally:
         await feed.unsubscribe(queue)
 

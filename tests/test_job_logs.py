@@ -457,3 +457,34 @@ async def test_many_progress_lines_at_once_are_all_taken(serve: Serve, bus: Bus)
         assert (await status_now(client, bus, job_id))["status"] == "completed"
         lines = [s.line async for batch in read_log(bus, job_id, follow=False) for s in batch]
         assert len(lines) == 41
+
+
+async def test_long_logs_stream_and_download_whole(serve: Serve, bus: Bus) -> None:
+    from schemas.ids import utcnow
+    from schemas.logs import log_line
+
+    base = await serve()
+    count = 700  # more than one batch of the reader
+    async with http(base) as client:
+        job_id = await start_external(client)
+        for n in range(count - 1):
+            await bus.log_nowait(log_line(job_id, f"[INFO] line {n}", utcnow(), "runner_t"))
+        # acked after every line before it on this connection is stored
+        await bus.append_log(log_line(job_id, f"[INFO] line {count - 1}", utcnow(), "runner_t"))
+        info = await bus.js.stream_info(subjects.LOGS_STREAM)
+        assert info.state.messages == count
+        async with client.stream("GET", f"/api/v1/jobs/{job_id}/logs/stream") as stream:
+            async with asyncio.timeout(20):
+                lines = await sse_lines(stream, count)
+        data = [line for line in lines if line.startswith("data: ")]
+        assert data == [f"data: [INFO] line {n}" for n in range(count)]
+        running = await client.get(f"/api/v1/jobs/{job_id}/logs?format=jsonl")
+        assert len(running.text.splitlines()) == count  # a running job: what TB_LOGS holds
+
+        # an ended job whose log was never saved (no API was running) is saved on demand
+        store = await bus.js.object_store(subjects.LOGS_BUCKET)
+        await client.post(f"/api/crawler/cancel/{job_id}")
+        txt = await client.get(f"/api/v1/jobs/{job_id}/logs")
+        assert txt.status_code == 200 and len(txt.text.splitlines()) == count
+        saved = await store.get(subjects.saved_log_name(job_id))
+        assert len((saved.data or b"").splitlines()) == count

@@ -43,6 +43,7 @@ log = structlog.get_logger("tb.api")
 API_KEY_HEADER = "X-API-Key"
 RECEIVED = "Log message received and queued"
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 class Said(Rejected):
@@ -75,7 +76,9 @@ def ingest_key_guard(connection: Any, _: BaseRouteHandler) -> None:
             raise Said(403, API_KEY_HEADER, "Invalid API key")
         return
     host = connection.client.host if connection.client else ""
-    if not is_loopback(host):
+    # a reverse proxy on this machine connects from loopback for every client it forwards
+    forwarded = any(name in connection.headers for name in FORWARDING_HEADERS)
+    if forwarded or not is_loopback(host):
         raise Said(
             403,
             API_KEY_HEADER,

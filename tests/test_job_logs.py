@@ -238,6 +238,14 @@ async def test_without_a_key_ingest_is_open_to_loopback_only(
         r = await client.post("/api/crawler/log", json={"job_id": job_id, "message": "hi"})
         assert r.status_code == 200
         assert (await client.get(f"/api/crawler/status/{job_id}")).status_code == 200
+        # a client a reverse proxy on this machine forwards is no loopback client
+        for header in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):
+            r = await client.post(
+                "/api/v1/logs",
+                json={"job_id": job_id, "message": "hi"},
+                headers={header: "203.0.113.7"},
+            )
+            assert r.status_code == 403, header
     # the test client is no loopback client ("testclient")
     app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "other.db"))
     async with AsyncTestClient(app=app) as remote:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO, Annotated, Literal
 
 import msgspec
@@ -99,12 +99,13 @@ def as_json_line(line: LogLine) -> bytes:
     return encode_log_line(line) + b"\n"
 
 
-def _saved_lines(saved: IO[bytes]) -> list[LogLine]:
-    lines = []
+def _saved_lines(saved: IO[bytes]) -> Iterator[LogLine]:
+    """One line at a time: a big log is streamed from its spool file, never held whole."""
     for raw in saved:
-        with contextlib.suppress(msgspec.DecodeError):
-            lines.append(decode_log_line(raw))
-    return lines
+        try:
+            yield decode_log_line(raw)
+        except msgspec.DecodeError:
+            continue  # not a log line: the rest still reads
 
 
 async def log_lines(services: Services, job_id: str, ended: bool) -> AsyncIterator[LogLine]:

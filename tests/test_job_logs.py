@@ -62,7 +62,7 @@ async def serve(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Serve]
 
 @asynccontextmanager
 async def http(base: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         yield client
 
 

@@ -28,7 +28,7 @@ from api.errors import http_error, rejected, validation
 from api.inputs import IDEMPOTENCY_KEY, KEY_PATTERN, KEY_RULE
 from api.openapi import problems
 from api.services import Services
-from engine.bus import ConcurrencyConflict
+from engine.bus import ConcurrencyConflict, applied_by
 from engine.errors import Conflict, Invalid, Rejected
 from engine.job_logs import ENDING_TYPES, last_job_event_type
 from engine.jobs.decider import EndExternalJob, ReportProgress
@@ -165,6 +165,8 @@ async def take_line(services: Services, job_id: str, message: str, key: str | No
     progress and a ``[SUMMARY]`` line ends it."""
     kind = await open_job_kind(services, job_id)
     if kind is None:
+        if key and await ended_by(services, job_id, key):
+            return  # a retry of the summary that ended the job: taken the first time
         raise not_open(job_id)
     summary = summary_of(message)
     line = log_line(job_id, message, utcnow(), LOG_SOURCE_INGEST, summary)
@@ -173,7 +175,7 @@ async def take_line(services: Services, job_id: str, message: str, key: str | No
     log.info("[LOG RECEIVED]", job_id=job_id, message=message[:200])
     if kind != "external":
         return
-    command_id = f"log:{key}" if key else None
+    command_id = line_command_id(key) if key else None
     try:
         if summary is not None:
             end = EndExternalJob(job_id, summary.succeeded, summary.outcome)
@@ -187,6 +189,16 @@ async def take_line(services: Services, job_id: str, message: str, key: str | No
         if summary is not None:
             raise
         # many progress lines at once: the line is kept, and the next one sets progress
+
+
+async def ended_by(services: Services, job_id: str, key: str) -> bool:
+    """Whether the post named ``key`` is what ended the job (its summary)."""
+    history = await services.bus.load(subjects.job_stream_filter(job_id))
+    return applied_by(history, line_command_id(key)) is not None
+
+
+def line_command_id(key: str) -> str:
+    return f"log:{key}"
 
 
 async def received(services: Services, data: LogIn | LegacyLogIn, key: str | None) -> LogReceived:

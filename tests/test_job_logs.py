@@ -405,6 +405,16 @@ async def test_a_retried_post_with_its_key_is_stored_once(serve: Serve, bus: Bus
         r = await client.post("/api/v1/logs", json=line, headers={"Idempotency-Key": "a b"})
         assert r.status_code == 400 and r.json()["field"] == "Idempotency-Key"
 
+        # a summary retried after a lost answer is answered as the first time
+        summary = {"job_id": job_id, "message": '[SUMMARY] {"status": "success"}'}
+        key = {"Idempotency-Key": "summary-1"}
+        for _ in range(2):
+            r = await client.post("/api/crawler/log", json=summary, headers=key)
+            assert r.status_code == 200
+            assert r.json() == {"status": "success", "job_id": job_id, "message": RECEIVED}
+        r = await client.post("/api/crawler/log", json=summary, headers={"Idempotency-Key": "s-2"})
+        assert r.status_code == 404
+
 
 async def test_a_summary_on_a_job_of_flows_is_only_a_line(
     serve: Serve, bus: Bus, nats_server: NatsServer, tmp_path: Path

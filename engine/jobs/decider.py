@@ -200,10 +200,10 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
             raise Conflict("job_id", f"job {cmd.job_id} already exists ({job.status.value})")
         verb = _verb(cmd)
         raise Conflict("status", f"cannot {verb} a job that is {job.status.value}")
-    kind = FOR_KIND.get(type(cmd))
-    if kind is not None and job.kind != kind:
+    only = FOR_KIND.get(type(cmd))
+    if only is not None and job.kind != only:
         verb = _verb(cmd)
-        raise Conflict("kind", f"cannot {verb} a job of kind {job.kind!r} (only {kind!r})")
+        raise Conflict("kind", f"cannot {verb} a job of kind {job.kind!r} (only {only!r})")
     job_id = cmd.job_id
     match cmd:
         case CreateJob(name=name, targets=targets, settings=settings, platform=platform, kind=kind):

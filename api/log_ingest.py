@@ -165,7 +165,7 @@ async def take_line(services: Services, job_id: str, message: str, key: str | No
     progress and a ``[SUMMARY]`` line ends it."""
     kind = await open_job_kind(services, job_id)
     if kind is None:
-        if key and await ended_by(services, job_id, key):
+        if key and is_valid_id(job_id) and await ended_by(services, job_id, key):
             return  # a retry of the summary that ended the job: taken the first time
         raise not_open(job_id)
     summary = summary_of(message)

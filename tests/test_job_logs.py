@@ -189,11 +189,13 @@ async def test_every_legacy_ingest_answer(serve: Serve) -> None:
             r = await post(path, json=unknown, headers=ok)
             assert r.status_code == 404
             assert r.json()["detail"] == "Job job_nope not found or already completed"
-        r = await post(
-            "/api/crawler/log", json={"job_id": "no such.job", "message": "x"}, headers=ok
-        )
-        assert r.status_code == 404
-        assert r.json()["detail"] == "Job no such.job not found or already completed"
+        for bad_id in ("no such.job", "tb.>", "*"):  # never reaches a subject
+            body = {"job_id": bad_id, "message": "x"}
+            for headers in (ok, {**ok, "Idempotency-Key": "k-1"}):
+                async with asyncio.timeout(10):
+                    r = await post("/api/crawler/log", json=body, headers=headers)
+                assert r.status_code == 404
+                assert r.json()["detail"] == f"Job {bad_id} not found or already completed"
 
         deep = b'{"job_id": ' + b"[" * 40 + b"]" * 40 + b"}"
         for body in (b"", b"{}", b"not json", b'{"job_id": 1, "message": "x"}', b"[]", deep):

@@ -57,7 +57,11 @@ async def serve(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Serve]
     yield start
     for server, task in servers:
         server.should_exit = True
-        await task
+        _, pending = await asyncio.wait([task], timeout=15)
+        if pending:  # never let a server that will not stop hold the suite
+            server.force_exit = True
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @asynccontextmanager

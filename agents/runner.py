@@ -27,6 +27,7 @@ from agents.control import Control
 from agents.executor import FlowExecutor
 from agents.flow_run import FlowRun, Outcome, Stop
 from agents.intake import Intake, SlotKey, Work
+from agents.job_log import JobLog
 from agents.presence import Load, Presence
 from agents.reporter import FlowReporter
 from engine.bus import Bus
@@ -54,6 +55,7 @@ class Runner:
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval: float = 5.0
     drain_grace: float = DRAIN_GRACE
+    job_log_lines: bool = True  # a line in the job's log per flow received and ended
     # told each milestone (today: "Registered as runner: <id>"), for whoever embeds a runner
     announce: Callable[[str], None] = lambda line: None
     completed: int = 0  # flow runs that ended done
@@ -76,6 +78,7 @@ class Runner:
         )
         # reports, acks and loads of the runner's flows: one line per episode of trouble
         self.nats_trouble = Backoff("runner.nats", base=0.2, cap=5.0)
+        self.job_log = JobLog(self.bus, self.runner_id, enabled=self.job_log_lines)
 
     @property
     def failed(self) -> int:
@@ -111,6 +114,7 @@ class Runner:
             run.release_unless_started()
 
     async def run(self) -> None:
+        self.job_log.runner_id = self.runner_id  # the embedder may have named the runner
         presence = Presence(
             self.bus,
             self.runner_id,
@@ -148,6 +152,7 @@ class Runner:
                 await self._release_all()
                 await presence.deregister()
         finally:
+            await self.job_log.close()
             await self.control.stop()
             await self.executor.close()
 
@@ -194,6 +199,7 @@ class Runner:
             delivery=work.delivery,
             url=item.url,
         )
+        self.job_log.received(item, work.delivery)
         reporter = FlowReporter(self.bus, item, self.runner_id, work.msg, work.delivery)
         run = FlowRun(work, reporter, self.executor, self.control, self.nats_trouble)
         key = work.key
@@ -215,11 +221,14 @@ class Runner:
                 # not acked: JetStream redelivers the work item after the ack wait
                 log.error("flow.unreported", flow_id=key.flow_id, error=repr(err))
                 self.tally[Outcome.UNREPORTED] += 1
+                seconds = time.monotonic() - received
+                self.job_log.finished(item, key.delivery, "unreported", seconds, repr(err))
                 return
             if (outcome := task.result()) is Outcome.DONE:
                 self.completed += 1  # the common case: no enum hashed
             else:
                 self.tally[outcome] += 1
+            seconds = time.monotonic() - received
             log.info(
                 "Flow finished",
                 job_id=item.job_id,
@@ -227,9 +236,10 @@ class Runner:
                 attempt=key.attempt,
                 delivery=key.delivery,
                 outcome=outcome.value,
-                seconds=round(time.monotonic() - received, 3),
+                seconds=round(seconds, 3),
                 **({"reason": run.detail} if run.detail else {}),
             )
+            self.job_log.finished(item, key.delivery, outcome.value, seconds, run.detail)
 
         task.add_done_callback(finished)
 

@@ -10,6 +10,7 @@ from litestar.openapi import OpenAPIConfig
 
 from api.body import refuse_deep_json
 from api.consents import ConsentController
+from api.crawler import CrawlerJobs
 from api.dashboard import dashboard
 from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
@@ -18,6 +19,9 @@ from api.health import healthz, readyz
 from api.jobs import JobController
 from api.live import live, live_hub
 from api.live_sse import job_events
+from api.log_feed import job_logs_lifespan
+from api.log_ingest import LegacyLogIngest, LogIngest
+from api.log_reads import JobLogReads, LegacyLogStream
 from api.metrics import MetricsController
 from api.openapi import StrictStructSchemaPlugin
 from api.proxies import ProxyController
@@ -74,8 +78,9 @@ def create_app(config: ApiConfig) -> Litestar:
             QuarantineController,
             ProxyController,
             MetricsController,
+            *(LogIngest, LegacyLogIngest, CrawlerJobs, JobLogReads, LegacyLogStream),
         ],
-        lifespan=[lifespan, live_hub],
+        lifespan=[lifespan, live_hub, job_logs_lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),

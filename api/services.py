@@ -14,6 +14,18 @@ from projections.projector import Projector
 
 
 @dataclass(frozen=True)
+class LogsConfig:
+    """Job logs: ``ingest_api_key`` (TB_INGEST_API_KEY) is the X-API-Key log ingest
+    requires (none: ingest is open to loopback clients only); ``keepalive``: seconds
+    between SSE keepalive comments; ``save_after``: seconds after a job ends before its
+    log is saved (lines still on their way get there first)."""
+
+    ingest_api_key: str | None = None
+    keepalive: float = 15.0
+    save_after: float = 2.0
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     nats_url: str
     db_path: Path
@@ -22,6 +34,7 @@ class ApiConfig:
     read_wait_timeout: float = 5.0
     live_queue: int = 256  # live updates (one read's messages) a client may leave unread
     live_keepalive: float = 15.0  # seconds of quiet before an SSE stream sends a comment
+    logs: LogsConfig = LogsConfig()
 
 
 @dataclass

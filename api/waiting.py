@@ -66,6 +66,7 @@ async def with_waiting_detail(bus: Bus, views: list[JobView]) -> list[JobView]:
     return [
         msgspec.structs.replace(v, detail=waiting_detail(v.platform_os, v.platform_browser))
         if v.status == JobStatus.RUNNING
+        and v.kind == "flows"  # an external job's worker is no runner
         and (v.platform_os, v.platform_browser) not in serving
         and v.detail is None
         else v

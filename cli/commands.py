@@ -13,6 +13,7 @@ import structlog
 from cli.logs import announce, end_progress_line, progress_line
 from cli.settings import (
     bus_config_from_env,
+    logs_config_from_env,
     open_bind_warning,
     proxy_health_from_env,
     stall_margin_from_env,
@@ -121,7 +122,10 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     if warning:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    app = create_app(ApiConfig(nats_url=nats_url, db_path=db_path, bus=bus_config_from_env()))
+    config = ApiConfig(
+        nats_url=nats_url, db_path=db_path, bus=bus_config_from_env(), logs=logs_config_from_env()
+    )
+    app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -163,7 +167,7 @@ async def run_runner(
         runner_labels,
         runner_platform,
     )
-    from cli.settings import drain_grace_from_env
+    from cli.settings import drain_grace_from_env, runner_job_logs_from_env
     from schemas import VERSION
     from schemas.ids import short_id
 
@@ -177,6 +181,7 @@ async def run_runner(
         log.info("Backend (API) for this fleet", url=api_url)
     slots = runner_capacity(slots, browser=executor_kind != "noop")
     drain_grace = drain_grace_from_env()
+    job_log_lines = runner_job_logs_from_env()
     name = runner_id or short_id("runner")
     stopping = asyncio.Event()
     current: Runner | None = None
@@ -224,6 +229,7 @@ async def run_runner(
             browser_version=browser_version,
             labels=labels,
             drain_grace=drain_grace,
+            job_log_lines=job_log_lines,
         )
         current.runner_id = name
         if stopping.is_set():

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from engine.bus import BusConfig
 
 if TYPE_CHECKING:
+    from api.services import LogsConfig
     from engine.proxies.decider import HealthPolicy
 
 
@@ -41,15 +42,35 @@ def _int(name: str, default: int, allowed: tuple[int, ...] | None = None) -> int
 
 def bus_config_from_env() -> BusConfig:
     """TB_ACK_WAIT (s, default 60), TB_PRESENCE_TTL (s, default 15), TB_MAX_DELIVER
-    (default 5), TB_REPLICAS (1 or 3: stream replicas, 3 in a cluster),
-    TB_SCREENSHOT_MAX_AGE (s, default 7 days: how long failure screenshots are kept)."""
+    (default 5), TB_REPLICAS (1 or 3: stream replicas, 3 in a cluster), TB_LOGS_MAX_AGE
+    (s, default 7 days: how long TB_LOGS keeps job log lines; at least the duplicate
+    window), TB_SCREENSHOT_MAX_AGE (s, default 7 days: how long failure screenshots are
+    kept)."""
     default = BusConfig()
+    logs_max_age = _float("TB_LOGS_MAX_AGE", default.logs_max_age)
+    if logs_max_age < default.duplicate_window:
+        raise SystemExit(
+            f"TB_LOGS_MAX_AGE: must be at least {default.duplicate_window:g} seconds"
+            f" (the duplicate window; got {logs_max_age:g})"
+        )
     return BusConfig(
         replicas=_int("TB_REPLICAS", default.replicas, allowed=(1, 3)),
         ack_wait=_float("TB_ACK_WAIT", default.ack_wait),
         presence_ttl=_float("TB_PRESENCE_TTL", default.presence_ttl),
         max_deliver=_int("TB_MAX_DELIVER", default.max_deliver),
         screenshots_max_age=_float("TB_SCREENSHOT_MAX_AGE", default.screenshots_max_age),
+        logs_max_age=logs_max_age,
+    )
+
+
+def logs_config_from_env() -> LogsConfig:
+    """TB_INGEST_API_KEY: the X-API-Key log ingest requires (unset: loopback clients
+    only); TB_SSE_KEEPALIVE (s, default 15): keepalive comments of the log streams."""
+    from api.services import LogsConfig
+
+    key = os.environ.get("TB_INGEST_API_KEY", "").strip() or None
+    return LogsConfig(
+        ingest_api_key=key, keepalive=_float("TB_SSE_KEEPALIVE", LogsConfig().keepalive)
     )
 
 
@@ -90,14 +111,26 @@ def drain_grace_from_env() -> float:
     return _float("TB_DRAIN_GRACE", DRAIN_GRACE)
 
 
-def headless_from_env() -> bool:
-    """HEADLESS (true/false, default true): false runs the runner's browser visibly."""
-    raw = os.environ.get("HEADLESS", "").strip().lower()
-    if raw in ("", "true", "1", "yes", "on"):
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("true", "1", "yes", "on"):
         return True
     if raw in ("false", "0", "no", "off"):
         return False
-    raise SystemExit(f"HEADLESS: must be true or false (got {raw!r})")
+    raise SystemExit(f"{name}: must be true or false (got {raw!r})")
+
+
+def headless_from_env() -> bool:
+    """HEADLESS (true/false, default true): false runs the runner's browser visibly."""
+    return _bool("HEADLESS", True)
+
+
+def runner_job_logs_from_env() -> bool:
+    """TB_RUNNER_JOB_LOGS (true/false, default true): false keeps a runner's lines about
+    its flows (received, done, failed) out of the jobs' logs."""
+    return _bool("TB_RUNNER_JOB_LOGS", True)
 
 
 def auth_disabled_explicitly() -> bool:

@@ -47,6 +47,7 @@ from engine.quarantine import Quarantine
 from engine.transient import WRONG_LAST_SEQUENCE, Backoff
 from schemas import subjects
 from schemas.events import Envelope, Event, encode_event
+from schemas.logs import LogLine, encode_log_line
 from schemas.quarantine import QuarantinedMessage
 from schemas.stored import Undecodable, decode_stored
 
@@ -235,6 +236,7 @@ class Bus:
             (subjects.DATASETS_BUCKET, None),
             (subjects.DISPATCHER_BUCKET, None),
             (subjects.SCREENSHOTS_BUCKET, c.screenshots_max_age),
+            (subjects.LOGS_BUCKET, None),
         ):
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.create_object_store(
@@ -361,6 +363,23 @@ class Bus:
             for event, msg_id in items
         ]
         return [await future for future in futures]
+
+    # -- job logs -------------------------------------------------------------------
+
+    async def append_log(self, line: LogLine, msg_id: str | None = None) -> Appended:
+        """Store one job log line in ``TB_LOGS`` and wait for JetStream's ack."""
+        headers = {Header.EXPECTED_STREAM.value: subjects.LOGS_STREAM}
+        if msg_id is not None:
+            headers[subjects.MSG_ID_HEADER] = msg_id
+        subject = subjects.log_subject(line.job_id)
+        return await (await self.publisher.publish(subject, encode_log_line(line), headers))
+
+    async def log_nowait(self, line: LogLine, msg_id: str | None = None) -> None:
+        """Send one job log line without asking for an ack: best effort, a line NATS does
+        not take is lost (nothing waits on it, nothing fails because of it)."""
+        headers = {subjects.MSG_ID_HEADER: msg_id} if msg_id is not None else None
+        subject = subjects.log_subject(line.job_id)
+        await self.nc.publish(subject, encode_log_line(line), headers=headers)
 
     # -- reading --------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from schemas.events import (
     JobCreated,
     JobFailed,
     JobPaused,
+    JobProgressed,
     JobRefused,
     JobRejected,
     JobResumed,
@@ -53,6 +54,9 @@ SCHEMA = (
         clicks_done INTEGER NOT NULL DEFAULT 0,
         duration_ms_total INTEGER NOT NULL DEFAULT 0,
         egress_refused INTEGER NOT NULL DEFAULT 0,
+        kind TEXT NOT NULL DEFAULT 'flows',
+        progress INTEGER,
+        progress_message TEXT,
         created_by TEXT NOT NULL,
         created_at TEXT NOT NULL,
         started_at TEXT,
@@ -136,6 +140,10 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
             return await _status(db, env, event.job_id, JobStatus.PAUSED, reason)
         case JobResumed():
             return await _status(db, env, event.job_id, JobStatus.RUNNING, None)
+        case JobProgressed(percent=percent, message=message):
+            return await _update(
+                db, env, event.job_id, "progress = ?, progress_message = ?", percent, message
+            )
         case JobCancelled(reason=reason):
             return await _status(db, env, event.job_id, JobStatus.CANCELLED, reason)
         case JobFailed(reason=reason):
@@ -173,13 +181,13 @@ async def _created(db: aiosqlite.Connection, env: Envelope, event: JobCreated) -
     s = event.settings
     cur = await db.execute(
         "INSERT INTO jobs (job_id, name, status, platform_os, platform_browser, instance_count,"
-        " max_attempts, priority, flows_total, created_by, created_at, updated_at, last_seq)"
-        " VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " max_attempts, priority, flows_total, kind, created_by, created_at, updated_at, last_seq)"
+        " VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (job_id) DO NOTHING",
         (
             event.job_id, event.name, event.platform.os, event.platform.browser,
             s.instance_count, s.max_attempts, s.priority, sum(t.flows for t in event.targets),
-            event.actor, iso(event.at), iso(event.at), env.seq,
+            event.kind, event.actor, iso(event.at), iso(event.at), env.seq,
         ),
     )  # fmt: skip
     if not cur.rowcount:

@@ -14,7 +14,7 @@ from projections.metrics_views import RunMetrics
 from projections.runners import RunnerStatus
 from schemas.consent_state import ConsentStatus
 from schemas.flow_lifecycle import FlowStatus
-from schemas.values import JobStatus
+from schemas.values import JobKind, JobStatus
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -53,6 +53,9 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     clicks_done: int
     duration_ms_total: int
     egress_refused: int  # connections the runners' egress proxy refused to its flows
+    kind: JobKind = "flows"
+    progress: int | None = None  # percent an external job's worker reported
+    progress_message: str | None = None  # the line that reported it
     targets: list[TargetView]
     created_by: str
     created_at: datetime
@@ -123,7 +126,8 @@ class ConsentView(msgspec.Struct, kw_only=True, omit_defaults=True):
 _JOB_COLUMNS = (
     "job_id, name, status, reason, approval, platform_os, platform_browser, instance_count,"
     " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
-    " duration_ms_total, egress_refused, created_by, created_at, started_at, finished_at,"
+    " duration_ms_total, egress_refused, kind, progress, progress_message, created_by,"
+    " created_at, started_at, finished_at,"
     " updated_at, last_seq"
 )
 _FLOW_COLUMNS = (

@@ -25,7 +25,9 @@ from schemas.events import (
 CHECKPOINT = "read_model"
 SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA, *run_metrics.SCHEMA)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 6  # 6: run metrics (histograms, outcomes per minute, events by type)
+# 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
+# (kind, progress)
+SCHEMA_VERSION = 7
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

@@ -20,6 +20,7 @@ from schemas.values import (
     HttpStatus,
     Id,
     Index,
+    JobKind,
     JobSettings,
     Millis,
     Platform,
@@ -57,10 +58,20 @@ class JobEvent(Event, frozen=True, kw_only=True):
 
 
 class JobCreated(JobEvent, frozen=True, kw_only=True):
+    """A job of ``kind`` ``flows`` has at least one target; an ``external`` one has none
+    (its worker reports by log lines: ``JobProgressed``, then its end)."""
+
     name: Name
-    targets: Annotated[list[Target], msgspec.Meta(min_length=1, max_length=10_000)]
+    targets: Annotated[list[Target], msgspec.Meta(max_length=10_000)]
     settings: JobSettings
     platform: Platform = Platform()
+    kind: JobKind = "flows"
+
+    def __post_init__(self) -> None:
+        if self.kind == "flows" and not self.targets:
+            raise ValueError("targets: a job of flows needs at least one target")
+        if self.kind == "external" and self.targets:
+            raise ValueError("targets: an external job has none")
 
 
 class JobApprovalRequested(JobEvent, frozen=True, kw_only=True):
@@ -93,6 +104,13 @@ class JobPaused(JobEvent, frozen=True, kw_only=True):
 
 class JobResumed(JobEvent, frozen=True, kw_only=True):
     pass
+
+
+class JobProgressed(JobEvent, frozen=True, kw_only=True):
+    """An external job's worker said how far it got (``[INFO] Progress: N%``)."""
+
+    percent: Annotated[int, msgspec.Meta(ge=0, le=100)]
+    message: Text = ""
 
 
 class JobCancelled(JobEvent, frozen=True, kw_only=True):
@@ -393,6 +411,7 @@ JobEvents = (
     | JobStarted
     | JobPaused
     | JobResumed
+    | JobProgressed
     | JobCancelled
     | JobCompleted
     | JobFailed

@@ -33,7 +33,8 @@ EVENT_SUBJECTS = [
     "tb.user.>",
     "tb.proxy.>",
 ]
-LOG_SUBJECTS = ["tb.log.>"]
+ALL_LOGS = "tb.log.>"
+LOG_SUBJECTS = [ALL_LOGS]
 QUARANTINE_SUBJECTS = ["tb.quarantine.>"]
 
 RUNNERS_BUCKET = "tb_runners"
@@ -42,6 +43,7 @@ DATASETS_BUCKET = "tb_datasets"
 DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
 PROXY_SECRETS_BUCKET = "tb_proxy_secrets"  # proxy endpoints with credentials, by proxy id
 SCREENSHOTS_BUCKET = "tb_screenshots"  # failure screenshots: the only bucket runners write
+LOGS_BUCKET = "tb_logs"  # the saved log of each finished job (TB_LOGS ages out)
 
 TYPE_HEADER = "Tb-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -110,6 +112,22 @@ def consent_stream_filter(domain: str) -> str:
 
 def log_subject(job_id: str) -> str:
     return f"tb.log.{job_id}"
+
+
+def runner_log_msg_id(flow_id: str, attempt: int, delivery: int, what: str) -> str:
+    """A runner's line about one delivery of one work item (``received``, ``done``, …):
+    the same line sent twice is stored once."""
+    return f"log:{flow_id}:{attempt}:{delivery}:{what}"
+
+
+def ingest_log_msg_id(job_id: str, key: str) -> str:
+    """A posted line that names itself (``Idempotency-Key``): a retried post is stored once."""
+    return f"log:{job_id}:{key}"
+
+
+def saved_log_name(job_id: str) -> str:
+    """The object in ``tb_logs`` holding a finished job's log, one JSON line per line."""
+    return f"{job_id}.jsonl"
 
 
 def all_jobs(event_type: str = "*") -> str:

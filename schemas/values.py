@@ -89,6 +89,11 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+JobKind = Literal["flows", "external"]
+"""``flows``: the engine plans and dispatches browser flows to runners; ``external``: a
+worker outside the system does the work and reports it by log lines (no targets, never
+dispatched)."""
+
 TERMINAL_JOB_STATUSES = frozenset(
     {JobStatus.REFUSED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
 )

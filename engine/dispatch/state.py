@@ -276,8 +276,10 @@ class DispatchState:
     def _apply_job(self, seq: int, event: JobEvent) -> None:
         plan = self.jobs.get(event.job_id)
         if plan is None:
-            if not isinstance(event, JobCreated):
-                return  # a job that ended (or never began) here: nothing to change
+            if not isinstance(event, JobCreated) or event.kind != "flows":
+                # a job that ended (or never began) here, or an external one (its
+                # worker does the work): nothing to plan
+                return
             job = Job(job_id=event.job_id, version=seq)
             plan = self.jobs[event.job_id] = JobPlan(job=job, created_seq=seq)
         elif isinstance(event, JobCreated):

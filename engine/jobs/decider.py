@@ -20,12 +20,20 @@ from schemas.events import (
     JobEvent,
     JobFailed,
     JobPaused,
+    JobProgressed,
     JobRefused,
     JobResumed,
     JobStarted,
     TbEvent,
 )
-from schemas.values import TERMINAL_JOB_STATUSES, JobSettings, JobStatus, Platform, Target
+from schemas.values import (
+    TERMINAL_JOB_STATUSES,
+    JobKind,
+    JobSettings,
+    JobStatus,
+    Platform,
+    Target,
+)
 
 E = TypeVar("E", bound=JobEvent)
 
@@ -53,6 +61,8 @@ class Job:
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     version: int = 0  # stream sequence of the last event applied (0 = none)
     created_seq: int = 0  # stream sequence of its JobCreated
+    kind: JobKind = "flows"
+    progress: int = 0  # percent an external job's worker reported
 
     @property
     def hosts(self) -> frozenset[str]:
@@ -68,11 +78,15 @@ def target_hosts(targets: tuple[Target, ...] | list[Target]) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class CreateJob:
+    """A job of flows is created, then started (or refused) by the engine; an external
+    job has no targets and starts at once: its worker does the work, never a runner."""
+
     job_id: str
     name: str
     targets: tuple[Target, ...]
     settings: JobSettings
     platform: Platform
+    kind: JobKind = "flows"
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,44 @@ class AbortJob:
     flows_failed: int = 0
 
 
-JobCommand = CreateJob | StartJob | PauseJob | ResumeJob | CancelJob | FinishJob | AbortJob
+@dataclass(frozen=True)
+class ReportProgress:
+    """An external job's worker said how far it got; the same percent again changes nothing."""
+
+    job_id: str
+    percent: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class EndExternalJob:
+    """An external job's worker sent its summary: completed if it succeeded, else failed."""
+
+    job_id: str
+    succeeded: bool
+    reason: str = ""
+
+
+JobCommand = (
+    CreateJob
+    | StartJob
+    | PauseJob
+    | ResumeJob
+    | CancelJob
+    | FinishJob
+    | AbortJob
+    | ReportProgress
+    | EndExternalJob
+)
+# commands that only make sense for one kind of job
+FOR_KIND: dict[type, JobKind] = {
+    StartJob: "flows",
+    PauseJob: "flows",
+    ResumeJob: "flows",
+    FinishJob: "flows",
+    ReportProgress: "external",
+    EndExternalJob: "external",
+}
 
 ALLOWED: dict[type, frozenset[JobStatus]] = {
     CreateJob: frozenset({JobStatus.NEW}),
@@ -137,6 +188,8 @@ ALLOWED: dict[type, frozenset[JobStatus]] = {
     FinishJob: frozenset({JobStatus.RUNNING, JobStatus.PAUSED}),
     # NEW: a job whose JobCreated was quarantined still has a subject to end it on
     AbortJob: frozenset({JobStatus.NEW, JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED}),
+    ReportProgress: frozenset({JobStatus.RUNNING, JobStatus.PAUSED}),
+    EndExternalJob: frozenset({JobStatus.RUNNING, JobStatus.PAUSED}),
 }
 REASON_LENGTH = 1000
 
@@ -145,14 +198,21 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
     if job.status not in ALLOWED[type(cmd)]:
         if isinstance(cmd, CreateJob):
             raise Conflict("job_id", f"job {cmd.job_id} already exists ({job.status.value})")
-        verb = type(cmd).__name__.removesuffix("Job").lower()
+        verb = _verb(cmd)
         raise Conflict("status", f"cannot {verb} a job that is {job.status.value}")
+    only = FOR_KIND.get(type(cmd))
+    if only is not None and job.kind != only:
+        verb = _verb(cmd)
+        raise Conflict("kind", f"cannot {verb} a job of kind {job.kind!r} (only {only!r})")
     job_id = cmd.job_id
     match cmd:
-        case CreateJob(name=name, targets=targets, settings=settings, platform=platform):
-            if not targets:
-                raise Rejected("targets", "at least one target is required")
-            check_settings(settings, target_hosts(targets))
+        case CreateJob(name=name, targets=targets, settings=settings, platform=platform, kind=kind):
+            if kind == "external" and targets:
+                raise Rejected("targets", "an external job has none: its worker does the work")
+            if kind == "flows":
+                if not targets:
+                    raise Rejected("targets", "at least one target is required")
+                check_settings(settings, target_hosts(targets))
             created = JobCreated(
                 id=meta.id,
                 at=meta.at,
@@ -162,8 +222,21 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
                 targets=list(targets),
                 settings=settings,
                 platform=platform,
+                kind=kind,
             )
+            if kind == "external":  # its worker is already at work: no runner, no consent
+                return [created, _emit(JobStarted, meta, job_id, flows_total=0, allowed_hosts=[])]
             return [created]
+        case ReportProgress(percent=percent, message=message):
+            if not 0 <= percent <= 100:
+                raise Rejected("percent", f"must be 0-100 (got {percent})")
+            if percent == job.progress:
+                return []
+            return [_emit(JobProgressed, meta, job_id, percent=percent, message=message[:4096])]
+        case EndExternalJob(succeeded=True):
+            return [_emit(JobCompleted, meta, job_id, flows_done=0, flows_failed=0)]
+        case EndExternalJob(reason=reason):
+            return [_emit(JobFailed, meta, job_id, reason=reason[:REASON_LENGTH] or "failed")]
         case StartJob(authorised_hosts=authorised):
             missing = sorted(job.hosts - authorised)
             if missing:
@@ -203,6 +276,14 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
     raise AssertionError(f"unhandled command {cmd!r}")
 
 
+def _verb(cmd: JobCommand) -> str:
+    if isinstance(cmd, ReportProgress):
+        return "report progress of"
+    if isinstance(cmd, EndExternalJob):
+        return "end"
+    return type(cmd).__name__.removesuffix("Job").lower()
+
+
 def _emit(kind: type[E], meta: Meta, job_id: str, **fields: Any) -> E:
     return kind(id=meta.id, at=meta.at, actor=meta.actor, job_id=job_id, **fields)
 
@@ -239,7 +320,10 @@ def evolve(job: Job, event: Event, seq: int = 0) -> Job:
                 platform=event.platform,
                 flows_total=sum(t.flows for t in event.targets),
                 created_seq=seq,
+                kind=event.kind,
             )
+        case JobProgressed():
+            job = replace(job, progress=event.percent)
         case JobStarted():
             job = replace(
                 job, flows_total=event.flows_total, allowed_hosts=frozenset(event.allowed_hosts)

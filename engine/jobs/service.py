@@ -17,11 +17,13 @@ from engine.errors import CommandIdReused, Invalid, NotFound
 from engine.jobs.decider import (
     CancelJob,
     CreateJob,
+    EndExternalJob,
     FinishJob,
     Job,
     JobCommand,
     Meta,
     PauseJob,
+    ReportProgress,
     ResumeJob,
     StartJob,
     decide,
@@ -35,13 +37,14 @@ from schemas.events import (
     JobCreated,
     JobFailed,
     JobPaused,
+    JobProgressed,
     JobRefused,
     JobResumed,
     JobStarted,
     TbEvent,
 )
 from schemas.ids import ID_RULE, is_valid_id, new_id, short_id, utcnow
-from schemas.values import JobSettings, Platform, Target
+from schemas.values import JobKind, JobSettings, Platform, Target
 
 
 def checked_job_id(job_id: str) -> str:
@@ -58,12 +61,14 @@ def job_id_for(command_id: str) -> str:
 
 # what each command stores: a retried command id must have stored one of these
 EMITS: dict[type, tuple[type, ...]] = {
-    CreateJob: (JobCreated,),
+    CreateJob: (JobCreated, JobStarted),  # an external job starts at once
     StartJob: (JobStarted, JobRefused),
     PauseJob: (JobPaused,),
     ResumeJob: (JobResumed,),
     CancelJob: (JobCancelled,),
     FinishJob: (JobCompleted, JobFailed),
+    ReportProgress: (JobProgressed,),
+    EndExternalJob: (JobCompleted, JobFailed),
 }
 
 
@@ -98,13 +103,14 @@ class JobCommands:
         platform: Platform,
         actor: str,
         command_id: str | None = None,
+        kind: JobKind = "flows",
     ) -> tuple[str, Appended]:
         """A new job; with a ``command_id`` (idempotency key) a retry answers the same job."""
         if command_id is None:
             command_id, job_id = new_id(), short_id("job")
         else:
             job_id = job_id_for(command_id)
-        cmd = CreateJob(job_id, name, tuple(targets), settings, platform)
+        cmd = CreateJob(job_id, name, tuple(targets), settings, platform, kind)
         _, before = await self._history(job_id, cmd, command_id)
         if before is not None:
             return job_id, before  # this create ran before: the same job

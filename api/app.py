@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
+from api.audit import AuditController
 from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.dashboard import dashboard
@@ -69,6 +70,7 @@ def create_app(config: ApiConfig) -> Litestar:
             RunnerController,
             QuarantineController,
             ProxyController,
+            AuditController,
         ],
         lifespan=[lifespan],
         before_request=refuse_deep_json,

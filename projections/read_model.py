@@ -8,7 +8,7 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from projections import consents, jobs, proxies, runners
+from projections import audit, consents, datasets, jobs, proxies, runners, schedules
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
@@ -23,9 +23,17 @@ from schemas.events import (
 )
 
 CHECKPOINT = "read_model"
-SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA)
+SCHEMA = (
+    *jobs.SCHEMA,
+    *runners.SCHEMA,
+    *consents.SCHEMA,
+    *proxies.SCHEMA,
+    *audit.SCHEMA,
+    *datasets.SCHEMA,
+    *schedules.SCHEMA,
+)
 # bump when a table changes: a read model of another version is rebuilt from the log
-SCHEMA_VERSION = 5  # 5: jobs count the egress proxy's refusals
+SCHEMA_VERSION = 6  # 6: the audit trail, datasets and schedules
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -93,6 +101,7 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+        await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)
 

@@ -16,20 +16,11 @@ import structlog
 from engine.bus import Bus
 from projections.db import connect
 from projections.read_model import applied_seq, apply_batch, open_read_model
+from projections.verify import tables
 
 log = structlog.get_logger("tb.projections")
 
 Progress = Callable[[int, int], None]
-
-# every table of the read model with its primary key; all columns derive from events
-TABLES = {
-    "jobs": "job_id",
-    "targets": "job_id, idx",
-    "flows": "flow_id",
-    "runners": "runner_id",
-    "consents": "domain",
-    "proxies": "proxy_id",
-}
 
 
 async def rebuild(
@@ -74,12 +65,14 @@ async def _fold(bus: Bus, db: aiosqlite.Connection, target: int, progress: Progr
 
 
 async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table, ordered by primary key: equal dumps mean equal models."""
+    """Every row of every table, ordered by primary key: equal dumps mean equal models
+    (for tests; ``projections.verify`` compares large models without loading them)."""
     db = await connect(db_path, readonly=True)
     try:
         dump: dict[str, list[tuple[object, ...]]] = {}
-        for table, key in TABLES.items():
-            async with db.execute(f"SELECT * FROM {table} ORDER BY {key}") as cur:
+        for table, key in (await tables(db)).items():
+            order = ", ".join(key)
+            async with db.execute(f'SELECT * FROM "{table}" ORDER BY {order}') as cur:
                 dump[table] = [tuple(row) for row in await cur.fetchall()]
         return dump
     finally:

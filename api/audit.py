@@ -7,10 +7,11 @@ import base64
 import binascii
 import csv
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import aiosqlite
 import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency, Provide
@@ -26,6 +27,7 @@ from api.services import Services
 from engine.errors import Invalid
 from engine.jobs.service import checked_job_id
 from projections import audit_reads
+from projections import db as read_db
 from projections.audit_reads import EVENT_TYPES, AuditEntry, AuditFilter, AuditLine
 from schemas.ids import ID_RULE
 
@@ -168,14 +170,31 @@ class AuditController(Controller):
         min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> Stream:
         await _wait(services, min_seq)
-        lines = audit_reads.batches(services.db, where)
-        body = _jsonl(lines) if format == "jsonl" else _csv(lines)
+        # a connection of its own: the export's snapshot must not be other requests' one
+        db = await read_db.connect(services.config.db_path, readonly=True)
+        body = _export(db, where, _jsonl if format == "jsonl" else _csv)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         return Stream(
             body,
             media_type=MEDIA_TYPES[format],
             headers={"Content-Disposition": f'attachment; filename="audit-{stamp}.{format}"'},
         )
+
+
+async def _export(
+    db: aiosqlite.Connection,
+    where: AuditFilter,
+    encode: Callable[[AsyncIterator[list[AuditLine]]], AsyncIterator[bytes]],
+) -> AsyncGenerator[bytes, None]:
+    """The export's body; ends the read and closes its connection however it ends (the
+    client may leave halfway)."""
+    lines = audit_reads.batches(db, where)
+    try:
+        async for chunk in encode(lines):
+            yield chunk
+    finally:
+        await lines.aclose()
+        await db.close()
 
 
 async def _jsonl(batches: AsyncIterator[list[AuditLine]]) -> AsyncIterator[bytes]:

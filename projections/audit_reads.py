@@ -7,7 +7,7 @@ batch at a time however many events match.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import get_args
@@ -84,7 +84,7 @@ async def page(
 ) -> tuple[list[AuditEntry], bool]:
     """Up to ``limit`` events after sequence ``after``, oldest first, and whether more
     matched when they were read."""
-    rows = await _rows(db, where, after=after, upto=None, limit=limit + 1)
+    rows = await _rows(db, where, after=after, limit=limit + 1)
     entries = [
         AuditEntry(
             seq=seq, subject=subject, at=datetime.fromisoformat(at), actor=actor, type=kind,
@@ -97,36 +97,43 @@ async def page(
 
 async def batches(
     db: aiosqlite.Connection, where: AuditFilter, *, batch: int | None = None
-) -> AsyncIterator[list[AuditLine]]:
-    """Every matching event the read model holds now, ``batch`` rows at a time (default
-    ``EXPORT_BATCH``): events applied while the export runs are left to the next one,
-    so it ends."""
-    batch = batch or EXPORT_BATCH
-    upto, after = await applied_seq(db), 0
-    while True:
-        rows = await _rows(db, where, after=after, upto=upto, limit=batch)
-        if not rows:
-            return
-        yield [
-            AuditLine(
-                seq=seq, subject=subject, at=at, actor=actor, type=kind, job_id=job_id,
-                event=msgspec.Raw(event.encode()),
-            )
-            for seq, subject, at, actor, kind, job_id, event in rows
-        ]  # fmt: skip
-        after = rows[-1][0]
+) -> AsyncGenerator[list[AuditLine], None]:
+    """Every matching event, ``batch`` rows at a time (default ``EXPORT_BATCH``), as of
+    one snapshot of the read model: events applied meanwhile are left to the next export,
+    so it ends. One query read in steps, so a time range is sorted once, not per batch.
+    Give it a connection of its own: the snapshot is its read transaction, held until
+    the last batch."""
+    await db.execute("BEGIN")
+    try:
+        sql, params = _select(where, after=0, upto=await applied_seq(db))
+        async with db.execute(sql, params) as cursor:
+            while rows := list(await cursor.fetchmany(batch or EXPORT_BATCH)):
+                yield [
+                    AuditLine(
+                        seq=seq, subject=subject, at=at, actor=actor, type=kind,
+                        job_id=job_id, event=msgspec.Raw(event.encode()),
+                    )
+                    for seq, subject, at, actor, kind, job_id, event in rows
+                ]  # fmt: skip
+    finally:
+        await db.execute("COMMIT")
 
 
 async def _rows(
-    db: aiosqlite.Connection, where: AuditFilter, *, after: int, upto: int | None, limit: int
+    db: aiosqlite.Connection, where: AuditFilter, *, after: int, limit: int
 ) -> list[Row]:
+    sql, params = _select(where, after=after, upto=None)
+    rows = await db.execute_fetchall(f"{sql} LIMIT ?", [*params, limit])
+    return [tuple(row) for row in rows]
+
+
+def _select(where: AuditFilter, *, after: int, upto: int | None) -> tuple[str, list[object]]:
     clauses, params = where.where()
     sql = f"SELECT {_COLUMNS} FROM audit WHERE seq > ?"
+    bounds: list[object] = [after]
     if upto is not None:
         sql += " AND seq <= ?"
+        bounds.append(upto)
     if clauses:
         sql += f" AND {clauses}"
-    sql += " ORDER BY seq LIMIT ?"
-    bounds = [after] if upto is None else [after, upto]
-    rows = await db.execute_fetchall(sql, [*bounds, *params, limit])
-    return [tuple(row) for row in rows]
+    return f"{sql} ORDER BY seq", [*bounds, *params]

@@ -6,13 +6,18 @@ import csv
 import io
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
+from api.audit import _csv, _export, _jsonl
 from engine.bus import Bus
 from projections import audit_reads
+from projections.audit_reads import AuditFilter
+from projections.db import connect
+from projections.projector import Projector
 from tests.api_client import client
 from tests.audit_history import history, job_events, store
 
@@ -179,3 +184,28 @@ async def test_a_quarantined_message_has_no_entry_and_holds_nothing_back(
     assert seqs == [*range(1, first + 1), *range(first + 2, last + 1)]
     r = await client.get("/api/v1/audit/export")
     assert [json.loads(line)["seq"] for line in r.text.splitlines()] == seqs
+
+
+async def test_an_export_reads_one_snapshot_and_closes_its_connection_when_left(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_reads, "EXPORT_BATCH", 2)
+    async with Projector(bus, tmp_path / "read.db") as projector:
+        last = await history(bus)
+        await projector.wait_for(last, timeout=10)
+        db = await connect(tmp_path / "read.db", readonly=True)
+        body = _export(db, AuditFilter(), _jsonl)
+        first = await anext(body)
+        assert len(first.splitlines()) == 2
+        later = await store(bus, job_events("job_c", "carol", 400, flows=1))
+        await projector.wait_for(later, timeout=10)  # applied while the export runs
+        rest = b"".join([chunk async for chunk in body])
+        seqs = [json.loads(line)["seq"] for line in (first + rest).splitlines()]
+        assert seqs == list(range(1, last + 1))  # as of when it began: it ends
+
+        db = await connect(tmp_path / "read.db", readonly=True)
+        body = _export(db, AuditFilter(), _csv)
+        await anext(body)
+        await body.aclose()  # the client left halfway
+        with pytest.raises(ValueError, match="no active connection"):
+            await db.execute("SELECT 1")

@@ -114,7 +114,7 @@ def decode_cursor(cursor: str) -> int:
         after = msgspec.json.decode(raw, type=dict[Literal["after"], int])["after"]
     except (binascii.Error, ValueError, msgspec.DecodeError, KeyError):
         raise Invalid("cursor", CURSOR_RULE) from None
-    if after < 0:
+    if not 0 <= after < 2**63:  # a stream sequence: what SQLite can compare with
         raise Invalid("cursor", CURSOR_RULE)
     return after
 

@@ -113,6 +113,8 @@ BAD_PAGING = [
     ("cursor=garbage!", "cursor"),
     ("cursor=eyJhZnRlciI6LTF9", "cursor"),  # {"after":-1}
     ("cursor=eyJiZWZvcmUiOjF9", "cursor"),  # {"before":1}
+    ("cursor=eyJhZnRlciI6OTIyMzM3MjAzNjg1NDc3NTgwOH0", "cursor"),  # {"after":2**63}
+    ("cursor=WzFd", "cursor"),  # [1]
     ("limit=0", "limit"),
     ("limit=1001", "limit"),
 ]

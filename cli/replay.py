@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,10 +37,18 @@ async def verify_read_model(bus: Bus, db_path: Path) -> int:
         print(f"no read model at {db_path} to verify")
         return 1
     scratch = db_path.with_name(f"{db_path.name}.verify")
-    live = await connect(db_path, readonly=True)
+    try:
+        live = await connect(db_path, readonly=True)
+    except sqlite3.DatabaseError as err:
+        print(f"{db_path} is not a read model ({err})")
+        return 1
     try:
         await live.execute("BEGIN")  # a WAL read transaction: one consistent snapshot
-        seq = await applied_seq(live)
+        try:
+            seq = await applied_seq(live)
+        except sqlite3.DatabaseError as err:
+            print(f"{db_path} is not a read model ({err})")
+            return 1
         bar = ProgressBar("verify: rebuild", seq)
         rebuilt_to = await rebuild(bus, scratch, upto=seq, progress=bar.update)
         bar.finish()

@@ -139,3 +139,14 @@ async def test_audit_replay_prints_the_jobs_timeline_from_the_log(
     with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["audit", "replay", "--job", "a.b"])
     assert refused.value.code == 2 and "--job: a job id must be" in capsys.readouterr().err
+
+
+async def test_verify_of_a_file_that_is_no_read_model_says_so(
+    bus: Bus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sqlite3.connect(tmp_path / "other.db").close()  # an empty database
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    for name in ("other.db", "junk.db"):
+        assert await verify_read_model(bus, tmp_path / name) == 1
+        assert f"{tmp_path / name} is not a read model" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.verify*"))

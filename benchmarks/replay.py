@@ -223,9 +223,10 @@ class Run:
         )
 
 
-async def measured(work: Awaitable[object]) -> Run:
+async def measured(work: Awaitable[object], within: float) -> Run:
     wall, cpu = time.perf_counter(), time.process_time()
-    await work
+    async with asyncio.timeout(within):  # a reader that stalls ends the run, not hangs it
+        await work
     return Run(time.perf_counter() - wall, time.process_time() - cpu)
 
 
@@ -295,9 +296,9 @@ async def main(events: int, memory_at: int, build_timeout: float) -> None:
                 last = await bus.last_seq()
                 print(f"history: {last:,} events, built in {time.perf_counter() - built:.1f}s")
 
-                raw = await measured(raw_read(bus, last))
-                ours = await measured(reader_only(bus, last))
-                rebuilt = await measured(rebuild(bus, Path(tmp) / "read.db"))
+                raw = await measured(raw_read(bus, last), build_timeout)
+                ours = await measured(reader_only(bus, last), build_timeout)
+                rebuilt = await measured(rebuild(bus, Path(tmp) / "read.db"), build_timeout)
                 size = (Path(tmp) / "read.db").stat().st_size
                 print(raw.line("ordered consumer, doing nothing (baseline)", last))
                 print(ours.line("our reader (decode and check, no read model)", last))
@@ -307,7 +308,7 @@ async def main(events: int, memory_at: int, build_timeout: float) -> None:
                     f"ratio rebuild : baseline = {raw.wall / rebuilt.wall:.3f}  (goal >= 0.5);"
                     f" by CPU time in this process {raw.cpu / rebuilt.cpu:.3f}"
                 )
-            await api_memory(url, Path(tmp) / "api.db", last, memory_at, within=3600)
+            await api_memory(url, Path(tmp) / "api.db", last, memory_at, within=build_timeout)
         finally:
             nats.kill()
             await nats.wait()
@@ -319,7 +320,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--memory-at", type=int, default=None, help="early RSS reading (default: a tenth)"
     )
-    parser.add_argument("--build-timeout", type=float, default=1800.0, help="seconds")
+    parser.add_argument(
+        "--timeout", dest="build_timeout", type=float, default=1800.0,
+        help="seconds each phase may take (building the history, each read, the API replay)",
+    )  # fmt: skip
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(args.events, args.memory_at or args.events // 10, args.build_timeout))

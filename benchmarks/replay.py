@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -216,6 +217,10 @@ class Run:
     wall: float
     cpu: float  # of this process, every thread (the writer's too)
 
+    @staticmethod
+    def median(runs: list[Run]) -> Run:
+        return Run(statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs))
+
     def line(self, what: str, events: int) -> str:
         return (
             f"{what}: {events / self.wall:,.0f} events/s,"
@@ -283,7 +288,7 @@ async def api_memory(nats_url: str, db: Path, last: int, at: int, within: float)
             await proc.wait()
 
 
-async def main(events: int, memory_at: int, build_timeout: float) -> None:
+async def main(events: int, memory_at: int, rounds: int, build_timeout: float) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory() as tmp:
         nats, port = await start_nats_server_on_any_port(Path(tmp) / "js")
@@ -296,10 +301,18 @@ async def main(events: int, memory_at: int, build_timeout: float) -> None:
                 last = await bus.last_seq()
                 print(f"history: {last:,} events, built in {time.perf_counter() - built:.1f}s")
 
-                raw = await measured(raw_read(bus, last), build_timeout)
-                ours = await measured(reader_only(bus, last), build_timeout)
-                rebuilt = await measured(rebuild(bus, Path(tmp) / "read.db"), build_timeout)
-                size = (Path(tmp) / "read.db").stat().st_size
+                # the phases take turns, round after round, and each figure is the
+                # median: load that comes and goes on the machine hits all of them alike
+                runs: dict[str, list[Run]] = {"raw": [], "ours": [], "rebuilt": []}
+                for n in range(rounds):
+                    runs["raw"].append(await measured(raw_read(bus, last), build_timeout))
+                    runs["ours"].append(await measured(reader_only(bus, last), build_timeout))
+                    db = Path(tmp) / f"read{n}.db"
+                    runs["rebuilt"].append(await measured(rebuild(bus, db), build_timeout))
+                    size = db.stat().st_size
+                    db.unlink()
+                raw, ours, rebuilt = (Run.median(runs[k]) for k in ("raw", "ours", "rebuilt"))
+                print(f"medians of {rounds} rounds, taking turns:")
                 print(raw.line("ordered consumer, doing nothing (baseline)", last))
                 print(ours.line("our reader (decode and check, no read model)", last))
                 print(rebuilt.line("rebuild into the read models", last))
@@ -320,10 +333,12 @@ if __name__ == "__main__":
     parser.add_argument(
         "--memory-at", type=int, default=None, help="early RSS reading (default: a tenth)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="turns of the three reads")
     parser.add_argument(
         "--timeout", dest="build_timeout", type=float, default=1800.0,
         help="seconds each phase may take (building the history, each read, the API replay)",
     )  # fmt: skip
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(args.events, args.memory_at or args.events // 10, args.build_timeout))
+        memory_at = args.memory_at or args.events // 10
+        asyncio.run(main(args.events, memory_at, args.rounds, args.build_timeout))

@@ -41,7 +41,8 @@ async def rebuild(
         if target > 0:
             await _fold(bus, tmp, target, progress)
         last = await applied_seq(db)
-        # a self-contained file: no -wal to carry along when it is moved into place
+        # a self-contained file: no -wal to carry along when it is moved into place; the
+        # checkpoint this makes (synchronous NORMAL) also syncs what the fold wrote unsynced
         await db.execute("PRAGMA journal_mode = DELETE")
     finally:
         await db.close()
@@ -54,7 +55,7 @@ async def rebuild(
 
 async def _fold(bus: Bus, path: Path, target: int, progress: Progress | None) -> None:
     """Read the next batch while the last one is applied (the writer has its own thread)."""
-    writer = BatchWriter(path)
+    writer = BatchWriter(path, synced=False)  # a scratch file until it is moved into place
     batches = bus.read_batches(1, follow=False)
     applying: asyncio.Task[Any] | None = None
     applied_to = 0

@@ -42,6 +42,10 @@ bench-restart *ARGS: setup
 bench-state *ARGS: setup
     {{bin}}/python -m benchmarks.state {{ARGS}}
 
+# read-model rebuild rate against an ordered consumer reading the same stream, and API memory while replaying
+bench-replay *ARGS: setup
+    {{bin}}/python -m benchmarks.replay {{ARGS}}
+
 # browser density: concurrent 1-second flows per GiB and flows/minute, our runner against a browser per flow
 bench-runner *ARGS: setup
     {{bin}}/python -m benchmarks.runner {{ARGS}}

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
+from api.audit import AuditController
 from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.crawler import CrawlerJobs
@@ -79,6 +80,7 @@ def create_app(config: ApiConfig) -> Litestar:
             ProxyController,
             MetricsController,
             *(LogIngest, LegacyLogIngest, CrawlerJobs, JobLogReads, LegacyLogStream),
+            AuditController,
         ],
         lifespan=[lifespan, live_hub, job_logs_lifespan],
         before_request=refuse_deep_json,

@@ -57,6 +57,14 @@ def _label(raw: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _job_id(raw: str) -> str:
+    from schemas.ids import ID_RULE, is_valid_id
+
+    if not is_valid_id(raw):
+        raise argparse.ArgumentTypeError(f"a job id {ID_RULE} (got {raw!r})")
+    return raw
+
+
 def _nats_url(raw: str) -> str:
     if not raw.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise argparse.ArgumentTypeError(f"must be a URL like nats://127.0.0.1:4222 (got {raw!r})")
@@ -156,23 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, required=True)
 
     p = sub.add_parser("replay", help="rebuild (or --verify) the read model from the event log")
-    p.add_argument("--state-dir", type=Path, default=Path(".tb"))
-    p.add_argument("--nats-port", type=_port, default=4222)
-    p.add_argument("--nats-url", type=_nats_url, default=None, help="overrides --nats-port")
+    _event_log_arguments(p)
     p.add_argument("--db", type=Path, default=None, help="default: <state-dir>/read.db")
     p.add_argument("--verify", action="store_true", help="compare instead of replacing")
 
     p = sub.add_parser(
         "quarantine", help="list messages readers set aside (running or stopped system)"
     )
-    p.add_argument("--state-dir", type=Path, default=Path(".tb"))
-    p.add_argument("--nats-port", type=_port, default=4222)
-    p.add_argument("--nats-url", type=_nats_url, default=None, help="overrides --nats-port")
+    _event_log_arguments(p)
     p.add_argument("--after", type=_count, default=0, help="continue after this record")
     p.add_argument("--limit", type=_positive, default=100)
 
+    p = sub.add_parser("audit", help="the audit trail, read from the event log")
+    audit = p.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    p = audit.add_parser("replay", help="print a job's timeline, one line per event")
+    p.add_argument(
+        "--job", dest="job_id", type=_job_id, required=True, metavar="ID", help="the job"
+    )
+    _event_log_arguments(p)
+
     sub.add_parser("schema", help="print the JSON Schema of every event")
     return parser
+
+
+def _event_log_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the event log is, for commands that read it (running or stopped system)."""
+    p.add_argument("--state-dir", type=Path, default=Path(".tb"))
+    p.add_argument("--nats-port", type=_port, default=4222)
+    p.add_argument("--nats-url", type=_nats_url, default=None, help="overrides --nats-port")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,6 +270,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 "quarantine",
                 lambda bus: show_quarantined(bus, after=args.after, limit=args.limit),
             )
+        case "audit":
+            from cli.audit import replay_job
+
+            return await _on_event_log(args, "audit", lambda bus: replay_job(bus, args.job_id))
         case "schema":
             from schemas.events import event_schema
 

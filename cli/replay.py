@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from cli.commands import ProgressBar
 from engine.bus import Bus
 from projections.db import connect
 from projections.read_model import applied_seq
-from projections.replay import TABLES, rebuild
+from projections.replay import rebuild
+from projections.verify import RowDifference, TableDifference, compare, count_rows, tables
 
-Rows = dict[tuple[object, ...], tuple[object, ...]]  # primary key -> row
 SHOW_KEYS = 5
+VALUE_CHARS = 60
 
 
 async def rebuild_read_model(bus: Bus, db_path: Path) -> int:
@@ -27,64 +29,93 @@ async def rebuild_read_model(bus: Bus, db_path: Path) -> int:
 async def verify_read_model(bus: Bus, db_path: Path) -> int:
     """Rebuild a scratch model up to the live model's checkpoint and compare the two.
 
-    The live model is read in one read transaction together with its checkpoint, so
-    a projector that keeps applying events meanwhile never shows as a difference.
+    The live model is read in one read transaction, begun before its checkpoint is read
+    and held until the comparison ends, so a projector that keeps applying events
+    meanwhile never shows as a difference.
     """
     if not db_path.exists():
         print(f"no read model at {db_path} to verify")
         return 1
-    seq, live = await read_model_at_checkpoint(db_path)
     scratch = db_path.with_name(f"{db_path.name}.verify")
     try:
-        bar = ProgressBar("verify", seq)
-        await rebuild(bus, scratch, upto=seq, progress=bar.update)
+        live = await connect(db_path, readonly=True)
+    except sqlite3.DatabaseError as err:
+        print(f"{db_path} is not a read model ({err})")
+        return 1
+    try:
+        await live.execute("BEGIN")  # a WAL read transaction: one consistent snapshot
+        try:
+            seq = await applied_seq(live)
+        except sqlite3.DatabaseError as err:
+            print(f"{db_path} is not a read model ({err})")
+            return 1
+        bar = ProgressBar("verify: rebuild", seq)
+        rebuilt_to = await rebuild(bus, scratch, upto=seq, progress=bar.update)
         bar.finish()
-        _, rebuilt = await read_model_at_checkpoint(scratch)
+        if rebuilt_to != seq:
+            print(f"the event log ends at sequence {rebuilt_to}, the read model is at {seq}")
+            return 1
+        rebuilt = await connect(scratch, readonly=True)
+        try:
+            bar = ProgressBar("verify: compare", await count_rows(live, await tables(live)))
+            rows = 0
+
+            def compared(n: int) -> None:
+                nonlocal rows
+                rows += n
+                bar.update(rows)
+
+            differences = await compare(live, rebuilt, show=SHOW_KEYS, progress=compared)
+            bar.finish()
+        finally:
+            await rebuilt.close()
+        await live.execute("COMMIT")
     finally:
+        await live.close()
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 Path(f"{scratch}{suffix}").unlink()
-    differences = list(differing_keys(live, rebuilt))
     if not differences:
         print(f"read model matches the event log at sequence {seq}")
         return 0
     print(f"read model DIFFERS from the event log at sequence {seq}:")
-    for table, keys in differences:
-        shown = ", ".join(_key(k) for k in keys[:SHOW_KEYS])
-        more = f" and {len(keys) - SHOW_KEYS} more" if len(keys) > SHOW_KEYS else ""
-        print(f"  {table} ({TABLES[table]}): {shown}{more}")
+    for diff in differences:
+        for line in describe(diff):
+            print(line)
     return 1
 
 
-async def read_model_at_checkpoint(db_path: Path) -> tuple[int, dict[str, Rows]]:
-    """The checkpoint and every table, read in one snapshot of the database."""
-    db = await connect(db_path, readonly=True)
-    try:
-        await db.execute("BEGIN")  # a WAL read transaction: one consistent snapshot
-        seq = await applied_seq(db)
-        tables: dict[str, Rows] = {}
-        for table, key in TABLES.items():
-            async with db.execute(f"SELECT * FROM {table}") as cur:
-                columns = [d[0] for d in cur.description]
-                at = [columns.index(c.strip()) for c in key.split(",")]
-                tables[table] = {
-                    tuple(row[i] for i in at): tuple(row) for row in await cur.fetchall()
-                }
-        await db.execute("COMMIT")
-        return seq, tables
-    finally:
-        await db.close()
+def describe(diff: TableDifference) -> Iterator[str]:
+    """A table's differences as lines: a summary naming the keys, then each shown row."""
+    key = ", ".join(diff.key)
+    if diff.schema:
+        yield f"  {diff.table} ({key}): the table differs: {diff.schema}"
+        return
+    shown = ", ".join(_key(row.key) for row in diff.shown)
+    more = f" and {diff.count - len(diff.shown)} more" if diff.count > len(diff.shown) else ""
+    yield f"  {diff.table} ({key}): {shown}{more}"
+    for row in diff.shown:
+        yield f"    {_key(row.key)}: {_row(diff.columns, row)}"
 
 
-def differing_keys(
-    live: dict[str, Rows], rebuilt: dict[str, Rows]
-) -> Iterable[tuple[str, list[tuple[object, ...]]]]:
-    """Per table, the sorted keys whose rows differ (missing on one side included)."""
-    for table in TABLES:
-        a, b = live.get(table, {}), rebuilt.get(table, {})
-        keys = sorted((k for k in a.keys() | b.keys() if a.get(k) != b.get(k)), key=repr)
-        if keys:
-            yield table, keys
+def _row(columns: list[str], row: RowDifference) -> str:
+    if row.rebuilt is None:
+        return "only in the read model: the log has no such row"
+    if row.live is None:
+        return "missing from the read model: the log has it"
+    changes = []
+    for column in row.columns:
+        i = columns.index(column)
+        changes.append(
+            f"{column} is {_value(row.live[i])} in the read model,"
+            f" {_value(row.rebuilt[i])} from the log"
+        )
+    return "; ".join(changes)
+
+
+def _value(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= VALUE_CHARS else f"{text[: VALUE_CHARS - 3]}..."
 
 
 def _key(key: tuple[object, ...]) -> str:

@@ -16,6 +16,7 @@ import nats.errors
 import structlog
 
 from engine.bus import Bus
+from projections.inline import BatchWriter
 from projections.read_model import ProjectionUpdate, applied_seq, apply_batch, open_read_model
 
 log = structlog.get_logger("tb.projections")
@@ -50,6 +51,7 @@ class Projector:
             queue_size,
         )
         self._db: aiosqlite.Connection | None = None
+        self._writer: BatchWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._position = 0
         self._error: BaseException | None = None
@@ -65,6 +67,7 @@ class Projector:
         if self._task is not None:
             return
         self._db = await open_read_model(self.db_path)
+        self._writer = BatchWriter(self.db_path)
         self._position = await applied_seq(self._db)
         self._error = None
         self._task = asyncio.create_task(self._supervise(), name="projector")
@@ -80,6 +83,9 @@ class Projector:
                 log.error("projector.stop_timeout", grace=STOP_GRACE)
             elif not task.cancelled():
                 task.exception()  # already logged and kept in ``failure``
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.close()  # after a batch still applying in its thread
         db, self._db = self._db, None
         if db is not None:
             await db.close()
@@ -194,14 +200,16 @@ class Projector:
                 return
 
     async def _follow(self) -> None:
-        db = self.db
+        db, writer = self.db, self._writer
+        assert writer is not None  # started
         # the checkpoint on disk, not the counter: a commit can land after a cancel
         start = await applied_seq(db) + 1
         # quarantined messages are left out of a batch, and its last_seq moves past them
         batches = self.bus.read_batches(start, follow=True)
         try:
             async for batch in batches:
-                update = await apply_batch(db, batch.envelopes, batch.last_seq)
+                # one thread hop per batch, not one per statement (projections.inline)
+                update = await writer.run(apply_batch, batch.envelopes, batch.last_seq)
                 if update is not None:
                     await self._advance(update)
         finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from projections import consents, jobs, proxies, run_metrics, runners
+from projections import audit, consents, datasets, jobs, proxies, run_metrics, runners, schedules
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
@@ -23,11 +23,20 @@ from schemas.events import (
 )
 
 CHECKPOINT = "read_model"
-SCHEMA = (*jobs.SCHEMA, *runners.SCHEMA, *consents.SCHEMA, *proxies.SCHEMA, *run_metrics.SCHEMA)
+SCHEMA = (
+    *jobs.SCHEMA,
+    *runners.SCHEMA,
+    *consents.SCHEMA,
+    *proxies.SCHEMA,
+    *run_metrics.SCHEMA,
+    *audit.SCHEMA,
+    *datasets.SCHEMA,
+    *schedules.SCHEMA,
+)
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
-# (kind, progress)
-SCHEMA_VERSION = 7
+# (kind, progress); 8: the audit trail, datasets and schedules
+SCHEMA_VERSION = 8
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -96,6 +105,7 @@ async def apply_batch(
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
         await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
+        await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)
 

@@ -5,33 +5,24 @@ Run ``rebuild`` with the projector of ``db_path`` stopped: the file is replaced.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import aiosqlite
 import structlog
 
 from engine.bus import Bus
-from projections import run_metrics
 from projections.db import connect
+from projections.inline import BatchWriter
 from projections.read_model import applied_seq, apply_batch, open_read_model
+from projections.verify import tables
 
 log = structlog.get_logger("tb.projections")
 
 Progress = Callable[[int, int], None]
-
-# every table of the read model with its primary key; all columns derive from events
-TABLES = {
-    "jobs": "job_id",
-    "targets": "job_id, idx",
-    "flows": "flow_id",
-    "runners": "runner_id",
-    "consents": "domain",
-    "proxies": "proxy_id",
-    **run_metrics.TABLES,
-}
 
 
 async def rebuild(
@@ -48,9 +39,10 @@ async def rebuild(
     db = await open_read_model(tmp)
     try:
         if target > 0:
-            await _fold(bus, db, target, progress)
+            await _fold(bus, tmp, target, progress)
         last = await applied_seq(db)
-        # a self-contained file: no -wal to carry along when it is moved into place
+        # a self-contained file: no -wal to carry along when it is moved into place; the
+        # checkpoint this makes (synchronous NORMAL) also syncs what the fold wrote unsynced
         await db.execute("PRAGMA journal_mode = DELETE")
     finally:
         await db.close()
@@ -61,27 +53,44 @@ async def rebuild(
     return last
 
 
-async def _fold(bus: Bus, db: aiosqlite.Connection, target: int, progress: Progress | None) -> None:
+async def _fold(bus: Bus, path: Path, target: int, progress: Progress | None) -> None:
+    """Read the next batch while the last one is applied (the writer has its own thread)."""
+    writer = BatchWriter(path, synced=False)  # a scratch file until it is moved into place
     batches = bus.read_batches(1, follow=False)
+    applying: asyncio.Task[Any] | None = None
+    applied_to = 0
     try:
         async for batch in batches:
-            seq = min(batch.last_seq, target)
-            await apply_batch(db, [env for env in batch.envelopes if env.seq <= target], seq)
-            if progress is not None:
-                progress(seq, target)
-            if seq >= target:
+            if applying is not None:
+                await applying
+                if progress is not None:
+                    progress(applied_to, target)
+            applied_to = min(batch.last_seq, target)
+            envelopes = [env for env in batch.envelopes if env.seq <= target]
+            applying = asyncio.ensure_future(writer.run(apply_batch, envelopes, applied_to))
+            if applied_to >= target:
                 break
+        if applying is not None:
+            await applying
+            if progress is not None:
+                progress(applied_to, target)
     finally:
+        if applying is not None and not applying.done():
+            applying.cancel()
+            await asyncio.wait([applying])
         await batches.aclose()
+        await writer.close()
 
 
 async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table, ordered by primary key: equal dumps mean equal models."""
+    """Every row of every table, ordered by primary key: equal dumps mean equal models
+    (for tests; ``projections.verify`` compares large models without loading them)."""
     db = await connect(db_path, readonly=True)
     try:
         dump: dict[str, list[tuple[object, ...]]] = {}
-        for table, key in TABLES.items():
-            async with db.execute(f"SELECT * FROM {table} ORDER BY {key}") as cur:
+        for table, key in (await tables(db)).items():
+            order = ", ".join(key)
+            async with db.execute(f'SELECT * FROM "{table}" ORDER BY {order}') as cur:
                 dump[table] = [tuple(row) for row in await cur.fetchall()]
         return dump
     finally:

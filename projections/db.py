@@ -23,10 +23,17 @@ async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection
         )
     else:
         db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode = WAL")
-    await db.execute("PRAGMA synchronous = NORMAL")
-    await db.execute("PRAGMA foreign_keys = ON")
-    await db.execute("PRAGMA busy_timeout = 5000")
+    try:
+        if not readonly:
+            await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA busy_timeout = 5000")
+    except BaseException:
+        # a file that is no database: its connection's thread must not outlive the
+        # refusal (a live one keeps the process from exiting)
+        await db.close()
+        raise
     return db
 
 

@@ -94,7 +94,12 @@ class CrawlerJobs(Controller):
         message = f"Job {job_id} started: its worker posts its log to /api/crawler/log"
         return ExternalStarted(job_id=job_id, status="started", message=message, seq=appended.seq)
 
-    @get("/status/{job_id:str}", summary="An external job's status", responses=problems(404, 409))
+    @get(
+        "/status/{job_id:str}",
+        summary="An external job's status",
+        # the crawler paths answer bad input with 422, as their clients expect
+        responses=problems(404, 409, 422),
+    )
     async def status(
         self,
         job_id: JobIdPath,
@@ -108,7 +113,7 @@ class CrawlerJobs(Controller):
         "/cancel/{job_id:str}",
         status_code=200,
         summary="Cancel a job (crawler-compatible answers)",
-        responses=problems(404),
+        responses=problems(404, 422),
     )
     async def cancel(
         self,

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas.proxies import ProxyEndpoint
 from tests.conftest import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -178,6 +179,13 @@ def self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[ssl.SSLContex
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))
     return server, client
+
+
+class Secrets(dict[str, ProxyEndpoint]):
+    """Proxy endpoints by id, as a runner's secrets cache gives them (a ``SecretSource``)."""
+
+    async def get(self, proxy_id: str) -> ProxyEndpoint | None:  # type: ignore[override]
+        return dict.get(self, proxy_id)
 
 
 def dead_port() -> int:

@@ -19,7 +19,7 @@ from agents.egress.rule import Refusal
 from agents.executor import AllowedHosts
 from agents.proxy_failover import FlowProxies, ProxyFailure
 from schemas.proxies import ProxyEndpoint, ProxyScheme
-from tests.proxies import LocalProxy, dead_port, http_proxy, socks5_proxy
+from tests.proxies import LocalProxy, Secrets, dead_port, http_proxy, socks5_proxy
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 5.0
@@ -382,13 +382,6 @@ async def test_unregistering_a_flow_closes_every_connection_it_has(
 
 
 # -- upstream proxies ------------------------------------------------------------------
-
-
-class Secrets(dict[str, ProxyEndpoint]):
-    """Proxy endpoints by id, as the runner's secrets cache gives them."""
-
-    async def get(self, proxy_id: str) -> ProxyEndpoint | None:  # type: ignore[override]
-        return dict.get(self, proxy_id)
 
 
 class Failures(list[ProxyFailure]):

@@ -31,7 +31,7 @@ from schemas.proxies import ProxyEndpoint
 from schemas.values import ProxyPool, Target
 from tests.conftest import NatsServer
 from tests.harness import embedded
-from tests.proxies import dead_port, http_proxy, socks5_proxy
+from tests.proxies import Secrets, dead_port, http_proxy, socks5_proxy
 from tests.sites import recording_site
 from tests.test_executor import (
     VERSION,
@@ -46,13 +46,6 @@ from tests.test_executor import (
 __all__ = ["chromium", "site"]
 E = TypeVar("E")
 USER, PASSWORD = "flow-user", "s3cret-Pa55word"
-
-
-class Secrets(dict[str, ProxyEndpoint]):
-    """Proxy endpoints by id, as the runner's secrets cache gives them."""
-
-    async def get(self, proxy_id: str) -> ProxyEndpoint | None:  # type: ignore[override]
-        return dict.get(self, proxy_id)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

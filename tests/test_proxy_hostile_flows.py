@@ -14,7 +14,7 @@ from agents.egress import upstream
 from agents.executor import FlowError
 from agents.playwright_flow import PlaywrightExecutor
 from schemas.proxies import ProxyEndpoint
-from tests.proxies import LocalProxy, serving
+from tests.proxies import LocalProxy, Secrets, serving
 from tests.test_executor import (
     RecordedReport,
     RecordingSite,
@@ -23,7 +23,7 @@ from tests.test_executor import (
     needs_chromium,
     site,
 )
-from tests.test_proxy_flows import Secrets, executor, secrets, through
+from tests.test_proxy_flows import executor, secrets, through
 from tests.test_proxy_hostile import PASSWORD, answering, never_answers, scripted
 
 __all__ = ["chromium", "executor", "secrets", "site"]

@@ -402,6 +402,83 @@ class ConsentRevoked(ConsentEvent, frozen=True, kw_only=True):
     reason: Text = ""
 
 
+# -- users --------------------------------------------------------------------------
+# Secrets never enter the log: password and key hashes live in the credentials bucket;
+# these events say that a password changed or a key exists, never what they are.
+
+Role = Literal["viewer", "operator", "admin"]
+Username = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+PlanName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$")]
+ClientAddress = Annotated[str, msgspec.Meta(max_length=100)]
+SessionKind = Literal["interactive", "api_key"]
+
+
+class UserEvent(Event, frozen=True, kw_only=True):
+    user_id: Id
+
+
+class UserCreated(UserEvent, frozen=True, kw_only=True):
+    username: Username
+    role: Role
+
+
+class RoleChanged(UserEvent, frozen=True, kw_only=True):
+    role: Role
+
+
+class UserDisabled(UserEvent, frozen=True, kw_only=True):
+    reason: Text = ""
+
+
+class UserEnabled(UserEvent, frozen=True, kw_only=True):
+    pass
+
+
+class PasswordChanged(UserEvent, frozen=True, kw_only=True):
+    """The password was set or reset (its hash is in the credentials bucket)."""
+
+    reset: bool = False  # set by an admin rather than by the user
+
+
+class LicenseAssigned(UserEvent, frozen=True, kw_only=True):
+    plan: PlanName
+
+
+class UserLoggedIn(UserEvent, frozen=True, kw_only=True):
+    session_id: Id  # not the token: an id that names the session in the audit trail
+    client: ClientAddress = ""
+
+
+class LoginFailed(UserEvent, frozen=True, kw_only=True):
+    """``user_id`` is the user the name belongs to, or ``unknown`` for a name no user has."""
+
+    username: Annotated[str, msgspec.Meta(max_length=200)]
+    client: ClientAddress = ""
+    reason: Text = ""
+
+
+class UserLoggedOut(UserEvent, frozen=True, kw_only=True):
+    session_id: Id
+    reason: Text = ""  # "logout", "new login", "disabled", ...
+
+
+class SessionExpired(UserEvent, frozen=True, kw_only=True):
+    session_id: Id
+    reason: Text = ""  # "idle" or "absolute"
+
+
+class ApiKeyCreated(UserEvent, frozen=True, kw_only=True):
+    key_id: Id
+    name: Name
+    scopes: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=32)
+    ] = []
+
+
+class ApiKeyRevoked(UserEvent, frozen=True, kw_only=True):
+    key_id: Id
+
+
 JobEvents = (
     JobCreated
     | JobApprovalRequested
@@ -433,8 +510,22 @@ FlowEvents = (
 RunnerEvents = RunnerRegistered | RunnerDraining | RunnerDeregistered
 ConsentEvents = DomainClaimed | ConsentGiven | ConsentVerificationFailed | ConsentRevoked
 ProxyEvents = ProxyRegistered | ProxyRetired | ProxyMarkedBad | ProxyCheckFailed | ProxyRestored
+UserEvents = (
+    UserCreated
+    | RoleChanged
+    | UserDisabled
+    | UserEnabled
+    | PasswordChanged
+    | LicenseAssigned
+    | UserLoggedIn
+    | LoginFailed
+    | UserLoggedOut
+    | SessionExpired
+    | ApiKeyCreated
+    | ApiKeyRevoked
+)
 
-TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents | ProxyEvents
+TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents | ProxyEvents | UserEvents
 
 _decoder = msgspec.json.Decoder(TbEvent)
 _encoder = msgspec.json.Encoder()

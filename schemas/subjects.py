@@ -15,6 +15,7 @@ from schemas.events import (
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
+    UserEvent,
 )
 
 EVENTS_STREAM = "TB"
@@ -157,6 +158,18 @@ def proxy_health_msg_id(proxy_id: str, event_type: str, episode: int, n: int = 0
     return f"proxy:{proxy_id}:{event_type}:{episode}:{n}"
 
 
+def user_subject(user_id: str, event_type: str) -> str:
+    return f"tb.user.{user_id}.{event_type}"
+
+
+def user_stream_filter(user_id: str) -> str:
+    return f"tb.user.{user_id}.*"
+
+
+def all_users(event_type: str = "*") -> str:
+    return f"tb.user.*.{event_type}"
+
+
 ALL_PROXIES = "tb.proxy.>"
 ALL_PROXY_FAILURES = all_flows(ProxyFailed.__name__)
 ALL_DISPATCH = "tb.dispatch.>"
@@ -187,6 +200,8 @@ def subject_for(event: Event) -> str:
         return consent_subject(event.domain, kind)
     if isinstance(event, ProxyEvent):
         return proxy_subject(event.proxy_id, kind)
+    if isinstance(event, UserEvent):
+        return user_subject(event.user_id, kind)
     raise TypeError(f"no subject for {kind}")
 
 

@@ -1,0 +1,47 @@
+"""Who may call a route: every handler declares its access level in ``opt``.
+
+``opt={"access": "operator"}`` on a handler (or its controller/router) says the least
+a caller needs. The authentication middleware puts a ``Principal`` on the connection;
+the access guard compares. A route without a declared level is refused to everyone,
+so a new route cannot go out open by omission.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from schemas.events import Role
+
+Access = Literal[
+    "public",  # anyone: health, the login itself, the dashboard page
+    "viewer",  # read
+    "operator",  # run jobs; manage datasets, schedules, consents
+    "admin",  # users, licences, runners
+    "ingest",  # external workers' log ingest: an API key or TB_INGEST_API_KEY
+    "runner_key",  # the runner's credential exchange: a runner key, nothing else
+]
+ACCESS_OPT = "access"
+RANKS: dict[Role, int] = {"viewer": 1, "operator": 2, "admin": 3}
+
+
+def access(level: Access) -> dict[str, Any]:
+    """The ``opt`` of a handler that needs ``level``."""
+    return {ACCESS_OPT: level}
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """The caller, once authenticated: a user through a session or one of their API keys."""
+
+    user_id: str
+    username: str
+    role: Role
+    plan: str
+    via: Literal["session", "api_key", "ingest_key", "anonymous"]
+    session_id: str | None = None  # for ``via="session"``
+    key_id: str | None = None  # for ``via="api_key"``
+    scopes: frozenset[str] = frozenset()
+
+    def at_least(self, role: Role) -> bool:
+        return RANKS[self.role] >= RANKS[role]

@@ -45,3 +45,18 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 
     def at_least(self, role: Role) -> bool:
         return RANKS[self.role] >= RANKS[role]
+
+
+PRINCIPAL_SCOPE_KEY = "user"  # Litestar's ``connection.user`` reads this scope entry
+
+
+def principal_of(connection: Any) -> Principal | None:
+    """The authenticated caller, or ``None`` on a public route nobody logged in to."""
+    principal = connection.scope.get(PRINCIPAL_SCOPE_KEY)
+    return principal if isinstance(principal, Principal) else None
+
+
+def actor_of(connection: Any, default: str = "api") -> str:
+    """What events record as their ``actor``: the user's id, else ``default``."""
+    principal = principal_of(connection)
+    return principal.user_id if principal is not None else default

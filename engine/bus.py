@@ -554,7 +554,8 @@ def applied_by(envelopes: Sequence[Envelope], command_id: str) -> Appended | Non
     prefix = subjects.command_msg_id(command_id, 0).removesuffix("0")
     last = None
     for env in envelopes:
-        if env.msg_id.startswith(prefix):
+        n = env.msg_id[len(prefix) :] if env.msg_id.startswith(prefix) else ""
+        if n.isascii() and n.isdigit():  # not "cmd:a:1:0" for command "a" (that is "a:1")
             last = env.seq
     return None if last is None else Appended(seq=last, duplicate=True)
 

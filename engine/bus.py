@@ -53,6 +53,7 @@ from schemas.stored import Undecodable, decode_stored
 
 log = structlog.get_logger("tb.bus")
 
+INVALID_SUBJECT = 10052  # JetStream: a consumer's filter is not a valid subject
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
@@ -506,6 +507,9 @@ class Bus:
                     raise
                 await backoff.failed(err)  # then recreate the reader from next_seq
             except nats.js.errors.APIError as err:
+                if err.code == 400 or err.err_code == INVALID_SUBJECT:
+                    # the request, not the server: asking again cannot succeed
+                    raise ValueError(f"cannot read {filters}: {err.description}") from err
                 await backoff.failed(err)
             finally:
                 if puller is not None:

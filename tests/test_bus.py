@@ -203,3 +203,11 @@ def test_a_command_is_not_taken_for_another_whose_id_it_prefixes() -> None:
     stored_by_a1 = Envelope(seq=7, subject="s", event=event, msg_id=subjects.command_msg_id("a:1"))
     assert applied_by([stored_by_a1], "a") is None
     assert applied_by([stored_by_a1], "a:1") == Appended(seq=7, duplicate=True)
+
+
+async def test_a_filter_that_is_no_subject_is_refused_not_retried_for_ever(bus: Bus) -> None:
+    for bad in ("tb.job..x", "tb.job.>.x"):
+        with pytest.raises(ValueError, match="cannot read"):
+            async with asyncio.timeout(5):
+                async for _ in bus.read_batches(1, bad, follow=False):
+                    pass

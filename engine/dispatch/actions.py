@@ -97,7 +97,13 @@ class ActionWriter:
             case Abort() if plan.broken:
                 cmd = AbortJob(action.job_id, plan.broken, plan.done, plan.failed)
             case Start() if plan.job.status == JobStatus.CREATED and not plan.broken:
-                cmd = StartJob(action.job_id, state.authorised_hosts(now))
+                creator = plan.job.creator  # the engine checks the plan again: the log's
+                cmd = StartJob(
+                    action.job_id,
+                    state.authorised_hosts(now),
+                    plan=state.plan_of(creator),
+                    running_jobs=state.running_jobs(creator),
+                )
             case PauseRevoked(host=host) if (
                 plan.job.status == JobStatus.RUNNING and host in state.revoked_hosts()
             ):

@@ -1,0 +1,193 @@
+"""The engine checks a job against its creator's plan when it starts it, whoever stored
+the JobCreated: a job published straight to NATS cannot get round the plan."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agents.runner import Runner
+from engine.bus import Bus, Expect
+from engine.dispatch import snapshot
+from engine.dispatch.state import DispatchState, Start
+from engine.jobs.decider import CreateJob, Job, Meta, StartJob, decide, evolve
+from schemas import subjects
+from schemas.events import (
+    Envelope,
+    FlowDispatched,
+    JobCompleted,
+    JobCreated,
+    JobRefused,
+    JobStarted,
+    LicenseAssigned,
+    TbEvent,
+)
+from schemas.ids import new_id, utcnow
+from schemas.licences import PLANS
+from schemas.values import JobSettings, JobStatus, Platform, Target
+from tests.conftest import NatsServer
+from tests.harness import SteadyExecutor, dispatches, embedded, log_until
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+HOST = "127.0.0.1"
+URL = f"http://{HOST}:9/"
+META = Meta(id="e1", at=AT, actor="ann")
+
+
+def job_created(job_id: str, actor: str, **settings: object) -> JobCreated:
+    return JobCreated(
+        id=new_id(),
+        at=utcnow(),
+        actor=actor,
+        job_id=job_id,
+        name="direct",
+        targets=[Target(url=URL, flows=2)],
+        settings=JobSettings(**settings),  # type: ignore[arg-type]
+    )
+
+
+def licence(user_id: str, plan: str) -> LicenseAssigned:
+    return LicenseAssigned(id=new_id(), at=utcnow(), actor="admin", user_id=user_id, plan=plan)
+
+
+# -- the decider and the dispatcher's state ------------------------------------------------
+
+
+def created_job(**settings: object) -> Job:
+    settled = JobSettings(**settings)  # type: ignore[arg-type]
+    cmd = CreateJob("j", "j", (Target(url=URL),), settled, Platform())
+    [event] = decide(Job(), cmd, META)
+    return evolve(Job(), event, 1)
+
+
+def test_the_job_keeps_its_creator() -> None:
+    assert created_job().creator == "ann"
+
+
+def test_start_refuses_what_the_plan_lacks_before_looking_at_consent() -> None:
+    job = created_job(human_surfing=True)
+    [refused] = decide(job, StartJob("j", frozenset(), plan=PLANS["trial"]), META)
+    assert isinstance(refused, JobRefused)
+    assert refused.reason == "licence: plan 'trial' does not include human_surfing"
+    [busy] = decide(
+        created_job(human_surfing=False),
+        StartJob("j", frozenset({HOST}), plan=PLANS["trial"], running_jobs=1),
+        META,
+    )
+    assert isinstance(busy, JobRefused) and "concurrent_jobs 2" in busy.reason
+    [ok] = decide(job, StartJob("j", frozenset({HOST}), plan=PLANS["enterprise"]), META)
+    assert isinstance(ok, JobStarted)
+
+
+def fed(*events: TbEvent) -> DispatchState:
+    state = DispatchState()
+    for seq, event in enumerate(events, start=1):
+        state.apply(Envelope(seq, subjects.subject_for(event), event))
+    return state
+
+
+def test_the_state_knows_each_users_plan_and_running_jobs_and_a_snapshot_keeps_them() -> None:
+    external = JobCreated(
+        id="x", at=AT, actor="ann", job_id="ext", name="x", targets=[], settings=JobSettings(),
+        kind="external",
+    )  # fmt: skip
+    started = JobStarted(
+        id="s", at=AT, actor="system", job_id="j1", flows_total=2, allowed_hosts=[HOST]
+    )
+    state = fed(
+        licence("ann", "trial"),
+        licence("ann", "standard"),
+        job_created("j1", "ann"),
+        job_created("j2", "ann"),
+        started,
+        external,
+    )
+    assert state.plan_of("ann") == PLANS["standard"]
+    assert state.plan_of("bob") == PLANS["enterprise"]  # none assigned: the default
+    assert state.running_jobs("ann") == 2  # j1 and the external one; j2 not started
+    assert Start("j2") in state.due(AT)
+    restored = snapshot.decode(snapshot.encode(state))
+    assert restored is not None
+    assert (restored.plans, restored.external_jobs) == ({"ann": "standard"}, {"ext": "ann"})
+    assert restored.jobs["j2"].job.creator == "ann" and restored.running_jobs("ann") == 2
+    ended = JobCompleted(id="c", at=AT, actor="w", job_id="ext", flows_done=0, flows_failed=0)
+    restored.apply(Envelope(99, "tb.job.ext.JobCompleted", ended))
+    assert restored.running_jobs("ann") == 1
+
+
+# -- through a real nats-server ----------------------------------------------------------
+
+
+async def append_directly(bus: Bus, event: JobCreated) -> int:
+    """A JobCreated as the API stores it (the job's concurrency check, a command msg-id),
+    but from a connection of its own: no API check on the way."""
+    ack = await bus.append(
+        event,
+        msg_id=subjects.command_msg_id(new_id()),
+        expect=Expect(subjects.job_stream_filter(event.job_id), 0),
+    )
+    return ack.seq
+
+
+async def test_a_job_published_straight_to_nats_is_refused_on_its_creators_plan(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise(HOST)
+        tb.run(Runner(bus, SteadyExecutor(0.0), slots=2).run(), "runner")
+        await bus.append(licence("ann", "trial"), msg_id=new_id())
+        await bus.append(licence("eve", "enterprise"), msg_id=new_id())
+        await append_directly(bus, job_created("job_trial", "ann", human_surfing=True))
+        await append_directly(bus, job_created("job_ent", "eve", human_surfing=True))
+        trial = await log_until(
+            bus,
+            subjects.job_stream_filter("job_trial"),
+            lambda e: isinstance(e.event, JobRefused),
+            timeout=20,
+        )
+        ent = await log_until(
+            bus,
+            subjects.job_stream_filter("job_ent"),
+            lambda e: isinstance(e.event, JobCompleted),
+            timeout=30,
+        )
+        view = await tb.wait_job("job_trial", lambda v: v.status == JobStatus.REFUSED, 10)
+        items = await dispatches(bus, "job_trial")
+    refused = trial[-1].event
+    assert isinstance(refused, JobRefused)
+    assert refused.reason == "licence: plan 'trial' does not include human_surfing"
+    assert view.reason == refused.reason  # what the API shows
+    assert not items  # no flow of it was ever dispatched
+    assert not any(isinstance(e.event, JobStarted) for e in trial)
+    done = ent[-1].event
+    assert isinstance(done, JobCompleted) and done.flows_done == 2
+
+
+async def test_a_trial_user_runs_one_job_at_a_time_however_the_jobs_arrive(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with embedded(bus, nats_server.url, tmp_path) as tb:
+        await tb.authorise(HOST)  # no runner: a started job stays running
+        await bus.append(licence("ann", "trial"), msg_id=new_id())
+        ids = [f"job_{n}" for n in range(3)]
+        for job_id in ids:
+            await append_directly(bus, job_created(job_id, "ann", human_surfing=False))
+        ends = []
+        for job_id in ids:
+            history = await log_until(
+                bus,
+                subjects.job_stream_filter(job_id),
+                lambda e: isinstance(e.event, JobStarted | JobRefused),
+                timeout=20,
+            )
+            ends.append(history[-1].event)
+        items = await bus.load(subjects.ALL_DISPATCH)
+    started = [e for e in ends if isinstance(e, JobStarted)]
+    refused = [e for e in ends if isinstance(e, JobRefused)]
+    assert len(started) == 1 and len(refused) == 2
+    assert all(
+        "concurrent_jobs 2 exceeds the limit of 1 of plan 'trial'" in e.reason for e in refused
+    )
+    assert {e.event.job_id for e in items if isinstance(e.event, FlowDispatched)} == {
+        started[0].job_id
+    }

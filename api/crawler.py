@@ -85,8 +85,6 @@ class CrawlerJobs(Controller):
         command_id: NamedDependency[str],
         data: Annotated[ExternalJobIn | None, Body(title="ExternalJobIn")] = None,
     ) -> ExternalStarted:
-        # its worker's jobs count towards the caller's jobs at once
-        await licences.check_job(services, request, JobSettings(), [], kind="external")
         job_id, appended = await services.jobs.create(
             name=(data or ExternalJobIn()).name,
             targets=[],
@@ -95,6 +93,10 @@ class CrawlerJobs(Controller):
             actor=actor_of(request),
             command_id=command_id,
             kind="external",
+            # it runs at once: it counts towards the caller's concurrent jobs
+            allowed=lambda: licences.check_job(
+                services, request, JobSettings(), [], kind="external"
+            ),
         )
         message = f"Job {job_id} started: its worker posts its log to /api/crawler/log"
         return ExternalStarted(job_id=job_id, status="started", message=message, seq=appended.seq)

@@ -59,7 +59,6 @@ class JobController(Controller):
         total = sum(t.flows for t in data.targets)
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
-        await licences.check_job(services, request, data.settings, data.targets)
         await check_pool(services.bus, data.settings)
         platform = data.platform or Platform()
         if (platform.os, platform.browser) not in await serving_platforms(services.bus):
@@ -73,6 +72,7 @@ class JobController(Controller):
             platform=platform,
             actor=actor_of(request),
             command_id=command_id,
+            allowed=lambda: licences.check_job(services, request, data.settings, data.targets),
         )
         return Created(job_id=job_id, seq=appended.seq)
 

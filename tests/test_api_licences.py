@@ -112,6 +112,20 @@ async def test_running_jobs_count_towards_concurrent_jobs_external_ones_too(
     assert (await client.post("/api/v1/jobs", json=job())).status_code == 201
 
 
+async def test_a_retried_create_answers_its_job_though_that_job_now_counts(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
+) -> None:
+    await runner_online()
+    await assign(client, nats_server, "trial")
+    key = {"Idempotency-Key": "start-1"}
+    first = await client.post("/api/crawler/start", json={}, headers=key)
+    await client.get(f"/api/v1/jobs?limit=1&min_seq={first.json()['seq']}")  # it runs
+    retried = await client.post("/api/crawler/start", json={}, headers=key)
+    assert retried.status_code == 200 and retried.json() == first.json()
+    other = await client.post("/api/crawler/start", json={}, headers={"Idempotency-Key": "s-2"})
+    assert other.status_code == 403 and other.json()["field"] == "concurrent_jobs"
+
+
 async def test_proxy_import_needs_a_plan_with_it(
     client: AsyncTestClient, nats_server: NatsServer
 ) -> None:

@@ -3,8 +3,11 @@ the JobCreated: a job published straight to NATS cannot get round the plan."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.runner import Runner
 from engine.bus import Bus, Expect
@@ -13,10 +16,13 @@ from engine.dispatch.state import DispatchState, Start
 from engine.jobs.decider import CreateJob, Job, Meta, StartJob, decide, evolve
 from schemas import subjects
 from schemas.events import (
+    ConsentGiven,
     Envelope,
     FlowDispatched,
+    JobCancelled,
     JobCompleted,
     JobCreated,
+    JobPaused,
     JobRefused,
     JobStarted,
     LicenseAssigned,
@@ -113,6 +119,80 @@ def test_the_state_knows_each_users_plan_and_running_jobs_and_a_snapshot_keeps_t
     ended = JobCompleted(id="c", at=AT, actor="w", job_id="ext", flows_done=0, flows_failed=0)
     restored.apply(Envelope(99, "tb.job.ext.JobCompleted", ended))
     assert restored.running_jobs("ann") == 1
+
+
+Step = tuple[str, str, object]
+users = st.sampled_from(["ann", "ann", "bob"])
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("create"), users, st.booleans()),  # human surfing or not
+        st.tuples(st.just("external"), users, st.none()),
+        st.tuples(st.just("assign"), users, st.sampled_from(["trial", *PLANS])),
+        st.tuples(st.just("cancel"), st.just(""), st.integers(0, 30)),
+        st.tuples(st.just("pause"), st.just(""), st.integers(0, 30)),
+        st.tuples(st.just("tick"), st.just(""), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps)
+def test_the_engine_never_lets_a_user_run_more_jobs_or_features_than_their_plan_then(
+    script: list[Step],
+) -> None:
+    consent = ConsentGiven(
+        id="c", at=AT, actor="t", domain=HOST, evidence="e", expires_at=AT + timedelta(days=1)
+    )
+    state, seq, jobs = DispatchState(), 0, []
+    running: dict[str, set[str]] = {"ann": set(), "bob": set()}  # counted here, not by state
+    creators: dict[str, str] = {}
+
+    def add(event: TbEvent) -> None:
+        nonlocal seq
+        seq += 1
+        state.apply(Envelope(seq, subjects.subject_for(event), event))
+
+    add(consent)
+    for kind, user, arg in script:
+        if kind == "create":
+            jobs.append(f"j{len(jobs)}")
+            creators[jobs[-1]] = user
+            add(job_created(jobs[-1], user, human_surfing=arg))
+        elif kind == "external":  # the API checks these; the engine only counts them
+            jobs.append(f"x{len(jobs)}")
+            creators[jobs[-1]] = user
+            running[user].add(jobs[-1])
+            add(JobCreated(
+                id="x", at=AT, actor=user, job_id=jobs[-1], name="x", targets=[],
+                settings=JobSettings(), kind="external",
+            ))  # fmt: skip
+        elif kind == "assign":
+            add(licence(user, str(arg)))
+        elif kind in ("cancel", "pause") and jobs:
+            job_id = jobs[int(str(arg)) % len(jobs)]
+            if job_id in running[creators[job_id]]:
+                if kind == "cancel":
+                    running[creators[job_id]].discard(job_id)
+                    add(JobCancelled(id="e", at=AT, actor="t", job_id=job_id))
+                elif job_id in state.jobs and state.jobs[job_id].job.status == JobStatus.RUNNING:
+                    add(JobPaused(id="e", at=AT, actor="t", job_id=job_id))
+        elif kind == "tick":
+            for action in state.due(AT):
+                plan = state.jobs[action.job_id]
+                if not isinstance(action, Start):
+                    continue
+                cmd = state.start_command(plan, AT)
+                [event] = decide(plan.job, cmd, Meta(id="s", at=AT, actor="system"))
+                add(event)
+                creator = plan.job.creator
+                if isinstance(event, JobStarted):
+                    running[creator].add(action.job_id)
+                    most = cmd.plan.limits.concurrent_jobs
+                    assert most is None or len(running[creator]) <= most
+                    assert not plan.job.settings.human_surfing or cmd.plan.grants("human_surfing")
+                else:
+                    assert isinstance(event, JobRefused) and event.reason.startswith("licence: ")
 
 
 # -- through a real nats-server ----------------------------------------------------------

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from engine.jobs.decider import STATUS_AFTER, TERMINAL, Job, JobStatus, evolve
+from engine.jobs.decider import STATUS_AFTER, TERMINAL, Job, JobStatus, StartJob, evolve
 from engine.proxies.pool import candidates
 from schemas import subjects
 from schemas.consent_state import Consent, ConsentStatus, evolve_consent
@@ -451,6 +451,17 @@ class DispatchState:
 
     def plan_of(self, user_id: str) -> Plan:
         return plan_named(self.plans.get(user_id, DEFAULT_PLAN))
+
+    def start_command(self, plan: JobPlan, now: datetime) -> StartJob:
+        """Start ``plan``'s job on what holds now: the hosts with valid consent, and its
+        creator's plan with the jobs they already run (the log's, whatever the API saw)."""
+        creator = plan.job.creator
+        return StartJob(
+            plan.job.job_id,
+            self.authorised_hosts(now),
+            plan=self.plan_of(creator),
+            running_jobs=self.running_jobs(creator),
+        )
 
     def running_jobs(self, user_id: str) -> int:
         """The user's jobs that have started and not ended, external ones included."""

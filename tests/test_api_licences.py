@@ -4,17 +4,19 @@ nothing is stored; the catalogue; assigning plans to users."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from litestar.testing import AsyncTestClient
 
 from engine.bus import Bus
 from schemas import subjects
-from schemas.events import LicenseAssigned, UserCreated
+from schemas.events import JobRefused, JobStarted, LicenseAssigned, UserCreated
 from schemas.ids import new_id, utcnow
 from schemas.licences import DEFAULT_PLAN, PLANS
 from tests.api_client import JOB, Online, client, runner_online
 from tests.conftest import NatsServer
+from tests.harness import embedded, log_until
 
 __all__ = ["client", "runner_online"]  # fixtures
 
@@ -148,6 +150,40 @@ async def test_without_an_assigned_plan_the_default_plan_rules(
     assert DEFAULT_PLAN == "enterprise"  # a self-hosted installation runs everything
     answer = await client.post("/api/v1/jobs", json=job(human_surfing=True, instance_count=50))
     assert answer.status_code == 201, answer.text
+
+
+async def test_what_gets_past_a_lagging_read_model_meets_the_plan_in_the_engine(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer, bus: Bus,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    async with embedded(bus, nats_server.url, engine_dir) as tb:
+        await tb.authorise("127.0.0.1")  # no runner takes the work: a started job runs on
+        await runner_online()
+        # the API may not have read this yet when the creates arrive
+        await bus.append(
+            LicenseAssigned(id=new_id(), at=utcnow(), actor="t", user_id=CALLER, plan="trial"),
+            msg_id=new_id(),
+        )
+        bodies = [job(), job(), job(), job(human_surfing=True)]
+        answers = await asyncio.gather(*(client.post("/api/v1/jobs", json=b) for b in bodies))
+        accepted = [a.json()["job_id"] for a in answers if a.status_code == 201]
+        assert {a.status_code for a in answers} <= {201, 403}
+        ends = []
+        for job_id in accepted:
+            history = await log_until(
+                bus,
+                subjects.job_stream_filter(job_id),
+                lambda e: isinstance(e.event, JobStarted | JobRefused),
+                timeout=20,
+            )
+            ends.append(history[-1].event)
+    started = [e for e in ends if isinstance(e, JobStarted)]
+    # the API let through plain jobs it saw none running of; the engine ran one at a time
+    assert len(started) == 1
+    assert all(e.reason.startswith("licence: ") for e in ends if isinstance(e, JobRefused))
+    assert not [e for e in started if e.job_id == answers[3].json().get("job_id")]
 
 
 # -- the admin endpoints -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from schemas.ids import new_id, utcnow
 from schemas.licences import DEFAULT_PLAN, PLANS
 from tests.api_client import JOB, Online, client, runner_online
 from tests.conftest import NatsServer
-from tests.harness import embedded, log_until
+from tests.harness import embedded, start_outcomes
 
 __all__ = ["client", "runner_online"]  # fixtures
 
@@ -170,15 +170,7 @@ async def test_what_gets_past_a_lagging_read_model_meets_the_plan_in_the_engine(
         answers = await asyncio.gather(*(client.post("/api/v1/jobs", json=b) for b in bodies))
         accepted = [a.json()["job_id"] for a in answers if a.status_code == 201]
         assert {a.status_code for a in answers} <= {201, 403}
-        ends = []
-        for job_id in accepted:
-            history = await log_until(
-                bus,
-                subjects.job_stream_filter(job_id),
-                lambda e: isinstance(e.event, JobStarted | JobRefused),
-                timeout=20,
-            )
-            ends.append(history[-1].event)
+        ends = await start_outcomes(bus, accepted)
     started = [e for e in ends if isinstance(e, JobStarted)]
     # the API let through plain jobs it saw none running of; the engine ran one at a time
     assert len(started) == 1

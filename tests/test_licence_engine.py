@@ -32,7 +32,7 @@ from schemas.ids import new_id, utcnow
 from schemas.licences import PLANS
 from schemas.values import JobSettings, JobStatus, Platform, Target
 from tests.conftest import NatsServer
-from tests.harness import SteadyExecutor, dispatches, embedded, log_until
+from tests.harness import SteadyExecutor, dispatches, embedded, log_until, start_outcomes
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 HOST = "127.0.0.1"
@@ -252,15 +252,7 @@ async def test_a_trial_user_runs_one_job_at_a_time_however_the_jobs_arrive(
         ids = [f"job_{n}" for n in range(3)]
         for job_id in ids:
             await append_directly(bus, job_created(job_id, "ann", human_surfing=False))
-        ends = []
-        for job_id in ids:
-            history = await log_until(
-                bus,
-                subjects.job_stream_filter(job_id),
-                lambda e: isinstance(e.event, JobStarted | JobRefused),
-                timeout=20,
-            )
-            ends.append(history[-1].event)
+        ends = await start_outcomes(bus, ids)
         items = await bus.load(subjects.ALL_DISPATCH)
     started = [e for e in ends if isinstance(e, JobStarted)]
     refused = [e for e in ends if isinstance(e, JobRefused)]

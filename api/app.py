@@ -18,6 +18,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
 from api.jobs import JobController
+from api.licences import LicenceController
 from api.live import live, live_hub
 from api.live_sse import job_events
 from api.log_feed import job_logs_lifespan
@@ -81,6 +82,7 @@ def create_app(config: ApiConfig) -> Litestar:
             MetricsController,
             *(LogIngest, LegacyLogIngest, CrawlerJobs, JobLogReads, LegacyLogStream),
             AuditController,
+            LicenceController,
         ],
         lifespan=[lifespan, live_hub, job_logs_lifespan],
         before_request=refuse_deep_json,

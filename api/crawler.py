@@ -8,13 +8,15 @@ reports by log lines (``api.log_ingest``). It is a job like any other in the log
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import Body, QueryParameter
 
+from api import licences
+from api.authz import actor_of
 from api.deps import services_from_state
 from api.inputs import JobIdPath, command_id
 from api.log_ingest import LEGACY_422, Said, not_open
@@ -74,10 +76,11 @@ class CrawlerJobs(Controller):
         "/start",
         status_code=200,
         summary="Open an external job: its worker reports by log lines",
-        responses=problems(422),
+        responses=problems(403, 422),
     )
     async def start(
         self,
+        request: Request[Any, Any, Any],
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
         data: Annotated[ExternalJobIn | None, Body(title="ExternalJobIn")] = None,
@@ -87,9 +90,13 @@ class CrawlerJobs(Controller):
             targets=[],
             settings=JobSettings(),
             platform=Platform(),
-            actor="api",
+            actor=actor_of(request),
             command_id=command_id,
             kind="external",
+            # it runs at once: it counts towards the caller's concurrent jobs
+            allowed=lambda: licences.check_job(
+                services, request, JobSettings(), [], kind="external"
+            ),
         )
         message = f"Job {job_id} started: its worker posts its log to /api/crawler/log"
         return ExternalStarted(job_id=job_id, status="started", message=message, seq=appended.seq)

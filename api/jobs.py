@@ -9,6 +9,8 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, QueryParameter
 
+from api import licences
+from api.authz import actor_of
 from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
@@ -45,10 +47,11 @@ class JobController(Controller):
         "/",
         status_code=201,
         summary="Create a job; the engine starts or refuses it",
-        responses=problems(400, 409, 422, 503),
+        responses=problems(400, 403, 409, 422, 503),
     )
     async def create_job(
         self,
+        request: Request[Any, Any, Any],
         data: JSONBody[CreateJobIn],
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -67,8 +70,9 @@ class JobController(Controller):
             targets=data.targets,
             settings=data.settings,
             platform=platform,
-            actor="api",
+            actor=actor_of(request),
             command_id=command_id,
+            allowed=lambda: licences.check_job(services, request, data.settings, data.targets),
         )
         return Created(job_id=job_id, seq=appended.seq)
 

@@ -12,6 +12,8 @@ from api.dto import Problem, Readiness
 
 MEANING = {
     400: "malformed input: `field` names it, `rule` says what is expected",
+    403: "the caller's licence does not allow it: `field` names what asked for it, `rule`"
+    " the feature or limit and the plan",
     404: "no such resource",
     409: "not possible in the current state",
     422: "well-formed input that breaks a rule",

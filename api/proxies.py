@@ -16,6 +16,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from api.deps import services_from_state
 from api.inputs import command_id
+from api.licences import check_feature
 from api.openapi import problems
 from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.reads import MIN_SEQ_HELP, wait_for_seq
@@ -101,14 +102,17 @@ class ProxyController(Controller):
         summary="Register an upstream proxy (http, https or socks5, with or without credentials)",
         description="The credentials go to the proxy secrets bucket; the event log records"
         " only where the proxy is and whether it has credentials.",
-        responses=problems(400, 409, 503),
+        responses=problems(400, 403, 409, 503),
     )
     async def register(
         self,
+        request: Request[Any, Any, Any],
         data: JSONBody[RegisterProxyIn],
+        services: NamedDependency[Services],
         commands: NamedDependency[ProxyCommands],
         command_id: NamedDependency[str],
     ) -> ProxyRegisteredOut:
+        await check_feature(services, request, "proxy_import", "url")
         event, appended = await commands.register(data.url, data.label, "api", command_id)
         return ProxyRegisteredOut(
             proxy_id=event.proxy_id,

@@ -8,7 +8,17 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from projections import audit, consents, datasets, jobs, proxies, run_metrics, runners, schedules
+from projections import (
+    audit,
+    consents,
+    datasets,
+    jobs,
+    licences,
+    proxies,
+    run_metrics,
+    runners,
+    schedules,
+)
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
@@ -17,6 +27,7 @@ from schemas.events import (
     FlowEvent,
     FlowFailed,
     JobEvent,
+    LicenseAssigned,
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
@@ -32,11 +43,13 @@ SCHEMA = (
     *audit.SCHEMA,
     *datasets.SCHEMA,
     *schedules.SCHEMA,
+    *licences.SCHEMA,
 )
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
-# (kind, progress); 8: the audit trail, datasets and schedules
-SCHEMA_VERSION = 8
+# (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
+# jobs by their creator (running jobs per user)
+SCHEMA_VERSION = 9
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -104,6 +117,8 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, LicenseAssigned):
+                await licences.apply(db, env)
         await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
         await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)

@@ -17,6 +17,7 @@ from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
+from api.hygiene import HttpHygiene
 from api.jobs import JobController
 from api.live import live, live_hub
 from api.live_sse import job_events
@@ -87,5 +88,5 @@ def create_app(config: ApiConfig) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
         request_max_body_size=config.body_limit,
-        plugins=[StrictStructSchemaPlugin(), ReadSide()],
+        plugins=[StrictStructSchemaPlugin(), ReadSide(), HttpHygiene(config.http)],
     )

@@ -86,6 +86,7 @@ def create_app(config: ApiConfig) -> Litestar:
         lifespan=[lifespan, live_hub, job_logs_lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        logging_config=None,  # the process's logging renders and redacts (cli/logs.py)
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
         request_max_body_size=config.body_limit,
         plugins=[StrictStructSchemaPlugin(), ReadSide(), HttpHygiene(config.http)],

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import structlog
 import uvicorn
@@ -20,10 +21,10 @@ from api.app import create_app
 from api.hygiene import HttpPolicy
 from api.services import ApiConfig
 from cli.nats_server import wait_for_port
-from tests.api_client import client
+from tests.api_client import JOB, Online, client, runner_online
 from tests.conftest import NatsServer, free_port
 
-__all__ = ["client"]  # fixture
+__all__ = ["client", "runner_online"]  # fixtures
 
 ALLOWED = "https://dashboard.example.com"
 OTHER = "https://evil.example.net"
@@ -198,3 +199,54 @@ async def test_a_websocket_from_another_origin_is_refused_with_the_headers(
     finally:
         server.should_exit = True
         await serving
+
+
+async def test_the_dashboard_runs_under_its_csp_in_chromium(
+    nats_server: NatsServer, tmp_path: Path, runner_online: Online
+) -> None:
+    from playwright.async_api import ConsoleMessage, async_playwright
+
+    from agents.browser import launch_chromium
+
+    port = free_port()
+    app = create_app(config(nats_server, tmp_path))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    violations: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            violations.append(message.text)
+
+    try:
+        await wait_for_port("127.0.0.1", port, timeout=20)
+        await runner_online()  # once the app has made the presence bucket
+        async with async_playwright() as pw:
+            browser = await launch_chromium(pw)
+            try:
+                page = await browser.new_page()
+                page.on(
+                    "console", lambda m: violations.append(m.text) if "Policy" in m.text else None
+                )
+                page.on("pageerror", lambda err: violations.append(str(err)))
+                await page.goto(f"http://127.0.0.1:{port}/")
+                await page.wait_for_function(
+                    "document.getElementById('conn').textContent === 'live'"
+                )
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                    created = await http.post("/api/v1/jobs", json=JOB)
+                    assert created.status_code == 201, created.text
+                job_id = created.json()["job_id"]
+                row = page.locator("#jobs tbody tr", has_text=job_id)
+                await row.locator("progress.bar").wait_for(timeout=15_000)
+                # inline script and style ran (by hash): the table is styled and filled
+                collapse = await page.evaluate(
+                    "getComputedStyle(document.querySelector('table')).borderCollapse"
+                )
+                assert collapse == "collapse"
+            finally:
+                await browser.close()
+    finally:
+        server.should_exit = True
+        await serving
+    assert violations == []

@@ -41,6 +41,8 @@ _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^@\s/?#\"']+)@")
 _AUTH_SCHEME = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
 MIN_KNOWN_SECRET = 6  # shorter values would mask ordinary words
+# switches that happen to have a secret-sounding name (TB_CORS_CREDENTIALS=false)
+_NOT_SECRET_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "enabled", "disabled"})
 
 
 def is_secret_name(name: str) -> bool:
@@ -89,7 +91,11 @@ def secret_values_from_env(environ: Mapping[str, str] | None = None) -> list[str
     (TB_INGEST_API_KEY, TB_ADMIN_PASSWORD, RUNNER_API_KEY, JWT_SECRET, …), and the
     passwords inside URL-valued ones (``nats://user:password@host``)."""
     env = os.environ if environ is None else environ
-    found = [v.strip() for k, v in env.items() if is_secret_name(k) and v.strip()]
+    found = [
+        v.strip()
+        for k, v in env.items()
+        if is_secret_name(k) and v.strip().lower() not in _NOT_SECRET_VALUES
+    ]
     for value in env.values():
         for match in _URL_USERINFO.finditer(value):
             found.append(match.group("info").partition(":")[2] or match.group("info"))

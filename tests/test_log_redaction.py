@@ -16,7 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.log_redaction import MASK, RedactText, is_secret_name, redact_event
+from cli.log_redaction import (
+    MASK,
+    RedactText,
+    is_secret_name,
+    redact_event,
+    secret_values_from_env,
+)
 from cli.nats_server import wait_for_port
 from tests.conftest import NatsServer, free_port
 
@@ -75,6 +81,16 @@ def test_values_are_masked_by_key_inside_urls_as_bearer_and_when_known() -> None
     assert out["plain"] == "https://example.com/path?q=1"
     rendered = redact(None, "info", json.dumps({"exception": "nats://a:b-c@h failed"}))
     assert "b-c" not in rendered and "nats://a:***@h" in rendered
+
+
+def test_the_secrets_known_from_the_environment() -> None:
+    env = {
+        **SECRETS,
+        "TB_CORS_CREDENTIALS": "disabled",  # a switch, not a secret
+        "TB_NATS_URL": f"nats://tb:{NATS_PASSWORD}@h:4222",
+        "HOME": "/root",
+    }
+    assert sorted(secret_values_from_env(env)) == sorted([*SECRETS.values(), NATS_PASSWORD])
 
 
 def assert_no_secret(output: str) -> None:

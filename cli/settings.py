@@ -30,7 +30,8 @@ def env_setting(name: str, *aliases: str) -> EnvSetting | None:
     (the names operators' existing deployments use, e.g. ``BODY_LIMIT`` for
     ``TB_BODY_LIMIT``); None when none is set. Ours wins when both are set; when they
     disagree, that is logged with both names (never the values: they may be secrets).
-    Error messages should name ``.name``, the variable the operator actually set."""
+    Error messages should name ``.name``, the variable the operator actually set.
+    ``_float``, ``_int`` and ``_bool`` take ``aliases=(...)`` and do both."""
     found = [
         EnvSetting(n, v.strip()) for n in (name, *aliases) if (v := os.environ.get(n, "")).strip()
     ]
@@ -43,10 +44,11 @@ def env_setting(name: str, *aliases: str) -> EnvSetting | None:
     return chosen
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def _float(name: str, default: float, aliases: tuple[str, ...] = ()) -> float:
+    found = env_setting(name, *aliases)
+    if found is None:
         return default
+    name, raw = found
     try:
         value = float(raw)
     except ValueError:
@@ -56,10 +58,13 @@ def _float(name: str, default: float) -> float:
     return value
 
 
-def _int(name: str, default: int, allowed: tuple[int, ...] | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def _int(
+    name: str, default: int, allowed: tuple[int, ...] | None = None, aliases: tuple[str, ...] = ()
+) -> int:
+    found = env_setting(name, *aliases)
+    if found is None:
         return default
+    name, raw = found
     try:
         value = int(raw)
     except ValueError:
@@ -137,34 +142,34 @@ def body_limit_from_env() -> int:
 def allowed_origins_from_env() -> tuple[str, ...]:
     """TB_ALLOWED_ORIGINS (alias ALLOWED_ORIGINS): comma-separated origins
     (``scheme://host[:port]``) whose pages may call the API from a browser; unset: the
-    dashboard's own origin only."""
-    from api.origins import BadOrigin, parse_origin
+    dashboard's own origin only. A ``*`` among them is refused while TB_CORS_CREDENTIALS
+    is true: it would let any site act with the browser's login."""
+    from api.origins import ANY, BadOrigin, parse_origin
 
     found = env_setting("TB_ALLOWED_ORIGINS", "ALLOWED_ORIGINS")
     if found is None:
         return ()
     try:
-        return tuple(parse_origin(part) for part in found.value.split(",") if part.strip())
+        origins = tuple(parse_origin(part) for part in found.value.split(",") if part.strip())
     except BadOrigin as err:
         raise SystemExit(f"{found.name}: {err}") from None
+    if ANY in origins and _bool("TB_CORS_CREDENTIALS", True):
+        raise SystemExit(
+            f"{found.name}: '*' with credentials would let every site call the API as the "
+            f"browser's logged-in user; list the origins, or set TB_CORS_CREDENTIALS=false"
+        )
+    return origins
 
 
 def http_policy_from_env() -> HttpPolicy:
     """Origins (TB_ALLOWED_ORIGINS), credentials for them (TB_CORS_CREDENTIALS, default
-    true) and HSTS (TB_HSTS: true behind TLS); a ``*`` origin with credentials is refused:
-    it would let any site act with the browser's login."""
+    true) and HSTS (TB_HSTS: true when the installation is reached over TLS)."""
     from api.hygiene import HttpPolicy
 
-    origins = allowed_origins_from_env()
-    credentials = _bool("TB_CORS_CREDENTIALS", True)
-    if "*" in origins and credentials:
-        name = (env_setting("TB_ALLOWED_ORIGINS", "ALLOWED_ORIGINS") or ("",))[0]
-        raise SystemExit(
-            f"{name}: '*' with credentials would let every site call the API as the "
-            f"browser's logged-in user; list the origins, or set TB_CORS_CREDENTIALS=false"
-        )
     return HttpPolicy(
-        allowed_origins=origins, cors_credentials=credentials, hsts=_bool("TB_HSTS", False)
+        allowed_origins=allowed_origins_from_env(),
+        cors_credentials=_bool("TB_CORS_CREDENTIALS", True),
+        hsts=_bool("TB_HSTS", False),
     )
 
 
@@ -205,10 +210,11 @@ def drain_grace_from_env() -> float:
     return _float("TB_DRAIN_GRACE", DRAIN_GRACE)
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw == "":
+def _bool(name: str, default: bool, aliases: tuple[str, ...] = ()) -> bool:
+    found = env_setting(name, *aliases)
+    if found is None:
         return default
+    name, raw = found[0], found[1].lower()
     if raw in ("true", "1", "yes", "on"):
         return True
     if raw in ("false", "0", "no", "off"):

@@ -155,3 +155,15 @@ def test_tb_up_stops_before_starting_anything_on_a_placeholder_key(tmp_path: Pat
     assert result.returncode != 0
     assert "TB_INGEST_API_KEY: refused" in result.stderr, result.stderr
     assert not (tmp_path / "tb").exists()  # no state dir, no nats-server, no child
+
+
+def test_number_and_switch_settings_take_aliases_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.settings import _bool, _float
+
+    monkeypatch.setenv("GRACE_PERIOD", "45")
+    assert _float("TB_SESSION_GRACE", 30.0, aliases=("GRACE_PERIOD",)) == 45.0
+    monkeypatch.setenv("GRACE_PERIOD", "soon")
+    with pytest.raises(SystemExit, match=r"^GRACE_PERIOD: must be a number"):
+        _float("TB_SESSION_GRACE", 30.0, aliases=("GRACE_PERIOD",))
+    monkeypatch.setenv("AUTH_ENABLED", "false")
+    assert _bool("TB_AUTH_ENABLED", True, aliases=("AUTH_ENABLED",)) is False

@@ -2,16 +2,18 @@
 URLs, bearer tokens, and the secret settings' own values wherever they turn up (an
 exception message, an object's repr) are replaced by ``***``.
 
-Two passes: ``redact_event`` on the structured event (by key, recursively), then
-``RedactText`` on the rendered line, which also catches what a repr or a traceback
-carried past the first pass.
+Two passes: ``redact_by_key`` on the structured event (by key, recursively), then
+``RedactText`` on the rendered line (by value), which sees whatever a message, a repr
+or a traceback carried into it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 MASK = "***"
@@ -37,14 +39,25 @@ SECRET_WORDS = frozenset(
     }
 )
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-# scheme://userinfo@ : keeps the user name, hides the password (or a bare token)
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^@\s/?#\"']+)@")
-_AUTH_SCHEME = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
+# scheme://user[:password]@ : keeps the user name, hides the password (or a bare token);
+# a password may hold a "/" (base64) though RFC 3986 wants it escaped
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^@\s/?#\"':]+(?::[^@\s\"']*)?)@"
+)
+# "Authorization: Basic dXNlcjpwYXNz" in a text, and a bearer token anywhere; a token
+# has a digit or a sign in it, so "Bearer authentication failed" stays readable
+_AUTH_HEADER = re.compile(
+    r"(?P<name>\b(?:Proxy-)?Authorization[\"']?\s*[:=]\s*[\"']?)"
+    r"(?:(?:Basic|Bearer|Token|Digest)\s+)?[^\s\"',;}]+",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"\bBearer\s+(?=[\w.~+/=-]*[\d.~+/=-])[\w.~+/=-]{8,}", re.IGNORECASE)
 MIN_KNOWN_SECRET = 6  # shorter values would mask ordinary words
 # switches that happen to have a secret-sounding name (TB_CORS_CREDENTIALS=false)
 _NOT_SECRET_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "enabled", "disabled"})
 
 
+@functools.lru_cache(maxsize=1024)  # a process logs the same few keys over and over
 def is_secret_name(name: str) -> bool:
     words = [w.lower() for w in _WORD.findall(name)]
     return bool(words) and (words[-1] == "key" or any(w in SECRET_WORDS for w in words))
@@ -60,26 +73,22 @@ class RedactText:
     environment's secret settings, see ``secret_values_from_env``)."""
 
     def __init__(self, known: Iterable[str] = ()) -> None:
-        values = sorted({v for v in known if len(v) >= MIN_KNOWN_SECRET}, key=len, reverse=True)
+        secrets = {v for v in known if len(v) >= MIN_KNOWN_SECRET}
+        # as a JSON line spells them too (a quote or a backslash in a secret is escaped)
+        secrets |= {json.dumps(v)[1:-1] for v in secrets}
+        values = sorted(secrets, key=len, reverse=True)
         self._known = re.compile("|".join(map(re.escape, values))) if values else None
 
     def text(self, value: str) -> str:
-        value = _URL_USERINFO.sub(_userinfo, value)
-        value = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {MASK}", value)
+        # substring checks first: most lines hold no URL and no header, and a regex
+        # search costs more than the whole rest of a line's rendering
+        if "://" in value and "@" in value:
+            value = _URL_USERINFO.sub(_userinfo, value)
+        if "uthorization" in value or "UTHORIZATION" in value:
+            value = _AUTH_HEADER.sub(lambda m: f"{m.group('name')}{MASK}", value)
+        if "earer" in value or "EARER" in value:
+            value = _BEARER.sub(f"Bearer {MASK}", value)
         return self._known.sub(MASK, value) if self._known else value
-
-    def value(self, value: Any) -> Any:
-        """``value`` with every string in it masked, dicts by key as well."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, Mapping):
-            return {
-                k: MASK if isinstance(k, str) and is_secret_name(k) else self.value(v)
-                for k, v in value.items()
-            }
-        if isinstance(value, list | tuple):
-            return [self.value(v) for v in value]
-        return value
 
     def __call__(self, _: Any, __: str, rendered: Any) -> Any:
         """Last processor, after the renderer: the line as written."""
@@ -102,13 +111,23 @@ def secret_values_from_env(environ: Mapping[str, str] | None = None) -> list[str
     return found
 
 
-def redact_event(redact: RedactText) -> Any:
-    """structlog processor: secret-named keys masked, the rest masked by value."""
+_SCALARS = (str, int, float, bool, type(None))
 
-    def processor(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+
+def _by_key(value: Any) -> Any:
+    if isinstance(value, _SCALARS):
+        return value  # most values: nothing below them (and the ABC check costs)
+    if isinstance(value, Mapping):
         return {
-            k: MASK if is_secret_name(k) and v is not None else redact.value(v)
-            for k, v in event_dict.items()
+            k: MASK if isinstance(k, str) and is_secret_name(k) and v is not None else _by_key(v)
+            for k, v in value.items()
         }
+    if isinstance(value, list | tuple):
+        return [_by_key(v) for v in value]
+    return value
 
-    return processor
+
+def redact_by_key(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """structlog processor: values under secret-named keys masked, however deep (a dict
+    of headers); what a value says is masked later, on the rendered line (``RedactText``)."""
+    return _by_key(event_dict)  # type: ignore[no-any-return]

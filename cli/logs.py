@@ -12,7 +12,7 @@ import sys
 
 import structlog
 
-from cli.log_redaction import RedactText, redact_event, secret_values_from_env
+from cli.log_redaction import RedactText, redact_by_key, secret_values_from_env
 
 _redact = RedactText()
 
@@ -31,7 +31,7 @@ def configure_logging(level: str | None = None) -> None:
     rendering: list[structlog.typing.Processor] = [
         # the console renderer lays out a traceback itself (the last step masks it)
         *([structlog.processors.format_exc_info] if _is_json(renderer) else []),
-        redact_event(_redact),
+        redact_by_key,
         renderer,
         _redact,
     ]

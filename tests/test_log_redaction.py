@@ -20,7 +20,7 @@ from cli.log_redaction import (
     MASK,
     RedactText,
     is_secret_name,
-    redact_event,
+    redact_by_key,
     secret_values_from_env,
 )
 from cli.nats_server import wait_for_port
@@ -61,8 +61,8 @@ def test_secret_names(name: str, secret: bool) -> None:
     assert is_secret_name(name) is secret
 
 
-def test_values_are_masked_by_key_inside_urls_as_bearer_and_when_known() -> None:
-    redact = RedactText(known=[SECRETS["JWT_SECRET"]])
+def test_values_are_masked_by_key_then_the_line_by_what_it_says() -> None:
+    redact = RedactText(known=[SECRETS["JWT_SECRET"], 'with "quotes" \\ in it'])
     event = {
         "event": "request",
         "password": "hunter2",
@@ -70,17 +70,32 @@ def test_values_are_masked_by_key_inside_urls_as_bearer_and_when_known() -> None
         "headers": {"Authorization": "Bearer abc", "Accept": "json"},
         "urls": ["nats://tb:s3cr3t@10.0.0.1:4222", "http://token123@proxy:8080/x"],
         "note": f"sent Bearer {BEARER} and {SECRETS['JWT_SECRET']!r} in a repr",
+        "quoted": 'a secret with "quotes" \\ in it',
         "plain": "https://example.com/path?q=1",
     }
-    out = redact_event(redact)(None, "info", event)
-    assert out["password"] == MASK
-    assert out["key_id"] == "key_01"
-    assert out["headers"] == {"Authorization": MASK, "Accept": "json"}
-    assert out["urls"] == ["nats://tb:***@10.0.0.1:4222", "http://***@proxy:8080/x"]
-    assert BEARER not in out["note"] and SECRETS["JWT_SECRET"] not in out["note"]
-    assert out["plain"] == "https://example.com/path?q=1"
-    rendered = redact(None, "info", json.dumps({"exception": "nats://a:b-c@h failed"}))
-    assert "b-c" not in rendered and "nats://a:***@h" in rendered
+    keyed = redact_by_key(None, "info", event)
+    assert keyed["password"] == MASK and keyed["key_id"] == "key_01"
+    assert keyed["headers"] == {"Authorization": MASK, "Accept": "json"}
+    line = json.loads(redact(None, "info", json.dumps(keyed)))
+    assert line["urls"] == ["nats://tb:***@10.0.0.1:4222", "http://***@proxy:8080/x"]
+    assert BEARER not in line["note"] and SECRETS["JWT_SECRET"] not in line["note"]
+    assert line["quoted"] == "a secret ***"
+    assert line["plain"] == "https://example.com/path?q=1"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("Authorization: Basic dXNlcjpwYXNz sent", "Authorization: *** sent"),
+        ("{'authorization': 'Bearer abc.def'}", "{'authorization': '***'}"),
+        ("got Bearer eyJhbGciOi.x-y_z", "got Bearer ***"),
+        ("nats://tb:pa/ss+w==@h:4222", "nats://tb:***@h:4222"),
+        ("Basic authentication failed; Bearer authentication next", None),
+        ("https://medium.com/topic and user@example.com", None),
+    ],
+)
+def test_credentials_in_free_text(text: str, shown: str | None) -> None:
+    assert RedactText().text(text) == (shown or text)
 
 
 def test_the_secrets_known_from_the_environment() -> None:

@@ -69,7 +69,7 @@ async def test_a_listed_origin_gets_cors_headers_and_another_origin_none(
     assert ok.headers["access-control-allow-origin"] == ALLOWED
     assert ok.headers["access-control-allow-credentials"] == "true"
     assert "POST" in ok.headers["access-control-allow-methods"]
-    simple = await cors_client.get("/api/v1/jobs", headers={"Origin": ALLOWED})
+    simple = await cors_client.get("/healthz", headers={"Origin": ALLOWED})
     assert simple.status_code == 200
     assert simple.headers["access-control-allow-origin"] == ALLOWED
     assert simple.headers["access-control-allow-credentials"] == "true"
@@ -78,7 +78,7 @@ async def test_a_listed_origin_gets_cors_headers_and_another_origin_none(
     assert refused.status_code == 400
     assert "access-control-allow-origin" not in refused.headers
     assert "access-control-allow-credentials" not in refused.headers
-    other = await cors_client.get("/api/v1/jobs", headers={"Origin": OTHER})
+    other = await cors_client.get("/healthz", headers={"Origin": OTHER})
     assert other.status_code == 200  # answered, but the browser keeps it from the page
     assert "access-control-allow-origin" not in other.headers
     assert "access-control-allow-credentials" not in other.headers
@@ -90,7 +90,7 @@ async def test_a_listed_origin_gets_cors_headers_and_another_origin_none(
 async def test_without_listed_origins_no_answer_carries_cors_headers(
     client: AsyncTestClient,
 ) -> None:
-    answer = await client.get("/api/v1/jobs", headers={"Origin": ALLOWED})
+    answer = await client.get("/healthz", headers={"Origin": ALLOWED})
     assert answer.status_code == 200
     assert not [k for k in answer.headers if k.lower().startswith("access-control-")]
     assert "strict-transport-security" not in answer.headers  # TB_HSTS unset
@@ -200,8 +200,9 @@ async def test_a_websocket_from_another_origin_is_refused_with_the_headers(
         assert json.loads(body)["detail"] == f"origin {OTHER} may not open a WebSocket here"
         assert_secured(headers)
         for origin in (ALLOWED, f"http://127.0.0.1:{port}", None):  # listed, own page, no browser
-            status, headers, _ = await asyncio.to_thread(upgrade, port, origin)
-            assert status == 101, origin
+            status, headers, body = await asyncio.to_thread(upgrade, port, origin)
+            assert b"may not open a WebSocket" not in body, origin
+            assert status == 101, (origin, body)  # until a login is asked for first
             assert headers["x-content-type-options"] == "nosniff"
     finally:
         server.should_exit = True

@@ -24,7 +24,6 @@ SECRET_WORDS = frozenset(
     {
         "password",
         "passwd",
-        "pwd",
         "passphrase",
         "secret",
         "token",
@@ -57,10 +56,21 @@ MIN_KNOWN_SECRET = 6  # shorter values would mask ordinary words
 _NOT_SECRET_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "enabled", "disabled"})
 
 
+def _words(name: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(name)]
+
+
 @functools.lru_cache(maxsize=1024)  # a process logs the same few keys over and over
 def is_secret_name(name: str) -> bool:
-    words = [w.lower() for w in _WORD.findall(name)]
+    words = _words(name)
     return bool(words) and (words[-1] == "key" or any(w in SECRET_WORDS for w in words))
+
+
+def is_secret_setting(name: str) -> bool:
+    """An environment variable holding a secret names it last (TB_ADMIN_PASSWORD,
+    RUNNER_API_KEY, JWT_SECRET); PASSWORD_STORE_DIR only points at some."""
+    words = _words(name)
+    return bool(words) and (words[-1] == "key" or words[-1] in SECRET_WORDS)
 
 
 def _userinfo(match: re.Match[str]) -> str:
@@ -103,7 +113,7 @@ def secret_values_from_env(environ: Mapping[str, str] | None = None) -> list[str
     found = [
         v.strip()
         for k, v in env.items()
-        if is_secret_name(k) and v.strip().lower() not in _NOT_SECRET_VALUES
+        if is_secret_setting(k) and v.strip().lower() not in _NOT_SECRET_VALUES
     ]
     for value in env.values():
         for match in _URL_USERINFO.finditer(value):

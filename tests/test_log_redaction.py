@@ -102,6 +102,8 @@ def test_the_secrets_known_from_the_environment() -> None:
     env = {
         **SECRETS,
         "TB_CORS_CREDENTIALS": "disabled",  # a switch, not a secret
+        "PASSWORD_STORE_DIR": "/home/tb/.password-store",  # where secrets are, no secret
+        "PWD": "/home/tb",
         "TB_NATS_URL": f"nats://tb:{NATS_PASSWORD}@h:4222",
         "HOME": "/root",
     }
@@ -159,6 +161,7 @@ async def test_a_real_tb_api_logs_json_without_the_secrets_it_was_given(
     lines = json_lines(output)
     assert {"projector.started"} <= {str(line["event"]) for line in lines}, output
     assert any(str(line.get("logger", "")).startswith("uvicorn") for line in lines), output
+    assert str(tmp_path / "read.db") in output  # ordinary values are left alone
 
 
 async def test_a_real_tb_engine_names_its_nats_url_without_the_password(

@@ -33,8 +33,7 @@ SECRET_WORDS = frozenset(
         "creds",
         "jwt",
         "apikey",
-        "nkey",
-        "seed",
+        "nkey",  # an NKey seed; a plain "seed" here is a job's random seed, no secret
     }
 )
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")

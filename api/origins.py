@@ -15,7 +15,11 @@ from litestar.datastructures import Headers, MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.pages import NEXT_CURSOR
+
 ANY = "*"
+# response headers a page elsewhere needs to read (paging, downloads, throttling)
+EXPOSED = [NEXT_CURSOR, "Link", "Content-Disposition", "Retry-After"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -50,7 +54,9 @@ def cors_config(origins: tuple[str, ...], credentials: bool) -> CORSConfig | Non
     origins are listed."""
     if not origins:
         return None
-    return CORSConfig(allow_origins=list(origins), allow_credentials=credentials)
+    return CORSConfig(
+        allow_origins=list(origins), allow_credentials=credentials, expose_headers=EXPOSED
+    )
 
 
 async def no_cors_without_an_admitted_origin(message: Message, scope: Scope) -> None:

@@ -73,6 +73,8 @@ async def test_a_listed_origin_gets_cors_headers_and_another_origin_none(
     assert simple.status_code == 200
     assert simple.headers["access-control-allow-origin"] == ALLOWED
     assert simple.headers["access-control-allow-credentials"] == "true"
+    exposed = set(simple.headers["access-control-expose-headers"].split(", "))
+    assert {"TB-Next-Cursor", "Link", "Retry-After"} <= exposed  # paging, throttling
 
     refused = await cors_client.options("/api/v1/jobs", headers={"Origin": OTHER, **preflight})
     assert refused.status_code == 400

@@ -140,6 +140,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
             port=port,
             log_level="warning",
             log_config=None,  # its loggers write through ours (JSON, redacted)
+            server_header=False,  # no server name and version for a scanner to match
             lifespan="on",
             ws="auto",
             # an open event stream never ends by itself: shutdown waits this long at most

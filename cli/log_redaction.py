@@ -40,7 +40,7 @@ _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 # scheme://user[:password]@ : keeps the user name, hides the password (or a bare token);
 # a password may hold a "/" (base64) though RFC 3986 wants it escaped
 _URL_USERINFO = re.compile(
-    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^@\s/?#\"':]+(?::[^@\s\"']*)?)@"
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^@\s/?#\"':]*(?::[^@\s\"']*)?)@"
 )
 # "Authorization: Basic dXNlcjpwYXNz" in a text, and a bearer token anywhere; a token
 # has a digit or a sign in it, so "Bearer authentication failed" stays readable

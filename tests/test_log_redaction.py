@@ -90,6 +90,7 @@ def test_values_are_masked_by_key_then_the_line_by_what_it_says() -> None:
         ("{'authorization': 'Bearer abc.def'}", "{'authorization': '***'}"),
         ("got Bearer eyJhbGciOi.x-y_z", "got Bearer ***"),
         ("nats://tb:pa/ss+w==@h:4222", "nats://tb:***@h:4222"),
+        ("redis://:s3cret-only@cache:6379/0", "redis://:***@cache:6379/0"),
         ("Basic authentication failed; Bearer authentication next", None),
         ("https://medium.com/topic and user@example.com", None),
     ],

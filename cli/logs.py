@@ -59,6 +59,8 @@ def _is_json(renderer: structlog.typing.Processor) -> bool:
 
 def _renderer() -> structlog.typing.Processor:
     chosen = os.environ.get("TB_LOG_FORMAT", "").strip().lower()
+    if chosen not in ("", "json", "console"):
+        raise SystemExit(f"TB_LOG_FORMAT: must be json or console (got {chosen!r})")
     if chosen == "json" or (chosen != "console" and not sys.stderr.isatty()):
         return structlog.processors.JSONRenderer()
     # plain tracebacks: one screen per crash, and no local variables in the log

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 
 from cli.log_redaction import (
     MASK,
@@ -183,3 +184,15 @@ async def test_a_real_tb_engine_names_its_nats_url_without_the_password(
     output = seen.decode() + await run_until_stopped(proc)
     assert_no_secret(output)
     assert "nats://tb:***@127.0.0.1" in output
+
+
+def test_an_unknown_log_format_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cli.logs import _renderer
+
+    monkeypatch.setenv("TB_LOG_FORMAT", "xml")
+    with pytest.raises(SystemExit, match=r"^TB_LOG_FORMAT: must be json or console"):
+        _renderer()
+    monkeypatch.setenv("TB_LOG_FORMAT", "JSON")
+    assert isinstance(_renderer(), structlog.processors.JSONRenderer)

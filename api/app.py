@@ -17,6 +17,7 @@ from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
+from api.hygiene import HttpHygiene
 from api.jobs import JobController
 from api.licences import LicenceController
 from api.live import live, live_hub
@@ -87,7 +88,8 @@ def create_app(config: ApiConfig) -> Litestar:
         lifespan=[lifespan, live_hub, job_logs_lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        logging_config=None,  # the process's logging renders and redacts (cli/logs.py)
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
         request_max_body_size=config.body_limit,
-        plugins=[StrictStructSchemaPlugin(), ReadSide()],
+        plugins=[StrictStructSchemaPlugin(), ReadSide(), HttpHygiene(config.http)],
     )

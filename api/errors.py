@@ -15,6 +15,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -75,6 +76,23 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def body_too_large(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    """413 naming the limit of the route the body was sent to (uploads have their own)."""
+    handler = request.scope.get("route_handler")
+    limit = getattr(handler, "resolve_request_max_body_size", lambda: None)()
+    rule = f"larger than the limit of {size_text(limit)}" if limit else str(exc.detail)
+    body = Problem(status_code=413, detail=f"body: {rule}", field="body", rule=rule)
+    return Response(body, status_code=413)
+
+
+def size_text(size: int) -> str:
+    """``32 KiB (32768 bytes)``: a limit as an operator sets it and as a client counts it."""
+    for unit, scale in (("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit} ({size} bytes)"
+    return f"{size} bytes"
+
+
 def unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.warning("api.nats_unavailable", error=str(exc))
     body = Problem(status_code=503, detail="event store unavailable, retry shortly")
@@ -112,6 +130,7 @@ EXCEPTION_HANDLERS = {
     Rejected: rejected,
     ValidationException: validation,
     HTTPException: http_error,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE: body_too_large,
     ConcurrencyConflict: conflict,
     nats.errors.TimeoutError: unavailable,
     nats.errors.NoRespondersError: unavailable,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
 
+from api.hygiene import JSON_BODY_LIMIT, HttpPolicy
 from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
 from engine.jobs.service import JobCommands
@@ -30,11 +31,12 @@ class ApiConfig:
     nats_url: str
     db_path: Path
     bus: BusConfig = BusConfig()
-    body_limit: int = 32 * 1024
+    body_limit: int = JSON_BODY_LIMIT  # bytes of a JSON request body (TB_BODY_LIMIT)
     read_wait_timeout: float = 5.0
     live_queue: int = 256  # live updates (one read's messages) a client may leave unread
     live_keepalive: float = 15.0  # seconds of quiet before an SSE stream sends a comment
     logs: LogsConfig = LogsConfig()
+    http: HttpPolicy = field(default_factory=HttpPolicy)  # CORS origins, HSTS
 
 
 @dataclass

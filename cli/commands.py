@@ -12,7 +12,9 @@ import structlog
 
 from cli.logs import announce, end_progress_line, progress_line
 from cli.settings import (
+    body_limit_from_env,
     bus_config_from_env,
+    http_policy_from_env,
     logs_config_from_env,
     open_bind_warning,
     proxy_health_from_env,
@@ -123,7 +125,12 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     config = ApiConfig(
-        nats_url=nats_url, db_path=db_path, bus=bus_config_from_env(), logs=logs_config_from_env()
+        nats_url=nats_url,
+        db_path=db_path,
+        bus=bus_config_from_env(),
+        logs=logs_config_from_env(),
+        body_limit=body_limit_from_env(),
+        http=http_policy_from_env(),
     )
     app = create_app(config)
     server = uvicorn.Server(
@@ -132,6 +139,8 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,  # its loggers write through ours (JSON, redacted)
+            server_header=False,  # no server name and version for a scanner to match
             lifespan="on",
             ws="auto",
             # an open event stream never ends by itself: shutdown waits this long at most

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli.logs import configure_logging
-from cli.settings import bind_refusal
+from cli.settings import api_settings_from_env, bind_refusal
 
 if TYPE_CHECKING:
     from engine.bus import Bus
@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tb {args.command}: error: {refusal}", file=sys.stderr)
         sys.exit(2)
     configure_logging()
+    if args.command in ("up", "api"):
+        api_settings_from_env()  # a bad or placeholder setting stops here, not in a child
     try:
         code = asyncio.run(_dispatch(args))
     except KeyboardInterrupt:

@@ -4,19 +4,51 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, NamedTuple
 
+import structlog
+
+from cli.secrets import refuse_placeholder
 from engine.bus import BusConfig
 
 if TYPE_CHECKING:
+    from api.hygiene import HttpPolicy
     from api.services import LogsConfig
     from engine.proxies.decider import HealthPolicy
 
+log = structlog.get_logger("tb.settings")
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+
+class EnvSetting(NamedTuple):
+    name: str  # the variable the value came from: ours, or the alias an operator set
+    value: str
+
+
+def env_setting(name: str, *aliases: str) -> EnvSetting | None:
+    """Setting ``name`` from the environment, else the first of its ``aliases`` that is set
+    (the names operators' existing deployments use, e.g. ``BODY_LIMIT`` for
+    ``TB_BODY_LIMIT``); None when none is set. Ours wins when both are set; when they
+    disagree, that is logged with both names (never the values: they may be secrets).
+    Error messages should name ``.name``, the variable the operator actually set.
+    ``_float``, ``_int`` and ``_bool`` take ``aliases=(...)`` and do both."""
+    found = [
+        EnvSetting(n, v.strip()) for n in (name, *aliases) if (v := os.environ.get(n, "")).strip()
+    ]
+    if not found:
+        return None
+    chosen = found[0]
+    for other in found[1:]:
+        if other.value != chosen.value:
+            log.warning("setting.alias_conflict", used=chosen.name, ignored=other.name)
+    return chosen
+
+
+def _float(name: str, default: float, aliases: tuple[str, ...] = ()) -> float:
+    found = env_setting(name, *aliases)
+    if found is None:
         return default
+    name, raw = found
     try:
         value = float(raw)
     except ValueError:
@@ -26,10 +58,13 @@ def _float(name: str, default: float) -> float:
     return value
 
 
-def _int(name: str, default: int, allowed: tuple[int, ...] | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def _int(
+    name: str, default: int, allowed: tuple[int, ...] | None = None, aliases: tuple[str, ...] = ()
+) -> int:
+    found = env_setting(name, *aliases)
+    if found is None:
         return default
+    name, raw = found
     try:
         value = int(raw)
     except ValueError:
@@ -69,8 +104,72 @@ def logs_config_from_env() -> LogsConfig:
     from api.services import LogsConfig
 
     key = os.environ.get("TB_INGEST_API_KEY", "").strip() or None
+    if key is not None:
+        refuse_placeholder("TB_INGEST_API_KEY", key)
     return LogsConfig(
         ingest_api_key=key, keepalive=_float("TB_SSE_KEEPALIVE", LogsConfig().keepalive)
+    )
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|kb|kib|k|mb|mib|m)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024}
+_SIZE_UNITS |= {"m": 1024**2, "mb": 1024**2, "mib": 1024**2}
+MAX_BODY_LIMIT = 1024**3
+
+
+def parse_size(setting: str, raw: str) -> int:
+    """Bytes in ``raw``: ``32768``, ``32kb``, ``1mb`` (kb = 1024 bytes, as the operators'
+    earlier ``BODY_LIMIT=32kb`` meant); SystemExit naming ``setting`` otherwise."""
+    match = _SIZE.fullmatch(raw.strip())
+    size = match and int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+    if not size or not 1 <= size <= MAX_BODY_LIMIT:
+        raise SystemExit(
+            f"{setting}: must be a size from 1 byte to 1gb, in bytes or with kb or mb "
+            f"(e.g. 32kb; got {raw!r})"
+        )
+    return size
+
+
+def body_limit_from_env() -> int:
+    """TB_BODY_LIMIT (alias BODY_LIMIT; default 32kb): the largest JSON request body the
+    API reads; a larger one is answered 413 naming the limit."""
+    from api.hygiene import JSON_BODY_LIMIT
+
+    found = env_setting("TB_BODY_LIMIT", "BODY_LIMIT")
+    return parse_size(found.name, found.value) if found else JSON_BODY_LIMIT
+
+
+def allowed_origins_from_env() -> tuple[str, ...]:
+    """TB_ALLOWED_ORIGINS (alias ALLOWED_ORIGINS): comma-separated origins
+    (``scheme://host[:port]``) whose pages may call the API from a browser; unset: the
+    dashboard's own origin only. A ``*`` among them is refused while TB_CORS_CREDENTIALS
+    is true: it would let any site act with the browser's login."""
+    from api.origins import ANY, BadOrigin, parse_origin
+
+    found = env_setting("TB_ALLOWED_ORIGINS", "ALLOWED_ORIGINS")
+    if found is None:
+        return ()
+    try:
+        origins = tuple(parse_origin(part) for part in found.value.split(",") if part.strip())
+    except BadOrigin as err:
+        raise SystemExit(f"{found.name}: {err}") from None
+    if ANY in origins and _bool("TB_CORS_CREDENTIALS", True):
+        raise SystemExit(
+            f"{found.name}: '*' with credentials would let every site call the API as the "
+            f"browser's logged-in user; list the origins, or set TB_CORS_CREDENTIALS=false"
+        )
+    return origins
+
+
+def http_policy_from_env() -> HttpPolicy:
+    """Origins (TB_ALLOWED_ORIGINS), credentials for them (TB_CORS_CREDENTIALS, default
+    true) and HSTS (TB_HSTS: true when the installation is reached over TLS)."""
+    from api.hygiene import HttpPolicy
+
+    return HttpPolicy(
+        allowed_origins=allowed_origins_from_env(),
+        cors_credentials=_bool("TB_CORS_CREDENTIALS", True),
+        hsts=_bool("TB_HSTS", False),
     )
 
 
@@ -111,10 +210,11 @@ def drain_grace_from_env() -> float:
     return _float("TB_DRAIN_GRACE", DRAIN_GRACE)
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw == "":
+def _bool(name: str, default: bool, aliases: tuple[str, ...] = ()) -> bool:
+    found = env_setting(name, *aliases)
+    if found is None:
         return default
+    name, raw = found[0], found[1].lower()
     if raw in ("true", "1", "yes", "on"):
         return True
     if raw in ("false", "0", "no", "off"):
@@ -209,3 +309,11 @@ def runner_browser_from_env() -> str | None:
             f"(got {raw!r})"
         )
     return RUNNER_BROWSERS[raw]
+
+
+def api_settings_from_env() -> None:
+    """Read every setting the API takes, so that a bad one (or a placeholder secret)
+    stops ``tb api`` and ``tb up`` at once, naming it."""
+    logs_config_from_env()
+    body_limit_from_env()
+    http_policy_from_env()

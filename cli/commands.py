@@ -35,11 +35,14 @@ def on_stop_signals(stop: Callable[[], object]) -> None:
 
 
 async def connect_bus(url: str, name: str) -> Bus:
-    announce(f"[INFO] Connecting to NATS: {url}")
+    from cli.reach import redacted
+
+    shown = redacted(url)
+    announce(f"[INFO] Connecting to NATS: {shown}")
     try:
         bus = await Bus.connect(url, name=name, config=bus_config_from_env())
     except Exception as err:
-        raise SystemExit(f"Connection Refused: cannot reach NATS at {url} ({err})") from None
+        raise SystemExit(f"Connection Refused: cannot reach NATS at {shown} ({err})") from None
     announce("✅ Connected to NATS")
     return bus
 
@@ -143,9 +146,10 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
 
 
 async def run_runner(
-    nats_url: str,
+    nats_url: str | None,
     *,
     api_url: str | None,
+    runner_key: str | None = None,
     os_name: str | None,
     browser: str,
     slots: int | None,
@@ -154,13 +158,16 @@ async def run_runner(
     runner_id: str | None,
     headless: bool,
 ) -> int:
-    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS refuses its credentials."""
+    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS or the API refuses its
+    credentials. With ``runner_key`` it trades the key at ``api_url`` for its NATS
+    credentials (and runner id) first."""
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.proxy_failover import ProxySecretCache
     from agents.runner import Runner
     from cli.display import display_for_headed_browser
     from cli.reach import AuthenticationFailed, until_reachable
+    from cli.runner_credentials import KeyRefused, exchange_key
     from cli.runner_options import (
         launchable_browser_version,
         runner_capacity,
@@ -168,6 +175,7 @@ async def run_runner(
         runner_platform,
     )
     from cli.settings import drain_grace_from_env, runner_job_logs_from_env
+    from engine.nats_permissions import runner_inbox
     from schemas import VERSION
     from schemas.ids import short_id
 
@@ -183,6 +191,20 @@ async def run_runner(
     drain_grace = drain_grace_from_env()
     job_log_lines = runner_job_logs_from_env()
     name = runner_id or short_id("runner")
+    if runner_key is not None:
+        if not api_url:
+            log.error("A runner key needs --api, the API to trade it at")
+            return 2
+        try:
+            credentials = await exchange_key(api_url, runner_key, platform)
+        except KeyRefused as err:
+            log.error("Authentication Failed, stopping", reason=str(err))
+            return 2
+        nats_url, name = credentials.nats_url, credentials.runner_id
+        log.info("Runner key accepted", runner_id=name)
+    if nats_url is None:
+        log.error("Give --nats-url, or --api with a runner key (--key or TB_RUNNER_KEY)")
+        return 2
     stopping = asyncio.Event()
     current: Runner | None = None
 
@@ -208,7 +230,9 @@ async def run_runner(
     except AuthenticationFailed as err:
         log.error("Authentication Failed, stopping", reason=str(err))
         return 2
-    bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
+    bus = await Bus.connect(
+        nats_url, name="tb-runner", config=bus_config_from_env(), inbox_prefix=runner_inbox(name)
+    )
 
     proxy_secrets = ProxySecretCache(bus)  # one for the runner's whole life
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -166,7 +167,7 @@ async def run_runner(
     from agents.proxy_failover import ProxySecretCache
     from agents.runner import Runner
     from cli.display import display_for_headed_browser
-    from cli.reach import AuthenticationFailed, until_reachable
+    from cli.reach import REFUSED_PATIENCE, AuthenticationFailed, refused_for_good
     from cli.runner_credentials import KeyRefused, exchange_key
     from cli.runner_options import (
         launchable_browser_version,
@@ -216,7 +217,9 @@ async def run_runner(
             current.stop()
 
     on_stop_signals(stop)
-    reaching = asyncio.ensure_future(until_reachable(nats_url))
+    reaching = asyncio.ensure_future(
+        _reach(nats_url, patience=REFUSED_PATIENCE if runner_key is not None else 0.0)
+    )
     stopped = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({reaching, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
@@ -235,6 +238,16 @@ async def run_runner(
     )
 
     proxy_secrets = ProxySecretCache(bus)  # one for the runner's whole life
+    revoked = asyncio.Event()
+
+    def credentials_refused(_: object) -> None:
+        if not stopping.is_set():
+            log.error("Authentication Failed, stopping", reason="NATS refuses the credentials")
+            revoked.set()
+            stop()
+
+    watch = asyncio.create_task(refused_for_good(bus.nc), name="credentials-watch")
+    watch.add_done_callback(lambda task: None if task.cancelled() else credentials_refused(task))
 
     def executor() -> FlowExecutor:
         if executor_kind == "noop":
@@ -268,9 +281,25 @@ async def run_runner(
                 await stack.enter_async_context(display_for_headed_browser())
             await supervise(f"runner {name}", run_once, stopping=stopping)
     finally:
+        watch.cancel()
         await bus.close()
     log.info("Runner stopped", runner_id=name)
-    return 0
+    return 2 if revoked.is_set() else 0
+
+
+async def _reach(nats_url: str, *, patience: float) -> None:
+    """Until NATS accepts the connection; credentials from a key exchange get
+    ``patience`` seconds of refusals (a cluster node that has not reloaded yet)."""
+    from cli.reach import AuthenticationFailed, until_reachable
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await until_reachable(nats_url)
+        except AuthenticationFailed:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 @contextlib.asynccontextmanager

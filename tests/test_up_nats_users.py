@@ -4,6 +4,7 @@ credentials kept off command lines, and a revoked runner key disconnected at onc
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from nats.js.api import DeliverPolicy
 
 from cli.http import call
 from schemas import subjects
-from tests.test_cli import start_up, stopped_on_exit
+from tests.test_cli import TB, Console, start_up, stopped_on_exit
 
 
 @pytest.mark.slow  # a whole `tb up` (no demo, no local runner): about 15 s
@@ -37,9 +38,32 @@ async def test_up_gives_auditor_ops_and_runners_their_own_nats_users(tmp_path: P
         latency = await _revoked_key_is_disconnected(api)
         print(f"revocation through tb up: DELETE sent to disconnect in {latency * 1000:.0f} ms")
         assert latency < 1.0
+        await _revoked_runner_stops(api)
         auditor_url, ops_url = _urls(nats_dir)
-        await _auditor_reads_but_changes_nothing(auditor_url)  # the key's two events
+        await _auditor_reads_but_changes_nothing(auditor_url)  # the first key's events
         await _ops_administers_streams_and_consumers(ops_url)
+
+
+async def _revoked_runner_stops(api: str) -> None:
+    """A running `tb runner` whose key is revoked says Authentication Failed and exits."""
+    status, made = await call("POST", f"{api}/api/v1/runners/keys", {"name": "revoked"})
+    assert status == 201, made
+    runner = await asyncio.create_subprocess_exec(
+        *TB, "runner", "--api", api, "--executor", "noop",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "TB_RUNNER_KEY": made["key"]},
+    )  # fmt: skip
+    console = Console(runner)
+    try:
+        await console.wait_for("Registered", 60)
+        status, _ = await call("DELETE", f"{api}/api/v1/runners/keys/{made['key_id']}")
+        assert status == 200
+        assert await console.finish(30) == 2, console.text
+    finally:
+        if runner.returncode is None:
+            runner.kill()
+            await runner.wait()
+    assert "Authentication Failed" in console.text
 
 
 def _urls(nats_dir: Path) -> list[str]:
@@ -70,7 +94,7 @@ async def _auditor_reads_but_changes_nothing(url: str) -> None:
         await asyncio.sleep(0.2)
         assert any("permissions violation" in e and "tb.job.x" in e for e in refused), refused
         after = await js.stream_info(subjects.EVENTS_STREAM)
-        assert (after.state.messages, after.state.last_seq) == (2, info.state.last_seq)
+        assert after.state.last_seq == info.state.last_seq
     finally:
         await nc.close()
 

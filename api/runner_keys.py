@@ -259,6 +259,8 @@ class RunnerKeyController(Controller):
         if parts is None or not matches(record, parts[1]) or record is None:
             raise Forbidden(RUNNER_KEY_HEADER, INVALID_KEY)
         record = await keys.set_platform(record, data)
+        if record is None:  # revoked while we looked
+            raise Forbidden(RUNNER_KEY_HEADER, INVALID_KEY)
         await services.bus.ensure_dispatch_consumer(data.os, data.browser)
         url = runner_nats_url(services)
         password = password_for(parts[1])

@@ -120,12 +120,19 @@ class RunnerKeys:
         await kv.create(record.key_id, msgspec.json.encode(record))
 
     async def get(self, key_id: str) -> RunnerKeyRecord | None:
+        found = await self._get(key_id)
+        return found[0] if found is not None else None
+
+    async def _get(self, key_id: str) -> tuple[RunnerKeyRecord, int] | None:
+        """The record and its revision (for an update that must not revive a revoked key)."""
         kv = await self.bucket()
         try:
             entry = await kv.get(key_id)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
-        return _decode_record(entry.value) if entry.value else None
+        if not entry.value or entry.revision is None:
+            return None
+        return _decode_record(entry.value), entry.revision
 
     async def all(self) -> list[RunnerKeyRecord]:
         kv = await self.bucket()
@@ -136,14 +143,27 @@ class RunnerKeys:
         found = [await self.get(key_id) for key_id in sorted(keys)]
         return [record for record in found if record is not None]
 
-    async def set_platform(self, record: RunnerKeyRecord, platform: Platform) -> RunnerKeyRecord:
-        """Bind the key's NATS user to ``platform``'s dispatch consumer."""
-        if record.platform == platform:
-            return record
-        changed = msgspec.structs.replace(record, platform=platform)
+    async def set_platform(
+        self, record: RunnerKeyRecord, platform: Platform
+    ) -> RunnerKeyRecord | None:
+        """Bind the key's NATS user to ``platform``'s dispatch consumer; ``None`` when the
+        key was revoked meanwhile (an update, never a put, so a revocation racing an
+        exchange cannot bring the key back)."""
         kv = await self.bucket()
-        await kv.put(record.key_id, msgspec.json.encode(changed))
-        return changed
+        for _ in range(5):
+            found = await self._get(record.key_id)
+            if found is None or found[0].key_sha256 != record.key_sha256:
+                return None
+            current, revision = found
+            if current.platform == platform:
+                return current
+            changed = msgspec.structs.replace(current, platform=platform)
+            try:
+                await kv.update(record.key_id, msgspec.json.encode(changed), last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another exchange of the same key, or a revocation: look again
+            return changed
+        return None
 
     async def remove(self, key_id: str) -> bool:
         """Purge the record; ``False`` when there was none."""

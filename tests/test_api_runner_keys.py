@@ -9,10 +9,11 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from engine.bus import Bus
-from engine.runner_keys import RunnerKeys, password_for, split_key
+from engine.runner_keys import RunnerKeys, issue, password_for, split_key
 from schemas import subjects
 from schemas.events import RunnerKeyCreated, RunnerKeyRevoked, encode_event
 from schemas.stored import Undecodable, decode_stored
+from schemas.values import Platform
 from tests.api_client import client
 from tests.conftest import NatsServer
 
@@ -136,3 +137,15 @@ def test_runner_key_events_decode_on_their_subject_only() -> None:
         assert decode_stored(subject, encode_event(event), None) == event
         with pytest.raises(Undecodable):  # not where a runner may publish
             decode_stored(f"tb.runner.rk_1.{type(event).__name__}", encode_event(event), None)
+
+
+async def test_an_exchange_racing_a_revocation_cannot_bring_the_key_back(bus: Bus) -> None:
+    keys = RunnerKeys(bus)
+    issued = issue("racing", "admin")
+    await keys.add(issued.record)
+    looked_up = await keys.get(issued.record.key_id)  # the exchange read it...
+    assert looked_up is not None
+    assert await keys.remove(issued.record.key_id)  # ...then the admin revoked it
+    assert await keys.set_platform(looked_up, Platform(os="linux")) is None
+    assert await keys.get(issued.record.key_id) is None
+    assert await keys.all() == []

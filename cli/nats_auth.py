@@ -73,6 +73,7 @@ class LocalCredentials:
             local_runner_id(n) for n in range(1, local_runners + 1)
         ]
         self.passwords = self._load_or_create()
+        self._hashes: dict[str, str] = {}  # one salt per run: a reload sees the same users
 
     def _load_or_create(self) -> dict[str, str]:
         known: dict[str, str] = {}
@@ -96,7 +97,9 @@ class LocalCredentials:
 
     def users(self, local_platform: tuple[str, str]) -> list[NatsUser]:
         def user(name: str, permissions: Permissions) -> NatsUser:
-            return NatsUser(name, bcrypt_hash(self.passwords[name]), permissions)
+            if name not in self._hashes:
+                self._hashes[name] = bcrypt_hash(self.passwords[name])
+            return NatsUser(name, self._hashes[name], permissions)
 
         made = [
             user(ENGINE, nats_permissions.full_access()),

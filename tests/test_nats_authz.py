@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import nats
@@ -21,10 +22,12 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from engine import nats_permissions
 from engine.bus import Bus, BusConfig
 from engine.nats_permissions import runner_inbox
 from engine.runner_keys import RunnerKeys, issue, password_for, split_key
 from schemas import subjects
+from schemas.events import RunnerEvents
 from schemas.values import Platform
 from tests.nats_authz import AuthorizedNats, authorized_nats
 
@@ -309,3 +312,20 @@ def test_the_configuration_keeps_passwords_as_bcrypt_hashes_in_a_private_file(
         assert server.credentials.passwords[name] not in text
     assert server.config_path.stat().st_mode & 0o777 == 0o600
     assert server.credentials.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_runners_allow_list_names_its_own_subjects_only() -> None:
+    perms = nats_permissions.runner("r7", "windows", "firefox")
+    allow = perms.publish_allow or []
+    assert not any(s.startswith(("tb.job", "tb.consent", "tb.user", "tb.dispatch")) for s in allow)
+    assert not any(s in (">", "tb.>", "$JS.API.>", "tb.runner.>") for s in allow)
+    own = sorted(s for s in allow if s.startswith("tb.runner."))
+    assert own == [
+        f"tb.runner.r7.{kind.__name__}"
+        for kind in sorted(get_args(RunnerEvents), key=lambda k: k.__name__)
+    ]
+    assert perms.subscribe_allow == ["_INBOX.r7.>"]
+    assert "$JS.ACK.TB.dispatch_windows_firefox.>" in allow
+    assert "$JS.API.CONSUMER.MSG.NEXT.TB.dispatch_linux_chromium" in perms.publish_deny
+    assert "$JS.API.CONSUMER.MSG.NEXT.TB.dispatch_windows_firefox" not in perms.publish_deny
+    assert not any("tb_datasets" in s or "OBJ_tb_dispatcher" in s for s in allow)

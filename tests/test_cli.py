@@ -419,6 +419,7 @@ async def test_engine_remakes_a_lost_consumer_without_a_crash_or_exiting(
 async def test_up_restarts_a_killed_engine_and_the_demo_job_counts_every_flow_once(
     tmp_path: Path,
 ) -> None:
+    from cli.nats_auth import with_local_credentials
     from engine.bus import Bus
     from schemas import subjects
     from schemas.events import FlowDone, JobCompleted
@@ -426,7 +427,8 @@ async def test_up_restarts_a_killed_engine_and_the_demo_job_counts_every_flow_on
     state, nats_port = tmp_path / "tb", free_port()
     async with stopped_on_exit(await start_up(state, "--nats-port", str(nats_port))) as up:
         job_id = (await up.wait_for(r"demo: job (\S+) created", 180)).group(1)
-        async with await Bus.connect(f"nats://127.0.0.1:{nats_port}", name="test") as bus:
+        url = with_local_credentials(state / "nats", f"nats://127.0.0.1:{nats_port}")
+        async with await Bus.connect(url, name="test") as bus:
             async with asyncio.timeout(120):  # mid-job: a flow is done, the job is not
                 async for _ in bus.read(1, subjects.flow_subject(job_id, "FlowDone")):
                     break

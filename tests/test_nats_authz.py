@@ -329,3 +329,37 @@ def test_a_runners_allow_list_names_its_own_subjects_only() -> None:
     assert "$JS.API.CONSUMER.MSG.NEXT.TB.dispatch_linux_chromium" in perms.publish_deny
     assert "$JS.API.CONSUMER.MSG.NEXT.TB.dispatch_windows_firefox" not in perms.publish_deny
     assert not any("tb_datasets" in s or "OBJ_tb_dispatcher" in s for s in allow)
+
+
+async def test_a_runners_push_reader_delivers_nothing_into_a_stream_or_bucket(
+    server: AuthorizedNats, engine: Bus
+) -> None:
+    """The deliver subject is in the request's body, where permissions cannot look: a
+    reader a runner may create can name any. nats-server refuses the stream's own subjects
+    and, as checked here, stores none of its deliveries in another stream or bucket."""
+    await engine.js.publish("tb.job.j1.JobStarted", b"{}")
+    leases = f"KV_{subjects.LEASES_BUCKET}"
+    before = [(await engine.js.stream_info(s)).state.messages for s in (leases, "TB_LOGS")]
+    nc = await nats.connect(server.url(RUNNER), inbox_prefix=runner_inbox(RUNNER))
+    try:
+        for name, target in (("p1", f"$KV.{subjects.LEASES_BUCKET}.forged"), ("p2", "tb.log.j1")):
+            config = {"name": name, "filter_subject": "tb.job.>", "ack_policy": "none"}
+            request = {"stream_name": "TB", "config": {**config, "deliver_subject": target}}
+            answer = await nc.request(
+                f"$JS.API.CONSUMER.CREATE.TB.{name}.tb.job.>",
+                msgspec.json.encode(request),
+                timeout=2,
+            )
+            assert b'"error"' not in answer.data  # it may create it...
+        own = {"name": "p3", "filter_subject": "tb.job.>", "deliver_subject": "tb.job.j2.X"}
+        answer = await nc.request(
+            "$JS.API.CONSUMER.CREATE.TB.p3.tb.job.>",
+            msgspec.json.encode({"stream_name": "TB", "config": own}),
+            timeout=2,
+        )
+        assert b'"error"' in answer.data  # ...but never delivering into the stream itself
+        await asyncio.sleep(1.5)
+    finally:
+        await nc.close()
+    after = [(await engine.js.stream_info(s)).state.messages for s in (leases, "TB_LOGS")]
+    assert after == before  # ...and what it delivers lands in no stream

@@ -66,6 +66,7 @@ JOB_ENDED_EVENTS = (JobCancelled, JobCompleted, JobFailed)
 FRESHNESS = 3.0  # seconds a follower's "caught up" stays good for starting work
 FOLLOW_IDLE = 0.5  # the follower asks the server at least this often when idle
 STOP_GRACE = 5.0  # seconds the follower gets to end once cancelled
+FOLLOWED_KINDS = 2  # readers of the follower: job control, consents
 ADMISSIONS_KEPT = 10_000  # distinct (job, target, allowed hosts) admissions remembered
 
 AdmissionKey = tuple[str, str, tuple[str, ...]]
@@ -239,7 +240,8 @@ class Control:
         self._stats: dict[str, int] = bus.nc.stats  # the client keeps counting in this dict
         self._confirmed = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
-        self._position = 0  # the last stream sequence the follower has applied
+        self._position = 0  # the stream's last sequence when the follower started
+        self._caught_up_at: dict[str, tuple[float, int]] = {}  # reader: (when, reconnects)
         # admissions worked out, until job or consent state changes or a consent expires
         self._admitted: dict[AdmissionKey, tuple[int, float, Admission]] = {}
 
@@ -265,21 +267,30 @@ class Control:
             await asyncio.wait({self._follower}, timeout=STOP_GRACE)
 
     async def _follow(self) -> None:
-        filters = [subjects.all_jobs(kind.__name__) for kind in JOB_CONTROL_EVENTS]
-        filters.append(subjects.all_consents())
-        retry = Backoff("control.follow", base=0.2, cap=5.0)
+        # one reader per aggregate kind, each with a single filter: a runner's NATS user
+        # may create readers only for filters within tb.job.> and tb.consent.> (the
+        # filter is part of the create request's subject), never one of several filters
+        readers = [
+            self._follow_one(kind, stream_filter)
+            for kind, stream_filter in (("jobs", subjects.all_jobs()), ("consents", "tb.consent.>"))
+        ]
+        await asyncio.gather(*readers)
+
+    async def _follow_one(self, kind: str, stream_filter: str) -> None:
+        position = self._position
+        retry = Backoff(f"control.follow.{kind}", base=0.2, cap=5.0)
         while True:
             try:
                 async for batch in self.bus.read_batches(
-                    self._position + 1,
-                    filters,
+                    position + 1,
+                    stream_filter,
                     idle_timeout=FOLLOW_IDLE,
-                    on_caught_up=self._caught_up,
+                    on_caught_up=functools.partial(self._caught_up, kind),
                 ):
                     retry.succeeded()
                     for env in batch.envelopes:
                         self._apply(env)
-                    self._position = batch.last_seq
+                    position = batch.last_seq
             except nats.errors.Error as err:  # the reader gave up on this connection
                 if self.bus.nc.is_closed:
                     return
@@ -287,7 +298,7 @@ class Control:
 
     def _apply(self, env: Envelope) -> None:
         event = env.event
-        if isinstance(event, JobEvent):
+        if isinstance(event, JOB_CONTROL_EVENTS):
             # the follower sees every control event from its start on, and each one
             # states the job's status: the latest is the whole story
             self.jobs.apply(event.job_id, env.seq, event, complete=True)
@@ -299,9 +310,14 @@ class Control:
             if isinstance(event, ConsentRevoked):
                 self.on_host_revoked(host)
 
-    def _caught_up(self) -> None:
-        self._fresh_until = time.monotonic() + self.freshness
-        self._confirmed_reconnects = self._reconnects()
+    def _caught_up(self, kind: str) -> None:
+        """``kind``'s reader has seen all; fresh while both readers have, recently."""
+        self._caught_up_at[kind] = (time.monotonic(), self._reconnects())
+        if len(self._caught_up_at) < FOLLOWED_KINDS:
+            return
+        self._fresh_until = min(at for at, _ in self._caught_up_at.values()) + self.freshness
+        reconnects = {n for _, n in self._caught_up_at.values()}
+        self._confirmed_reconnects = reconnects.pop() if len(reconnects) == 1 else -1
         self._confirmed.set()
 
     def _reconnects(self) -> int:

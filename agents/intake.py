@@ -110,12 +110,19 @@ class Intake:
         self._freed.set()
 
     async def open(self) -> None:
-        """Make sure the platform's consumer exists; the engine provisions the streams."""
+        """Make sure the platform's consumer exists; the engine provisions the streams.
+
+        One that exists is only looked at: a runner with its own NATS credentials may
+        read its consumer but not create or change it (the credential exchange made it).
+        """
         told = False
         retry = Backoff("intake.consumer", base=0.2, cap=2.0)
         while not self._stopping.is_set():
             try:
-                await self.bus.ensure_dispatch_consumer(self.platform.os, self.platform.browser)
+                try:
+                    await self.bus.js.consumer_info(subjects.EVENTS_STREAM, self._durable)
+                except nats.js.errors.NotFoundError:
+                    await self.bus.ensure_dispatch_consumer(self.platform.os, self.platform.browser)
                 retry.succeeded()
                 return
             except nats.js.errors.NotFoundError:

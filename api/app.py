@@ -30,6 +30,7 @@ from api.openapi import StrictStructSchemaPlugin
 from api.proxies import ProxyController
 from api.quarantine import QuarantineController
 from api.read_side import ReadSide
+from api.runner_keys import RunnerKeyController
 from api.runners import RunnerController
 from api.services import ApiConfig, Services
 from engine.bus import Bus
@@ -78,6 +79,7 @@ def create_app(config: ApiConfig) -> Litestar:
             list_devices,
             ConsentController,
             RunnerController,
+            RunnerKeyController,
             QuarantineController,
             ProxyController,
             MetricsController,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -37,11 +38,14 @@ def on_stop_signals(stop: Callable[[], object]) -> None:
 
 
 async def connect_bus(url: str, name: str) -> Bus:
-    announce(f"[INFO] Connecting to NATS: {url}")
+    from cli.reach import redacted
+
+    shown = redacted(url)
+    announce(f"[INFO] Connecting to NATS: {shown}")
     try:
         bus = await Bus.connect(url, name=name, config=bus_config_from_env())
     except Exception as err:
-        raise SystemExit(f"Connection Refused: cannot reach NATS at {url} ({err})") from None
+        raise SystemExit(f"Connection Refused: cannot reach NATS at {shown} ({err})") from None
     announce("✅ Connected to NATS")
     return bus
 
@@ -152,9 +156,10 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
 
 
 async def run_runner(
-    nats_url: str,
+    nats_url: str | None,
     *,
     api_url: str | None,
+    runner_key: str | None = None,
     os_name: str | None,
     browser: str,
     slots: int | None,
@@ -163,13 +168,16 @@ async def run_runner(
     runner_id: str | None,
     headless: bool,
 ) -> int:
-    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS refuses its credentials."""
+    """A runner until SIGINT/SIGTERM (then it drains); 2 when NATS or the API refuses its
+    credentials. With ``runner_key`` it trades the key at ``api_url`` for its NATS
+    credentials (and runner id) first."""
     from agents.executor import FlowExecutor, NoopExecutor
     from agents.playwright_flow import PlaywrightExecutor
     from agents.proxy_failover import ProxySecretCache
     from agents.runner import Runner
     from cli.display import display_for_headed_browser
-    from cli.reach import AuthenticationFailed, until_reachable
+    from cli.reach import REFUSED_PATIENCE, AuthenticationFailed, refused_for_good
+    from cli.runner_credentials import KeyRefused, exchange_key
     from cli.runner_options import (
         launchable_browser_version,
         runner_capacity,
@@ -177,6 +185,7 @@ async def run_runner(
         runner_platform,
     )
     from cli.settings import drain_grace_from_env, runner_job_logs_from_env
+    from engine.nats_permissions import runner_inbox
     from schemas import VERSION
     from schemas.ids import short_id
 
@@ -192,6 +201,20 @@ async def run_runner(
     drain_grace = drain_grace_from_env()
     job_log_lines = runner_job_logs_from_env()
     name = runner_id or short_id("runner")
+    if runner_key is not None:
+        if not api_url:
+            log.error("A runner key needs --api, the API to trade it at")
+            return 2
+        try:
+            credentials = await exchange_key(api_url, runner_key, platform)
+        except KeyRefused as err:
+            log.error("Authentication Failed, stopping", reason=str(err))
+            return 2
+        nats_url, name = credentials.nats_url, credentials.runner_id
+        log.info("Runner key accepted", runner_id=name)
+    if nats_url is None:
+        log.error("Give --nats-url, or --api with a runner key (--key or TB_RUNNER_KEY)")
+        return 2
     stopping = asyncio.Event()
     current: Runner | None = None
 
@@ -203,7 +226,9 @@ async def run_runner(
             current.stop()
 
     on_stop_signals(stop)
-    reaching = asyncio.ensure_future(until_reachable(nats_url))
+    reaching = asyncio.ensure_future(
+        _reach(nats_url, patience=REFUSED_PATIENCE if runner_key is not None else 0.0)
+    )
     stopped = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({reaching, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
@@ -217,9 +242,21 @@ async def run_runner(
     except AuthenticationFailed as err:
         log.error("Authentication Failed, stopping", reason=str(err))
         return 2
-    bus = await Bus.connect(nats_url, name="tb-runner", config=bus_config_from_env())
+    bus = await Bus.connect(
+        nats_url, name="tb-runner", config=bus_config_from_env(), inbox_prefix=runner_inbox(name)
+    )
 
     proxy_secrets = ProxySecretCache(bus)  # one for the runner's whole life
+    revoked = asyncio.Event()
+
+    def credentials_refused(_: object) -> None:
+        if not stopping.is_set():
+            log.error("Authentication Failed, stopping", reason="NATS refuses the credentials")
+            revoked.set()
+            stop()
+
+    watch = asyncio.create_task(refused_for_good(bus.nc), name="credentials-watch")
+    watch.add_done_callback(lambda task: None if task.cancelled() else credentials_refused(task))
 
     def executor() -> FlowExecutor:
         if executor_kind == "noop":
@@ -253,9 +290,25 @@ async def run_runner(
                 await stack.enter_async_context(display_for_headed_browser())
             await supervise(f"runner {name}", run_once, stopping=stopping)
     finally:
+        watch.cancel()
         await bus.close()
     log.info("Runner stopped", runner_id=name)
-    return 0
+    return 2 if revoked.is_set() else 0
+
+
+async def _reach(nats_url: str, *, patience: float) -> None:
+    """Until NATS accepts the connection; credentials from a key exchange get
+    ``patience`` seconds of refusals (a cluster node that has not reloaded yet)."""
+    from cli.reach import AuthenticationFailed, until_reachable
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await until_reachable(nats_url)
+        except AuthenticationFailed:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 @contextlib.asynccontextmanager

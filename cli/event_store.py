@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 import nats.errors
 
 from cli.logs import announce
+from cli.nats_auth import with_local_credentials
 from cli.nats_server import port_is_open, start_nats_server_on_any_port
+from cli.reach import redacted
 from cli.settings import bus_config_from_env
 from cli.state_dir import StateDir, StateDirBusy
 from engine.bus import Bus
@@ -44,7 +46,8 @@ async def connect_within(url: str, name: str, timeout: float = CONNECT_TIMEOUT) 
             return await Bus.connect(url, name=name, config=bus_config_from_env())
     except (TimeoutError, OSError, nats.errors.Error) as err:
         why = "connection refused" if not _listening(url) else f"no NATS answer ({err!r})"
-        raise Unreachable(f"cannot reach NATS at {url} within {timeout:.0f}s: {why}") from None
+        shown = redacted(url)
+        raise Unreachable(f"cannot reach NATS at {shown} within {timeout:.0f}s: {why}") from None
 
 
 @contextlib.asynccontextmanager
@@ -64,6 +67,8 @@ async def event_store(
         candidates = [u for u in (state.recorded_nats_url(), local) if u]
         url = next((u for u in candidates if _listening(u)), "")
     if url:
+        if nats_url is None:  # the state dir's own running system: its credentials
+            url = with_local_credentials(state.root / "nats", url)
         bus = await connect_within(url, name)
         try:
             yield bus

@@ -115,8 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=Path, default=Path(".tb/read.db"), help="SQLite read model")
 
     p = sub.add_parser("runner", help="run a runner agent against a NATS server")
-    p.add_argument("--nats-url", type=_nats_url, required=True)
-    p.add_argument("--api", default=None, help="the API's URL, for the log")
+    p.add_argument("--nats-url", type=_nats_url, default=None, help="not needed with a runner key")
+    p.add_argument(
+        "--api", default=None, help="the API's URL: where a runner key is traded for NATS access"
+    )
+    p.add_argument(
+        "--key",
+        dest="runner_key",
+        default=None,
+        help="a runner key (default: TB_RUNNER_KEY, else RUNNER_API_KEY); prefer the "
+        "environment, which `ps` does not show",
+    )
     p.add_argument(
         "--os",
         dest="os_name",
@@ -234,10 +243,17 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 )
             )
         case "engine":
-            await commands.run_engine(args.nats_url)
+            from cli.nats_auth import credentials_from_env
+
+            await commands.run_engine(credentials_from_env(args.nats_url))
         case "api":
-            await commands.run_api(args.nats_url, args.host, args.port, args.db)
+            from cli.nats_auth import credentials_from_env
+
+            nats_url = credentials_from_env(args.nats_url)
+            await commands.run_api(nats_url, args.host, args.port, args.db)
         case "runner":
+            from cli.nats_auth import credentials_from_env
+            from cli.runner_credentials import runner_key_from_env
             from cli.settings import (
                 headless_from_env,
                 runner_browser_from_env,
@@ -245,8 +261,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
             )
 
             return await commands.run_runner(
-                args.nats_url,
+                args.nats_url and credentials_from_env(args.nats_url),
                 api_url=args.api,
+                runner_key=args.runner_key or runner_key_from_env(),
                 os_name=args.os_name or runner_os_from_env(),
                 browser=args.browser or runner_browser_from_env() or "chromium",
                 slots=args.slots,

@@ -45,6 +45,12 @@ def nats_server_args(port: int, store_dir: Path, host: str = "127.0.0.1") -> lis
     ]
 
 
+def nats_server_config_args(config_path: Path) -> list[str]:
+    """Everything (address, store, users) comes from the configuration file
+    (``cli.nats_auth.render_config``): what needs authorization starts this way."""
+    return [nats_server_path(), "-c", str(config_path)]
+
+
 def port_is_open(host: str, port: int) -> bool:
     """Something accepts connections on host:port (IPv4 or IPv6)."""
     try:

@@ -4,17 +4,20 @@ for good when it refuses the credentials (retrying those would never succeed).""
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
 import structlog
+from nats.aio.client import Client
 
 from cli.supervise import Backoff
 
 log = structlog.get_logger("tb.runner")
 
 PROBE_TIMEOUT = 2.0  # seconds one connection attempt may take
+REFUSED_PATIENCE = 5.0  # seconds of refused credentials before a runner gives up
 
 
 class AuthenticationFailed(Exception):
@@ -88,3 +91,19 @@ async def until_reachable(url: str, backoff: Backoff | None = None) -> None:
             continue
         log.info("Connected to NATS", url=shown)
         return
+
+
+async def refused_for_good(nc: Client, patience: float = REFUSED_PATIENCE) -> None:
+    """Return once NATS has refused the connection's credentials (a revoked runner key:
+    its user is gone) for ``patience`` seconds in a row; a brief refusal while the
+    server's owner restarts and adds the users back does not count."""
+    since: float | None = None
+    while True:
+        await asyncio.sleep(0.25)
+        error = nc.last_error
+        if nc.is_connected or error is None or not _refused_credentials(error):
+            since = None
+            continue
+        since = since if since is not None else time.monotonic()
+        if time.monotonic() - since >= patience:
+            return

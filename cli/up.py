@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -17,7 +18,8 @@ from agents.runner import RELEASE_GRACE
 from cli.commands import ProgressBar, consumer_settings_message
 from cli.http import call
 from cli.logs import announce
-from cli.nats_server import nats_server_args, port_is_open, wait_for_port
+from cli.nats_auth import AUDITOR, OPS, EmbeddedAuthorization, local_runner_id
+from cli.nats_server import nats_server_config_args, port_is_open, wait_for_port
 from cli.settings import (
     bus_config_from_env,
     drain_grace_from_env,
@@ -67,6 +69,7 @@ class Child:
     started_at: float = 0.0
     exits: int = 0  # exits since `tb up` started, restarts included
     backoff: Backoff = field(default_factory=Backoff)
+    env: dict[str, str] = field(default_factory=dict)  # on top of ours: its NATS credentials
 
     @property
     def returncode(self) -> int | None:
@@ -86,19 +89,32 @@ class ProcessTree:
     _watchers: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: bool = False
 
-    async def spawn(self, name: str, *args: str, stop_grace: float = STOP_GRACE) -> Child:
+    async def spawn(
+        self,
+        name: str,
+        *args: str,
+        stop_grace: float = STOP_GRACE,
+        env: dict[str, str] | None = None,
+    ) -> Child:
         """A ``tb <args>`` child."""
         argv = [sys.executable, "-m", "cli.main", *args]
-        return await self.spawn_exec(name, argv, stop_grace=stop_grace)
+        return await self.spawn_exec(name, argv, stop_grace=stop_grace, env=env)
 
     async def spawn_exec(
-        self, name: str, argv: list[str], *, last: bool = False, stop_grace: float = STOP_GRACE
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        last: bool = False,
+        stop_grace: float = STOP_GRACE,
+        env: dict[str, str] | None = None,
     ) -> Child:
         self.state.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.state.logs / f"{name}.log"
         child = Child(
             name, argv, log_path, last=last, stop_grace=stop_grace, backoff=self.backoff()
         )
+        child.env = env or {}
         await self._start(child)
         self.children.append(child)
         self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch-{name}"))
@@ -112,6 +128,7 @@ class ProcessTree:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # Ctrl-C reaches us once; we stop children in order
+                env={**os.environ, **child.env} if child.env else None,
             )
         except BaseException:
             out.close()
@@ -257,9 +274,13 @@ class System:
     demo_port: int
     tree: ProcessTree = field(init=False)
     bus: Bus | None = None
+    nats: EmbeddedAuthorization = field(init=False)
 
     def __post_init__(self) -> None:
         self.tree = ProcessTree(self.state)
+        self.nats = EmbeddedAuthorization(
+            self.state.root / "nats", self.options.nats_port, self.state.store, self.options.runners
+        )
         self.nats_url = f"nats://127.0.0.1:{self.options.nats_port}"
         self.api_url = f"http://{_client_host(self.options.host)}:{self.options.port}"
         self.demo_url = f"http://{DEMO_HOST}:{self.demo_port}"
@@ -267,8 +288,9 @@ class System:
 
     async def start_processes(self) -> None:
         o = self.options
-        await self.tree.spawn_exec(
-            "nats-server", nats_server_args(o.nats_port, self.state.store), last=True
+        self.nats.write_config()
+        server = await self.tree.spawn_exec(
+            "nats-server", nats_server_config_args(self.nats.config_path), last=True
         )
         try:
             await wait_for_port("127.0.0.1", o.nats_port)
@@ -278,17 +300,20 @@ class System:
                 f"see {self.state.logs / 'nats-server.log'}"
             ) from None
         self.state.nats_url_file.write_text(self.nats_url + "\n", encoding="utf-8")
-        self.bus = await Bus.connect(self.nats_url, name="tb-up", config=bus_config_from_env())
+        self.bus = await Bus.connect(
+            self.nats.url("engine"), name="tb-up", config=bus_config_from_env()
+        )
         await self.bus.provision()
+        self.nats.follow_runner_keys(self.bus, lambda: _reload_nats(server))
         try:
             await self.bus.ensure_dispatch_consumer("linux", "chromium")
         except ConsumerSettingsRefused as err:
             raise StartupFailed(consumer_settings_message(err)) from None
         nats = ("--nats-url", self.nats_url)
-        await self.tree.spawn("engine", "engine", *nats)
+        await self.tree.spawn("engine", "engine", *nats, env=self.nats.env("engine"))
         await self.tree.spawn(
             "api", "api", *nats, "--host", o.host, "--port", str(o.port),
-            "--db", str(self.state.read_db),
+            "--db", str(self.state.read_db), env=self.nats.env("api"),
         )  # fmt: skip
         if o.demo:
             self.token_file.parent.mkdir(parents=True, exist_ok=True)
@@ -299,9 +324,11 @@ class System:
         # a stopping runner lets its started flows finish, then hands the rest back
         runner_grace = drain_grace_from_env() + RELEASE_GRACE + STOP_GRACE
         for n in range(o.runners):
+            runner_id = local_runner_id(n + 1)
             await self.tree.spawn(
                 f"runner-{n + 1}", "runner", *nats, "--api", self.api_url,
-                "--slots", str(o.slots), "--executor", o.executor, stop_grace=runner_grace,
+                "--slots", str(o.slots), "--executor", o.executor, "--runner-id", runner_id,
+                stop_grace=runner_grace, env=self.nats.env(runner_id),
             )  # fmt: skip
 
     async def session(self, started: float) -> int:
@@ -312,13 +339,17 @@ class System:
         announce(f"TrafficBuster is up in {time.monotonic() - started:.1f}s")
         announce(f"  dashboard  {self.api_url}/")
         announce(f"  API docs   {self.api_url}/schema")
-        announce(f"  NATS       {self.nats_url}  (e.g. nats sub 'tb.>' -s {self.nats_url})")
+        auditor, ops = self.nats.url_files[AUDITOR], self.nats.url_files[OPS]
+        announce(f"  NATS       {self.nats_url}  (authorization on; users in {auditor.parent})")
+        announce(f'  auditor    {auditor}  (nats -s "$(cat {auditor})" stream view TB)')
+        announce(f'  ops        {ops}  (nats -s "$(cat {ops})" stream ls)')
         announce(f"  logs       {self.state.logs}")
         announce(f"  login      {login_note(self.options.host, self.options.port)}")
         if external:
             announce(
-                "waiting for a runner to register: start one with "
-                f"`tb runner --nats-url {self.nats_url}`"
+                "waiting for a runner to register: make a key (POST "
+                f"{self.api_url}/api/v1/runners/keys) and start one with "
+                f"`TB_RUNNER_KEY=<key> tb runner --api {self.api_url}`"
             )
             await _until_ready(self.api_url, self.tree, timeout=None)
             announce("a runner registered: the system is ready")
@@ -334,11 +365,19 @@ class System:
         return 0 if ok else 1
 
     async def close(self) -> None:
+        await self.nats.stop_following()
         if self.bus is not None:
             await self.bus.close()
         await self.tree.stop()
         with contextlib.suppress(FileNotFoundError):
             self.state.nats_url_file.unlink()
+
+
+def _reload_nats(server: Child) -> None:
+    """nats-server reads its configuration again on SIGHUP (users, permissions)."""
+    if server.proc is not None and server.proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            server.proc.send_signal(signal.SIGHUP)
 
 
 def login_note(host: str, port: int) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
+import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -67,6 +69,7 @@ __all__ = [
     "Expect",
     "applied_by",
     "retry_on_conflict",
+    "without_credentials",
 ]
 
 
@@ -142,9 +145,18 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, *, name: str, config: BusConfig | None = None, connect_timeout: float = 5.0
+        cls,
+        url: str,
+        *,
+        name: str,
+        config: BusConfig | None = None,
+        connect_timeout: float = 5.0,
+        inbox_prefix: str = "_INBOX",
     ) -> Bus:
+        """``inbox_prefix``: where replies come back; a runner's NATS user may only
+        subscribe below its own (``engine.nats_permissions.runner_inbox``)."""
         last: dict[str, float] = {}
+        shown = without_credentials(url)
 
         async def on_error(err: Exception) -> None:
             # the client retries every half second: say so once per kind of error a while
@@ -155,7 +167,7 @@ class Bus:
                 return
             last[key] = now
             if refused:
-                log.warning("Connection Refused", url=url, retrying=True)
+                log.warning("Connection Refused", url=shown, retrying=True)
             else:
                 log.warning("nats.error", error=str(err))
 
@@ -168,6 +180,7 @@ class Bus:
             reconnect_time_wait=0.5,
             allow_reconnect=True,
             error_cb=on_error,
+            inbox_prefix=inbox_prefix,
         )
         return cls(nc, config or BusConfig(), name)
 
@@ -529,6 +542,9 @@ class Bus:
         )
         if filters and len(filters) == 1:
             config.filter_subject = filters[0]
+            # named: the create request's subject then carries the filter (nats-server
+            # 2.10+), which is what a runner's permissions check
+            config.name = f"rd_{uuid.uuid4().hex}"
         elif filters:
             config.filter_subjects = filters
         info = await self.js.add_consumer(subjects.EVENTS_STREAM, config)
@@ -547,6 +563,11 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         return await self.js.key_value(bucket)
+
+
+def without_credentials(url: str) -> str:
+    """A NATS URL fit for a log line: no user, password or token."""
+    return ",".join(re.sub(r"^([a-z]+://)[^@/]*@", r"\1", part) for part in url.split(","))
 
 
 def applied_by(envelopes: Sequence[Envelope], command_id: str) -> Appended | None:

@@ -479,6 +479,26 @@ class ApiKeyRevoked(UserEvent, frozen=True, kw_only=True):
     key_id: Id
 
 
+# -- runner keys --------------------------------------------------------------------
+# On ``tb.runnerkey.<key_id>.<type>``, not ``tb.runner.<runner_id>.<type>``: runners may
+# publish on their own ``tb.runner`` subjects, and nobody but the API may say a key exists.
+
+
+class RunnerKeyEvent(Event, frozen=True, kw_only=True):
+    key_id: Id
+
+
+class RunnerKeyCreated(RunnerKeyEvent, frozen=True, kw_only=True):
+    """An admin made a runner key (its hash is in the runner-keys bucket, never here)."""
+
+    name: Name
+    runner_id: Id  # the runner (and NATS user) the key's credentials act as
+
+
+class RunnerKeyRevoked(RunnerKeyEvent, frozen=True, kw_only=True):
+    reason: Text = ""
+
+
 JobEvents = (
     JobCreated
     | JobApprovalRequested
@@ -524,8 +544,17 @@ UserEvents = (
     | ApiKeyCreated
     | ApiKeyRevoked
 )
+RunnerKeyEvents = RunnerKeyCreated | RunnerKeyRevoked
 
-TbEvent = JobEvents | FlowEvents | RunnerEvents | ConsentEvents | ProxyEvents | UserEvents
+TbEvent = (
+    JobEvents
+    | FlowEvents
+    | RunnerEvents
+    | ConsentEvents
+    | ProxyEvents
+    | UserEvents
+    | RunnerKeyEvents
+)
 
 _decoder = msgspec.json.Decoder(TbEvent)
 _encoder = msgspec.json.Encoder()

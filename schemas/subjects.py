@@ -16,6 +16,7 @@ from schemas.events import (
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
+    RunnerKeyEvent,
     UserEvent,
 )
 
@@ -34,6 +35,7 @@ EVENT_SUBJECTS = [
     "tb.schedule.>",
     "tb.user.>",
     "tb.proxy.>",
+    "tb.runnerkey.>",
 ]
 ALL_LOGS = "tb.log.>"
 LOG_SUBJECTS = [ALL_LOGS]
@@ -43,6 +45,7 @@ RUNNERS_BUCKET = "tb_runners"
 LEASES_BUCKET = "tb_leases"
 DATASETS_BUCKET = "tb_datasets"
 DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a cache of the log)
+RUNNER_KEYS_BUCKET = "tb_runner_keys"  # runner keys: hashes and NATS users, by key id
 PROXY_SECRETS_BUCKET = "tb_proxy_secrets"  # proxy endpoints with credentials, by proxy id
 SCREENSHOTS_BUCKET = "tb_screenshots"  # failure screenshots: the only bucket runners write
 LOGS_BUCKET = "tb_logs"  # the saved log of each finished job (TB_LOGS ages out)
@@ -171,6 +174,14 @@ def all_users(event_type: str = "*") -> str:
     return f"tb.user.*.{event_type}"
 
 
+def runner_key_subject(key_id: str, event_type: str) -> str:
+    return f"tb.runnerkey.{key_id}.{event_type}"
+
+
+def runner_key_stream_filter(key_id: str) -> str:
+    return f"tb.runnerkey.{key_id}.*"
+
+
 ALL_PROXIES = "tb.proxy.>"
 ALL_PROXY_FAILURES = all_flows(ProxyFailed.__name__)
 ALL_DISPATCH = "tb.dispatch.>"
@@ -204,6 +215,8 @@ def subject_for(event: Event) -> str:
         return proxy_subject(event.proxy_id, kind)
     if isinstance(event, UserEvent):
         return user_subject(event.user_id, kind)
+    if isinstance(event, RunnerKeyEvent):
+        return runner_key_subject(event.key_id, kind)
     raise TypeError(f"no subject for {kind}")
 
 

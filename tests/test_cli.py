@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from cli.http import call
 from cli.nats_server import port_is_open
 from tests.conftest import NatsServer, free_port
 
@@ -418,6 +419,7 @@ async def test_engine_remakes_a_lost_consumer_without_a_crash_or_exiting(
 async def test_up_restarts_a_killed_engine_and_the_demo_job_counts_every_flow_once(
     tmp_path: Path,
 ) -> None:
+    from cli.nats_auth import with_local_credentials
     from engine.bus import Bus
     from schemas import subjects
     from schemas.events import FlowDone, JobCompleted
@@ -425,7 +427,8 @@ async def test_up_restarts_a_killed_engine_and_the_demo_job_counts_every_flow_on
     state, nats_port = tmp_path / "tb", free_port()
     async with stopped_on_exit(await start_up(state, "--nats-port", str(nats_port))) as up:
         job_id = (await up.wait_for(r"demo: job (\S+) created", 180)).group(1)
-        async with await Bus.connect(f"nats://127.0.0.1:{nats_port}", name="test") as bus:
+        url = with_local_credentials(state / "nats", f"nats://127.0.0.1:{nats_port}")
+        async with await Bus.connect(url, name="test") as bus:
             async with asyncio.timeout(120):  # mid-job: a flow is done, the job is not
                 async for _ in bus.read(1, subjects.flow_subject(job_id, "FlowDone")):
                     break
@@ -707,22 +710,31 @@ async def test_auth_enabled_false_lets_up_past_the_host_check(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-async def test_up_with_no_runners_waits_for_one_started_elsewhere(tmp_path: Path) -> None:
-    nats_port = free_port()
-    url = f"nats://127.0.0.1:{nats_port}"
-    up = await start_up(
-        tmp_path / "tb", "--runners", "0", "--nats-port", str(nats_port), "--exit-when-done"
-    )
+async def test_up_with_no_runners_waits_for_one_started_elsewhere_with_a_runner_key(
+    tmp_path: Path,
+) -> None:
+    """NATS runs with authorization: a runner started elsewhere trades a key for its
+    credentials and runs the demo's flows; a wrong key stops with Authentication Failed."""
+    up = await start_up(tmp_path / "tb", "--runners", "0", "--exit-when-done")
     async with stopped_on_exit(up):
-        await up.wait_for(
-            re.escape(
-                f"waiting for a runner to register: start one with `tb runner --nats-url {url}`"
-            ),
-            120,
+        match = await up.wait_for(
+            r"start one with `TB_RUNNER_KEY=<key> tb runner --api (\S+)`", 120
         )
+        api = match.group(1)
+        wrong = await asyncio.create_subprocess_exec(
+            *TB, "runner", "--api", api, "--executor", "noop",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "RUNNER_API_KEY": "rk_nobody.not-a-key"},
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(wrong.communicate(), 60)
+        assert wrong.returncode != 0
+        assert "Authentication Failed" in out.decode()
+        status, made = await call("POST", f"{api}/api/v1/runners/keys", {"name": "elsewhere"})
+        assert status == 201, made
         runner = await asyncio.create_subprocess_exec(
-            *TB, "runner", "--nats-url", url, "--executor", "noop",
+            *TB, "runner", "--api", api, "--executor", "noop",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "TB_RUNNER_KEY": made["key"]},
         )  # fmt: skip
         try:
             assert await up.finish(120) == 0, up.text

@@ -8,16 +8,17 @@ reports by log lines (``api.log_ingest``). It is a job like any other in the log
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import Body, QueryParameter
 
+from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.inputs import JobIdPath, command_id
-from api.log_ingest import LEGACY_422, Said, not_open
+from api.log_ingest import LEGACY_422, Said, key_guard_when_configured, not_open
 from api.openapi import problems
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
@@ -63,6 +64,8 @@ class ExternalCancelled(msgspec.Struct):
 
 class CrawlerJobs(Controller):
     path = "/api/crawler"
+    opt = access("ingest")
+    guards = [key_guard_when_configured]
     tags = ["logs (crawler-compatible)"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),
@@ -78,6 +81,7 @@ class CrawlerJobs(Controller):
     )
     async def start(
         self,
+        request: Request[Any, Any, Any],
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
         data: Annotated[ExternalJobIn | None, Body(title="ExternalJobIn")] = None,
@@ -87,7 +91,7 @@ class CrawlerJobs(Controller):
             targets=[],
             settings=JobSettings(),
             platform=Platform(),
-            actor="api",
+            actor=actor_of(request),
             command_id=command_id,
             kind="external",
         )
@@ -117,6 +121,7 @@ class CrawlerJobs(Controller):
     )
     async def cancel(
         self,
+        request: Request[Any, Any, Any],
         job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -125,7 +130,7 @@ class CrawlerJobs(Controller):
             raise not_open(job_id)
         try:
             appended = await services.jobs.execute(
-                CancelJob(job_id, reason="cancelled by api"), "api", command_id
+                CancelJob(job_id, reason="cancelled by api"), actor_of(request), command_id
             )
         except (NotFound, Conflict):
             raise not_open(job_id) from None

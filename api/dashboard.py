@@ -6,9 +6,11 @@ from importlib.resources import files
 
 from litestar import MediaType, get
 
+from api.authz import access
+
 _PAGE = files("api").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-@get("/", media_type=MediaType.HTML, include_in_schema=False)
+@get("/", media_type=MediaType.HTML, include_in_schema=False, opt=access("public"))
 async def dashboard() -> str:
     return _PAGE

@@ -12,9 +12,12 @@ from api.dto import Problem, Readiness
 
 MEANING = {
     400: "malformed input: `field` names it, `rule` says what is expected",
+    401: "no valid credentials: log in (or send a valid API key)",
+    403: "the caller's role (or API key) does not allow this",
     404: "no such resource",
     409: "not possible in the current state",
     422: "well-formed input that breaks a rule",
+    429: "too many failed attempts: wait the seconds Retry-After says",
     503: "the event store is unreachable; retry",
 }
 

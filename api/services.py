@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
 
 from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
+from engine.identity.sessions import SessionPolicy
 from engine.jobs.service import JobCommands
 from projections.projector import Projector
 
@@ -26,6 +27,17 @@ class LogsConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """``admin_password`` (TB_ADMIN_PASSWORD): the password of the first user, ``admin``,
+    made when no user exists; ``sessions``: lifetimes; ``clean_every``: seconds between
+    sweeps for expired sessions."""
+
+    admin_password: str | None = None
+    sessions: SessionPolicy = field(default_factory=SessionPolicy)
+    clean_every: float = 1.0
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     nats_url: str
     db_path: Path
@@ -35,6 +47,7 @@ class ApiConfig:
     live_queue: int = 256  # live updates (one read's messages) a client may leave unread
     live_keepalive: float = 15.0  # seconds of quiet before an SSE stream sends a comment
     logs: LogsConfig = LogsConfig()
+    identity: IdentityConfig = IdentityConfig()
 
 
 @dataclass

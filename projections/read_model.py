@@ -8,7 +8,17 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from projections import audit, consents, datasets, jobs, proxies, run_metrics, runners, schedules
+from projections import (
+    audit,
+    consents,
+    datasets,
+    jobs,
+    proxies,
+    run_metrics,
+    runners,
+    schedules,
+    users,
+)
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
@@ -20,6 +30,7 @@ from schemas.events import (
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
+    UserEvent,
 )
 
 CHECKPOINT = "read_model"
@@ -32,11 +43,12 @@ SCHEMA = (
     *audit.SCHEMA,
     *datasets.SCHEMA,
     *schedules.SCHEMA,
+    *users.SCHEMA,
 )
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
-# (kind, progress); 8: the audit trail, datasets and schedules
-SCHEMA_VERSION = 8
+# (kind, progress); 8: the audit trail, datasets and schedules; 9: users
+SCHEMA_VERSION = 9
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -104,6 +116,8 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, UserEvent):
+                await users.apply(db, env)
         await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
         await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)

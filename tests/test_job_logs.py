@@ -71,7 +71,11 @@ async def http(base: str) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def start_external(client: httpx.AsyncClient) -> str:
-    r = await client.post("/api/crawler/start", json={"domain_count": 3, "keywords": ["a"]})
+    r = await client.post(
+        "/api/crawler/start",
+        json={"domain_count": 3, "keywords": ["a"]},
+        headers={"X-API-Key": KEY},  # ignored by a server with no ingest key
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "started" and body["message"] and body["job_id"].startswith("job_")

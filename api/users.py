@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
-from litestar.params import JSONBody
+from litestar.params import JSONBody, PathParameter
 
 from api.authz import Principal, access, principal_of
 from api.identity import identity_of
@@ -23,6 +23,8 @@ Username = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Scope = Annotated[str, msgspec.Meta(max_length=64)]
+UserIdPath = Annotated[str, PathParameter(description=f"a user id: {ID_RULE}")]
+KeyIdPath = Annotated[str, PathParameter(description=f"an API key id: {ID_RULE}")]
 
 
 class UserIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -114,7 +116,7 @@ class UsersController(Controller):
         responses=problems(400, 401, 403, 404, 503),
     )
     async def update_user(
-        self, request: Request[Any, Any, Any], user_id: str, data: JSONBody[UserPatch]
+        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: JSONBody[UserPatch]
     ) -> UserOut:
         identity, actor = identity_of(request), _caller(request).user_id
         user_id = _checked_id("user_id", user_id)
@@ -137,7 +139,7 @@ class UsersController(Controller):
         responses=problems(400, 401, 403, 404, 503),
     )
     async def reset_password(
-        self, request: Request[Any, Any, Any], user_id: str, data: JSONBody[PasswordIn]
+        self, request: Request[Any, Any, Any], user_id: UserIdPath, data: JSONBody[PasswordIn]
     ) -> None:
         identity, actor = identity_of(request), _caller(request).user_id
         user_id = _checked_id("user_id", user_id)
@@ -200,7 +202,9 @@ class ApiKeysController(Controller):
         summary="Revoke an API key (it stops working on every replica)",
         responses=problems(400, 401, 403, 404, 503),
     )
-    async def revoke_key(self, request: Request[Any, Any, Any], key_id: str) -> Response[None]:
+    async def revoke_key(
+        self, request: Request[Any, Any, Any], key_id: KeyIdPath
+    ) -> Response[None]:
         identity, caller = identity_of(request), _caller(request)
         record = identity.keys.get(_checked_id("key_id", key_id))
         if record is None or (caller.role != "admin" and record.user_id != caller.user_id):

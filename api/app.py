@@ -19,7 +19,7 @@ from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
-from api.identity import identity_lifespan, require_access
+from api.identity import document_refusals, identity_lifespan, require_access
 from api.jobs import JobController
 from api.live import live, live_hub
 from api.live_sse import job_events
@@ -68,7 +68,7 @@ def create_app(config: ApiConfig) -> Litestar:
             await projector.stop()
             await bus.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             healthz,
             readyz,
@@ -100,3 +100,5 @@ def create_app(config: ApiConfig) -> Litestar:
         request_max_body_size=config.body_limit,
         plugins=[StrictStructSchemaPlugin(), ReadSide()],
     )
+    document_refusals(app)
+    return app

@@ -21,9 +21,12 @@ from litestar import Litestar
 from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
-from litestar.handlers import BaseRouteHandler
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
 
 from api.authz import ACCESS_OPT, PRINCIPAL_SCOPE_KEY, Principal
+from api.dto import Problem
+from api.openapi import MEANING
 from api.services import IdentityConfig, Services
 from engine.bus import Bus
 from engine.errors import Conflict
@@ -256,6 +259,20 @@ async def require_access(
     if RANK[principal.role] < RANK[level]:
         raise PermissionDeniedException(f"needs the {level} role (you are {principal.role})")
     connection.scope[PRINCIPAL_SCOPE_KEY] = principal  # type: ignore[literal-required]
+
+
+def document_refusals(app: Litestar) -> None:
+    """Every route that needs a caller says in its OpenAPI that it can answer 401 and 403."""
+    refusals = {
+        code: ResponseSpec(data_container=Problem, description=MEANING[code]) for code in (401, 403)
+    }
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if isinstance(handler, HTTPRouteHandler) and handler.opt.get(ACCESS_OPT) not in (
+                None,
+                "public",
+            ):
+                handler.responses = {**refusals, **(handler.responses or {})}
 
 
 async def first_admin(identity: Identity) -> None:

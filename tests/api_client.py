@@ -66,6 +66,16 @@ async def bearer(base_url: str, password: str = ADMIN_PASSWORD) -> dict[str, str
         return {"Authorization": f"Bearer {r.json()['token']}"}
 
 
+async def admin_key(base_url: str) -> dict[str, str]:
+    """Headers with a new API key of the first admin (a key survives any later login or
+    logout, where a session would not)."""
+    headers = await bearer(base_url)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers) as http:
+        r = await http.post("/api/v1/api-keys", json={"name": "tests"})
+        assert r.status_code == 201, r.text
+        return {"X-API-Key": r.json()["key"]}
+
+
 @pytest.fixture
 async def client(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[AsyncTestClient]:
     """The API in-process, with a client logged in as the first admin."""

@@ -311,3 +311,49 @@ async def test_logout_and_revocation_hold_on_the_other_replica_within_a_second(
 
 
 _ = TEST_IDENTITY
+
+
+@pytest.mark.slow  # a real Chromium starts and stops
+async def test_the_dashboard_logs_in_shows_the_plan_and_returns_to_login_when_the_session_ends(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import uvicorn
+    from playwright.async_api import async_playwright
+
+    from agents.browser import launch_chromium
+    from cli.nats_server import wait_for_port
+    from tests.conftest import free_port
+
+    app = create_app(api_config(nats_server, tmp_path))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_for_port("127.0.0.1", port)
+        async with async_playwright() as playwright:
+            browser = await launch_chromium(playwright)
+            try:
+                page = await browser.new_page()
+                await page.goto(f"http://127.0.0.1:{port}/")
+                await page.fill("#login input[name=username]", "admin")
+                await page.fill("#login input[name=password]", "wrong password!")
+                await page.click("#login button")
+                await page.locator("#login-error", has_text="wrong").wait_for()
+                await page.fill("#login input[name=password]", ADMIN_PASSWORD)
+                await page.click("#login button")
+                await page.locator("#conn", has_text="live").wait_for()
+                await page.locator("#who", has_text="admin (admin)").wait_for()
+                assert await page.locator("#features li").count() >= 1
+                # a login elsewhere ends the page's session: the page is told and asks again
+                other = api_config(nats_server, tmp_path, db_path=tmp_path / "other.db")
+                async with AsyncTestClient(app=create_app(other)) as c:
+                    await log_in(c)
+                await page.locator("#login-error", has_text="session has ended").wait_for(
+                    timeout=5000
+                )
+                assert await page.locator("#main").is_hidden()
+            finally:
+                await browser.close()
+    finally:
+        server.should_exit = True
+        await serving

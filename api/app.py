@@ -95,7 +95,9 @@ def create_app(config: ApiConfig) -> Litestar:
             title="TrafficBuster",
             version=VERSION,
             # the API's description is no secret: anyone may read it
-            openapi_router=Router(path="/schema", route_handlers=[], opt=access("public")),
+            openapi_router=Router(
+                path="/schema", route_handlers=[], opt=access("public"), include_in_schema=False
+            ),
         ),
         request_max_body_size=config.body_limit,
         plugins=[StrictStructSchemaPlugin(), ReadSide()],

@@ -262,17 +262,19 @@ async def require_access(
 
 
 def document_refusals(app: Litestar) -> None:
-    """Every route that needs a caller says in its OpenAPI that it can answer 401 and 403."""
-    refusals = {
-        code: ResponseSpec(data_container=Problem, description=MEANING[code]) for code in (401, 403)
-    }
+    """Every route that needs a caller says in its OpenAPI that it can answer 401 and 403,
+    and every route that takes a body that it can answer 413."""
+    spec = {c: ResponseSpec(data_container=Problem, description=MEANING[c]) for c in MEANING}
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
-            if isinstance(handler, HTTPRouteHandler) and handler.opt.get(ACCESS_OPT) not in (
-                None,
-                "public",
-            ):
-                handler.responses = {**refusals, **(handler.responses or {})}
+            if not isinstance(handler, HTTPRouteHandler):
+                continue
+            codes = []
+            if handler.opt.get(ACCESS_OPT) not in (None, "public"):
+                codes += [401, 403]
+            if handler.http_methods & {"POST", "PUT", "PATCH"}:
+                codes.append(413)
+            handler.responses = {**{c: spec[c] for c in codes}, **(handler.responses or {})}
 
 
 async def first_admin(identity: Identity) -> None:

@@ -16,6 +16,7 @@ MEANING = {
     403: "the caller's role (or API key) does not allow this",
     404: "no such resource",
     409: "not possible in the current state",
+    413: "the body is larger than the API takes",
     422: "well-formed input that breaks a rule",
     429: "too many failed attempts: wait the seconds Retry-After says",
     503: "the event store is unreachable; retry",

@@ -12,7 +12,7 @@ from api.authz import Principal, access, principal_of
 from api.identity import identity_of
 from api.openapi import problems
 from api.services import Services
-from engine.errors import Invalid, NotFound
+from engine.errors import Conflict, Invalid, NotFound
 from engine.identity.api_keys import SCOPES
 from engine.identity.users import User
 from projections import users as users_read
@@ -113,7 +113,7 @@ class UsersController(Controller):
     @patch(
         "/{user_id:str}",
         summary="Change a user's role, or disable (ending their sessions and keys) or enable them",
-        responses=problems(400, 401, 403, 404, 503),
+        responses=problems(400, 401, 403, 404, 409, 503),
     )
     async def update_user(
         self, request: Request[Any, Any, Any], user_id: UserIdPath, data: JSONBody[UserPatch]
@@ -123,6 +123,9 @@ class UsersController(Controller):
         user = await identity.users.load(user_id)
         if not user.exists:
             raise NotFound("user_id", f"no user {user_id}")
+        if user_id == actor and (data.disabled or data.role not in (None, "admin")):
+            # an admin who locks themselves out may leave nobody to let them back in
+            raise Conflict("user_id", "an admin cannot disable or demote themselves")
         if data.role is not None:
             user = await identity.users.change_role(user_id, data.role, actor)
         if data.disabled is True:

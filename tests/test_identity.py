@@ -191,6 +191,10 @@ async def test_users_admin_roles_disable_and_keys(
     assert (await viewer.get("/api/v1/auth/me")).status_code == 200
     unknown = await client.patch("/api/v1/users/user_nosuch", json={"role": "admin"})
     assert unknown.status_code == 404
+    admin_id = (await client.get("/api/v1/auth/me")).json()["user_id"]
+    for change in ({"disabled": True}, {"role": "viewer"}):
+        itself = await client.patch(f"/api/v1/users/{admin_id}", json=change)
+        assert itself.status_code == 409 and itself.json()["field"] == "user_id"
 
 
 async def test_api_key_scopes_narrow_and_revocation(client: AsyncTestClient) -> None:

@@ -124,5 +124,5 @@ class UserCommands:
         except nats.js.errors.KeyNotFoundError:
             stored = None
         ok = await verify_password(stored, password)
-        user = await self.load(user_id) if stored is not None else User()
+        user = await self.load(user_id)  # read for a name nobody has too: the same work
         return user, ok and user.exists

@@ -10,6 +10,7 @@ event and ends. While open, a connection keeps its session from idling out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -91,21 +92,26 @@ async def until_session_ends(
     ending = asyncio.ensure_future(
         session_end(identity_of(connection), principal, connection_token(connection))
     )
+    step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(stream))
             await asyncio.wait({step, ending}, return_when=asyncio.FIRST_COMPLETED)
-            if step.done():
-                try:
-                    yield step.result()
-                except StopAsyncIteration:
-                    return
-                continue
-            step.cancel()
-            yield expired
-            return
+            if not step.done():
+                break
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield item
+        yield expired
     finally:
         ending.cancel()
+        if step is not None and not step.done():
+            step.cancel()  # the stream must stop running before it can be closed
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -361,3 +361,57 @@ async def test_the_dashboard_logs_in_shows_the_plan_and_returns_to_login_when_th
     finally:
         server.should_exit = True
         await serving
+
+
+async def test_sse_streams_end_with_session_expired_when_their_session_ends(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import httpx
+    import uvicorn
+
+    from cli.nats_server import wait_for_port
+    from tests.api_client import bearer
+    from tests.conftest import free_port
+
+    app = create_app(api_config(nats_server, tmp_path))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{port}"
+
+    async def last_event(http: httpx.AsyncClient, path: str, ended: asyncio.Event) -> str:
+        event = ""
+        async with http.stream("GET", path) as stream:
+            assert stream.status_code == 200
+            ended.set()
+            async for line in stream.aiter_lines():
+                if line.startswith("event:"):
+                    event = line.removeprefix("event:").strip()
+        return event
+
+    try:
+        async with asyncio.timeout(20):
+            await wait_for_port("127.0.0.1", port)
+            headers = await bearer(base)
+            async with httpx.AsyncClient(base_url=base, headers=headers, timeout=20) as http:
+                started = await http.post("/api/crawler/start", json={})
+                job_id = started.json()["job_id"]
+                opened = [asyncio.Event(), asyncio.Event()]
+                streams = [
+                    asyncio.create_task(last_event(http, path, ready))
+                    for path, ready in zip(
+                        (
+                            f"/api/v1/jobs/{job_id}/events/stream",
+                            f"/api/v1/jobs/{job_id}/logs/stream",
+                        ),
+                        opened,
+                        strict=True,
+                    )
+                ]
+                for ready in opened:
+                    await ready.wait()
+                assert (await http.post("/api/v1/auth/logout")).status_code == 204
+                assert await asyncio.gather(*streams) == ["sessionExpired", "sessionExpired"]
+    finally:
+        server.should_exit = True
+        await serving

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+import uvicorn
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.services import ApiConfig, IdentityConfig
+from cli.nats_server import wait_for_port
 from engine.bus import Bus, BusConfig
 from schemas import subjects
 from schemas.events import Role
 from schemas.presence import RunnerPresence
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, free_port
 
 Online = Callable[..., Awaitable[None]]
 
@@ -74,6 +77,21 @@ async def admin_key(base_url: str) -> dict[str, str]:
         r = await http.post("/api/v1/api-keys", json={"name": "tests"})
         assert r.status_code == 201, r.text
         return {"X-API-Key": r.json()["key"]}
+
+
+@asynccontextmanager
+async def served(config: ApiConfig) -> AsyncIterator[str]:
+    """The API with ``config`` served by uvicorn on a free loopback port; yields its URL."""
+    port = free_port()
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_for_port("127.0.0.1", port, timeout=20)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
 
 
 @pytest.fixture

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
+from websockets.asyncio.client import connect
 
 from api.app import create_app
 from api.services import ApiConfig, IdentityConfig
@@ -21,12 +23,13 @@ from schemas import subjects
 from schemas.events import LoginFailed, UserLoggedIn, UserLoggedOut
 from tests.api_client import (
     ADMIN_PASSWORD,
-    TEST_IDENTITY,
     ClientAs,
     api_config,
+    bearer,
     client,
     client_as,
     log_in,
+    served,
 )
 from tests.conftest import NatsServer
 
@@ -240,32 +243,20 @@ async def test_without_users_or_admin_password_the_api_does_not_start(
 async def test_an_expired_session_answers_401_and_its_socket_hears_it(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    import uvicorn
-    from websockets.asyncio.client import connect
-
-    from cli.nats_server import wait_for_port
-    from tests.api_client import bearer
-    from tests.conftest import free_port
-
     identity = IdentityConfig(
         admin_password=ADMIN_PASSWORD,
         sessions=SessionPolicy(max_age=2.0, idle=60.0, grace=1.0),
         clean_every=0.2,
     )
-    app = create_app(api_config(nats_server, tmp_path, identity=identity))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with served(api_config(nats_server, tmp_path, identity=identity)) as base:
+        ws_url = base.replace("http", "ws") + "/ws"
+        headers = await bearer(base)
+        token = headers["Authorization"].removeprefix("Bearer ")
         async with asyncio.timeout(20):
-            await wait_for_port("127.0.0.1", port)
-            headers = await bearer(base)
-            token = headers["Authorization"].removeprefix("Bearer ")
             # one socket with the header, one that sends its token first
             async with (
-                connect(f"ws://127.0.0.1:{port}/ws", additional_headers=headers) as by_header,
-                connect(f"ws://127.0.0.1:{port}/ws") as by_message,
+                connect(ws_url, additional_headers=headers) as by_header,
+                connect(ws_url) as by_message,
             ):
                 await by_message.send(json.dumps({"type": "auth", "token": token}))
                 started = time.monotonic()
@@ -274,17 +265,12 @@ async def test_an_expired_session_answers_401_and_its_socket_hears_it(
                     while message["type"] != "sessionExpired":
                         message = json.loads(await ws.recv())
                 assert time.monotonic() - started < 4
-            import httpx
-
             async with httpx.AsyncClient(base_url=base) as http:
                 assert (await http.get("/api/v1/jobs", headers=headers)).status_code == 401
-                async with connect(f"ws://127.0.0.1:{port}/ws") as silent:
-                    await silent.send(json.dumps({"type": "auth", "token": token}))
-                    await silent.wait_closed()
-                    assert silent.close_code == 1008
-    finally:
-        server.should_exit = True
-        await serving
+            async with connect(ws_url) as silent:
+                await silent.send(json.dumps({"type": "auth", "token": token}))
+                await silent.wait_closed()
+                assert silent.close_code == 1008
     expired = await user_events(nats_server.url, "SessionExpired")
     assert [e.reason for e in expired] == ["absolute"]
 
@@ -314,104 +300,60 @@ async def test_logout_and_revocation_hold_on_the_other_replica_within_a_second(
             await asyncio.sleep(0.02)
 
 
-_ = TEST_IDENTITY
-
-
 @pytest.mark.slow  # a real Chromium starts and stops
 async def test_the_dashboard_logs_in_shows_the_plan_and_returns_to_login_when_the_session_ends(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    import uvicorn
     from playwright.async_api import async_playwright
 
     from agents.browser import launch_chromium
-    from cli.nats_server import wait_for_port
-    from tests.conftest import free_port
 
-    app = create_app(api_config(nats_server, tmp_path))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        await wait_for_port("127.0.0.1", port)
-        async with async_playwright() as playwright:
-            browser = await launch_chromium(playwright)
-            try:
-                page = await browser.new_page()
-                await page.goto(f"http://127.0.0.1:{port}/")
-                await page.fill("#login input[name=username]", "admin")
-                await page.fill("#login input[name=password]", "wrong password!")
-                await page.click("#login button")
-                await page.locator("#login-error", has_text="wrong").wait_for()
-                await page.fill("#login input[name=password]", ADMIN_PASSWORD)
-                await page.click("#login button")
-                await page.locator("#conn", has_text="live").wait_for()
-                await page.locator("#who", has_text="admin (admin)").wait_for()
-                assert await page.locator("#features li").count() >= 1
-                # a login elsewhere ends the page's session: the page is told and asks again
-                other = api_config(nats_server, tmp_path, db_path=tmp_path / "other.db")
-                async with AsyncTestClient(app=create_app(other)) as c:
-                    await log_in(c)
-                await page.locator("#login-error", has_text="session has ended").wait_for(
-                    timeout=5000
-                )
-                assert await page.locator("#main").is_hidden()
-            finally:
-                await browser.close()
-    finally:
-        server.should_exit = True
-        await serving
+    async with served(api_config(nats_server, tmp_path)) as base, async_playwright() as pw:
+        browser = await launch_chromium(pw)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{base}/")
+            await page.fill("#login input[name=username]", "admin")
+            await page.fill("#login input[name=password]", "wrong password!")
+            await page.click("#login button")
+            await page.locator("#login-error", has_text="wrong").wait_for()
+            await page.fill("#login input[name=password]", ADMIN_PASSWORD)
+            await page.click("#login button")
+            await page.locator("#conn", has_text="live").wait_for()
+            await page.locator("#who", has_text="admin (admin)").wait_for()
+            assert await page.locator("#features li").count() >= 1
+            # a login elsewhere ends the page's session: the page is told and asks again
+            await bearer(base)
+            await page.locator("#login-error", has_text="session has ended").wait_for(timeout=5000)
+            assert await page.locator("#main").is_hidden()
+        finally:
+            await browser.close()
 
 
 async def test_sse_streams_end_with_session_expired_when_their_session_ends(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    import httpx
-    import uvicorn
-
-    from cli.nats_server import wait_for_port
-    from tests.api_client import bearer
-    from tests.conftest import free_port
-
-    app = create_app(api_config(nats_server, tmp_path))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    base = f"http://127.0.0.1:{port}"
-
-    async def last_event(http: httpx.AsyncClient, path: str, ended: asyncio.Event) -> str:
+    async def last_event(http: httpx.AsyncClient, path: str, ready: asyncio.Event) -> str:
         event = ""
         async with http.stream("GET", path) as stream:
             assert stream.status_code == 200
-            ended.set()
+            ready.set()
             async for line in stream.aiter_lines():
                 if line.startswith("event:"):
                     event = line.removeprefix("event:").strip()
         return event
 
-    try:
-        async with asyncio.timeout(20):
-            await wait_for_port("127.0.0.1", port)
-            headers = await bearer(base)
-            async with httpx.AsyncClient(base_url=base, headers=headers, timeout=20) as http:
-                started = await http.post("/api/crawler/start", json={})
-                job_id = started.json()["job_id"]
-                opened = [asyncio.Event(), asyncio.Event()]
-                streams = [
-                    asyncio.create_task(last_event(http, path, ready))
-                    for path, ready in zip(
-                        (
-                            f"/api/v1/jobs/{job_id}/events/stream",
-                            f"/api/v1/jobs/{job_id}/logs/stream",
-                        ),
-                        opened,
-                        strict=True,
-                    )
-                ]
-                for ready in opened:
-                    await ready.wait()
-                assert (await http.post("/api/v1/auth/logout")).status_code == 204
-                assert await asyncio.gather(*streams) == ["sessionExpired", "sessionExpired"]
-    finally:
-        server.should_exit = True
-        await serving
+    async with served(api_config(nats_server, tmp_path)) as base, asyncio.timeout(20):
+        headers = await bearer(base)
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=20) as http:
+            job_id = (await http.post("/api/crawler/start", json={})).json()["job_id"]
+            paths = (f"/api/v1/jobs/{job_id}/events/stream", f"/api/v1/jobs/{job_id}/logs/stream")
+            opened = [asyncio.Event() for _ in paths]
+            streams = [
+                asyncio.create_task(last_event(http, path, ready))
+                for path, ready in zip(paths, opened, strict=True)
+            ]
+            for ready in opened:
+                await ready.wait()
+            assert (await http.post("/api/v1/auth/logout")).status_code == 204
+            assert await asyncio.gather(*streams) == ["sessionExpired", "sessionExpired"]

@@ -32,6 +32,7 @@ from engine.bus import Bus
 from engine.errors import Conflict
 from engine.identity.api_keys import ApiKey, ApiKeys, looks_like_key, may_ingest, role_of_key
 from engine.identity.buckets import API_KEYS_BUCKET, SESSIONS_BUCKET, bucket
+from engine.identity.passwords import warm_up
 from engine.identity.service import UserCommands
 from engine.identity.sessions import Session, Sessions
 from engine.identity.throttle import Policy, Throttle
@@ -321,6 +322,7 @@ async def identity_lifespan(app: Litestar) -> AsyncIterator[None]:
     cleaner = asyncio.create_task(_clean_every(identity, config.clean_every))
     try:
         await first_admin(identity)
+        await warm_up()
         yield
     finally:
         cleaner.cancel()

@@ -55,6 +55,10 @@ async def test_login_me_logout(client: AsyncTestClient, nats_server: NatsServer)
     me = (await client.get("/api/v1/auth/me")).json()
     assert (me["username"], me["role"], me["via"]) == ("admin", "admin", "session")
     assert me["licence"]["plan"] == me["plan"] and "features" in me["licence"]
+    # what the API writes names the user who asked for it
+    claimed = (await client.post("/api/v1/consents", json={"domain": "example.com"})).json()
+    audit = await client.get(f"/api/v1/audit?type=DomainClaimed&min_seq={claimed['seq']}")
+    assert [e["actor"] for e in audit.json()["items"]] == [me["user_id"]]
     assert (await client.post("/api/v1/auth/logout")).status_code == 204
     after = await client.get("/api/v1/jobs")
     assert after.status_code == 401

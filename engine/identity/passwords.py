@@ -47,6 +47,11 @@ def _dummy_hash() -> str:
     return _hasher.hash("a password nobody has, to spend the same time")
 
 
+async def warm_up() -> None:
+    """Make the dummy hash before the first login, so that login is not the slow one."""
+    await asyncio.to_thread(_dummy_hash)
+
+
 async def verify_password(stored_hash: str | None, password: str) -> bool:
     """Whether ``password`` matches; with no stored hash (no such user) the same work is
     done against a dummy hash, so the time taken does not tell whether the user exists."""

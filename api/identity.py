@@ -72,8 +72,26 @@ class Identity:
     address_throttle: Throttle = field(default_factory=lambda: Throttle(Policy(free=20)))
     _ended: dict[str, asyncio.Event] = field(default_factory=dict)
 
+    _ending: set[asyncio.Task[None]] = field(default_factory=set)
+
     def __post_init__(self) -> None:
         self.sessions.on_end(self._session_ended)
+        self.sessions.on_start(self._session_started)
+
+    def _session_started(self, key: str, session: Session) -> None:
+        """One interactive session per user, across replicas: two logins at once on two
+        replicas each miss the other's new session, so every replica that hears of a
+        session ends the user's older interactive ones (the same on every replica)."""
+        if session.kind != "interactive":
+            return
+        for other_key, other in self.sessions.of_user(session.user_id):
+            older = (other.created, other.session_id) < (session.created, session.session_id)
+            if other.kind == "interactive" and older:
+                task = asyncio.create_task(
+                    self.end_session(other_key, other, "new login", session.user_id)
+                )
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
 
     def _session_ended(self, session: Session) -> None:
         if (ended := self._ended.pop(session.session_id, None)) is not None:

@@ -361,3 +361,28 @@ async def test_sse_streams_end_with_session_expired_when_their_session_ends(
                 await ready.wait()
             assert (await http.post("/api/v1/auth/logout")).status_code == 204
             assert await asyncio.gather(*streams) == ["sessionExpired", "sessionExpired"]
+
+
+async def test_two_logins_at_once_on_two_replicas_leave_one_session(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from tests.test_api_replicas import replica
+
+    async with (
+        replica(nats_server.url, tmp_path / "a.db") as a,
+        replica(nats_server.url, tmp_path / "b.db", "none yet") as b,
+    ):
+        await asyncio.gather(log_in(a), log_in(b))
+        started = time.monotonic()
+        while True:
+            codes = sorted(
+                [
+                    (await a.get("/api/v1/jobs")).status_code,
+                    (await b.get("/api/v1/jobs")).status_code,
+                ]
+            )
+            if codes == [200, 401]:
+                break
+            assert codes != [401, 401]
+            assert time.monotonic() - started < 1.0, codes
+            await asyncio.sleep(0.02)

@@ -69,6 +69,7 @@ def new_token() -> str:
 
 _decode = msgspec.json.Decoder(Session).decode
 Ended = Callable[[Session], None]
+Started = Callable[[str, Session], None]
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Sessions:
     policy: SessionPolicy = SessionPolicy()
     _cache: dict[str, Session] = field(default_factory=dict)
     _listeners: list[Ended] = field(default_factory=list)
+    _started: list[Started] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -93,6 +95,11 @@ class Sessions:
     def on_end(self, listener: Ended) -> None:
         self._listeners.append(listener)
 
+    def on_start(self, listener: Started) -> None:
+        """Called for each session this replica first hears of from the bucket (one made
+        on another replica, or one that was there when the watch began)."""
+        self._started.append(listener)
+
     async def _follow(self) -> None:
         while True:
             try:
@@ -105,7 +112,11 @@ class Sessions:
                         if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                             self._forget(entry.key)
                         else:
-                            self._cache[entry.key] = _decode(entry.value)
+                            fresh = entry.key not in self._cache
+                            session = self._cache[entry.key] = _decode(entry.value)
+                            if fresh:
+                                for listener in self._started:
+                                    listener(entry.key, session)
                 finally:
                     with contextlib.suppress(Exception):
                         await watcher.stop()  # type: ignore[no-untyped-call]

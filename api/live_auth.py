@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 from litestar import WebSocket
 from litestar.connection import ASGIConnection
+from litestar.exceptions import WebSocketDisconnect
 from litestar.response import ServerSentEventMessage
 
 from api.authz import RANKS, Principal, principal_of
@@ -43,8 +44,8 @@ async def socket_principal(socket: WebSocket[Any, Any, Any]) -> Principal | None
         async with asyncio.timeout(AUTH_WAIT):
             data = await socket.receive_data(mode="text")
         message = msgspec.json.decode(data, type=AuthMessage)
-    except (TimeoutError, msgspec.DecodeError):
-        return None
+    except (TimeoutError, msgspec.DecodeError, WebSocketDisconnect, RuntimeError, OSError):
+        return None  # no auth message in time, another message, or the client went away
     identity = identity_of(socket)
     principal = await identity.session_principal(message.token)
     if principal is None:

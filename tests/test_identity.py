@@ -271,10 +271,12 @@ async def test_an_expired_session_answers_401_and_its_socket_hears_it(
                 assert time.monotonic() - started < 4
             async with httpx.AsyncClient(base_url=base) as http:
                 assert (await http.get("/api/v1/jobs", headers=headers)).status_code == 401
-            async with connect(ws_url) as silent:
-                await silent.send(json.dumps({"type": "auth", "token": token}))
-                await silent.wait_closed()
-                assert silent.close_code == 1008
+            for first in (json.dumps({"type": "auth", "token": token}), b"\x00", "{}"):
+                async with connect(ws_url) as refused:  # an ended token, bytes, no token
+                    await refused.send(first)
+                    await refused.wait_closed()
+                    assert refused.close_code == 1008
+                    assert "not authenticated" in (refused.close_reason or "")
     expired = await user_events(nats_server.url, "SessionExpired")
     assert [e.reason for e in expired] == ["absolute"]
 

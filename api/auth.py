@@ -21,7 +21,7 @@ from litestar.exceptions import (
 from litestar.params import JSONBody
 
 from api.authz import access, principal_of
-from api.identity import SESSION_COOKIE, Identity, identity_of, plan_of_user
+from api.identity import SESSION_COOKIE, Identity, identity_of
 from api.openapi import problems
 from engine.errors import Conflict
 from schemas.events import LoginFailed, UserLoggedIn
@@ -170,7 +170,7 @@ class AuthController(Controller):
     async def me(self, request: Request[Any, Any, Any]) -> Me:
         principal = principal_of(request)
         assert principal is not None  # the access guard let only a user through
-        plan = plan_of_user(principal.user_id)
+        plan = principal.plan
         return Me(
             user_id=principal.user_id,
             username=principal.username,

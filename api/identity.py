@@ -54,8 +54,8 @@ NO_ADMIN_PASSWORD = (
 NEEDS_CREDENTIALS = "a session token (Authorization: Bearer) or an API key is required"
 
 
-def plan_of_user(user_id: str) -> str:
-    """The user's licence plan (from their ``LicenseAssigned`` events)."""
+async def plan_of_user(db: aiosqlite.Connection, user_id: str) -> str:
+    """The name of the user's licence plan (from their ``LicenseAssigned`` events)."""
     return DEFAULT_PLAN
 
 
@@ -127,7 +127,7 @@ class Identity:
             user_id=user.user_id,
             username=user.username,
             role=user.role,
-            plan=plan_of_user(user.user_id),
+            plan=await plan_of_user(self.db, user.user_id),
             via="session",
             session_id=session.session_id,
         )
@@ -147,7 +147,7 @@ class Identity:
             user_id=user.user_id,
             username=user.username,
             role=role,
-            plan=plan_of_user(user.user_id),
+            plan=await plan_of_user(self.db, user.user_id),
             via="api_key",
             key_id=record.key_id,
             scopes=frozenset(record.scopes),
@@ -166,7 +166,7 @@ class Identity:
             user_id=user.user_id,
             username=user.username,
             role="viewer",
-            plan=plan_of_user(user.user_id),
+            plan=await plan_of_user(self.db, user.user_id),
             via="api_key",
             key_id=record.key_id,
             scopes=frozenset(record.scopes),

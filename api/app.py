@@ -21,6 +21,7 @@ from api.flows import FlowController
 from api.health import healthz, readyz
 from api.identity import document_refusals, identity_lifespan, require_access
 from api.jobs import JobController
+from api.licences import LicenceController
 from api.live import live, live_hub
 from api.live_sse import job_events
 from api.log_feed import job_logs_lifespan
@@ -86,6 +87,7 @@ def create_app(config: ApiConfig) -> Litestar:
             *(LogIngest, LegacyLogIngest, CrawlerJobs, JobLogReads, LegacyLogStream),
             AuditController,
             *(AuthController, UsersController, ApiKeysController),
+            LicenceController,
         ],
         guards=[require_access],
         lifespan=[lifespan, identity_lifespan, live_hub, job_logs_lifespan],

@@ -224,6 +224,15 @@ async def _jsonl(batches: AsyncIterator[list[AuditLine]]) -> AsyncIterator[bytes
         yield bytes(buffer)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: str) -> str:
+    """A text cell a spreadsheet will not run as a formula (an actor is any text a
+    publisher chose): a leading quote makes it text, as OWASP advises for CSV."""
+    return f"'{value}" if value.startswith(FORMULA_STARTS) else value
+
+
 async def _csv(batches: AsyncIterator[list[AuditLine]]) -> AsyncIterator[bytes]:
     text = io.StringIO()
     writer = csv.writer(text)
@@ -231,8 +240,8 @@ async def _csv(batches: AsyncIterator[list[AuditLine]]) -> AsyncIterator[bytes]:
     async for batch in batches:
         for line in batch:
             writer.writerow(
-                (line.seq, line.subject, line.at, line.actor, line.type, line.job_id or "",
-                 bytes(line.event).decode())
+                (line.seq, _cell(line.subject), line.at, _cell(line.actor), _cell(line.type),
+                 _cell(line.job_id or ""), bytes(line.event).decode())
             )  # fmt: skip
         yield text.getvalue().encode()
         text.seek(0)

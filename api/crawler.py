@@ -15,6 +15,7 @@ from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import Body, QueryParameter
 
+from api import licences
 from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.inputs import JobIdPath, command_id
@@ -77,7 +78,7 @@ class CrawlerJobs(Controller):
         "/start",
         status_code=200,
         summary="Open an external job: its worker reports by log lines",
-        responses=problems(422),
+        responses=problems(403, 422),
     )
     async def start(
         self,
@@ -94,6 +95,10 @@ class CrawlerJobs(Controller):
             actor=actor_of(request),
             command_id=command_id,
             kind="external",
+            # it runs at once: it counts towards the caller's concurrent jobs
+            allowed=lambda: licences.check_job(
+                services, request, JobSettings(), [], kind="external"
+            ),
         )
         message = f"Job {job_id} started: its worker posts its log to /api/crawler/log"
         return ExternalStarted(job_id=job_id, status="started", message=message, seq=appended.seq)

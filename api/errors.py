@@ -31,6 +31,7 @@ log = structlog.get_logger("tb.api")
 _NAMED_FIELD = re.compile(r"Object (?:missing required|contains unknown) field `([^`]+)`")
 # a value type's own check (``__post_init__``) says "<field> <rule>", e.g. "url must …"
 _FIELD_RULE = re.compile(r"([a-z_][a-z0-9_]*) (.+)", re.DOTALL)
+BODY_PARAMETER = "data"  # every handler takes its JSON body as ``data``
 
 
 def rejected(_: Request[Any, Any, Any], exc: Rejected) -> Response[Problem]:
@@ -50,6 +51,8 @@ def validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[
 
 def field_and_rule(key: str, message: str) -> tuple[str | None, str]:
     """The full path of the field a decode error is about (``targets[0].url``) and the rule."""
+    if key == BODY_PARAMETER:
+        key = ""  # the body's own top level: Litestar names it after the handler's parameter
     if named := _NAMED_FIELD.match(message):
         return _join(key, named.group(1)), message
     if own := _FIELD_RULE.fullmatch(message):

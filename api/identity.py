@@ -37,10 +37,10 @@ from engine.identity.service import UserCommands
 from engine.identity.sessions import Session, Sessions
 from engine.identity.throttle import Policy, Throttle
 from engine.identity.users import User
+from projections import queries
 from projections import users as users_read
 from schemas.events import Role, SessionExpired, UserLoggedOut
 from schemas.ids import new_id, utcnow
-from schemas.licences import DEFAULT_PLAN
 
 log = structlog.get_logger("tb.identity")
 
@@ -56,7 +56,7 @@ NEEDS_CREDENTIALS = "a session token (Authorization: Bearer) or an API key is re
 
 async def plan_of_user(db: aiosqlite.Connection, user_id: str) -> str:
     """The name of the user's licence plan (from their ``LicenseAssigned`` events)."""
-    return DEFAULT_PLAN
+    return await queries.plan_of(db, user_id)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, QueryParameter
 
+from api import licences
 from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
@@ -47,7 +48,7 @@ class JobController(Controller):
         "/",
         status_code=201,
         summary="Create a job; the engine starts or refuses it",
-        responses=problems(400, 409, 422, 503),
+        responses=problems(400, 403, 409, 422, 503),
         opt=access("operator"),
     )
     async def create_job(
@@ -73,6 +74,7 @@ class JobController(Controller):
             platform=platform,
             actor=actor_of(request),
             command_id=command_id,
+            allowed=lambda: licences.check_job(services, request, data.settings, data.targets),
         )
         return Created(job_id=job_id, seq=appended.seq)
 

@@ -13,7 +13,8 @@ from api.dto import Problem, Readiness
 MEANING = {
     400: "malformed input: `field` names it, `rule` says what is expected",
     401: "no valid credentials: log in (or send a valid API key)",
-    403: "the caller's role (or API key) does not allow this",
+    403: "not allowed: the caller's role or API key (`detail` names the role needed), or"
+    " their licence (`field` names what asked for it, `rule` the feature or limit and the plan)",
     404: "no such resource",
     409: "not possible in the current state",
     413: "the body is larger than the API takes",

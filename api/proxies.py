@@ -17,6 +17,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.inputs import command_id
+from api.licences import check_feature
 from api.openapi import problems
 from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.reads import MIN_SEQ_HELP, wait_for_seq
@@ -103,16 +104,18 @@ class ProxyController(Controller):
         summary="Register an upstream proxy (http, https or socks5, with or without credentials)",
         description="The credentials go to the proxy secrets bucket; the event log records"
         " only where the proxy is and whether it has credentials.",
-        responses=problems(400, 409, 503),
+        responses=problems(400, 403, 409, 503),
         opt=access("operator"),
     )
     async def register(
         self,
         request: Request[Any, Any, Any],
         data: JSONBody[RegisterProxyIn],
+        services: NamedDependency[Services],
         commands: NamedDependency[ProxyCommands],
         command_id: NamedDependency[str],
     ) -> ProxyRegisteredOut:
+        await check_feature(services, request, "proxy_import", "url")
         event, appended = await commands.register(
             data.url, data.label, actor_of(request), command_id
         )

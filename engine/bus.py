@@ -53,6 +53,7 @@ from schemas.stored import Undecodable, decode_stored
 
 log = structlog.get_logger("tb.bus")
 
+INVALID_SUBJECT = 10052  # JetStream: a consumer's filter is not a valid subject
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
@@ -506,6 +507,9 @@ class Bus:
                     raise
                 await backoff.failed(err)  # then recreate the reader from next_seq
             except nats.js.errors.APIError as err:
+                if err.code == 400 or err.err_code == INVALID_SUBJECT:
+                    # the request, not the server: asking again cannot succeed
+                    raise ValueError(f"cannot read {filters}: {err.description}") from err
                 await backoff.failed(err)
             finally:
                 if puller is not None:
@@ -554,7 +558,8 @@ def applied_by(envelopes: Sequence[Envelope], command_id: str) -> Appended | Non
     prefix = subjects.command_msg_id(command_id, 0).removesuffix("0")
     last = None
     for env in envelopes:
-        if env.msg_id.startswith(prefix):
+        n = env.msg_id[len(prefix) :] if env.msg_id.startswith(prefix) else ""
+        if n.isascii() and n.isdigit():  # not "cmd:a:1:0" for command "a" (that is "a:1")
             last = env.seq
     return None if last is None else Appended(seq=last, duplicate=True)
 

@@ -66,6 +66,7 @@ SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC)",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at DESC)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_creator ON jobs (created_by, status)",
     """CREATE TABLE IF NOT EXISTS targets (
         job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
         idx INTEGER NOT NULL,

@@ -14,6 +14,7 @@ from projections.metrics_views import RunMetrics
 from projections.runners import RunnerStatus
 from schemas.consent_state import ConsentStatus
 from schemas.flow_lifecycle import FlowStatus
+from schemas.licences import DEFAULT_PLAN
 from schemas.values import JobKind, JobStatus
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -282,6 +283,28 @@ async def get_consent(db: aiosqlite.Connection, domain: str) -> ConsentView | No
         db, ConsentView, f"{_CONSENT_QUERY} WHERE domain = ?", (domain_key(domain),)
     )
     return found[0] if found else None
+
+
+async def plan_of(db: aiosqlite.Connection, user_id: str) -> str:
+    """The name of the plan last assigned to the user, ``DEFAULT_PLAN`` when none was."""
+    rows = list(
+        await db.execute_fetchall("SELECT plan FROM licences WHERE user_id = ?", (user_id,))
+    )
+    return str(rows[0][0]) if rows else DEFAULT_PLAN
+
+
+_STARTED = ", ".join(f"'{status.value}'" for status in (JobStatus.RUNNING, JobStatus.PAUSED))
+
+
+async def running_jobs(db: aiosqlite.Connection, user_id: str) -> int:
+    """The user's jobs that have started and not ended (what ``concurrent_jobs`` limits)."""
+    rows = list(
+        await db.execute_fetchall(
+            f"SELECT COUNT(*) FROM jobs WHERE created_by = ? AND status IN ({_STARTED})",
+            (user_id,),
+        )
+    )
+    return int(rows[0][0])
 
 
 async def _jobs(db: aiosqlite.Connection, sql: str, params: Sequence[object]) -> list[JobView]:

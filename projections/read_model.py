@@ -13,6 +13,7 @@ from projections import (
     consents,
     datasets,
     jobs,
+    licences,
     proxies,
     run_metrics,
     runners,
@@ -27,6 +28,7 @@ from schemas.events import (
     FlowEvent,
     FlowFailed,
     JobEvent,
+    LicenseAssigned,
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
@@ -43,12 +45,14 @@ SCHEMA = (
     *audit.SCHEMA,
     *datasets.SCHEMA,
     *schedules.SCHEMA,
+    *licences.SCHEMA,
     *users.SCHEMA,
 )
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
-# (kind, progress); 8: the audit trail, datasets and schedules; 9: users
-SCHEMA_VERSION = 9
+# (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
+# jobs by their creator (running jobs per user); 10: users
+SCHEMA_VERSION = 10
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -116,6 +120,8 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, LicenseAssigned):
+                await licences.apply(db, env)
             elif isinstance(event, UserEvent):
                 await users.apply(db, env)
         await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote

@@ -12,6 +12,7 @@ from schemas.events import (
     FlowReleased,
     FlowStalled,
     JobEvent,
+    LicenseAssigned,
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
@@ -182,6 +183,7 @@ DISPATCHER_INPUTS = [
     *(all_flows(kind.__name__) for kind in (FlowDone, FlowFailed, FlowStalled, FlowReleased)),
     "tb.consent.>",
     ALL_PROXIES,  # which proxies may be handed out
+    all_users(LicenseAssigned.__name__),  # whose plan allows which job: no other user event
 ]
 
 

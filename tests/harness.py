@@ -32,6 +32,7 @@ from schemas.events import (
     JobCompleted,
     JobFailed,
     JobRefused,
+    JobStarted,
     decode_event,
 )
 from schemas.flow_lifecycle import FlowProgress, FlowState, flow_transition
@@ -294,3 +295,17 @@ class WorkItemsSent:
 
     def of_job(self, job_id: str) -> dict[str, int]:
         return {f: a for f, a in self.attempts.items() if f.startswith(f"{job_id}_")}
+
+
+async def start_outcomes(bus: Bus, job_ids: Sequence[str], timeout: float = 20) -> list[Event]:
+    """How the engine decided each job's start: its JobStarted or JobRefused, in order."""
+    outcomes: list[Event] = []
+    for job_id in job_ids:
+        history = await log_until(
+            bus,
+            subjects.job_stream_filter(job_id),
+            lambda e: isinstance(e.event, JobStarted | JobRefused),
+            timeout=timeout,
+        )
+        outcomes.append(history[-1].event)
+    return outcomes

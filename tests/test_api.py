@@ -208,3 +208,16 @@ def _post_json(url: str, body: object, headers: dict[str, str]) -> dict[str, obj
     with urllib.request.urlopen(request, timeout=10) as response:
         result: dict[str, object] = json.loads(response.read())
         return result
+
+
+async def test_a_missing_or_unknown_top_level_field_is_named_as_sent(
+    client: AsyncTestClient,
+) -> None:
+    for body, field in (
+        ({}, "name"),
+        ({"name": "x"}, "targets"),
+        ({"name": "x", "targets": [{}]}, "targets[0].url"),
+        ({**JOB, "nope": 1}, "nope"),
+    ):
+        r = await client.post("/api/v1/jobs", json=body)
+        assert r.status_code == 400 and r.json()["field"] == field, r.text

@@ -5,17 +5,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from api.audit import _csv, _export, _jsonl
 from engine.bus import Bus
 from projections import audit_reads
-from projections.audit_reads import AuditFilter
+from projections.audit_reads import AuditFilter, AuditLine
 from projections.db import connect
 from projections.projector import Projector
 from tests.api_client import client
@@ -212,3 +214,16 @@ async def test_an_export_reads_one_snapshot_and_closes_its_connection_when_left(
         await body.aclose()  # the client left halfway
         with pytest.raises(ValueError, match="no active connection"):
             await db.execute("SELECT 1")
+
+
+async def test_a_csv_cell_a_spreadsheet_would_run_is_exported_as_text() -> None:
+    async def one(actor: str) -> AsyncIterator[list[AuditLine]]:
+        yield [AuditLine(seq=1, subject="tb.job.j.JobCancelled", at="t", actor=actor,
+                         type="JobCancelled", job_id="j", event=msgspec.Raw(b"{}"))]  # fmt: skip
+
+    for actor in ('=HYPERLINK("http://x")', "+1", "-1", "@SUM(A1)", "\tx"):
+        text = b"".join([chunk async for chunk in _csv(one(actor))]).decode()
+        (row,) = parse_csv(text)
+        assert row["actor"] == f"'{actor}"
+    text = b"".join([chunk async for chunk in _csv(one("runner_1"))]).decode()
+    assert parse_csv(text)[0]["actor"] == "runner_1"

@@ -6,12 +6,12 @@ import dataclasses
 import msgspec
 import pytest
 
-from engine.bus import Bus, ConcurrencyConflict, Expect
+from engine.bus import Appended, Bus, ConcurrencyConflict, Expect, applied_by
 from engine.jobs.decider import CancelJob
 from engine.jobs.service import JobCommands
 from engine.quarantine import list_quarantined
 from schemas import subjects
-from schemas.events import JobCancelled, JobCreated, encode_event
+from schemas.events import Envelope, JobCancelled, JobCreated, encode_event
 from schemas.ids import new_id, utcnow
 from schemas.values import JobSettings, Platform, Target
 from tests.conftest import NatsServer
@@ -196,3 +196,18 @@ async def test_a_quarantined_tail_still_moves_the_position(bus: Bus) -> None:
     batches = [b async for b in bus.read_batches(head + 1, follow=False)]
     assert [b.envelopes for b in batches] == [[]]
     assert batches[-1].last_seq == last == head + 1
+
+
+def test_a_command_is_not_taken_for_another_whose_id_it_prefixes() -> None:
+    event = JobCancelled(id=new_id(), at=utcnow(), actor="t", job_id="job_1")
+    stored_by_a1 = Envelope(seq=7, subject="s", event=event, msg_id=subjects.command_msg_id("a:1"))
+    assert applied_by([stored_by_a1], "a") is None
+    assert applied_by([stored_by_a1], "a:1") == Appended(seq=7, duplicate=True)
+
+
+async def test_a_filter_that_is_no_subject_is_refused_not_retried_for_ever(bus: Bus) -> None:
+    for bad in ("tb.job..x", "tb.job.>.x"):
+        with pytest.raises(ValueError, match="cannot read"):
+            async with asyncio.timeout(5):
+                async for _ in bus.read_batches(1, bad, follow=False):
+                    pass

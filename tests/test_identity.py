@@ -21,6 +21,7 @@ from engine.bus import Bus
 from engine.identity.sessions import SessionPolicy
 from schemas import subjects
 from schemas.events import LoginFailed, UserLoggedIn, UserLoggedOut
+from schemas.licences import plan_named
 from tests.api_client import (
     ADMIN_PASSWORD,
     ClientAs,
@@ -55,6 +56,12 @@ async def test_login_me_logout(client: AsyncTestClient, nats_server: NatsServer)
     me = (await client.get("/api/v1/auth/me")).json()
     assert (me["username"], me["role"], me["via"]) == ("admin", "admin", "session")
     assert me["licence"]["plan"] == me["plan"] and "features" in me["licence"]
+    assigned = await client.put(f"/api/v1/users/{me['user_id']}/licence", json={"plan": "trial"})
+    assert assigned.status_code in (200, 201, 202), assigned.text
+    seq = assigned.json()["seq"]
+    me = (await client.get(f"/api/v1/auth/me?min_seq={seq}")).json()
+    assert me["plan"] == me["licence"]["plan"] == "trial"
+    assert me["licence"]["features"] == plan_named("trial").matrix()["features"]
     # what the API writes names the user who asked for it
     claimed = (await client.post("/api/v1/consents", json={"domain": "example.com"})).json()
     audit = await client.get(f"/api/v1/audit?type=DomainClaimed&min_seq={claimed['seq']}")

@@ -45,7 +45,6 @@ from engine.jobs.decider import (
     JobStatus,
     Meta,
     PauseJob,
-    StartJob,
 )
 from engine.jobs.service import append_decision
 from schemas import subjects
@@ -97,7 +96,7 @@ class ActionWriter:
             case Abort() if plan.broken:
                 cmd = AbortJob(action.job_id, plan.broken, plan.done, plan.failed)
             case Start() if plan.job.status == JobStatus.CREATED and not plan.broken:
-                cmd = StartJob(action.job_id, state.authorised_hosts(now))
+                cmd = state.start_command(plan, now)
             case PauseRevoked(host=host) if (
                 plan.job.status == JobStatus.RUNNING and host in state.revoked_hosts()
             ):

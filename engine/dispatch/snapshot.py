@@ -37,8 +37,9 @@ log = structlog.get_logger("tb.dispatcher.snapshot")
 # time, jobs their hosts and whether they are broken; 4: flows hold their work item's
 # sequence and when it was seen delivered; 5: the registered proxies and their health;
 # 6: job settings carry the flow behaviour (older code could not decode a job created
-# with them, so its snapshot lacks the job); 7: consents hold their ports
-SNAPSHOT_FORMAT = 7
+# with them, so its snapshot lacks the job); 7: consents hold their ports; 8: jobs hold
+# their creator, the state the users' plans and the open external jobs
+SNAPSHOT_FORMAT = 8
 SNAPSHOT_OBJECT = "state"
 
 
@@ -71,6 +72,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     domain_in_flight: dict[str, int]
     domain_recent: dict[str, list[datetime]]
     proxies: list[ProxyState] = []
+    plans: dict[str, str] = {}
+    external_jobs: dict[str, str] = {}
 
 
 class _Header(msgspec.Struct):
@@ -119,6 +122,8 @@ def encode(state: DispatchState) -> bytes:
             domain_in_flight={d: n for d, n in state.domain_in_flight.items() if n},
             domain_recent={d: list(r) for d, r in state.domain_recent.items() if r},
             proxies=list(state.proxies.values()),
+            plans=dict(state.plans),
+            external_jobs=dict(state.external_jobs),
         )
     )
 
@@ -139,6 +144,8 @@ def decode(data: bytes) -> DispatchState | None:
         return None
     state.consents = {c.domain: c for c in snap.consents}
     state.proxies = {p.proxy_id: p for p in snap.proxies}
+    state.plans = dict(snap.plans)
+    state.external_jobs = dict(snap.external_jobs)
     state.domain_in_flight = Counter(snap.domain_in_flight)
     state.domain_recent = {d: deque(r) for d, r in snap.domain_recent.items()}
     return state

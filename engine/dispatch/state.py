@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from engine.jobs.decider import TERMINAL, Job, JobStatus, evolve
+from engine.jobs.decider import STATUS_AFTER, TERMINAL, Job, JobStatus, StartJob, evolve
 from engine.proxies.pool import candidates
 from schemas import subjects
 from schemas.consent_state import Consent, ConsentStatus, evolve_consent
@@ -45,10 +45,12 @@ from schemas.events import (
     JobCreated,
     JobEvent,
     JobStarted,
+    LicenseAssigned,
     ProxyEvent,
     TbEvent,
 )
 from schemas.flow_lifecycle import IN_FLIGHT, WAITING, FlowState, flow_transition
+from schemas.licences import DEFAULT_PLAN, Plan, plan_named
 from schemas.proxy_state import ProxyState, fold_into
 
 RATE_WINDOW = timedelta(minutes=1)
@@ -232,6 +234,10 @@ class DispatchState:
     domain_in_flight: Counter[str] = field(default_factory=Counter)
     domain_recent: dict[str, deque[datetime]] = field(default_factory=dict)
     proxies: dict[str, ProxyState] = field(default_factory=dict)  # registered, not retired
+    plans: dict[str, str] = field(default_factory=dict)  # user id -> plan last assigned
+    # external jobs started and not ended, by id -> creator: never planned here, they
+    # count towards their creator's concurrent jobs all the same
+    external_jobs: dict[str, str] = field(default_factory=dict)
     position: int = 0
     errors: list[LaneError] = field(default_factory=list)  # not checkpointed: logged once
     # attempts this process ended (stalled, revoked) whose event the reader has not
@@ -257,6 +263,8 @@ class DispatchState:
             self._apply_consent(seq, event)
         elif isinstance(event, ProxyEvent):
             fold_into(self.proxies, event, seq)
+        elif isinstance(event, LicenseAssigned):
+            self.plans[event.user_id] = event.plan
 
     def unreadable(self, job_id: str, seq: int, kind: str, reason: str, first: bool) -> None:
         """A message on the job's subjects that is no event (it was quarantined).
@@ -276,6 +284,7 @@ class DispatchState:
     def _apply_job(self, seq: int, event: JobEvent) -> None:
         plan = self.jobs.get(event.job_id)
         if plan is None:
+            self._track_external(event)
             if not isinstance(event, JobCreated) or event.kind != "flows":
                 # a job that ended (or never began) here, or an external one (its
                 # worker does the work): nothing to plan
@@ -294,6 +303,13 @@ class DispatchState:
                 self._plan_flows(plan)
         if plan.job.status in TERMINAL:
             self._forget(plan)
+
+    def _track_external(self, event: JobEvent) -> None:
+        if isinstance(event, JobCreated):
+            if event.kind == "external":  # its JobStarted is stored with it
+                self.external_jobs[event.job_id] = event.actor
+        elif STATUS_AFTER.get(type(event)) in TERMINAL:
+            self.external_jobs.pop(event.job_id, None)
 
     def _plan_flows(self, plan: JobPlan) -> None:
         job = plan.job
@@ -430,6 +446,30 @@ class DispatchState:
         if not plan.broken:
             plan.broken = reason
             self.errors.append(LaneError(plan.job.job_id, reason, err))
+
+    # -- licences ---------------------------------------------------------------------
+
+    def plan_of(self, user_id: str) -> Plan:
+        return plan_named(self.plans.get(user_id, DEFAULT_PLAN))
+
+    def start_command(self, plan: JobPlan, now: datetime) -> StartJob:
+        """Start ``plan``'s job on what holds now: the hosts with valid consent, and its
+        creator's plan with the jobs they already run (the log's, whatever the API saw)."""
+        creator = plan.job.creator
+        return StartJob(
+            plan.job.job_id,
+            self.authorised_hosts(now),
+            plan=self.plan_of(creator),
+            running_jobs=self.running_jobs(creator),
+        )
+
+    def running_jobs(self, user_id: str) -> int:
+        """The user's jobs that have started and not ended, external ones included."""
+        started = (JobStatus.RUNNING, JobStatus.PAUSED)
+        flows = sum(
+            1 for p in self.jobs.values() if p.job.creator == user_id and p.job.status in started
+        )
+        return flows + sum(1 for creator in self.external_jobs.values() if creator == user_id)
 
     # -- planning ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from schemas.events import (
     JobStarted,
     TbEvent,
 )
+from schemas.licences import DEFAULT_PLAN, PLANS, Plan, refusal
 from schemas.values import (
     TERMINAL_JOB_STATUSES,
     JobKind,
@@ -63,6 +64,7 @@ class Job:
     created_seq: int = 0  # stream sequence of its JobCreated
     kind: JobKind = "flows"
     progress: int = 0  # percent an external job's worker reported
+    creator: str = ""  # JobCreated's actor: whose plan the job runs on
 
     @property
     def hosts(self) -> frozenset[str]:
@@ -91,10 +93,14 @@ class CreateJob:
 
 @dataclass(frozen=True)
 class StartJob:
-    """Start if every target host has valid consent, else refuse naming the hosts."""
+    """Start if the creator's ``plan`` allows the job and every target host has valid
+    consent, else refuse naming what the plan lacks or the hosts. ``running_jobs``: the
+    creator's jobs that have started and not ended."""
 
     job_id: str
     authorised_hosts: frozenset[str]
+    plan: Plan = PLANS[DEFAULT_PLAN]
+    running_jobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,10 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
             return [_emit(JobCompleted, meta, job_id, flows_done=0, flows_failed=0)]
         case EndExternalJob(reason=reason):
             return [_emit(JobFailed, meta, job_id, reason=reason[:REASON_LENGTH] or "failed")]
-        case StartJob(authorised_hosts=authorised):
+        case StartJob(authorised_hosts=authorised, plan=plan, running_jobs=running):
+            refused = refusal(plan, job.settings, job.targets, running_jobs=running, kind=job.kind)
+            if refused is not None:
+                return [_emit(JobRefused, meta, job_id, reason=refused.reason)]
             missing = sorted(job.hosts - authorised)
             if missing:
                 reason = f"no verified consent for host(s): {', '.join(missing)}"
@@ -321,6 +330,7 @@ def evolve(job: Job, event: Event, seq: int = 0) -> Job:
                 flows_total=sum(t.flows for t in event.targets),
                 created_seq=seq,
                 kind=event.kind,
+                creator=event.actor,
             )
         case JobProgressed():
             job = replace(job, progress=event.percent)

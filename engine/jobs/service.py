@@ -8,7 +8,7 @@ the same command dedupes while another command at the same version conflicts.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -104,8 +104,13 @@ class JobCommands:
         actor: str,
         command_id: str | None = None,
         kind: JobKind = "flows",
+        allowed: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[str, Appended]:
-        """A new job; with a ``command_id`` (idempotency key) a retry answers the same job."""
+        """A new job; with a ``command_id`` (idempotency key) a retry answers the same job.
+
+        ``allowed`` raises when the creator may not create it now (their licence): asked
+        only for a create that did not run before, so a retry answers the job it made
+        even once that job counts against the creator's limits."""
         if command_id is None:
             command_id, job_id = new_id(), short_id("job")
         else:
@@ -114,6 +119,8 @@ class JobCommands:
         _, before = await self._history(job_id, cmd, command_id)
         if before is not None:
             return job_id, before  # this create ran before: the same job
+        if allowed is not None:
+            await allowed()
         try:
             return job_id, await self._append(Job(), cmd, actor, command_id)
         except ConcurrencyConflict:

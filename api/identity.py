@@ -24,7 +24,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 
-from api.authz import ACCESS_OPT, PRINCIPAL_SCOPE_KEY, Principal
+from api.authz import ACCESS_OPT, PRINCIPAL_SCOPE_KEY, RANKS, Principal
 from api.dto import Problem
 from api.openapi import MEANING
 from api.services import IdentityConfig, Services
@@ -70,8 +70,7 @@ class Identity:
     clock: Callable[[], float] = time.time
     user_throttle: Throttle = field(default_factory=lambda: Throttle(Policy(free=4)))
     address_throttle: Throttle = field(default_factory=lambda: Throttle(Policy(free=20)))
-    _ended: dict[str, asyncio.Event] = field(default_factory=dict)
-
+    _ended: dict[str, asyncio.Event] = field(default_factory=dict)  # by session id
     _ending: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -247,9 +246,6 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     return None
 
 
-RANK: dict[str, int] = {"viewer": 1, "operator": 2, "admin": 3}
-
-
 async def require_access(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
@@ -275,7 +271,7 @@ async def require_access(
         ):
             return  # the socket authenticates with its first message
         raise NotAuthorizedException(NEEDS_CREDENTIALS, headers={"WWW-Authenticate": "Bearer"})
-    if RANK[principal.role] < RANK[level]:
+    if RANKS[principal.role] < RANKS[cast(Role, level)]:
         raise PermissionDeniedException(f"needs the {level} role (you are {principal.role})")
     connection.scope[PRINCIPAL_SCOPE_KEY] = principal  # type: ignore[literal-required]
 

@@ -22,6 +22,7 @@ import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from engine.errors import Invalid
+from engine.identity.users import ROLES
 from schemas.events import Role
 from schemas.ids import is_valid_id, short_id
 
@@ -35,7 +36,6 @@ SCOPES: dict[str, Role | None] = {
     "logs": None,
 }
 SCOPES_RULE = f"each scope must be one of {', '.join(SCOPES)}"
-RANK: dict[Role, int] = {"viewer": 1, "operator": 2, "admin": 3}
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,8 +61,8 @@ def role_of_key(user_role: Role, scopes: list[str]) -> Role | None:
     granted = [r for s in scopes if (r := SCOPES[s]) is not None]
     if not granted:
         return None
-    widest = max(granted, key=RANK.__getitem__)
-    return widest if RANK[widest] <= RANK[user_role] else user_role
+    widest = max(granted, key=ROLES.index)  # ROLES goes from least to most
+    return widest if ROLES.index(widest) <= ROLES.index(user_role) else user_role
 
 
 def may_ingest(scopes: list[str]) -> bool:

@@ -52,12 +52,16 @@ class Throttle:
         return max((retry_after(self._attempts.get(k, Attempts()), now) for k in keys), default=0)
 
     def fail(self, keys: list[str], now: float) -> float:
-        """Record a failure on every key; the wait it brings on."""
+        """Record a failure on every key; the wait it brings on (the policy's figure, not
+        ``blocked_until - now``, which floating point may put a hair off it)."""
+        waits = [0.0]
         for key in keys:
-            self._attempts[key] = failed(self._attempts.pop(key, Attempts()), now, self.policy)
+            attempts = failed(self._attempts.pop(key, Attempts()), now, self.policy)
+            self._attempts[key] = attempts
+            waits.append(self.policy.wait_after(attempts.failures))
             while len(self._attempts) > self._size:
                 self._attempts.popitem(last=False)
-        return self.wait(keys, now)
+        return max(waits)
 
     def succeed(self, keys: list[str]) -> None:
         for key in keys:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 
 from api.audit import AuditController
+from api.auth import AuthController
+from api.authz import access
 from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.crawler import CrawlerJobs
@@ -18,6 +20,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
 from api.hygiene import HttpHygiene
+from api.identity import document_refusals, identity_lifespan, require_access
 from api.jobs import JobController
 from api.licences import LicenceController
 from api.live import live, live_hub
@@ -33,6 +36,7 @@ from api.read_side import ReadSide
 from api.runner_keys import RunnerKeyController
 from api.runners import RunnerController
 from api.services import ApiConfig, Services
+from api.users import ApiKeysController, UsersController
 from engine.bus import Bus
 from engine.consent import ConsentCommands
 from engine.jobs.service import JobCommands
@@ -67,7 +71,7 @@ def create_app(config: ApiConfig) -> Litestar:
             await projector.stop()
             await bus.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             healthz,
             readyz,
@@ -85,13 +89,24 @@ def create_app(config: ApiConfig) -> Litestar:
             MetricsController,
             *(LogIngest, LegacyLogIngest, CrawlerJobs, JobLogReads, LegacyLogStream),
             AuditController,
+            *(AuthController, UsersController, ApiKeysController),
             LicenceController,
         ],
-        lifespan=[lifespan, live_hub, job_logs_lifespan],
+        guards=[require_access],
+        lifespan=[lifespan, identity_lifespan, live_hub, job_logs_lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         logging_config=None,  # the process's logging renders and redacts (cli/logs.py)
-        openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="TrafficBuster",
+            version=VERSION,
+            # the API's description is no secret: anyone may read it
+            openapi_router=Router(
+                path="/schema", route_handlers=[], opt=access("public"), include_in_schema=False
+            ),
+        ),
         request_max_body_size=config.body_limit,
         plugins=[StrictStructSchemaPlugin(), ReadSide(), HttpHygiene(config.http)],
     )
+    document_refusals(app)
+    return app

@@ -21,6 +21,7 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
+from api.authz import access
 from api.deps import services_from_state
 from api.openapi import problems
 from api.reads import MIN_SEQ_HELP
@@ -132,6 +133,7 @@ class _ExportOperation(Operation):
 
 class AuditController(Controller):
     path = "/api/v1/audit"
+    opt = access("admin")
     tags = ["audit"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),

@@ -8,6 +8,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody
 
+from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.dto import Claimed, ClaimIn, Revoked, RevokeIn, Verified, VerifyIn
 from api.inputs import DomainPath, command_id, domain_in_path
@@ -21,6 +22,7 @@ from projections.queries import ConsentView
 
 class ConsentController(Controller):
     path = "/api/v1/consents"
+    opt = access("viewer")
     tags = ["consent"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),
@@ -34,15 +36,17 @@ class ConsentController(Controller):
         description="Claiming a claimed domain answers its current token; a verified one"
         " is a 409 (revoke it first, or verify again to renew).",
         responses=problems(400, 409, 503),
+        opt=access("operator"),
     )
     async def claim(
         self,
+        request: Request[Any, Any, Any],
         data: JSONBody[ClaimIn],
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Claimed:
         domain = data.domain.lower()
-        token, appended = await services.consents.claim(domain, "api", command_id)
+        token, appended = await services.consents.claim(domain, actor_of(request), command_id)
         return Claimed(
             domain=domain,
             token=token,
@@ -55,9 +59,11 @@ class ConsentController(Controller):
         status_code=200,
         summary="Fetch the token and record consent (again, to renew it)",
         responses=problems(400, 404, 409, 422, 503),
+        opt=access("operator"),
     )
     async def verify(
         self,
+        request: Request[Any, Any, Any],
         domain: DomainPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -65,7 +71,7 @@ class ConsentController(Controller):
     ) -> Verified:
         domain = domain_in_path(domain)
         given, appended = await services.consents.verify(
-            domain, data.base_url if data else None, "api", command_id
+            domain, data.base_url if data else None, actor_of(request), command_id
         )
         return Verified(
             domain=domain,
@@ -80,9 +86,11 @@ class ConsentController(Controller):
         status_code=202,
         summary="Revoke: the token is retired, flows on the host end, its jobs pause",
         responses=problems(400, 404, 409, 503),
+        opt=access("operator"),
     )
     async def revoke(
         self,
+        request: Request[Any, Any, Any],
         domain: DomainPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -90,7 +98,7 @@ class ConsentController(Controller):
     ) -> Revoked:
         domain = domain_in_path(domain)
         appended = await services.consents.revoke(
-            domain, data.reason if data else "", "api", command_id
+            domain, data.reason if data else "", actor_of(request), command_id
         )
         return Revoked(domain=domain, status="revoked", seq=appended.seq)
 

@@ -16,10 +16,10 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import Body, QueryParameter
 
 from api import licences
-from api.authz import actor_of
+from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.inputs import JobIdPath, command_id
-from api.log_ingest import LEGACY_422, Said, not_open
+from api.log_ingest import LEGACY_422, Said, key_guard_when_configured, not_open
 from api.openapi import problems
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
@@ -65,6 +65,8 @@ class ExternalCancelled(msgspec.Struct):
 
 class CrawlerJobs(Controller):
     path = "/api/crawler"
+    opt = access("ingest")
+    guards = [key_guard_when_configured]
     tags = ["logs (crawler-compatible)"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),
@@ -124,6 +126,7 @@ class CrawlerJobs(Controller):
     )
     async def cancel(
         self,
+        request: Request[Any, Any, Any],
         job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -132,7 +135,7 @@ class CrawlerJobs(Controller):
             raise not_open(job_id)
         try:
             appended = await services.jobs.execute(
-                CancelJob(job_id, reason="cancelled by api"), "api", command_id
+                CancelJob(job_id, reason="cancelled by api"), actor_of(request), command_id
             )
         except (NotFound, Conflict):
             raise not_open(job_id) from None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from litestar import get
 
+from api.authz import access
 from schemas.devices import Device, DeviceProfile, device_names, resolve
 
 
 @get(
     "/api/v1/devices",
+    opt=access("viewer"),
     tags=["jobs"],
     summary="Device profiles a job's settings.devices may name, with what each presents",
     sync_to_thread=False,

@@ -8,6 +8,7 @@ from litestar import Controller, Response, get
 from litestar.di import NamedDependency, Provide
 from litestar.params import PathParameter, QueryParameter
 
+from api.authz import access
 from api.deps import services_from_state
 from api.openapi import problems
 from api.services import Services
@@ -27,6 +28,7 @@ FlowIdPath = Annotated[
 
 class FlowController(Controller):
     path = "/api/v1/flows"
+    opt = access("viewer")
     tags = ["flows"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 

@@ -6,6 +6,7 @@ import structlog
 from litestar import Response, get
 from litestar.di import NamedDependency, Provide
 
+from api.authz import access
 from api.deps import services_from_state
 from api.dto import Health, Readiness
 from api.openapi import NOT_READY
@@ -15,13 +16,14 @@ from engine.presence import online_runners
 log = structlog.get_logger("tb.api")
 
 
-@get("/healthz", summary="The process is alive", tags=["health"])
+@get("/healthz", summary="The process is alive", tags=["health"], opt=access("public"))
 async def healthz() -> Health:
     return Health(status="ok")
 
 
 @get(
     "/readyz",
+    opt=access("public"),
     summary="NATS, the projector and at least one runner are up",
     responses=NOT_READY,
     tags=["health"],

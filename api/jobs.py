@@ -10,7 +10,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, QueryParameter
 
 from api import licences
-from api.authz import actor_of
+from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
@@ -37,6 +37,7 @@ MAX_FLOWS_PER_JOB = 1_000_000
 
 class JobController(Controller):
     path = "/api/v1/jobs"
+    opt = access("viewer")
     tags = ["jobs"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),
@@ -48,6 +49,7 @@ class JobController(Controller):
         status_code=201,
         summary="Create a job; the engine starts or refuses it",
         responses=problems(400, 403, 409, 422, 503),
+        opt=access("operator"),
     )
     async def create_job(
         self,
@@ -167,16 +169,18 @@ class JobController(Controller):
         status_code=202,
         summary="Cancel; in-flight flows stop",
         responses=problems(400, 404, 409, 503),
+        opt=access("operator"),
     )
     async def cancel_job(
         self,
+        request: Request[Any, Any, Any],
         job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Accepted:
         job_id = job_id_in_path(job_id)
         appended = await services.jobs.execute(
-            CancelJob(job_id, reason="cancelled by api"), "api", command_id
+            CancelJob(job_id, reason="cancelled by api"), actor_of(request), command_id
         )
         return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.CANCELLED)
 
@@ -185,9 +189,11 @@ class JobController(Controller):
         status_code=202,
         summary="Pause: in-flight flows finish, nothing new starts",
         responses=problems(400, 404, 409, 503),
+        opt=access("operator"),
     )
     async def pause_job(
         self,
+        request: Request[Any, Any, Any],
         job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -195,7 +201,7 @@ class JobController(Controller):
     ) -> Accepted:
         job_id = job_id_in_path(job_id)
         reason = data.reason if data else "paused by api"
-        appended = await services.jobs.pause(job_id, "api", command_id, reason)
+        appended = await services.jobs.pause(job_id, actor_of(request), command_id, reason)
         return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.PAUSED)
 
     @post(
@@ -203,13 +209,15 @@ class JobController(Controller):
         status_code=202,
         summary="Resume a paused job; refused while a host of it has no valid consent",
         responses=problems(400, 404, 409, 503),
+        opt=access("operator"),
     )
     async def resume_job(
         self,
+        request: Request[Any, Any, Any],
         job_id: JobIdPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Accepted:
         job_id = job_id_in_path(job_id)
-        appended = await services.jobs.resume(job_id, "api", command_id)
+        appended = await services.jobs.resume(job_id, actor_of(request), command_id)
         return Accepted(job_id=job_id, seq=appended.seq, status=JobStatus.RUNNING)

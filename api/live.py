@@ -34,7 +34,10 @@ from litestar.status_codes import (
     WS_1008_POLICY_VIOLATION,
 )
 
+from api.authz import access
 from api.errors import field_and_rule
+from api.identity import identity_of
+from api.live_auth import SESSION_EXPIRED, connection_token, session_end, socket_principal
 from api.live_hub import Listener, LiveHub
 from api.live_messages import (
     MAX_SUBSCRIBED_JOBS,
@@ -49,6 +52,7 @@ from api.services import Services
 MAX_CLIENT_MESSAGE = 64 * 1024
 MAX_REFUSALS = 100  # refused messages a connection may send before it is closed
 CLOSE_GRACE = 5.0  # seconds a close frame may wait behind unread data
+NOT_AUTHENTICATED = "not authenticated: log in, then connect with the token"
 
 
 class TooManyRefusals(Exception):
@@ -74,24 +78,41 @@ def hub_from_state(state: State) -> LiveHub:
     return hub
 
 
-@websocket("/ws", dependencies={"hub": Provide(hub_from_state, sync_to_thread=False)})
+@websocket(
+    "/ws",
+    dependencies={"hub": Provide(hub_from_state, sync_to_thread=False)},
+    opt=access("viewer"),
+)
 async def live(socket: WebSocket[Any, Any, Any], hub: NamedDependency[LiveHub]) -> None:
     await socket.accept()
+    principal = await socket_principal(socket)
+    if principal is None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await socket.close(code=WS_1008_POLICY_VIOLATION, reason=NOT_AUTHENTICATED)
+        return
     listener = hub.listen()
     tasks = {
         asyncio.create_task(_requests(socket, hub, listener)),
         asyncio.create_task(_send(socket, listener)),
     }
     cut_off = asyncio.create_task(listener.overflowed.wait())
+    ended = asyncio.create_task(
+        session_end(identity_of(socket), principal, connection_token(socket))
+    )
     try:
-        await asyncio.wait({*tasks, cut_off}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({*tasks, cut_off, ended}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hub.unlisten(listener)
-        for task in (*tasks, cut_off):
+        for task in (*tasks, cut_off, ended):
             task.cancel()
-        await asyncio.wait({*tasks, cut_off})
+        await asyncio.wait({*tasks, cut_off, ended})
     code, reason = WS_1000_NORMAL_CLOSURE, ""
-    if hub.stopped:
+    if ended.done() and not ended.cancelled():
+        code, reason = WS_1008_POLICY_VIOLATION, "session expired"
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE):
+                await socket.send_text(SESSION_EXPIRED)
+    elif hub.stopped:
         code, reason = WS_1001_GOING_AWAY, "server stopping"
     elif cut_off.done() and not cut_off.cancelled():
         code = WS_1008_POLICY_VIOLATION

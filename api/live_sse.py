@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import get
+from litestar import Request, get
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from api.authz import access
 from api.deps import services_from_state
 from api.inputs import JobIdPath, job_id_in_path
 from api.live import hub_from_state
+from api.live_auth import SSE_SESSION_EXPIRED, until_session_ends
 from api.live_hub import LiveHub
 from api.live_messages import JobMessage
 from api.openapi import problems
@@ -33,6 +35,7 @@ from projections import queries
 
 @get(
     "/api/v1/jobs/{job_id:str}/events/stream",
+    opt=access("viewer"),
     summary="One job's live updates as Server-Sent Events (jobInfo, progressUpdate, "
     "flowDoneUpdate, clickDoneUpdate, ...), ending when the job closes",
     tags=["jobs"],
@@ -53,6 +56,7 @@ from projections import queries
     },
 )
 async def job_events(
+    request: Request[Any, Any, Any],
     job_id: JobIdPath,
     services: NamedDependency[Services],
     hub: NamedDependency[LiveHub],
@@ -62,7 +66,8 @@ async def job_events(
     await wait_for_seq(services, min_seq)
     if await queries.get_job(services.db, job_id) is None:
         raise NotFound("job_id", f"no job {job_id}")
-    return ServerSentEvent(job_stream(hub, job_id, services.config.live_keepalive))
+    stream = job_stream(hub, job_id, services.config.live_keepalive)
+    return ServerSentEvent(until_session_ends(request, stream, SSE_SESSION_EXPIRED))
 
 
 async def job_stream(

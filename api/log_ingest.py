@@ -22,6 +22,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody
 
+from api.authz import access, principal_of
 from api.deps import services_from_state
 from api.dto import Problem
 from api.errors import http_error, rejected, validation
@@ -30,6 +31,7 @@ from api.openapi import problems
 from api.services import Services
 from engine.bus import ConcurrencyConflict, applied_by
 from engine.errors import Conflict, Invalid, Rejected
+from engine.identity.api_keys import looks_like_key
 from engine.job_logs import ENDING_TYPES, last_job_event_type
 from engine.jobs.decider import EndExternalJob, ReportProgress
 from projections import queries
@@ -68,6 +70,11 @@ def is_loopback(host: str) -> bool:
 def ingest_key_guard(connection: Any, _: BaseRouteHandler) -> None:
     """With an ingest key configured, ``X-API-Key`` must be it (compared in constant
     time); without one, only loopback clients may post."""
+    if principal_of(connection) is not None:
+        return  # a user's API key that may post logs (the access guard checked it)
+    given_user_key = looks_like_key(connection.headers.get(API_KEY_HEADER) or "")
+    if given_user_key:
+        raise Said(403, API_KEY_HEADER, "Invalid API key")
     services: Services = connection.app.state.services
     key = services.config.logs.ingest_api_key
     if key:
@@ -90,7 +97,9 @@ def ingest_key_guard(connection: Any, _: BaseRouteHandler) -> None:
 def key_guard_when_configured(connection: Any, handler: BaseRouteHandler) -> None:
     """The legacy log stream: the ingest key when one is configured, else nothing."""
     services: Services = connection.app.state.services
-    if services.config.logs.ingest_api_key:
+    if services.config.logs.ingest_api_key or looks_like_key(
+        connection.headers.get(API_KEY_HEADER) or ""
+    ):
         ingest_key_guard(connection, handler)
 
 
@@ -238,6 +247,7 @@ FORBIDDEN = {
 
 
 class LegacyLogIngest(Controller):
+    opt = access("ingest")
     path = "/api/crawler"
     tags = ["logs (crawler-compatible)"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
@@ -261,6 +271,7 @@ class LegacyLogIngest(Controller):
 
 
 class LogIngest(Controller):
+    opt = access("ingest")
     path = "/api/v1/logs"
     tags = ["logs"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}

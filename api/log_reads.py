@@ -13,17 +13,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import IO, Annotated, Literal
+from typing import IO, Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Request, get
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
+from api.authz import access
 from api.deps import services_from_state
 from api.inputs import JobIdPath, job_id_in_path
+from api.live_auth import RAW_SSE_SESSION_EXPIRED, until_session_ends
 from api.log_ingest import ApiKey, Said, key_guard_when_configured
 from api.openapi import problems
 from api.services import Services
@@ -79,10 +82,13 @@ async def log_events(services: Services, job_id: str) -> AsyncIterator[bytes]:
                 quiet_since = now
 
 
-async def stream_of(services: Services, job_id: str) -> Stream:
+async def stream_of(
+    services: Services, job_id: str, connection: ASGIConnection[Any, Any, Any, Any]
+) -> Stream:
     if await job_ended(services, job_id) is None:
         raise Said(404, "job_id", f"Job {job_id} not found")
-    return Stream(log_events(services, job_id), media_type=EVENT_STREAM, headers=SSE_HEADERS)
+    events = until_session_ends(connection, log_events(services, job_id), RAW_SSE_SESSION_EXPIRED)
+    return Stream(events, media_type=EVENT_STREAM, headers=SSE_HEADERS)
 
 
 # -- download ---------------------------------------------------------------------------
@@ -136,6 +142,7 @@ async def download(services: Services, job_id: str, fmt: LogFormat) -> AsyncIter
 
 
 class JobLogReads(Controller):
+    opt = access("viewer")
     path = "/api/v1/jobs"
     tags = ["logs"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
@@ -146,8 +153,13 @@ class JobLogReads(Controller):
         media_type=EVENT_STREAM,
         responses={**SSE_RESPONSE, **problems(400, 404)},
     )
-    async def stream(self, job_id: JobIdPath, services: NamedDependency[Services]) -> Stream:
-        return await stream_of(services, job_id_in_path(job_id))
+    async def stream(
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobIdPath,
+        services: NamedDependency[Services],
+    ) -> Stream:
+        return await stream_of(services, job_id_in_path(job_id), request)
 
     @get(
         "/{job_id:str}/logs",
@@ -179,6 +191,7 @@ class JobLogReads(Controller):
 
 
 class LegacyLogStream(Controller):
+    opt = access("ingest")
     path = "/api/crawler"
     tags = ["logs (crawler-compatible)"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
@@ -191,6 +204,10 @@ class LegacyLogStream(Controller):
         responses={**SSE_RESPONSE, **problems(404)},
     )
     async def stream(
-        self, job_id: JobIdPath, services: NamedDependency[Services], x_api_key: ApiKey = None
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobIdPath,
+        services: NamedDependency[Services],
+        x_api_key: ApiKey = None,
     ) -> Stream:
-        return await stream_of(services, job_id)
+        return await stream_of(services, job_id, request)

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from api.authz import access
 from api.deps import services_from_state
 from api.openapi import problems
 from api.request_latency import RequestLatency
@@ -45,6 +46,7 @@ DURATION_BOUNDS = list(range(0, BUCKETS - 1, PER_DOUBLING))
 
 class MetricsController(Controller):
     tags = ["metrics"]
+    opt = access("viewer")
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 
     @get(

@@ -12,11 +12,14 @@ from api.dto import Problem, Readiness
 
 MEANING = {
     400: "malformed input: `field` names it, `rule` says what is expected",
-    403: "the caller's licence does not allow it: `field` names what asked for it, `rule`"
-    " the feature or limit and the plan",
+    401: "no valid credentials: log in (or send a valid API key)",
+    403: "not allowed: the caller's role or API key (`detail` names the role needed), or"
+    " their licence (`field` names what asked for it, `rule` the feature or limit and the plan)",
     404: "no such resource",
     409: "not possible in the current state",
+    413: "the body is larger than the API takes",
     422: "well-formed input that breaks a rule",
+    429: "too many failed attempts: wait the seconds Retry-After says",
     503: "the event store is unreachable; retry",
 }
 

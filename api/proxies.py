@@ -14,6 +14,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
+from api.authz import access, actor_of
 from api.deps import services_from_state
 from api.inputs import command_id
 from api.licences import check_feature
@@ -89,6 +90,7 @@ async def check_pool(bus: Bus, settings: JobSettings) -> None:
 
 class ProxyController(Controller):
     path = "/api/v1/proxies"
+    opt = access("viewer")
     tags = ["proxies"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),
@@ -103,6 +105,7 @@ class ProxyController(Controller):
         description="The credentials go to the proxy secrets bucket; the event log records"
         " only where the proxy is and whether it has credentials.",
         responses=problems(400, 403, 409, 503),
+        opt=access("operator"),
     )
     async def register(
         self,
@@ -113,7 +116,9 @@ class ProxyController(Controller):
         command_id: NamedDependency[str],
     ) -> ProxyRegisteredOut:
         await check_feature(services, request, "proxy_import", "url")
-        event, appended = await commands.register(data.url, data.label, "api", command_id)
+        event, appended = await commands.register(
+            data.url, data.label, actor_of(request), command_id
+        )
         return ProxyRegisteredOut(
             proxy_id=event.proxy_id,
             scheme=event.scheme,
@@ -165,15 +170,19 @@ class ProxyController(Controller):
         status_code=202,
         summary="Retire: never handed out again; its credentials are purged",
         responses=problems(400, 404, 409, 503),
+        opt=access("operator"),
     )
     async def retire(
         self,
+        request: Request[Any, Any, Any],
         proxy_id: ProxyIdPath,
         commands: NamedDependency[ProxyCommands],
         command_id: NamedDependency[str],
         data: JSONBody[RetireProxyIn | None] = None,
     ) -> ProxyRetiredOut:
-        appended = await commands.retire(proxy_id, data.reason if data else "", "api", command_id)
+        appended = await commands.retire(
+            proxy_id, data.reason if data else "", actor_of(request), command_id
+        )
         return ProxyRetiredOut(proxy_id=proxy_id, status="retired", seq=appended.seq)
 
     @delete(
@@ -181,12 +190,14 @@ class ProxyController(Controller):
         status_code=202,
         summary="Retire (as POST …/retire)",
         responses=problems(400, 404, 409, 503),
+        opt=access("operator"),
     )
     async def delete_proxy(
         self,
+        request: Request[Any, Any, Any],
         proxy_id: ProxyIdPath,
         commands: NamedDependency[ProxyCommands],
         command_id: NamedDependency[str],
     ) -> ProxyRetiredOut:
-        appended = await commands.retire(proxy_id, "deleted by api", "api", command_id)
+        appended = await commands.retire(proxy_id, "deleted by api", actor_of(request), command_id)
         return ProxyRetiredOut(proxy_id=proxy_id, status="retired", seq=appended.seq)

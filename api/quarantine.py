@@ -11,6 +11,7 @@ from litestar import Controller, get
 from litestar.di import NamedDependency, Provide
 from litestar.params import QueryParameter
 
+from api.authz import access
 from api.deps import services_from_state
 from api.openapi import problems
 from api.services import Services
@@ -39,6 +40,7 @@ class QuarantinePage(msgspec.Struct, kw_only=True):
 
 class QuarantineController(Controller):
     path = "/api/v1/quarantine"
+    opt = access("viewer")
     tags = ["quarantine"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 

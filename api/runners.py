@@ -15,6 +15,7 @@ import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency, Provide
 
+from api.authz import access
 from api.deps import services_from_state
 from api.dto import AvailablePlatform
 from api.openapi import problems
@@ -69,6 +70,7 @@ class RunnerStatusOut(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class RunnerController(Controller):
     path = "/api/v1/runners"
+    opt = access("viewer")
     tags = ["runners"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
 

@@ -10,6 +10,7 @@ import aiosqlite
 from api.hygiene import JSON_BODY_LIMIT, HttpPolicy
 from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
+from engine.identity.sessions import SessionPolicy
 from engine.jobs.service import JobCommands
 from projections.projector import Projector
 
@@ -27,6 +28,17 @@ class LogsConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """``admin_password`` (TB_ADMIN_PASSWORD): the password of the first user, ``admin``,
+    made when no user exists; ``sessions``: lifetimes; ``clean_every``: seconds between
+    sweeps for expired sessions."""
+
+    admin_password: str | None = None
+    sessions: SessionPolicy = field(default_factory=SessionPolicy)
+    clean_every: float = 1.0
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     nats_url: str
     db_path: Path
@@ -37,6 +49,7 @@ class ApiConfig:
     live_keepalive: float = 15.0  # seconds of quiet before an SSE stream sends a comment
     logs: LogsConfig = LogsConfig()
     http: HttpPolicy = field(default_factory=HttpPolicy)  # CORS origins, HSTS
+    identity: IdentityConfig = IdentityConfig()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import statistics
 import sys
 import tempfile
@@ -33,8 +34,9 @@ import structlog
 import uvicorn
 
 from api.app import create_app
-from api.services import ApiConfig, Services
+from api.services import ApiConfig, IdentityConfig, Services
 from benchmarks.state import append_all
+from cli.http import call
 from cli.nats_server import start_nats_server_on_any_port, wait_for_port
 from engine.bus import Bus
 from schemas import subjects
@@ -82,8 +84,11 @@ async def fill(bus: Bus, count: int, fanout_flows: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def api_server(nats_url: str, db: Path) -> AsyncIterator[tuple[int, Services]]:
-    app = create_app(ApiConfig(nats_url=nats_url, db_path=db))
+async def api_server(nats_url: str, db: Path) -> AsyncIterator[tuple[int, Services, str]]:
+    """The API on a free port, its services, and an API key of its first admin."""
+    password = secrets.token_urlsafe(18)
+    identity = IdentityConfig(admin_password=password)
+    app = create_app(ApiConfig(nats_url=nats_url, db_path=db, identity=identity))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_queue=1000)
@@ -91,15 +96,25 @@ async def api_server(nats_url: str, db: Path) -> AsyncIterator[tuple[int, Servic
     serving = asyncio.create_task(server.serve())
     try:
         await wait_for_port("127.0.0.1", port, timeout=60)
-        yield port, app.state.services
+        yield port, app.state.services, await api_key(f"http://127.0.0.1:{port}", password)
     finally:
         server.should_exit = True
         await serving
 
 
-async def clients(*args: str, ready: asyncio.Event | None = None) -> dict[str, Any]:
+async def api_key(base: str, password: str) -> str:
+    login = {"username": "admin", "password": password}
+    status, session = await call("POST", f"{base}/api/v1/auth/login", login)
+    assert status == 200, session
+    bearer = {"Authorization": f"Bearer {session['token']}"}
+    status, made = await call("POST", f"{base}/api/v1/api-keys", {"name": "bench"}, headers=bearer)
+    assert status == 201, made
+    return str(made["key"])
+
+
+async def clients(*args: str, key: str, ready: asyncio.Event | None = None) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.api_clients", *args,
+        sys.executable, "-m", "benchmarks.api_clients", *args, "--api-key", key,
         stdout=asyncio.subprocess.PIPE, limit=2**26,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -119,12 +134,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
-async def job_list(port: int, clients_n: int, requests: int, seconds: float) -> None:
+async def job_list(port: int, key: str, clients_n: int, requests: int, seconds: float) -> None:
     url = f"http://127.0.0.1:{port}/api/v1/jobs"
-    await clients("http", "--url", url, "--clients", "10", "--requests", "200")  # warm-up
+    await clients("http", "--url", url, "--clients", "10", "--requests", "200", key=key)  # warm
     result = await clients(
         "http", "--url", url, "--clients", str(clients_n),
-        "--requests", str(requests), "--seconds", str(seconds),
+        "--requests", str(requests), "--seconds", str(seconds), key=key,
     )  # fmt: skip
     latencies = [s * 1000 for s in result["latencies"]]
     print(
@@ -135,13 +150,15 @@ async def job_list(port: int, clients_n: int, requests: int, seconds: float) -> 
     )
 
 
-async def fan_out(bus: Bus, port: int, services: Services, sockets: int, pushes: int) -> None:
+async def fan_out(
+    bus: Bus, port: int, services: Services, key: str, sockets: int, pushes: int
+) -> None:
     ready = asyncio.Event()
     listening = asyncio.create_task(
         clients(
             "ws", "--url", f"ws://127.0.0.1:{port}/ws", "--sockets", str(sockets),
             "--job", FANOUT_JOB, "--pushes", str(pushes), "--seconds", str(30 + pushes),
-        ready=ready,
+        key=key, ready=ready,
     ))  # fmt: skip
     async with asyncio.timeout(120):
         await ready.wait()
@@ -188,14 +205,14 @@ async def main(
                 await bus.provision()
                 started = time.perf_counter()
                 last = await fill(bus, jobs_n, pushes)
-                async with api_server(url, Path(tmp) / "read.db") as (port, services):
+                async with api_server(url, Path(tmp) / "read.db") as (port, services, key):
                     await services.projector.wait_for(last, timeout=600)
                     print(
                         f"read model: {jobs_n + 1:,} jobs ({last:,} events) stored and"
                         f" projected in {time.perf_counter() - started:.1f}s"
                     )
-                    await job_list(port, clients_n, requests, seconds)
-                    await fan_out(bus, port, services, sockets, pushes)
+                    await job_list(port, key, clients_n, requests, seconds)
+                    await fan_out(bus, port, services, key, sockets, pushes)
         finally:
             proc.kill()
             await proc.wait()

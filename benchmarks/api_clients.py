@@ -17,11 +17,20 @@ from websockets.asyncio.client import connect
 
 
 async def http_reader(
-    host: str, port: int, path: str, deadline: float, budget: list[int], latencies: list[float]
+    host: str,
+    port: int,
+    path: str,
+    deadline: float,
+    budget: list[int],
+    latencies: list[float],
+    key: str,
 ) -> int:
     """GET ``path`` again and again on one kept-alive connection; returns the errors seen."""
     reader, writer = await asyncio.open_connection(host, port)
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\r\n".encode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n"
+        f"X-API-Key: {key}\r\n\r\n"
+    ).encode()
     errors = 0
     try:
         while budget[0] > 0 and time.perf_counter() < deadline:
@@ -43,7 +52,9 @@ async def http_reader(
     return errors
 
 
-async def http_mode(url: str, clients: int, requests: int, seconds: float) -> dict[str, object]:
+async def http_mode(
+    url: str, clients: int, requests: int, seconds: float, key: str
+) -> dict[str, object]:
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     deadline = time.perf_counter() + seconds
@@ -51,7 +62,9 @@ async def http_mode(url: str, clients: int, requests: int, seconds: float) -> di
     started = time.perf_counter()
     errors = await asyncio.gather(
         *(
-            http_reader(parts.hostname or "", parts.port or 80, path, deadline, budget, latencies)
+            http_reader(
+                parts.hostname or "", parts.port or 80, path, deadline, budget, latencies, key
+            )
             for _ in range(clients)
         )
     )
@@ -60,14 +73,18 @@ async def http_mode(url: str, clients: int, requests: int, seconds: float) -> di
 
 
 async def ws_mode(
-    url: str, sockets: int, job_id: str, pushes: int, seconds: float
+    url: str, sockets: int, job_id: str, pushes: int, seconds: float, key: str
 ) -> dict[str, object]:
     """Open ``sockets`` listeners, say ``ready``, then record when each receives the
     progressUpdate of ``job_id`` with ``success`` = 1 … ``pushes``."""
     received: dict[int, list[float]] = {n: [] for n in range(1, pushes + 1)}
     connections = []
     for _ in range(sockets):
-        connections.append(await connect(url, max_queue=None, open_timeout=30))
+        connections.append(
+            await connect(
+                url, max_queue=None, open_timeout=30, additional_headers={"X-API-Key": key}
+            )
+        )
     print("ready", flush=True)
 
     async def listen(ws: object) -> None:
@@ -102,17 +119,19 @@ def main() -> None:
     http.add_argument("--clients", type=int, default=100)
     http.add_argument("--requests", type=int, default=10_000)
     http.add_argument("--seconds", type=float, default=60)
+    http.add_argument("--api-key", required=True)
     ws = sub.add_parser("ws")
     ws.add_argument("--url", required=True)
     ws.add_argument("--sockets", type=int, default=500)
     ws.add_argument("--job", required=True)
     ws.add_argument("--pushes", type=int, default=20)
     ws.add_argument("--seconds", type=float, default=120)
+    ws.add_argument("--api-key", required=True)
     a = parser.parse_args()
     if a.mode == "http":
-        result = asyncio.run(http_mode(a.url, a.clients, a.requests, a.seconds))
+        result = asyncio.run(http_mode(a.url, a.clients, a.requests, a.seconds, a.api_key))
     else:
-        result = asyncio.run(ws_mode(a.url, a.sockets, a.job, a.pushes, a.seconds))
+        result = asyncio.run(ws_mode(a.url, a.sockets, a.job, a.pushes, a.seconds, a.api_key))
     sys.stdout.write(json.dumps(result) + "\n")
 
 

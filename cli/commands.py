@@ -16,6 +16,7 @@ from cli.settings import (
     body_limit_from_env,
     bus_config_from_env,
     http_policy_from_env,
+    identity_config_from_env,
     logs_config_from_env,
     open_bind_warning,
     proxy_health_from_env,
@@ -118,6 +119,21 @@ async def run_engine(nats_url: str) -> None:
             await asyncio.wait(stuck, timeout=STOP_GRACE)
 
 
+async def refuse_without_users(nats_url: str) -> None:
+    """With no user yet, the API needs TB_ADMIN_PASSWORD for the first admin: say so and
+    stop, rather than serve an API nobody can log in to."""
+    from api.identity import NO_ADMIN_PASSWORD
+    from engine.identity.service import UserCommands
+
+    bus = await Bus.connect(nats_url, name="tb-api-check")
+    try:
+        await bus.provision()
+        if not await UserCommands(bus).any_user():
+            raise SystemExit(NO_ADMIN_PASSWORD)
+    finally:
+        await bus.close()
+
+
 async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     import uvicorn
 
@@ -135,7 +151,10 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         logs=logs_config_from_env(),
         body_limit=body_limit_from_env(),
         http=http_policy_from_env(),
+        identity=identity_config_from_env(),
     )
+    if config.identity.admin_password is None:
+        await refuse_without_users(nats_url)
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(

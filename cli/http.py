@@ -6,12 +6,15 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 
-def _call(method: str, url: str, body: object | None, timeout: float) -> tuple[int, Any]:
+def _call(
+    method: str, url: str, body: object | None, timeout: float, headers: Mapping[str, str]
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers))
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -27,6 +30,10 @@ def _call(method: str, url: str, body: object | None, timeout: float) -> tuple[i
 
 
 async def call(
-    method: str, url: str, body: object | None = None, timeout: float = 10.0
+    method: str,
+    url: str,
+    body: object | None = None,
+    timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, Any]:
-    return await asyncio.to_thread(_call, method, url, body, timeout)
+    return await asyncio.to_thread(_call, method, url, body, timeout, headers or {})

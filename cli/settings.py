@@ -14,7 +14,7 @@ from engine.bus import BusConfig
 
 if TYPE_CHECKING:
     from api.hygiene import HttpPolicy
-    from api.services import LogsConfig
+    from api.services import IdentityConfig, LogsConfig
     from engine.proxies.decider import HealthPolicy
 
 log = structlog.get_logger("tb.settings")
@@ -171,6 +171,49 @@ def http_policy_from_env() -> HttpPolicy:
         cors_credentials=_bool("TB_CORS_CREDENTIALS", True),
         hsts=_bool("TB_HSTS", False),
     )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(name: str, raw: str) -> float:
+    """Seconds from ``90``, ``45s``, ``30m``, ``8h`` or ``1d``."""
+    text = raw.strip().lower()
+    scale = _UNITS.get(text[-1:]) if text else None
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1.0)
+    except ValueError:
+        rule = "must be seconds, or a number with s, m, h or d"
+        raise SystemExit(f"{name}: {rule} (got {raw!r})") from None
+    if value <= 0:
+        raise SystemExit(f"{name}: must be greater than 0 (got {raw!r})")
+    return value
+
+
+def _duration(names: tuple[str, ...], default: float) -> float:
+    for name in names:
+        raw = os.environ.get(name, "")
+        if raw.strip():
+            return duration(name, raw)
+    return default
+
+
+def identity_config_from_env() -> IdentityConfig:
+    """TB_ADMIN_PASSWORD: the first user's (admin's) password, used when no user exists;
+    TB_SESSION_MAX_AGE (alias JWT_EXP, default 8h): a session's absolute lifetime;
+    TB_SESSION_IDLE (default 30m): unused this long, a session ends, after TB_SESSION_GRACE
+    (alias GRACE_PERIOD, default 30s) more. Durations: seconds, or 45s, 30m, 8h, 1d."""
+    from api.services import IdentityConfig
+    from engine.identity.sessions import SessionPolicy
+
+    default = SessionPolicy()
+    policy = SessionPolicy(
+        max_age=_duration(("TB_SESSION_MAX_AGE", "JWT_EXP"), default.max_age),
+        idle=_duration(("TB_SESSION_IDLE",), default.idle),
+        grace=_duration(("TB_SESSION_GRACE", "GRACE_PERIOD"), default.grace),
+    )
+    password = os.environ.get("TB_ADMIN_PASSWORD") or None
+    return IdentityConfig(admin_password=password, sessions=policy)
 
 
 def stall_margin_from_env() -> float:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -23,7 +24,6 @@ from cli.nats_server import nats_server_config_args, port_is_open, wait_for_port
 from cli.settings import (
     bus_config_from_env,
     drain_grace_from_env,
-    is_loopback,
     open_bind_warning,
 )
 from cli.state_dir import StateDir, StateDirBusy
@@ -275,6 +275,8 @@ class System:
     tree: ProcessTree = field(init=False)
     bus: Bus | None = None
     nats: EmbeddedAuthorization = field(init=False)
+    admin_password: str = ""
+    password_made: bool = False  # made by this start: shown once
 
     def __post_init__(self) -> None:
         self.tree = ProcessTree(self.state)
@@ -288,6 +290,8 @@ class System:
 
     async def start_processes(self) -> None:
         o = self.options
+        self.admin_password, self.password_made = admin_password(self.state)
+        os.environ["TB_ADMIN_PASSWORD"] = self.admin_password  # for the API child
         self.nats.write_config()
         server = await self.tree.spawn_exec(
             "nats-server", nats_server_config_args(self.nats.config_path), last=True
@@ -344,7 +348,8 @@ class System:
         announce(f'  auditor    {auditor}  (nats -s "$(cat {auditor})" stream view TB)')
         announce(f'  ops        {ops}  (nats -s "$(cat {ops})" stream ls)')
         announce(f"  logs       {self.state.logs}")
-        announce(f"  login      {login_note(self.options.host, self.options.port)}")
+        note = login_note(self.state, self.password_made, self.admin_password)
+        announce(f"  login      {note}")
         if external:
             announce(
                 "waiting for a runner to register: make a key (POST "
@@ -356,8 +361,11 @@ class System:
         if not self.options.demo or self.bus is None:
             return 0
         try:
+            key = await demo_api_key(self.api_url, self.admin_password)
+            if key is None:
+                return 1
             ok = await run_demo(
-                self.api_url, self.demo_url, self.token_file, self.bus, self.options
+                self.api_url, self.demo_url, self.token_file, self.bus, self.options, key
             )
         except OSError as err:  # the API went away mid-demo (it is being restarted)
             announce(f"demo: the API did not answer: {err}")
@@ -380,10 +388,34 @@ def _reload_nats(server: Child) -> None:
             server.proc.send_signal(signal.SIGHUP)
 
 
-def login_note(host: str, port: int) -> str:
-    if is_loopback(host):
-        return "none yet: the embedded mode listens on loopback only"
-    return f"none: AUTH_ENABLED=false, anyone who reaches {host} port {port} can use the API"
+ADMIN_PASSWORD_FILE = "admin-password"
+
+
+def admin_password(state: StateDir) -> tuple[str, bool]:
+    """The first admin's password: TB_ADMIN_PASSWORD, else the one an earlier `tb up`
+    made for this state directory, else a new one written there (mode 0600). The second
+    value says whether it was made just now (and so is shown once)."""
+    given = os.environ.get("TB_ADMIN_PASSWORD", "")
+    if given:
+        return given, False
+    path = state.root / ADMIN_PASSWORD_FILE
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip(), False
+    password = secrets.token_urlsafe(18)
+    state.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(password + "\n")
+    return password, True
+
+
+def login_note(state: StateDir, made: bool, password: str) -> str:
+    where = state.root / ADMIN_PASSWORD_FILE
+    if made:
+        return f"admin / {password}  (shown once; kept in {where}, mode 0600)"
+    if os.environ.get("TB_ADMIN_PASSWORD") and not where.exists():
+        return "admin / the password in TB_ADMIN_PASSWORD"
+    return f"admin / the password in {where} (or TB_ADMIN_PASSWORD)"
 
 
 def _client_host(host: str) -> str:
@@ -423,27 +455,49 @@ async def _until_ready(
     raise StartupFailed(f"not ready after {timeout:.0f}s: {last}")
 
 
-async def _demo_consent(api_url: str, demo_url: str, token_file: Path) -> bool:
+async def demo_api_key(api_url: str, password: str) -> dict[str, str] | None:
+    """Log in as admin, make an API key for the demo, log out: the demo runs on the key,
+    so a login on the dashboard (which ends older sessions) never stops it."""
+    status, session = await call(
+        "POST", f"{api_url}/api/v1/auth/login", {"username": "admin", "password": password}
+    )
+    if status != 200:
+        announce(f"demo: admin login failed: {session}")
+        return None
+    bearer = {"Authorization": f"Bearer {session['token']}"}
+    status, made = await call(
+        "POST", f"{api_url}/api/v1/api-keys", {"name": "tb up demo"}, headers=bearer
+    )
+    await call("POST", f"{api_url}/api/v1/auth/logout", headers=bearer)
+    if status != 201:
+        announce(f"demo: API key refused: {made}")
+        return None
+    return {"X-API-Key": made["key"]}
+
+
+async def _demo_consent(api_url: str, demo_url: str, token_file: Path, key: dict[str, str]) -> bool:
     """Claim the demo host and verify it through the well-known path the demo site
     serves from ``token_file``; a host an earlier run verified is verified again."""
     consents = f"{api_url}/api/v1/consents"
     verify = f"{consents}/{DEMO_HOST}/verify"
-    status, claimed = await call("POST", consents, {"domain": DEMO_HOST})
+    status, claimed = await call("POST", consents, {"domain": DEMO_HOST}, headers=key)
     if status == 409 and "verified" in json.dumps(claimed):
         # verified by an earlier run on this state dir: renew it with the token it stored
         if token_file.exists():
-            status, verified = await call("POST", verify, {"base_url": demo_url})
+            status, verified = await call("POST", verify, {"base_url": demo_url}, headers=key)
             if status == 200:
                 announce(f"demo: consent for {DEMO_HOST} renewed via {verified['evidence']}")
                 return True
         # that token is gone (or is not the current one): start the claim over
-        await call("POST", f"{consents}/{DEMO_HOST}/revoke", {"reason": "demo token lost"})
-        status, claimed = await call("POST", consents, {"domain": DEMO_HOST})
+        await call(
+            "POST", f"{consents}/{DEMO_HOST}/revoke", {"reason": "demo token lost"}, headers=key
+        )
+        status, claimed = await call("POST", consents, {"domain": DEMO_HOST}, headers=key)
     if status != 201:
         announce(f"demo: claim failed: {claimed}")
         return False
     token_file.write_text(claimed["token"] + "\n", encoding="utf-8")
-    status, verified = await call("POST", verify, {"base_url": demo_url})
+    status, verified = await call("POST", verify, {"base_url": demo_url}, headers=key)
     if status != 200:
         announce(f"demo: verification failed: {verified}")
         return False
@@ -452,10 +506,15 @@ async def _demo_consent(api_url: str, demo_url: str, token_file: Path) -> bool:
 
 
 async def run_demo(
-    api_url: str, demo_url: str, token_file: Path, bus: Bus, options: UpOptions
+    api_url: str,
+    demo_url: str,
+    token_file: Path,
+    bus: Bus,
+    options: UpOptions,
+    key: dict[str, str],
 ) -> bool:
     """Prove consent through the real path, run a job of 20+ flows, show progress."""
-    if not await _demo_consent(api_url, demo_url, token_file):
+    if not await _demo_consent(api_url, demo_url, token_file, key):
         return False
     job = {
         "name": "demo: browse the bundled shop",
@@ -470,7 +529,7 @@ async def run_demo(
             "session_seconds": 1.0,
         },
     }
-    status, created = await call("POST", f"{api_url}/api/v1/jobs", job)
+    status, created = await call("POST", f"{api_url}/api/v1/jobs", job, headers=key)
     if status != 201:
         announce(f"demo: job refused by the API: {created}")
         return False
@@ -482,7 +541,7 @@ async def run_demo(
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):  # the API may be restarting: ask again
             status, view = await call(
-                "GET", f"{api_url}/api/v1/jobs/{job_id}?min_seq={created['seq']}"
+                "GET", f"{api_url}/api/v1/jobs/{job_id}?min_seq={created['seq']}", headers=key
             )
             if status == 200:
                 finished = view["flows_done"] + view["flows_failed"]

@@ -18,6 +18,7 @@ from projections import (
     run_metrics,
     runners,
     schedules,
+    users,
 )
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
@@ -31,6 +32,7 @@ from schemas.events import (
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
+    UserEvent,
 )
 
 CHECKPOINT = "read_model"
@@ -44,12 +46,13 @@ SCHEMA = (
     *datasets.SCHEMA,
     *schedules.SCHEMA,
     *licences.SCHEMA,
+    *users.SCHEMA,
 )
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
 # (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
-# jobs by their creator (running jobs per user)
-SCHEMA_VERSION = 9
+# jobs by their creator (running jobs per user); 10: users
+SCHEMA_VERSION = 10
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -119,6 +122,8 @@ async def apply_batch(
                 update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, LicenseAssigned):
                 await licences.apply(db, env)
+            elif isinstance(event, UserEvent):
+                await users.apply(db, env)
         await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
         await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)

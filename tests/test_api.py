@@ -9,9 +9,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.services import ApiConfig
 from engine.bus import Bus
-from tests.api_client import JOB, Online, client, put_presence, runner_online
+from tests.api_client import JOB, Online, api_config, bearer, client, put_presence, runner_online
 from tests.conftest import NatsServer
 from tests.sites import recording_site
 
@@ -170,7 +169,7 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
     from cli.nats_server import wait_for_port
     from tests.conftest import free_port
 
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
+    app = create_app(api_config(nats_server, tmp_path))
     async with await Bus.connect(nats_server.url, name="test") as bus:
         await bus.provision()
         await put_presence(bus)
@@ -180,9 +179,10 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
     try:
         async with asyncio.timeout(20):
             await wait_for_port("127.0.0.1", port)
-            async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            headers = await bearer(f"http://127.0.0.1:{port}")
+            async with connect(f"ws://127.0.0.1:{port}/ws", additional_headers=headers) as ws:
                 created = await asyncio.to_thread(
-                    _post_json, f"http://127.0.0.1:{port}/api/v1/jobs", JOB
+                    _post_json, f"http://127.0.0.1:{port}/api/v1/jobs", JOB, headers
                 )
                 update = json.loads(await ws.recv())
                 while update["type"] != "progressUpdate":  # jobInfo comes first
@@ -201,9 +201,9 @@ async def test_websocket_pushes_progress_updates(nats_server: NatsServer, tmp_pa
     assert update["targets"][0]["flow_target"] == 2
 
 
-def _post_json(url: str, body: object) -> dict[str, object]:
+def _post_json(url: str, body: object, headers: dict[str, str]) -> dict[str, object]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **headers}
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         result: dict[str, object] = json.loads(response.read())

@@ -30,7 +30,7 @@ from api.app import create_app
 from api.services import ApiConfig
 from cli.nats_server import wait_for_port
 from engine.bus import Bus
-from tests.api_client import when_registered
+from tests.api_client import TEST_IDENTITY, admin_key, when_registered
 from tests.conftest import NatsServer, free_port
 from tests.harness import embedded
 
@@ -44,7 +44,7 @@ CHECKS = [
 ]
 
 
-def fuzz(base_url: str) -> dict[str, Counter[int]]:
+def fuzz(base_url: str, headers: dict[str, str]) -> dict[str, Counter[int]]:
     """Run every operation of the served OpenAPI document; returns its status codes."""
     schema = schemathesis.openapi.from_url(f"{base_url}/schema/openapi.json", timeout=10)
     seen: dict[str, Counter[int]] = {}
@@ -66,7 +66,7 @@ def fuzz(base_url: str) -> dict[str, Counter[int]]:
             )
             @given(case=strategy)
             def call(case: schemathesis.Case) -> None:
-                response = case.call(base_url=base_url, timeout=15)
+                response = case.call(base_url=base_url, headers=headers, timeout=15)
                 codes[response.status_code] += 1  # noqa: B023
                 assert response.status_code < 500, (
                     f"{case.as_curl_command()} answered {response.status_code}: {response.text}"
@@ -89,7 +89,12 @@ def get_status(url: str) -> int:
 async def test_fuzzing_every_operation_of_the_running_system_never_answers_5xx(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db", read_wait_timeout=0.5)
+    config = ApiConfig(
+        identity=TEST_IDENTITY,
+        nats_url=nats_server.url,
+        db_path=tmp_path / "api.db",
+        read_wait_timeout=0.5,
+    )
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
@@ -108,7 +113,7 @@ async def test_fuzzing_every_operation_of_the_running_system_never_answers_5xx(
                 await wait_for_port("127.0.0.1", port)
             base = f"http://127.0.0.1:{port}"
             assert await asyncio.to_thread(get_status, f"{base}/readyz") == 200
-            seen = await asyncio.to_thread(fuzz, base)
+            seen = await asyncio.to_thread(fuzz, base, await admin_key(base))
             assert await asyncio.to_thread(get_status, f"{base}/readyz") == 200
             assert all(not task.done() for task in tb.tasks)  # engine and runner still up
         finally:

@@ -16,7 +16,15 @@ from api.services import ApiConfig
 from engine.bus import Bus
 from schemas import subjects
 from schemas.events import FlowDispatched, JobCreated
-from tests.api_client import JOB, Online, client, runner_online, when_registered
+from tests.api_client import (
+    JOB,
+    TEST_IDENTITY,
+    Online,
+    client,
+    log_in,
+    runner_online,
+    when_registered,
+)
 from tests.conftest import NatsServer
 from tests.harness import Embedded, SteadyExecutor, embedded
 
@@ -156,7 +164,9 @@ async def live(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> AsyncIterator[tuple[Embedded, AsyncTestClient]]:
     """The API app, the dispatcher and a runner of steady flows, on one nats-server."""
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db")
+    )
     async with embedded(bus, nats_server.url, tmp_path) as tb:
         await tb.authorise("127.0.0.1")
         registered = asyncio.Event()
@@ -165,6 +175,7 @@ async def live(
         async with asyncio.timeout(WAIT):
             await registered.wait()
         async with AsyncTestClient(app=app) as c:
+            await log_in(c)
             yield tb, c
 
 

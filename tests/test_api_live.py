@@ -33,11 +33,12 @@ from cli.nats_server import wait_for_port
 from engine.bus import Bus
 from engine.jobs.service import job_id_for
 from schemas.values import Target
-from tests.api_client import put_presence, when_registered
+from tests.api_client import TEST_IDENTITY, bearer, put_presence, when_registered
 from tests.conftest import NatsServer
 from tests.harness import embedded
 
 WAIT = 30
+AUTH: dict[str, dict[str, str]] = {}  # host -> the headers of its admin session
 
 
 @asynccontextmanager
@@ -55,6 +56,7 @@ async def served(app: Litestar, send_buffer: int | None = None) -> AsyncIterator
     try:
         async with asyncio.timeout(WAIT):
             await wait_for_port("127.0.0.1", port)
+            AUTH[f"127.0.0.1:{port}"] = await bearer(f"http://127.0.0.1:{port}")
         yield f"127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -118,12 +120,14 @@ async def until(ws: ClientConnection, job_id: str, status: str) -> list[dict[str
 async def test_progress_at_the_end_equals_the_job_view(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db")
+    )
     async with (
         running_system(bus, nats_server, tmp_path),
         served(app) as host,
-        connect(f"ws://{host}/ws") as ws,
-        httpx.AsyncClient(base_url=f"http://{host}") as http,
+        connect(f"ws://{host}/ws", additional_headers=AUTH[host]) as ws,
+        httpx.AsyncClient(base_url=f"http://{host}", headers=AUTH[host]) as http,
     ):
         r = await http.post("/api/v1/jobs", json=job_body("live", targets=3, flows=8))
         assert r.status_code == 201, r.text
@@ -169,14 +173,16 @@ async def test_a_subscription_chooses_jobs_and_bad_requests_name_the_field(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     await runner_present(nats_server)
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db")
+    )
     chosen, other = job_id_for("live-chosen"), job_id_for("live-other")
     async with (
         asyncio.timeout(WAIT),
         served(app) as host,
-        connect(f"ws://{host}/ws") as narrow,
-        connect(f"ws://{host}/ws") as everything,
-        httpx.AsyncClient(base_url=f"http://{host}") as http,
+        connect(f"ws://{host}/ws", additional_headers=AUTH[host]) as narrow,
+        connect(f"ws://{host}/ws", additional_headers=AUTH[host]) as everything,
+        httpx.AsyncClient(base_url=f"http://{host}", headers=AUTH[host]) as http,
     ):
         await narrow.send(json.dumps({"type": "subscribe", "jobs": [chosen]}))
         assert await next_message(narrow) == {
@@ -230,7 +236,7 @@ async def test_a_subscription_chooses_jobs_and_bad_requests_name_the_field(
         still = await next_message(narrow)
 
         # a client that keeps sending what is refused is closed
-        async with connect(f"ws://{host}/ws") as spammer:
+        async with connect(f"ws://{host}/ws", additional_headers=AUTH[host]) as spammer:
             for _ in range(100):
                 await spammer.send("not json")
             with pytest.raises(ConnectionClosed) as closed:
@@ -270,12 +276,17 @@ async def test_sse_streams_one_job_with_keepalives_until_it_closes(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     await runner_present(nats_server)
-    config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db", live_keepalive=0.3)
+    config = ApiConfig(
+        identity=TEST_IDENTITY,
+        nats_url=nats_server.url,
+        db_path=tmp_path / "api.db",
+        live_keepalive=0.3,
+    )
     app = create_app(config)
     async with (
         asyncio.timeout(WAIT),
         served(app) as host,
-        httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http,
+        httpx.AsyncClient(base_url=f"http://{host}", headers=AUTH[host], timeout=10) as http,
     ):
         assert (await http.get("/api/v1/jobs/job_nope/events/stream")).status_code == 404
         bad = await http.get("/api/v1/jobs/not%20an%20id/events/stream")
@@ -325,7 +336,8 @@ def websocket_that_never_reads(host: str) -> socket.socket:
     sock.sendall(
         (
             f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: {AUTH[host]['Authorization']}\r\n\r\n"
         ).encode()
     )
     head = b""
@@ -366,14 +378,16 @@ def read_until_closed(sock: socket.socket) -> bytes:
 async def test_a_client_that_never_reads_is_cut_off_and_holds_back_no_one(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db", live_queue=4)
+    config = ApiConfig(
+        identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db", live_queue=4
+    )
     app = create_app(config)
     jobs = 60
     async with (
         embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb,
         asyncio.timeout(WAIT),
         served(app, send_buffer=8192) as host,
-        connect(f"ws://{host}/ws", max_size=None) as reader,
+        connect(f"ws://{host}/ws", additional_headers=AUTH[host], max_size=None) as reader,
     ):
         stuck = await asyncio.to_thread(websocket_that_never_reads, host)
         hub: LiveHub = app.state.live_hub
@@ -410,7 +424,9 @@ async def test_a_client_that_never_reads_is_cut_off_and_holds_back_no_one(
 async def test_an_sse_client_that_never_reads_is_cut_off(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db", live_queue=4)
+    config = ApiConfig(
+        identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db", live_queue=4
+    )
     app = create_app(config)
     async with (
         embedded(bus, nats_server.url, tmp_path, dispatcher=False) as tb,
@@ -441,7 +457,10 @@ def stream_that_never_reads(host: str, path: str) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     sock.connect((address, int(port)))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    authorization = AUTH[host]["Authorization"]
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {authorization}\r\n\r\n".encode()
+    )
     return sock
 
 
@@ -461,16 +480,23 @@ async def test_the_dashboard_shows_a_job_live_in_a_browser(
 
     from agents.browser import launch_chromium
 
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db")
+    )
     async with (
         running_system(bus, nats_server, tmp_path),
         served(app) as host,
         async_playwright() as playwright,
-        httpx.AsyncClient(base_url=f"http://{host}") as http,
+        httpx.AsyncClient(base_url=f"http://{host}", headers=AUTH[host]) as http,
     ):
         browser = await launch_chromium(playwright)
         try:
-            page = await browser.new_page()
+            context = await browser.new_context()
+            token = AUTH[host]["Authorization"].removeprefix("Bearer ")
+            await context.add_cookies(
+                [{"name": "tb_session", "value": token, "url": f"http://{host}"}]
+            )
+            page = await context.new_page()
             await page.goto(f"http://{host}/")
             await page.locator("#conn", has_text="live").wait_for()
             loop = asyncio.get_running_loop()

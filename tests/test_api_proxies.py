@@ -23,7 +23,7 @@ from engine.bus import Bus, Expect
 from schemas import subjects
 from schemas.events import ProxyFailed, ProxyMarkedBad, ProxyRestored
 from schemas.proxies import decode_secret
-from tests.api_client import JOB, Online, client, runner_online
+from tests.api_client import JOB, TEST_IDENTITY, Online, bearer, client, runner_online
 from tests.conftest import NatsServer, free_port
 from tests.test_proxy_failover import raw_stream
 
@@ -173,18 +173,21 @@ async def test_a_job_names_only_registered_proxies(
 
 
 async def test_websocket_pushes_proxy_updates(nats_server: NatsServer, tmp_path: Path) -> None:
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "read.db")
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(20):
             await wait_for_port("127.0.0.1", port)
-            async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            headers = await bearer(f"http://127.0.0.1:{port}")
+            async with connect(f"ws://127.0.0.1:{port}/ws", additional_headers=headers) as ws:
                 request = urllib.request.Request(
                     f"http://127.0.0.1:{port}/api/v1/proxies",
                     data=json.dumps({"url": URL, "label": "eu"}).encode(),
-                    headers={"Content-Type": "application/json"},
+                    headers={"Content-Type": "application/json", **headers},
                 )
                 await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
                 update = json.loads(await ws.recv())

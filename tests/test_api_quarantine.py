@@ -21,7 +21,7 @@ from engine.jobs.service import JobCommands
 from schemas import subjects
 from schemas.events import FlowDone, JobCancelled, JobPaused, encode_event
 from schemas.values import JobSettings, Platform, Target
-from tests.api_client import when_registered
+from tests.api_client import TEST_IDENTITY, log_in, when_registered
 from tests.conftest import NatsServer
 from tests.harness import SteadyExecutor, embedded
 
@@ -53,7 +53,9 @@ def garbage(job_id: str) -> list[tuple[str, bytes]]:
 async def test_garbage_on_every_subject_family_mid_job_is_quarantined_and_listed_once(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db")
+    )
     async with embedded(bus, nats_server.url, tmp_path) as tb:
         await tb.authorise("127.0.0.1")
         registered = asyncio.Event()
@@ -62,6 +64,7 @@ async def test_garbage_on_every_subject_family_mid_job_is_quarantined_and_listed
         async with asyncio.timeout(WAIT):
             await registered.wait()
         async with AsyncTestClient(app=app) as client:
+            await log_in(client)
             job = {
                 "name": "under fire",
                 "targets": [{"url": "http://127.0.0.1:9/", "flows": 30, "clicks": 1}],

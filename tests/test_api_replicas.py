@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from api.services import ApiConfig
 from engine.bus import Bus, BusConfig
-from tests.api_client import JOB, put_presence
+from tests.api_client import JOB, TEST_IDENTITY, log_in, put_presence
 from tests.conftest import NatsServer
 from tests.test_api_metrics import a_run
 
@@ -28,10 +28,24 @@ READS = [
 
 
 @asynccontextmanager
-async def replica(nats_url: str, db: Path) -> AsyncIterator[AsyncTestClient]:
-    config = ApiConfig(nats_url=nats_url, db_path=db, bus=BusConfig(presence_ttl=30))
+async def replica(
+    nats_url: str, db: Path, token: str | None = None
+) -> AsyncIterator[AsyncTestClient]:
+    """A replica with a client that logs in as admin, or uses ``token`` (one login for
+    both replicas: a second login would end the first session)."""
+    config = ApiConfig(
+        nats_url=nats_url, db_path=db, bus=BusConfig(presence_ttl=30), identity=TEST_IDENTITY
+    )
     async with AsyncTestClient(app=create_app(config)) as client:
+        if token is None:
+            await log_in(client)
+        else:
+            client.headers["Authorization"] = f"Bearer {token}"
         yield client
+
+
+def token_of(client: AsyncTestClient) -> str:
+    return str(client.headers["Authorization"]).removeprefix("Bearer ")
 
 
 async def test_a_write_through_one_replica_reads_through_the_other(
@@ -40,7 +54,7 @@ async def test_a_write_through_one_replica_reads_through_the_other(
     await put_presence(bus)
     async with (
         replica(nats_server.url, tmp_path / "a.db") as a,
-        replica(nats_server.url, tmp_path / "b.db") as b,
+        replica(nats_server.url, tmp_path / "b.db", token_of(a)) as b,
     ):
         await a_run(bus)  # flows with outcomes and timings, for the metrics to agree on
         for n in range(3):

@@ -26,6 +26,7 @@ from engine.bus import Bus, BusConfig
 from schemas import VERSION, subjects
 from schemas.events import FlowDone, RunnerDeregistered, RunnerRegistered
 from schemas.ids import utcnow
+from tests.api_client import TEST_IDENTITY, log_in
 from tests.conftest import NatsServer, free_port
 from tests.harness import Embedded, embedded
 
@@ -41,6 +42,7 @@ async def live(bus: Bus, nats_server: NatsServer, tmp_path: Path) -> AsyncIterat
     """The API app and the engine on one nats-server; runners are started by each test."""
     app = create_app(
         ApiConfig(
+            identity=TEST_IDENTITY,
             nats_url=nats_server.url,
             db_path=tmp_path / "api.db",
             bus=BusConfig(ack_wait=3.0, presence_ttl=TTL),
@@ -49,6 +51,7 @@ async def live(bus: Bus, nats_server: NatsServer, tmp_path: Path) -> AsyncIterat
     async with embedded(bus, nats_server.url, tmp_path) as tb:
         await tb.authorise("127.0.0.1")
         async with AsyncTestClient(app=app) as client:
+            await log_in(client)
             yield tb, client
 
 

@@ -135,6 +135,8 @@ async def test_up_runs_the_demo_job_counting_every_flow_once(tmp_path: Path) -> 
     assert proc.returncode == 0, text
     assert "20/20 flows done, 0 failed" in text
     assert "every flow counted exactly once" in text
+    password = (tmp_path / "tb" / "admin-password").read_text().strip()
+    assert text.count(password) == 1  # shown once, beside the dashboard's address
     assert not port_is_open("127.0.0.1", port) and not port_is_open("127.0.0.1", nats_port)
 
 
@@ -677,12 +679,10 @@ def test_loopback_hosts_need_no_setting_and_auth_enabled_false_opens_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from cli.settings import bind_refusal, open_bind_warning
-    from cli.up import login_note
 
     monkeypatch.delenv("AUTH_ENABLED", raising=False)
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"):
         assert bind_refusal(host) is None and open_bind_warning(host, 8000) is None
-        assert "loopback only" in login_note(host, 8000)
     for host in ("0.0.0.0", "", "::", "192.0.2.10", "10.0.0.1", "example.com", "localhost.evil"):
         refusal = bind_refusal(host)
         assert refusal and refusal.startswith(f"--host {host!r}: refused")
@@ -690,7 +690,60 @@ def test_loopback_hosts_need_no_setting_and_auth_enabled_false_opens_the_rest(
     assert bind_refusal("0.0.0.0") is None
     warning = open_bind_warning("0.0.0.0", 8000)
     assert warning and "AUTH_ENABLED=false" in warning and "no login" in warning
-    assert "loopback" not in login_note("0.0.0.0", 8000)
+
+
+def test_up_makes_the_admin_password_once_and_keeps_it_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.state_dir import StateDir
+    from cli.up import ADMIN_PASSWORD_FILE, admin_password, login_note
+
+    monkeypatch.delenv("TB_ADMIN_PASSWORD", raising=False)
+    state = StateDir(tmp_path / "tb")
+    made, fresh = admin_password(state)
+    assert fresh and len(made) >= 20
+    path = state.root / ADMIN_PASSWORD_FILE
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_text().strip() == made
+    assert made in login_note(state, True, made)
+    assert admin_password(state) == (made, False)  # a later start reads it back
+    assert made not in login_note(state, False, made) and str(path) in login_note(
+        state, False, made
+    )
+    monkeypatch.setenv("TB_ADMIN_PASSWORD", "given-by-the-operator")
+    assert admin_password(state) == ("given-by-the-operator", False)
+
+
+def test_session_durations_read_8h_30m_and_seconds_with_their_aliases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cli.settings import identity_config_from_env
+
+    for name in ("TB_SESSION_MAX_AGE", "TB_SESSION_IDLE", "TB_SESSION_GRACE", "GRACE_PERIOD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JWT_EXP", "8h")
+    monkeypatch.setenv("TB_SESSION_IDLE", "30m")
+    monkeypatch.setenv("GRACE_PERIOD", "45")
+    policy = identity_config_from_env().sessions
+    assert (policy.max_age, policy.idle, policy.grace) == (8 * 3600, 30 * 60, 45)
+    monkeypatch.setenv("TB_SESSION_MAX_AGE", "2h")  # the TB_ name wins over its alias
+    assert identity_config_from_env().sessions.max_age == 7200
+    monkeypatch.setenv("TB_SESSION_IDLE", "soon")
+    with pytest.raises(SystemExit, match="TB_SESSION_IDLE"):
+        identity_config_from_env()
+
+
+async def test_api_alone_with_no_user_and_no_admin_password_refuses_to_start(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TB_ADMIN_PASSWORD"}
+    proc = await asyncio.create_subprocess_exec(
+        *TB, "api", "--nats-url", nats_server.url, "--port", str(free_port()),
+        "--db", str(tmp_path / "read.db"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0
+    assert "TB_ADMIN_PASSWORD is not set" in err.decode()
 
 
 async def test_auth_enabled_false_lets_up_past_the_host_check(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from engine.bus import Bus
 from engine.job_logs import read_log
 from schemas import subjects
 from schemas.values import Target
-from tests.api_client import when_registered
+from tests.api_client import TEST_IDENTITY, bearer, log_in, when_registered
 from tests.conftest import NatsServer, free_port
 from tests.harness import embedded
 
@@ -39,7 +39,12 @@ async def serve(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Serve]
 
     async def start(key: str | None = None, keepalive: float = 15.0) -> str:
         logs = LogsConfig(ingest_api_key=key, keepalive=keepalive, save_after=0.1)
-        config = ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db", logs=logs)
+        config = ApiConfig(
+            identity=TEST_IDENTITY,
+            nats_url=nats_server.url,
+            db_path=tmp_path / "read.db",
+            logs=logs,
+        )
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(
@@ -66,12 +71,18 @@ async def serve(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Serve]
 
 @asynccontextmanager
 async def http(base: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+    """A client logged in as the first admin (log ingest ignores the session)."""
+    headers = await bearer(base)
+    async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as client:
         yield client
 
 
 async def start_external(client: httpx.AsyncClient) -> str:
-    r = await client.post("/api/crawler/start", json={"domain_count": 3, "keywords": ["a"]})
+    r = await client.post(
+        "/api/crawler/start",
+        json={"domain_count": 3, "keywords": ["a"]},
+        headers={"X-API-Key": KEY},  # ignored by a server with no ingest key
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "started" and body["message"] and body["job_id"].startswith("job_")
@@ -220,18 +231,18 @@ async def test_every_legacy_ingest_answer(serve: Serve) -> None:
         assert (await client.get(f"/api/crawler/logs/{job_id}")).status_code == 403
 
         # a finished job takes no more lines
-        r = await post(f"/api/crawler/cancel/{job_id}")
+        r = await post(f"/api/crawler/cancel/{job_id}", headers=ok)
         assert r.status_code == 200
         assert r.json()["status"] == "cancelled" and r.json()["job_id"] == job_id
         r = await post("/api/crawler/log", json=line, headers=ok)
         assert r.status_code == 404
         assert r.json()["detail"] == f"Job {job_id} not found or already completed"
-        r = await post(f"/api/crawler/cancel/{job_id}")
+        r = await post(f"/api/crawler/cancel/{job_id}", headers=ok)
         assert (r.status_code, r.json()["detail"]) == (
             404,
             f"Job {job_id} not found or already completed",
         )
-        r = await client.get("/api/crawler/status/job_nope")
+        r = await client.get("/api/crawler/status/job_nope", headers=ok)
         assert (r.status_code, r.json()["detail"]) == (404, "Job job_nope not found")
 
 
@@ -253,8 +264,11 @@ async def test_without_a_key_ingest_is_open_to_loopback_only(
             )
             assert r.status_code == 403, header
     # the test client is no loopback client ("testclient")
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "other.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "other.db")
+    )
     async with AsyncTestClient(app=app) as remote:
+        await log_in(remote)
         r = await remote.post("/api/crawler/log", json={"job_id": job_id, "message": "hi"})
         assert r.status_code == 403 and r.json()["detail"].startswith("Invalid API key")
         assert (
@@ -377,7 +391,9 @@ async def test_the_websocket_pushes_log_lines(serve: Serve) -> None:
     base = await serve()
     async with http(base) as client:
         job_id = await start_external(client)
-        async with connect(base.replace("http", "ws") + "/ws") as ws:
+        ws_url = base.replace("http", "ws") + "/ws"
+        auth = {"Authorization": client.headers["Authorization"]}
+        async with connect(ws_url, additional_headers=auth) as ws:
             async with asyncio.timeout(10):
                 while True:  # the feed listens once the socket is open
                     r = await client.post(

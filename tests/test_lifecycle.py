@@ -27,6 +27,7 @@ from engine.bus import Bus
 from schemas import VERSION, subjects
 from schemas.events import FlowDispatched, FlowDone, FlowFailed, FlowStarted, PageVisited
 from schemas.values import Target
+from tests.api_client import TEST_IDENTITY, log_in
 from tests.conftest import NatsServer
 from tests.harness import WorkItemsSent, embedded, log_until
 from tests.runner_proc import read_runs
@@ -88,7 +89,9 @@ async def flow_failures(bus: Bus, job_id: str) -> list[FlowFailed]:
 async def test_failed_flow_stores_its_screenshot_and_the_api_serves_it(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "api.db"))
+    app = create_app(
+        ApiConfig(identity=TEST_IDENTITY, nats_url=nats_server.url, db_path=tmp_path / "api.db")
+    )
     with failing_site(500) as site:
         url = f"{site.base_url}/"
         async with embedded(bus, nats_server.url, tmp_path) as tb:
@@ -100,6 +103,7 @@ async def test_failed_flow_stores_its_screenshot_and_the_api_serves_it(
             view = await tb.wait_terminal(job_id, timeout=90)
             failures = await flow_failures(bus, job_id)
             async with AsyncTestClient(app=app) as client:
+                await log_in(client)
                 caught_up = await client.get(
                     f"/api/v1/jobs/{job_id}?min_seq={await bus.last_seq()}"
                 )

@@ -1,0 +1,1 @@
+"""Users, passwords, sessions and API keys: pure deciders, with the stores at the edges."""

@@ -458,6 +458,9 @@ class Bus:
         """
         next_seq = max(start_seq, 1)
         filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
+        for subject in filters or ():
+            if not is_subject_filter(subject):
+                raise ValueError(f"cannot read {filters}: {subject!r} is no subject filter")
         backoff = Backoff("reader", cap=2.0)  # says so once per episode, not per retry
         while True:
             puller = None
@@ -568,6 +571,18 @@ class Bus:
 def without_credentials(url: str) -> str:
     """A NATS URL fit for a log line: no user, password or token."""
     return ",".join(re.sub(r"^([a-z]+://)[^@/]*@", r"\1", part) for part in url.split(","))
+
+
+def is_subject_filter(subject: str) -> bool:
+    """A NATS subject filter: dot-separated tokens, none empty or holding whitespace, with
+    ``>`` only as the last token (a named reader puts it in its API subject, where a bad one
+    meets no responder rather than an error)."""
+    tokens = subject.split(".")
+    return all(
+        token and not any(c.isspace() for c in token) and (token != ">" or i == len(tokens) - 1)
+        and (len(token) == 1 or ("*" not in token and ">" not in token))
+        for i, token in enumerate(tokens)
+    )  # fmt: skip
 
 
 def applied_by(envelopes: Sequence[Envelope], command_id: str) -> Appended | None:

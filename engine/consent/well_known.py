@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+from engine.consent.finding import Finding, Found
 from engine.errors import Invalid, Rejected
 from schemas import VERSION
 
@@ -57,14 +58,17 @@ async def fetch_token_async(url: str) -> str:
     return await asyncio.to_thread(fetch_token, url)
 
 
-async def check_token(fetch: TokenFetcher, url: str, token: str) -> str | None:
-    """Why ``url`` does not serve ``token``, or ``None`` when it does."""
+async def check_token(fetch: TokenFetcher, url: str, token: str) -> Finding:
+    """Whether ``url`` serves ``token``: a 4xx answer or other content means it is absent
+    (the owner took it away), no answer or a 5xx that the site could not be asked."""
     try:
         served = await fetch(url)
     except urllib.error.HTTPError as err:
-        return f"{url} answered HTTP {err.code}"
+        found = Found.ABSENT if 400 <= err.code < 500 else Found.UNREACHABLE
+        return Finding(found, url, f"{url} answered HTTP {err.code}")
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
-        return f"{url} could not be fetched ({getattr(err, 'reason', err)})"
+        reason = f"{url} could not be fetched ({getattr(err, 'reason', err)})"
+        return Finding(Found.UNREACHABLE, url, reason)
     if served != token:
-        return f"{url} does not serve the claimed token"
-    return None
+        return Finding(Found.ABSENT, url, f"{url} does not serve the claimed token")
+    return Finding(Found.SERVED, url)

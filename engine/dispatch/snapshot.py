@@ -37,8 +37,9 @@ log = structlog.get_logger("tb.dispatcher.snapshot")
 # time, jobs their hosts and whether they are broken; 4: flows hold their work item's
 # sequence and when it was seen delivered; 5: the registered proxies and their health;
 # 6: job settings carry the flow behaviour (older code could not decode a job created
-# with them, so its snapshot lacks the job); 7: consents hold their ports
-SNAPSHOT_FORMAT = 7
+# with them, so its snapshot lacks the job); 7: consents hold their ports; 8: consents
+# hold their claimed caps, how they were verified and whether they cover subdomains
+SNAPSHOT_FORMAT = 8
 SNAPSHOT_OBJECT = "state"
 
 

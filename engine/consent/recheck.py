@@ -1,0 +1,74 @@
+"""Periodic re-verification: every verified consent is looked at again once its last
+check is ``every`` old; a token that is gone revokes it ("token removed"), which is the
+revocation kill switch (flows on the host end, its jobs pause).
+
+Safe to run in several engines at once: which consents are due is read from the log
+(the time of their last check), and a recheck's msg-id is the consent's version, so
+two engines rechecking one consent store one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import nats.errors
+import structlog
+
+from engine.bus import ConcurrencyConflict
+from engine.consent.service import ConsentCommands, Recheck
+from engine.errors import Rejected
+from schemas.consent_state import Consent, ConsentStatus
+from schemas.ids import utcnow
+
+log = structlog.get_logger("tb.consent")
+
+LONGEST_NAP = 30.0  # seconds between looks at what is due, at most
+
+
+def due(consent: Consent, now: datetime, every: timedelta) -> bool:
+    checked = consent.checked_at or consent.verified_at
+    return consent.status == ConsentStatus.VERIFIED and (checked is None or checked + every <= now)
+
+
+@dataclass
+class ConsentRecheck:
+    commands: ConsentCommands
+    clock: Callable[[], datetime] = utcnow
+
+    @property
+    def every(self) -> timedelta:
+        return self.commands.policy.recheck_every
+
+    async def run(self) -> None:
+        nap = min(self.every.total_seconds() / 4, LONGEST_NAP)
+        while True:
+            await self.round()
+            await asyncio.sleep(nap)
+
+    async def round(self) -> list[Recheck]:
+        """Recheck every consent that is due now; returns what each found."""
+        now = self.clock()
+        results: list[Recheck] = []
+        for consent in await self.commands.all_consents():
+            if not due(consent, now, self.every):
+                continue
+            try:
+                result = await self.commands.recheck(consent.domain)
+            except (Rejected, ConcurrencyConflict) as err:
+                # it moved meanwhile (revoked, claimed again): the next round sees how it stands
+                log.info("consent.recheck_skipped", domain=consent.domain, reason=str(err))
+                continue
+            except nats.errors.Error:
+                raise  # NATS trouble: the supervisor restarts this with back-off
+            results.append(result)
+            log.info(
+                "consent.rechecked",
+                domain=result.domain,
+                found=result.found.value,
+                status=result.status.value,
+                reason=result.reason,
+            )
+        return results

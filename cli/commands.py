@@ -62,11 +62,15 @@ def consumer_settings_message(err: ConsumerSettingsRefused) -> str:
 
 
 async def run_engine(nats_url: str) -> None:
+    from cli.consent_settings import consent_policy_from_env
     from engine.advisories import ExhaustedDeliveries
+    from engine.consent import ConsentCommands
+    from engine.consent.recheck import ConsentRecheck
     from engine.dispatcher import Dispatcher
     from engine.proxies.health import ProxyHealth
 
     policy = proxy_health_from_env()
+    consent_policy = consent_policy_from_env()
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
 
@@ -80,6 +84,9 @@ async def run_engine(nats_url: str) -> None:
     async def proxy_health() -> None:
         await ProxyHealth(bus, policy).run()
 
+    async def consent_recheck() -> None:
+        await ConsentRecheck(ConsentCommands(bus, policy=consent_policy)).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
@@ -87,6 +94,7 @@ async def run_engine(nats_url: str) -> None:
             ("dispatcher", dispatcher),
             ("exhausted-delivery watch", exhausted),
             ("proxy health", proxy_health),
+            ("consent re-verification", consent_recheck),
         )
     ]
 
@@ -96,7 +104,10 @@ async def run_engine(nats_url: str) -> None:
             task.cancel()
 
     on_stop_signals(stop)
-    announce("✅ Engine running (dispatcher, exhausted-delivery watch, proxy health)")
+    announce(
+        "✅ Engine running (dispatcher, exhausted-delivery watch, proxy health,"
+        " consent re-verification)"
+    )
     stopped = asyncio.ensure_future(stopping.wait())
     try:
         # components end only when stopped (or on SystemExit)
@@ -117,13 +128,18 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
 
     from api.app import create_app
     from api.services import ApiConfig
+    from cli.consent_settings import consent_policy_from_env
 
     warning = open_bind_warning(host, port)  # only reached with AUTH_ENABLED=false
     if warning:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     config = ApiConfig(
-        nats_url=nats_url, db_path=db_path, bus=bus_config_from_env(), logs=logs_config_from_env()
+        nats_url=nats_url,
+        db_path=db_path,
+        bus=bus_config_from_env(),
+        logs=logs_config_from_env(),
+        consent=consent_policy_from_env(),
     )
     app = create_app(config)
     server = uvicorn.Server(

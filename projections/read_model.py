@@ -35,8 +35,9 @@ SCHEMA = (
 )
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
-# (kind, progress); 8: the audit trail, datasets and schedules
-SCHEMA_VERSION = 8
+# (kind, progress); 8: the audit trail, datasets and schedules; 9: consents: when
+# verified, subdomains
+SCHEMA_VERSION = 9
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

@@ -81,10 +81,7 @@ class TxtLookup:
         answer = await self._resolver().resolve(
             name, dns.rdatatype.TXT, lifetime=self.timeout, search=False
         )
-        return [
-            b"".join(rdata.strings).decode("utf-8", "replace").strip()
-            for rdata in answer
-        ]
+        return [b"".join(rdata.strings).decode("utf-8", "replace").strip() for rdata in answer]
 
 
 async def check_dns_token(lookup: TxtLookup, domain: str, token: str) -> Finding:

@@ -42,7 +42,7 @@ from engine.consent.well_known import (
     fetch_token_async,
     well_known_url,
 )
-from engine.errors import CommandIdReused, Conflict, Invalid, Rejected
+from engine.errors import CommandIdReused, Conflict, Invalid, NotFound, Rejected
 from schemas import subjects
 from schemas.consent_state import Consent, ConsentStatus, evolve_consent
 from schemas.events import (
@@ -215,6 +215,8 @@ class ConsentCommands:
 
         async def attempt() -> Recheck:
             consent = await self.load(domain)
+            if consent.status == ConsentStatus.NONE:
+                raise NotFound("domain", f"{domain} has not been claimed")
             if consent.status != ConsentStatus.VERIFIED:
                 status = consent.status.value
                 raise Conflict("domain", f"{domain} is {status}: only a verified one is rechecked")

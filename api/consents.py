@@ -10,15 +10,33 @@ from litestar.params import JSONBody
 
 from api.authz import access, actor_of
 from api.deps import services_from_state
-from api.dto import Claimed, ClaimIn, Rechecked, Revoked, RevokeIn, Verified, VerifyIn
+from api.dto import (
+    CapsIn,
+    Claimed,
+    ClaimIn,
+    Rechecked,
+    Revoked,
+    RevokeIn,
+    Verified,
+    VerifyIn,
+)
 from api.inputs import DomainPath, command_id, domain_in_path
 from api.openapi import problems
 from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.services import Services
+from engine.consent.decider import caps_asked
 from engine.consent.dns_txt import record_name
 from engine.consent.service import well_known_url
 from projections import queries
 from projections.queries import ConsentView
+from schemas.values import ConsentCaps
+
+
+def caps_within_ceiling(caps: CapsIn | None, services: Services) -> ConsentCaps | None:
+    """The caps asked for, each checked against the server's ceiling (400 naming it)."""
+    if caps is None:
+        return None
+    return caps_asked(caps.asked(), services.consents.policy.ceiling)
 
 
 class ConsentController(Controller):
@@ -50,7 +68,7 @@ class ConsentController(Controller):
             domain,
             actor_of(request),
             command_id,
-            caps=data.caps,
+            caps=caps_within_ceiling(data.caps, services),
             include_subdomains=data.include_subdomains,
         )
         return Claimed(
@@ -83,7 +101,7 @@ class ConsentController(Controller):
             data.base_url,
             actor_of(request),
             command_id,
-            caps=data.caps,
+            caps=caps_within_ceiling(data.caps, services),
             method=data.method,
         )
         return Verified(

@@ -41,11 +41,20 @@ class Accepted(msgspec.Struct):
     status: str
 
 
+class CapsIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Limits for a domain, each at most the server's ceiling; one left out is its default
+    (20 sessions, 600 flows a minute) lowered to the ceiling."""
+
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    max_flows_per_minute: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+
+    def asked(self) -> dict[str, int | None]:
+        return {f: getattr(self, f) for f in self.__struct_fields__}
+
+
 class ClaimIn(msgspec.Struct, forbid_unknown_fields=True):
     domain: Domain
-    # the limits for the domain, within the server's ceiling (default: the defaults,
-    # lowered to the ceiling)
-    caps: ConsentCaps | None = None
+    caps: CapsIn | None = None
     # cover every subdomain too: granted only by a DNS verification
     include_subdomains: bool = False
 
@@ -61,7 +70,7 @@ class Claimed(msgspec.Struct):
 class VerifyIn(msgspec.Struct, forbid_unknown_fields=True):
     method: Literal["well-known", "dns"] = "well-known"
     base_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # well-known only
-    caps: ConsentCaps | None = None  # None keeps the claim's
+    caps: CapsIn | None = None  # None keeps the claim's
 
 
 class Verified(msgspec.Struct):

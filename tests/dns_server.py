@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import dns.exception
 import dns.flags
@@ -58,8 +60,7 @@ class _Protocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         assert self.transport is not None
@@ -67,15 +68,27 @@ class _Protocol(asyncio.DatagramProtocol):
             self.transport.sendto(self.server.answer(data), addr)
 
 
-@contextlib.asynccontextmanager
-async def dns_server(records: dict[str, list[str]] | None = None) -> AsyncIterator[DnsServer]:
+@contextlib.contextmanager
+def dns_server(records: dict[str, list[str]] | None = None) -> Iterator[DnsServer]:
+    """Serves on a loop of its own thread, so a caller that blocks its own loop (a test
+    client running the app) still gets answers."""
     server = DnsServer(records=dict(records or {}))
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Protocol(server), local_addr=("127.0.0.1", 0)
-    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-dns", daemon=True)
+    thread.start()
+
+    async def listen() -> asyncio.DatagramTransport:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(server), local_addr=("127.0.0.1", 0)
+        )
+        return transport
+
+    transport = asyncio.run_coroutine_threadsafe(listen(), loop).result(timeout=5)
     server.port = transport.get_extra_info("sockname")[1]
     try:
         yield server
     finally:
-        transport.close()
+        loop.call_soon_threadsafe(transport.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()

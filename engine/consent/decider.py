@@ -13,9 +13,11 @@ A consent covers subdomains only when its claim asked for it and DNS verified it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
+
+from msgspec.structs import replace
 
 from engine.errors import Conflict, Invalid, NotFound
 from engine.jobs.decider import Meta
@@ -37,6 +39,7 @@ __all__ = [
     "Meta",
     "RecordVerification",
     "RevokeConsent",
+    "caps_asked",
     "decide",
     "ensure_verifiable",
     "within_ceiling",
@@ -104,6 +107,14 @@ def within_ceiling(caps: ConsentCaps, ceiling: ConsentCaps | None, field: str = 
                 f"{field}.{name}",
                 f"must be at most {most}, the server's ceiling ({setting}; got {asked})",
             )
+
+
+def caps_asked(asked: dict[str, int | None], ceiling: ConsentCaps | None) -> ConsentCaps:
+    """The caps a claimant asked for, each within the ceiling (``Invalid`` naming the
+    first above it); one not asked for is its default, lowered to the ceiling."""
+    given = {name: value for name, value in asked.items() if value is not None}
+    within_ceiling(replace(lowered_to(ConsentCaps(), ceiling), **given), ceiling)
+    return replace(lowered_to(ConsentCaps(), ceiling), **given)
 
 
 def lowered_to(caps: ConsentCaps, ceiling: ConsentCaps | None) -> ConsentCaps:

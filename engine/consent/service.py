@@ -23,7 +23,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
-from engine.bus import Appended, Bus, Expect, retry_on_conflict
+from engine.bus import Appended, Bus, ConcurrencyConflict, Expect, retry_on_conflict
 from engine.consent.decider import (
     CONSENT_VALIDITY,
     TOKEN_REMOVED,
@@ -230,7 +230,14 @@ class ConsentCommands:
                 events = decide(consent, RevokeConsent(domain, TOKEN_REMOVED), meta)
             else:
                 events = decide(consent, self._verification(consent, finding, method), meta)
-            stored = await self._append(consent, events, command)
+            try:
+                stored = await self._append(consent, events, command)
+            except ConcurrencyConflict:
+                # another engine rechecked this very version first: its outcome stands
+                # (the server checks the expected sequence before the msg-id)
+                stored = (await self._history(domain, command))[1]
+                if not stored:
+                    raise
             after = consent
             for env in stored:
                 after = evolve_consent(after, env.event, env.seq)

@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.sites import send, serving
 
 FLOW_HEADER = "X-TrafficBuster-Flow"
 WELL_KNOWN = "/.well-known/trafficbuster.txt"
@@ -78,38 +80,25 @@ def flow_site(host: str = "127.0.0.1", delay: float = 0.0) -> Iterator[FlowSite]
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
             if path == WELL_KNOWN:
-                self._send(200 if site.token else 404, site.token or "", "text/plain")
+                send(self, 200 if site.token else 404, (site.token or "").encode(), "text/plain")
                 return
             flow = self.headers.get(FLOW_HEADER)
             if flow is None:
                 site.unmarked += 1
-                self._send(404, "", "text/plain")
+                send(self, 404, b"", "text/plain")
                 return
             site.began(flow)
             try:
                 time.sleep(site.delay)
                 page = PAGES.get(path)
-                self._send(200 if page else 404, page or "", "text/html")
+                send(self, 200 if page else 404, (page or "").encode(), "text/html")
             finally:
                 site.ended(flow)
-
-        def _send(self, status: int, body: str, kind: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, 0), Handler)
-    site = FlowSite(host, server.server_address[1], delay=delay)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    site = FlowSite(host, delay=delay)
+    with serving(Handler, host) as port:
+        site.port = port
         yield site
-    finally:
-        server.shutdown()
-        server.server_close()

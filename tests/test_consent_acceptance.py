@@ -5,7 +5,9 @@ it (counted by X-TrafficBuster-Flow)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,18 @@ HOST = "127.0.0.1"
 QUIET = 2.0  # seconds the site must hear nothing more once the flows stopped
 
 
-async def verify_on(tb: Embedded, site: FlowSite, caps: ConsentCaps | None = None) -> None:
-    token, _ = await tb.consents.claim(HOST, "owner")
-    site.token = token
-    await tb.consents.verify(HOST, site.base_url, "owner", caps=caps)
+@contextlib.asynccontextmanager
+async def browsing(
+    bus: Bus, nats_url: str, tmp_path: Path, site: FlowSite, slots: int, caps: ConsentCaps
+) -> AsyncIterator[tuple[Embedded, Runner]]:
+    """The system with a Chromium runner of ``slots``, the site's host verified on it."""
+    async with embedded(bus, nats_url, tmp_path) as tb:
+        token, _ = await tb.consents.claim(HOST, "owner")
+        site.token = token
+        await tb.consents.verify(HOST, site.base_url, "owner", caps=caps)
+        runner = Runner(bus, PlaywrightExecutor(VERSION), slots=slots)
+        tb.run(runner.run(), "runner")
+        yield tb, runner
 
 
 @pytest.mark.slow
@@ -37,10 +47,7 @@ async def test_a_removed_token_found_by_recheck_stops_every_flow_within_two_seco
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     with flow_site(HOST, delay=0.05) as site:
-        async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await verify_on(tb, site)
-            runner = Runner(bus, PlaywrightExecutor(VERSION), slots=3)
-            tb.run(runner.run(), "runner")
+        async with browsing(bus, nats_server.url, tmp_path, site, 3, ConsentCaps()) as (tb, runner):
             job_id = await tb.create_job(
                 [Target(url=f"{site.base_url}/", flows=9, clicks=3)],
                 instance_count=3,
@@ -102,11 +109,9 @@ async def test_a_removed_token_found_by_recheck_stops_every_flow_within_two_seco
 async def test_two_jobs_never_have_more_sessions_on_a_domain_than_its_cap(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
+    capped = ConsentCaps(max_concurrent=2)
     with flow_site(HOST, delay=0.2) as site:
-        async with embedded(bus, nats_server.url, tmp_path) as tb:
-            await verify_on(tb, site, ConsentCaps(max_concurrent=2))
-            runner = Runner(bus, PlaywrightExecutor(VERSION), slots=4)
-            tb.run(runner.run(), "runner")
+        async with browsing(bus, nats_server.url, tmp_path, site, 4, capped) as (tb, _):
             jobs = [
                 await tb.create_job(
                     [Target(url=f"{site.base_url}/", flows=4, clicks=1)],

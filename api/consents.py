@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import JSONBody
+from litestar.params import JSONBody, QueryParameter
 
 from api.authz import access, actor_of
 from api.deps import services_from_state
@@ -23,6 +23,7 @@ from api.dto import (
 from api.inputs import DomainPath, command_id, domain_in_path
 from api.openapi import problems
 from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
+from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
 from engine.consent.decider import caps_asked
 from engine.consent.dns_txt import record_name
@@ -172,7 +173,9 @@ class ConsentController(Controller):
         services: NamedDependency[Services],
         limit: Limit = 100,
         cursor: Cursor = None,
+        min_seq: Annotated[int, QueryParameter(ge=0, description=MIN_SEQ_HELP)] = 0,
     ) -> Response[list[ConsentView]]:
+        await wait_for_seq(services, min_seq)
         (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
         consents = await queries.list_consents(services.db, limit=limit + 1, after=after)
         return page(request, consents, limit, lambda consent: (consent.domain,))

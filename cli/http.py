@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import Any
 
 
+def auth_headers() -> dict[str, str]:
+    """How the CLI proves who it is: TB_API_KEY (sent as X-API-Key), else TB_API_TOKEN
+    (a session token, sent as a Bearer token); neither: no credentials."""
+    key = os.environ.get("TB_API_KEY", "").strip()
+    if key:
+        return {"X-API-Key": key}
+    token = os.environ.get("TB_API_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _call(method: str, url: str, body: object | None, timeout: float) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=auth_headers())
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:

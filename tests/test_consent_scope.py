@@ -27,7 +27,7 @@ from schemas.consent_state import (
     governing,
     lapse_reason,
 )
-from schemas.events import ConsentGiven, ConsentRevoked, DomainClaimed
+from schemas.events import ConsentGiven, ConsentRevoked, DomainClaimed, decode_event
 from schemas.values import ConsentCaps
 from tests.test_dispatch_state import NOW, World, done
 
@@ -172,3 +172,26 @@ def test_an_expired_consent_is_treated_as_revoked() -> None:
     assert w.state.dispatches(later) == []
     consent = w.state.consent_of("a.test")
     assert consent is not None and lapse_reason(consent, "a.test") == "consent expired for a.test"
+
+
+def test_a_consent_given_recorded_before_verified_at_reads_its_time_as_verified_at() -> None:
+    raw = (
+        b'{"type":"ConsentGiven","id":"c","at":"2026-01-01T00:00:00Z","actor":"t",'
+        b'"domain":"a.test","evidence":"https://a.test/.well-known/trafficbuster.txt",'
+        b'"expires_at":"2026-02-01T00:00:00Z"}'
+    )
+    event = decode_event(raw)
+    assert isinstance(event, ConsentGiven)
+    assert (event.verified_at, event.include_subdomains, event.method) == (
+        None,
+        False,
+        "well-known",
+    )
+    consent = evolve_consent(Consent(domain="a.test"), event, 1)
+    assert consent.verified_at == event.at == consent.checked_at
+    claimed = decode_event(
+        b'{"type":"DomainClaimed","id":"d","at":"2026-01-01T00:00:00Z","actor":"t",'
+        b'"domain":"a.test","token":"t1"}'
+    )
+    assert isinstance(claimed, DomainClaimed)
+    assert (claimed.caps, claimed.include_subdomains) == (None, False)

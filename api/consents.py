@@ -33,11 +33,14 @@ from projections.queries import ConsentView
 from schemas.values import ConsentCaps
 
 
-def caps_within_ceiling(caps: CapsIn | None, services: Services) -> ConsentCaps | None:
-    """The caps asked for, each checked against the server's ceiling (400 naming it)."""
+def caps_within_ceiling(
+    caps: CapsIn | None, services: Services, base: ConsentCaps | None = None
+) -> ConsentCaps | None:
+    """The caps asked for, each checked against the server's ceiling (400 naming it); one
+    left out keeps its value in ``base`` (default: the defaults)."""
     if caps is None:
         return None
-    return caps_asked(caps.asked(), services.consents.policy.ceiling)
+    return caps_asked(caps.asked(), services.consents.policy.ceiling, base)
 
 
 class ConsentController(Controller):
@@ -97,12 +100,14 @@ class ConsentController(Controller):
     ) -> Verified:
         domain = domain_in_path(domain)
         data = data or VerifyIn()
+        # a cap left out keeps the consent's (read here; the caps are the owner's to set)
+        current = (await services.consents.load(domain)).caps if data.caps else None
         given, appended = await services.consents.verify(
             domain,
             data.base_url,
             actor_of(request),
             command_id,
-            caps=caps_within_ceiling(data.caps, services),
+            caps=caps_within_ceiling(data.caps, services, current),
             method=data.method,
         )
         return Verified(

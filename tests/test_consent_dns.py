@@ -211,6 +211,12 @@ async def test_claim_verify_by_dns_and_recheck_through_http(
     assert verified["method"] == "dns" and verified["include_subdomains"] is True
     # a cap left out is its default lowered to the ceiling
     assert verified["caps"] == {"max_concurrent": 2, "max_flows_per_minute": 100}
+    # renewing with one cap changes that one and keeps the other
+    r = await api.post(
+        f"/api/v1/consents/{ZONE}/verify",
+        json={"method": "dns", "caps": {"max_flows_per_minute": 50}},
+    )
+    assert r.json()["caps"] == {"max_concurrent": 2, "max_flows_per_minute": 50}, r.text
     r = await api.post(
         f"/api/v1/consents/{ZONE}/verify", json={"method": "dns", "base_url": "http://x"}
     )

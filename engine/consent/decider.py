@@ -109,12 +109,16 @@ def within_ceiling(caps: ConsentCaps, ceiling: ConsentCaps | None, field: str = 
             )
 
 
-def caps_asked(asked: dict[str, int | None], ceiling: ConsentCaps | None) -> ConsentCaps:
+def caps_asked(
+    asked: dict[str, int | None], ceiling: ConsentCaps | None, base: ConsentCaps | None = None
+) -> ConsentCaps:
     """The caps a claimant asked for, each within the ceiling (``Invalid`` naming the
-    first above it); one not asked for is its default, lowered to the ceiling."""
+    first above it); one not asked for keeps its value in ``base`` (default: the
+    defaults), lowered to the ceiling."""
     given = {name: value for name, value in asked.items() if value is not None}
-    within_ceiling(replace(lowered_to(ConsentCaps(), ceiling), **given), ceiling)
-    return replace(lowered_to(ConsentCaps(), ceiling), **given)
+    caps = replace(lowered_to(base or ConsentCaps(), ceiling), **given)
+    within_ceiling(caps, ceiling)
+    return caps
 
 
 def lowered_to(caps: ConsentCaps, ceiling: ConsentCaps | None) -> ConsentCaps:

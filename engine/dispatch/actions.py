@@ -100,8 +100,8 @@ class ActionWriter:
                 cmd = AbortJob(action.job_id, plan.broken, plan.done, plan.failed)
             case Start() if plan.job.status == JobStatus.CREATED and not plan.broken:
                 cmd = StartJob(action.job_id, state.authorised_hosts(now))
-            case PauseRevoked(host=host) if (
-                plan.job.status == JobStatus.RUNNING and host in state.revoked_hosts(now)
+            case PauseRevoked(host=host) if plan.job.status == JobStatus.RUNNING and state.lapsed(
+                host, now
             ):
                 consent = state.consent_of(host)
                 assert consent is not None  # a lapsed host has a consent
@@ -150,7 +150,7 @@ class ActionWriter:
     async def _fail_revoked(self, action: FailRevoked, now: datetime) -> None:
         state = self.reader.state
         slot = state.in_flight_slot(action.job_id, action.flow_id, action.attempt)
-        if slot is None or slot.host not in state.revoked_hosts(now):
+        if slot is None or not state.lapsed(slot.host, now):
             return
         event = FlowFailed(
             id=self.new_id(),

@@ -452,15 +452,15 @@ class DispatchState:
                 valid.add(host)
         return frozenset(valid)
 
+    def lapsed(self, host: str, now: datetime) -> bool:
+        """Whether the consent governing ``host`` is revoked or expired."""
+        consent = self.consent_of(host)
+        return consent is not None and consent.lapsed_at(now)
+
     def revoked_hosts(self, now: datetime) -> frozenset[str]:
         """The hosts of live jobs whose governing consent is revoked or expired: their
         flows end and their jobs pause."""
-        lapsed = set()
-        for host in self._job_hosts():
-            consent = self.consent_of(host)
-            if consent is not None and consent.lapsed_at(now):
-                lapsed.add(host)
-        return frozenset(lapsed)
+        return frozenset(host for host in self._job_hosts() if self.lapsed(host, now))
 
     def cap_scope(self, host: str) -> tuple[str, Consent | None]:
         """Whose caps a flow on ``host`` counts against: its governing consent's domain

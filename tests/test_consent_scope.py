@@ -4,7 +4,9 @@ the flows-per-minute window sliding, the ceiling."""
 
 from __future__ import annotations
 
+import urllib.error
 from datetime import timedelta
+from email.message import Message
 
 import pytest
 from msgspec.structs import replace
@@ -18,6 +20,8 @@ from engine.consent.decider import (
     lowered_to,
     within_ceiling,
 )
+from engine.consent.finding import Finding, Found
+from engine.consent.well_known import check_token
 from engine.errors import Invalid
 from schemas.consent_state import (
     Consent,
@@ -32,6 +36,7 @@ from schemas.values import ConsentCaps
 from tests.test_dispatch_state import NOW, World, done
 
 DNS = "dns:_trafficbuster.a.test"
+URL = "https://a.test/.well-known/trafficbuster.txt"
 CEILING = ConsentCaps(max_concurrent=5, max_flows_per_minute=50)
 
 
@@ -195,3 +200,26 @@ def test_a_consent_given_recorded_before_verified_at_reads_its_time_as_verified_
     )
     assert isinstance(claimed, DomainClaimed)
     assert (claimed.caps, claimed.include_subdomains) == (None, False)
+
+
+@pytest.mark.parametrize(
+    ("code", "found"),
+    [(404, Found.ABSENT), (403, Found.ABSENT), (429, Found.UNREACHABLE), (503, Found.UNREACHABLE)],
+)
+async def test_what_a_well_known_answer_says_of_the_token(code: int, found: Found) -> None:
+    async def answer(url: str) -> str:
+        raise urllib.error.HTTPError(url, code, "", Message(), None)
+
+    finding = await check_token(answer, URL, "t1")
+    assert finding.found is found and f"HTTP {code}" in finding.reason
+
+
+async def test_a_well_known_file_with_other_content_is_an_absent_token() -> None:
+    async def other(url: str) -> str:
+        return "t0"
+
+    async def same(url: str) -> str:
+        return "t1"
+
+    assert (await check_token(other, URL, "t1")).found is Found.ABSENT
+    assert (await check_token(same, URL, "t1")) == Finding(Found.SERVED, URL)

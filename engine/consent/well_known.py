@@ -18,6 +18,7 @@ MAX_TOKEN_BYTES = 4096
 BASE_URL_RULE = "must be an http(s) URL such as https://example.com:8443"
 
 TokenFetcher = Callable[[str], Awaitable[str]]
+TRY_LATER = frozenset({408, 429})  # answers that say nothing about the token
 
 
 def well_known_url(domain: str, base_url: str | None) -> str:
@@ -60,11 +61,13 @@ async def fetch_token_async(url: str) -> str:
 
 async def check_token(fetch: TokenFetcher, url: str, token: str) -> Finding:
     """Whether ``url`` serves ``token``: a 4xx answer or other content means it is absent
-    (the owner took it away), no answer or a 5xx that the site could not be asked."""
+    (the owner took it away); no answer, a 5xx, or a 408 or 429 (come back later) that
+    the site could not be asked."""
     try:
         served = await fetch(url)
     except urllib.error.HTTPError as err:
-        found = Found.ABSENT if 400 <= err.code < 500 else Found.UNREACHABLE
+        gone = 400 <= err.code < 500 and err.code not in TRY_LATER
+        found = Found.ABSENT if gone else Found.UNREACHABLE
         return Finding(found, url, f"{url} answered HTTP {err.code}")
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
         reason = f"{url} could not be fetched ({getattr(err, 'reason', err)})"

@@ -155,6 +155,7 @@ class ConsentController(Controller):
     )
     async def revoke(
         self,
+        request: Request[Any, Any, Any],
         domain: DomainPath,
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
@@ -162,7 +163,7 @@ class ConsentController(Controller):
     ) -> Revoked:
         domain = domain_in_path(domain)
         appended = await services.consents.revoke(
-            domain, data.reason if data else "", "api", command_id
+            domain, data.reason if data else "", actor_of(request), command_id
         )
         return Revoked(domain=domain, status="revoked", seq=appended.seq)
 

@@ -18,7 +18,7 @@ from engine.bus import Bus
 from engine.consent.finding import Found
 from schemas import VERSION, subjects
 from schemas.consent_state import ConsentStatus
-from schemas.events import CONSENT_REVOKED, FlowDispatched, FlowFailed, JobPaused
+from schemas.events import CONSENT_REVOKED, FlowDispatched, FlowDone, FlowFailed, JobPaused
 from schemas.values import ConsentCaps, Target
 from tests.conftest import NatsServer
 from tests.flow_site import FlowSite, flow_site
@@ -111,7 +111,9 @@ async def test_two_jobs_never_have_more_sessions_on_a_domain_than_its_cap(
 ) -> None:
     capped = ConsentCaps(max_concurrent=2)
     with flow_site(HOST, delay=0.2) as site:
-        async with browsing(bus, nats_server.url, tmp_path, site, 4, capped) as (tb, _):
+        async with browsing(bus, nats_server.url, tmp_path, site, 2, capped) as (tb, _):
+            # a second runner: the cap holds across runners, not only within one
+            tb.run(Runner(bus, PlaywrightExecutor(VERSION), slots=2).run(), "second runner")
             jobs = [
                 await tb.create_job(
                     [Target(url=f"{site.base_url}/", flows=4, clicks=1)],
@@ -121,11 +123,17 @@ async def test_two_jobs_never_have_more_sessions_on_a_domain_than_its_cap(
                 for _ in range(2)
             ]
             views = [await tb.wait_terminal(job_id, timeout=120) for job_id in jobs]
+            runners = {
+                env.event.runner_id
+                async for batch in bus.read(1, subjects.flow_subject("*", "FlowDone"), follow=False)
+                for env in batch
+                if isinstance(env.event, FlowDone)
+            }
     assert [(v.status, v.flows_done) for v in views] == [("completed", 4), ("completed", 4)]
     assert len(site.first_seen) == 8 and site.unmarked == 0
     print(
         f"\ncaps: at most {site.most_at_once} flows with requests in flight at once,"
-        f" {site.sessions_overlapping()} sessions overlapping (cap 2)"
+        f" {site.sessions_overlapping()} sessions overlapping (cap 2), on {len(runners)} runners"
     )
     assert site.most_at_once <= 2
     assert site.sessions_overlapping() <= 2

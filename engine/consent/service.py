@@ -221,10 +221,13 @@ class ConsentCommands:
                 status = consent.status.value
                 raise Conflict("domain", f"{domain} is {status}: only a verified one is rechecked")
             # the command is this consent at this version: engines rechecking it at once
-            # store one outcome (the others' appends dedupe on its msg-id)
+            # store one outcome (the others find it in the log under this id)
             command = f"recheck-{domain}-{consent.version}"
             method: Method = "dns" if consent.method == "dns" else "well-known"
-            finding = await self._look(domain, method, consent.evidence, consent.token)
+            url = consent.evidence
+            if not url.startswith(("http://", "https://")):  # recorded without its URL
+                url = well_known_url(domain, None)
+            finding = await self._look(domain, method, url, consent.token)
             meta = self._meta(actor)
             if finding.found is Found.ABSENT:
                 events = decide(consent, RevokeConsent(domain, TOKEN_REMOVED), meta)

@@ -69,7 +69,13 @@ async def check_token(fetch: TokenFetcher, url: str, token: str) -> Finding:
         gone = 400 <= err.code < 500 and err.code not in TRY_LATER
         found = Found.ABSENT if gone else Found.UNREACHABLE
         return Finding(found, url, f"{url} answered HTTP {err.code}")
-    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
+    except (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        OSError,
+        TimeoutError,
+        ValueError,  # a URL urllib cannot use
+    ) as err:
         reason = f"{url} could not be fetched ({getattr(err, 'reason', err)})"
         return Finding(Found.UNREACHABLE, url, reason)
     if served != token:

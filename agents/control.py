@@ -307,11 +307,12 @@ class Control:
             self.consents.apply(host, env.seq, event)
             if isinstance(event, ConsentRevoked):
                 self.on_host_revoked(host)
-                # subdomains it covered, whose flows run here
-                for sub in [h for h in self._expiring if h.endswith(f".{host}")]:
-                    if self._lapsed(sub, utcnow()):
-                        del self._expiring[sub]
-                        self.on_host_revoked(sub)
+            # subdomains whose flows run here on its consent, which may cover them no more
+            # (revoked, or verified again without its subdomains)
+            for sub in [h for h in self._expiring if h.endswith(f".{host}")]:
+                if self._lapsed(sub, utcnow()):
+                    del self._expiring[sub]
+                    self.on_host_revoked(sub)
 
     def _caught_up(self) -> None:
         self._fresh_until = time.monotonic() + self.freshness

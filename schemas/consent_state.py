@@ -75,22 +75,17 @@ class Consent:
             and self.expires_at > now
         )
 
-    def lapsed_at(self, now: datetime) -> bool:
-        """Revoked, or verified and expired: flows on it end, its jobs pause."""
-        return self.status == ConsentStatus.REVOKED or (
-            self.status == ConsentStatus.VERIFIED
-            and self.expires_at is not None
-            and self.expires_at <= now
-        )
-
     @property
     def governs_itself(self) -> bool:
         """Whether this record, not a parent domain's, decides for its own host."""
         return self.status in (ConsentStatus.VERIFIED, ConsentStatus.REVOKED)
 
 
-def lapse_reason(consent: Consent, host: str) -> str:
-    """Why flows on ``host`` stop (the JobPaused reason)."""
+def lapse_reason(consent: Consent | None, host: str) -> str:
+    """Why flows on ``host`` stop (the JobPaused reason): its consent was revoked, expired,
+    or no longer covers it (a parent verified again without its subdomains)."""
+    if consent is None or consent.status not in (ConsentStatus.VERIFIED, ConsentStatus.REVOKED):
+        return f"no valid consent for {host}"
     if consent.status == ConsentStatus.REVOKED:
         return f"consent revoked for {host}"
     return f"consent expired for {host}"

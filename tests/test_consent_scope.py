@@ -82,7 +82,7 @@ def test_a_parent_governs_a_subdomain_only_when_it_covers_subdomains() -> None:
 def test_a_subdomains_own_verified_or_revoked_consent_wins_over_its_parent() -> None:
     consents = fold(given("a.test", subdomains=True), given("shop.a.test"), revoked("shop.a.test"))
     own = governing(consents, "shop.a.test")
-    assert own is not None and own.domain == "shop.a.test" and own.lapsed_at(NOW)
+    assert own is not None and own.domain == "shop.a.test" and not own.valid_at(NOW)
     assert lapse_reason(own, "shop.a.test") == "consent revoked for shop.a.test"
 
 
@@ -223,3 +223,17 @@ async def test_a_well_known_file_with_other_content_is_an_absent_token() -> None
 
     assert (await check_token(other, URL, "t1")).found is Found.ABSENT
     assert (await check_token(same, URL, "t1")) == Finding(Found.SERVED, URL)
+
+
+def test_a_parent_verified_again_without_its_subdomains_stops_their_flows() -> None:
+    w = World()
+    w.add(given("a.test", subdomains=True))
+    w.job("j1", flows=4, instance_count=2, url="http://shop.a.test/")
+    assert len(w.dispatch_all()) == 2
+    assert w.state.due(NOW) == []
+    w.add(given("a.test"))  # renewed over HTTP: the zone is no longer proven
+    kinds = sorted(type(a).__name__ for a in w.state.due(NOW))
+    assert kinds == ["FailRevoked", "FailRevoked", "PauseRevoked"]
+    assert lapse_reason(w.state.consent_of("shop.a.test"), "shop.a.test") == (
+        "no valid consent for shop.a.test"
+    )

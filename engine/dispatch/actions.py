@@ -103,9 +103,7 @@ class ActionWriter:
             case PauseRevoked(host=host) if plan.job.status == JobStatus.RUNNING and state.lapsed(
                 host, now
             ):
-                consent = state.consent_of(host)
-                assert consent is not None  # a lapsed host has a consent
-                cmd = PauseJob(action.job_id, reason=lapse_reason(consent, host))
+                cmd = PauseJob(action.job_id, reason=lapse_reason(state.consent_of(host), host))
             case Finish() if state.finishable(plan):
                 cmd = FinishJob(action.job_id, plan.done, plan.failed)  # the counts of now
             case _:

@@ -453,13 +453,15 @@ class DispatchState:
         return frozenset(valid)
 
     def lapsed(self, host: str, now: datetime) -> bool:
-        """Whether the consent governing ``host`` is revoked or expired."""
+        """Whether no valid consent governs ``host`` now: revoked, expired, or no longer
+        covered. A job only starts with valid consent for its hosts, so for the host of a
+        running job this means it was taken back."""
         consent = self.consent_of(host)
-        return consent is not None and consent.lapsed_at(now)
+        return consent is None or not consent.valid_at(now)
 
     def revoked_hosts(self, now: datetime) -> frozenset[str]:
-        """The hosts of live jobs whose governing consent is revoked or expired: their
-        flows end and their jobs pause."""
+        """The hosts of live jobs without valid consent now: the flows in flight there
+        end and the running jobs pause."""
         return frozenset(host for host in self._job_hosts() if self.lapsed(host, now))
 
     def cap_scope(self, host: str) -> tuple[str, Consent | None]:

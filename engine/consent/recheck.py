@@ -4,14 +4,15 @@ revocation kill switch (flows on the host end, its jobs pause).
 
 Safe to run in several engines at once: which consents are due is read from the log
 (the time of their last check), and a recheck's msg-id is the consent's version, so
-two engines rechecking one consent store one outcome.
+two engines rechecking one consent store one outcome. Each round reads only the
+consent events stored since the last one (renewals add one an interval per domain).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import nats.errors
@@ -20,7 +21,9 @@ import structlog
 from engine.bus import ConcurrencyConflict
 from engine.consent.service import ConsentCommands, Recheck
 from engine.errors import Rejected
-from schemas.consent_state import Consent, ConsentStatus
+from schemas import subjects
+from schemas.consent_state import Consent, ConsentStatus, evolve_consent
+from schemas.events import ConsentEvent
 from schemas.ids import utcnow
 
 log = structlog.get_logger("tb.consent")
@@ -37,6 +40,8 @@ def due(consent: Consent, now: datetime, every: timedelta) -> bool:
 class ConsentRecheck:
     commands: ConsentCommands
     clock: Callable[[], datetime] = utcnow
+    consents: dict[str, Consent] = field(default_factory=dict)  # every domain's, folded
+    position: int = 0  # the last stream sequence folded in
 
     @property
     def every(self) -> timedelta:
@@ -50,9 +55,10 @@ class ConsentRecheck:
 
     async def round(self) -> list[Recheck]:
         """Recheck every consent that is due now; returns what each found."""
+        await self._catch_up()
         now = self.clock()
         results: list[Recheck] = []
-        for consent in await self.commands.all_consents():
+        for consent in list(self.consents.values()):
             if not due(consent, now, self.every):
                 continue
             try:
@@ -72,3 +78,18 @@ class ConsentRecheck:
                 reason=result.reason,
             )
         return results
+
+    async def _catch_up(self) -> None:
+        batches = self.commands.bus.read_batches(
+            self.position + 1, subjects.all_consents(), follow=False
+        )
+        try:
+            async for batch in batches:
+                for env in batch.envelopes:
+                    if isinstance(env.event, ConsentEvent):
+                        domain = env.event.domain.lower()
+                        old = self.consents.get(domain, Consent(domain=domain))
+                        self.consents[domain] = evolve_consent(old, env.event, env.seq)
+                self.position = max(self.position, batch.last_seq)
+        finally:
+            await batches.aclose()

@@ -250,16 +250,6 @@ class ConsentCommands:
 
         return await retry_on_conflict(attempt)
 
-    async def all_consents(self) -> list[Consent]:
-        """Every domain's consent, folded from the log."""
-        consents: dict[str, Consent] = {}
-        for env in await self.bus.load(subjects.all_consents()):
-            if isinstance(env.event, ConsentEvent):
-                domain = env.event.domain.lower()
-                old = consents.get(domain, Consent(domain=domain))
-                consents[domain] = evolve_consent(old, env.event, env.seq)
-        return list(consents.values())
-
     async def _look(self, domain: str, method: Method, url: str, token: str) -> Finding:
         if method == "dns":
             return await check_dns_token(self.policy.dns, domain, token)

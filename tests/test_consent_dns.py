@@ -16,6 +16,7 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from api.services import ApiConfig
 from engine.bus import Bus, BusConfig
+from engine.consent.decider import CONSENT_VALIDITY
 from engine.consent.dns_txt import TxtLookup
 from engine.consent.finding import Found
 from engine.consent.recheck import ConsentRecheck
@@ -80,6 +81,14 @@ async def test_recheck_renews_a_served_token_and_revokes_a_removed_one_once(
     token, _ = await consents.claim(ZONE, "owner")
     dns.records[RECORD] = [token]
     first, _ = await consents.verify(ZONE, None, "owner", method="dns")
+    fresh = await consents.recheck(ZONE)  # most of its validity left: nothing to record
+    assert (fresh.found, fresh.status, fresh.appended.seq) == (
+        Found.SERVED,
+        ConsentStatus.VERIFIED,
+        (await consents.load(ZONE)).version,
+    )
+    later = first.at + CONSENT_VALIDITY / 2
+    consents.clock = lambda: later  # half its validity spent: renewed
     renewed = await consents.recheck(ZONE)
     assert (renewed.found, renewed.status) == (Found.SERVED, ConsentStatus.VERIFIED)
     del dns.records[RECORD]
@@ -145,10 +154,14 @@ async def test_the_periodic_round_rechecks_only_what_is_due(bus: Bus, dns: DnsSe
     now = given.at
     rounds = ConsentRecheck(consents, clock=lambda: now)
     assert await rounds.round() == []  # verified just now
-    del dns.records[RECORD]
-    now = given.at + timedelta(minutes=59)
-    assert await rounds.round() == []
     now = given.at + timedelta(hours=1)
+    served = await rounds.round()  # still served, far from expiry: nothing recorded
+    assert [(r.found, r.status) for r in served] == [(Found.SERVED, ConsentStatus.VERIFIED)]
+    assert len(await stored(bus)) == 2
+    del dns.records[RECORD]
+    now = given.at + timedelta(hours=1, minutes=59)
+    assert await rounds.round() == []  # looked at an hour ago
+    now = given.at + timedelta(hours=2)
     found = await rounds.round()
     assert [(r.domain, r.reason) for r in found] == [(ZONE, "token removed")]
     assert await rounds.round() == []  # revoked: nothing more to recheck

@@ -31,9 +31,13 @@ log = structlog.get_logger("tb.consent")
 LONGEST_NAP = 30.0  # seconds between looks at what is due, at most
 
 
-def due(consent: Consent, now: datetime, every: timedelta) -> bool:
-    checked = consent.checked_at or consent.verified_at
-    return consent.status == ConsentStatus.VERIFIED and (checked is None or checked + every <= now)
+def due(
+    consent: Consent, now: datetime, every: timedelta, seen_served: datetime | None = None
+) -> bool:
+    """Whether ``consent`` is to be looked at again: verified, and its last check (in the
+    log, or a served token this process saw without a renewal to record) is ``every`` old."""
+    checks = [t for t in (consent.checked_at, consent.verified_at, seen_served) if t]
+    return consent.status == ConsentStatus.VERIFIED and (not checks or max(checks) + every <= now)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ConsentRecheck:
     clock: Callable[[], datetime] = utcnow
     consents: dict[str, Consent] = field(default_factory=dict)  # every domain's, folded
     position: int = 0  # the last stream sequence folded in
+    served: dict[str, datetime] = field(default_factory=dict)  # token seen, nothing recorded
 
     @property
     def every(self) -> timedelta:
@@ -59,7 +64,7 @@ class ConsentRecheck:
         now = self.clock()
         results: list[Recheck] = []
         for consent in list(self.consents.values()):
-            if not due(consent, now, self.every):
+            if not due(consent, now, self.every, self.served.get(consent.domain)):
                 continue
             try:
                 result = await self.commands.recheck(consent.domain)
@@ -70,6 +75,7 @@ class ConsentRecheck:
             except nats.errors.Error:
                 raise  # NATS trouble: the supervisor restarts this with back-off
             results.append(result)
+            self.served[result.domain] = now
             log.info(
                 "consent.rechecked",
                 domain=result.domain,

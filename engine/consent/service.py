@@ -7,8 +7,10 @@ was fetched: a revocation in between makes it a conflict (and the retry then fin
 consent revoked), never a resurrection.
 
 Re-verification (``recheck``) looks for the token where the consent was last verified:
-served renews the expiry, absent revokes the consent ("token removed"), unreachable is a
-failed check that leaves the consent as it is until its expiry. Its command id is the
+served renews the expiry once half of its validity is spent (so a consent checked every
+hour adds an event a fortnight, not every hour), absent revokes the consent ("token
+removed"), unreachable is a failed check that leaves the consent as it is until its
+expiry. Its command id is the
 domain and the version it read, so engines that recheck the same consent at once store
 one outcome between them.
 """
@@ -228,6 +230,9 @@ class ConsentCommands:
             if not url.startswith(("http://", "https://")):  # recorded without its URL
                 url = well_known_url(domain, None)
             finding = await self._look(domain, method, url, consent.token)
+            if finding.found is Found.SERVED and not self._renewal_due(consent):
+                unchanged = Appended(seq=consent.version, duplicate=True)
+                return Recheck(domain, finding.found, consent.status, "", unchanged)
             meta = self._meta(actor)
             if finding.found is Found.ABSENT:
                 events = decide(consent, RevokeConsent(domain, TOKEN_REMOVED), meta)
@@ -249,6 +254,10 @@ class ConsentCommands:
             return Recheck(domain, finding.found, after.status, reason, _appended(stored))
 
         return await retry_on_conflict(attempt)
+
+    def _renewal_due(self, consent: Consent) -> bool:
+        left = consent.expires_at - self.clock() if consent.expires_at else timedelta(0)
+        return left <= self.policy.validity / 2
 
     async def _look(self, domain: str, method: Method, url: str, token: str) -> Finding:
         if method == "dns":

@@ -35,7 +35,13 @@ import structlog
 from agents.backoff import Backoff
 from engine.bus import Bus
 from schemas import subjects
-from schemas.consent_state import Consent, ConsentStatus, evolve_consent
+from schemas.consent_state import (
+    Consent,
+    ConsentStatus,
+    consent_domains,
+    evolve_consent,
+    governing,
+)
 from schemas.events import (
     CONSENT_REVOKED,
     ConsentEvent,
@@ -244,6 +250,9 @@ class Control:
         self._caught_up_at: dict[str, tuple[float, int]] = {}  # reader: (when, reconnects)
         # admissions worked out, until job or consent state changes or a consent expires
         self._admitted: dict[AdmissionKey, tuple[int, float, Admission]] = {}
+        # hosts admitted to run, with when their consent expires: an expired consent is
+        # a revoked one, so their flows are told when it lapses unless it was renewed
+        self._expiring: dict[str, datetime] = {}
 
     # -- the live follower --------------------------------------------------------------
 
@@ -309,6 +318,12 @@ class Control:
             self.consents.apply(host, env.seq, event)
             if isinstance(event, ConsentRevoked):
                 self.on_host_revoked(host)
+            # subdomains whose flows run here on its consent, which may cover them no more
+            # (revoked, or verified again without its subdomains)
+            for sub in [h for h in self._expiring if h.endswith(f".{host}")]:
+                if self._lapsed(sub, utcnow()):
+                    del self._expiring[sub]
+                    self.on_host_revoked(sub)
 
     def _caught_up(self, kind: str) -> None:
         """``kind``'s reader has seen all; fresh while both readers have, recently."""
@@ -319,6 +334,34 @@ class Control:
         reconnects = {n for _, n in self._caught_up_at.values()}
         self._confirmed_reconnects = reconnects.pop() if len(reconnects) == 1 else -1
         self._confirmed.set()
+        self._expire()
+
+    def _expire(self) -> None:
+        """Tell the flows on hosts whose consent has expired (and was not renewed)."""
+        now = utcnow()
+        for host, at in list(self._expiring.items()):
+            if at > now:
+                continue
+            consent = governing(self.consents.peek, host)
+            if consent is not None and consent.valid_at(now) and consent.expires_at:
+                self._expiring[host] = consent.expires_at  # renewed meanwhile
+                continue
+            del self._expiring[host]
+            self.on_host_revoked(host)
+
+    def _lapsed(self, host: str, now: datetime) -> bool:
+        consent = governing(self.consents.peek, host)
+        return consent is None or not consent.valid_at(now)
+
+    def _watch_expiry(self, admission: Admission, consents: dict[str, Consent]) -> None:
+        if admission.verdict is not Verdict.RUN:
+            return
+        if len(self._expiring) >= ADMISSIONS_KEPT:
+            self._expiring.clear()
+        for host in admission.hosts:
+            consent = governing(consents, host)
+            if consent is not None and consent.expires_at is not None:
+                self._expiring[host] = consent.expires_at
 
     def _reconnects(self) -> int:
         return int(self._stats.get("reconnects", 0))
@@ -366,13 +409,14 @@ class Control:
         if status != JobStatus.RUNNING:
             return self._keep(key, generation, float("inf"), _job_admission(status))
         consents: dict[str, Consent] = {}
-        for host in _hosts(item):
-            consent = self.consents.peek(host)
+        for domain in _domains(item):
+            consent = self.consents.peek(domain)
             if consent is None:
                 return None
-            consents[host] = consent
+            consents[domain] = consent
         at = utcnow()
         admission = _consent_admission(item, consents, at)
+        self._watch_expiry(admission, consents)
         expiries = [c.expires_at for c in consents.values() if c.expires_at and c.expires_at > at]
         left = (min(expiries) - at).total_seconds() if expiries else float("inf")
         return self._keep(key, generation, now + left, admission)
@@ -390,15 +434,23 @@ class Control:
         status = await self.jobs.get(item.job_id)
         if status != JobStatus.RUNNING:
             return _job_admission(status)
-        hosts = sorted(_hosts(item))
-        loaded = await asyncio.gather(*(self.consents.get(host) for host in hosts))
-        return _consent_admission(item, dict(zip(hosts, loaded, strict=True)), utcnow())
+        domains = sorted(_domains(item))
+        loaded = await asyncio.gather(*(self.consents.get(domain) for domain in domains))
+        consents = dict(zip(domains, loaded, strict=True))
+        admission = _consent_admission(item, consents, utcnow())
+        self._watch_expiry(admission, consents)
+        return admission
 
 
 def _hosts(item: FlowDispatched) -> Iterable[str]:
     yield target_host(item.url)
     for host in item.allowed_hosts:
         yield host.lower().rstrip(".")
+
+
+def _domains(item: FlowDispatched) -> set[str]:
+    """Every domain whose consent may govern a host of the item (its own, its parents')."""
+    return {domain for host in _hosts(item) for domain in consent_domains(host)}
 
 
 def _job_admission(status: JobStatus) -> Admission:
@@ -410,10 +462,13 @@ def _job_admission(status: JobStatus) -> Admission:
 def _consent_admission(
     item: FlowDispatched, consents: dict[str, Consent], now: datetime
 ) -> Admission:
-    target = consents[target_host(item.url)]
-    if not target.valid_at(now):
-        if target.status == ConsentStatus.REVOKED:
+    host = target_host(item.url)
+    target = governing(consents, host)
+    if target is None or not target.valid_at(now):
+        if target is not None and target.status == ConsentStatus.REVOKED:
             return Admission(Verdict.REVOKED, CONSENT_REVOKED)
-        return Admission(Verdict.REVOKED, f"no valid consent for {target.domain}")
-    hosts = frozenset(host for host, consent in consents.items() if consent.valid_at(now))
+        return Admission(Verdict.REVOKED, f"no valid consent for {host}")
+    hosts = frozenset(
+        h for h in _hosts(item) if (c := governing(consents, h)) is not None and c.valid_at(now)
+    )
     return Admission(Verdict.RUN, hosts=hosts)

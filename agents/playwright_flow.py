@@ -54,6 +54,7 @@ from schemas.events import FlowDispatched, LinkPick
 log = structlog.get_logger("tb.agent")
 
 JOB_HEADER = "X-TrafficBuster"
+FLOW_HEADER = "X-TrafficBuster-Flow"  # lets a site count concurrent sessions
 CLICK_TIMEOUT_MS = 5_000
 SCREENSHOT_TIMEOUT_MS = 5_000
 KEEPALIVE_SECONDS = 1.5
@@ -318,7 +319,7 @@ class PlaywrightExecutor:
         try:
             context = await self._browser.new_context(
                 **context_options(device, self._user_agent, self.version),
-                extra_http_headers={JOB_HEADER: item.job_id},
+                extra_http_headers={JOB_HEADER: item.job_id, FLOW_HEADER: item.flow_id},
                 service_workers="block",
                 permissions=self._permissions,
                 proxy=self.context_proxy(egress),

@@ -61,7 +61,7 @@ def create_app(config: ApiConfig) -> Litestar:
             projector=projector,
             db=db,
             jobs=JobCommands(bus),
-            consents=ConsentCommands(bus),
+            consents=ConsentCommands(bus, policy=config.consent),
         )
         app.state.proxies = ProxyCommands(bus, ProxySecrets(bus))
         try:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.values import Domain, JobSettings, Platform, Target
+from schemas.values import ConsentCaps, Domain, JobSettings, Platform, Target
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
@@ -41,26 +41,55 @@ class Accepted(msgspec.Struct):
     status: str
 
 
+class CapsIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Limits for a domain, each at most the server's ceiling; one left out is its default
+    (20 sessions, 600 flows a minute) lowered to the ceiling."""
+
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    max_flows_per_minute: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+
+    def asked(self) -> dict[str, int | None]:
+        return {f: getattr(self, f) for f in self.__struct_fields__}
+
+
 class ClaimIn(msgspec.Struct, forbid_unknown_fields=True):
     domain: Domain
+    caps: CapsIn | None = None
+    # cover every subdomain too: granted only by a DNS verification
+    include_subdomains: bool = False
 
 
 class Claimed(msgspec.Struct):
     domain: str
     token: str
-    well_known_url: str
+    well_known_url: str  # serve the token here (method well-known) ...
+    dns_record: str  # ... or publish it as a TXT record of this name (method dns)
     seq: int
 
 
 class VerifyIn(msgspec.Struct, forbid_unknown_fields=True):
-    base_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    method: Literal["well-known", "dns"] = "well-known"
+    base_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # well-known only
+    caps: CapsIn | None = None  # None keeps the claim's
 
 
 class Verified(msgspec.Struct):
     domain: str
     status: Literal["verified"]
+    method: Literal["well-known", "dns"]
     evidence: str
+    verified_at: datetime
     expires_at: datetime
+    caps: ConsentCaps
+    include_subdomains: bool
+    seq: int
+
+
+class Rechecked(msgspec.Struct):
+    domain: str
+    found: Literal["served", "absent", "unreachable"]
+    status: Literal["none", "claimed", "verified", "failed", "revoked"]
+    reason: str  # why the token was not found ("" when it was)
     seq: int
 
 

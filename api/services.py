@@ -10,6 +10,7 @@ import aiosqlite
 from api.hygiene import JSON_BODY_LIMIT, HttpPolicy
 from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
+from engine.consent.service import ConsentPolicy
 from engine.identity.sessions import SessionPolicy
 from engine.jobs.service import JobCommands
 from projections.projector import Projector
@@ -50,6 +51,7 @@ class ApiConfig:
     logs: LogsConfig = LogsConfig()
     http: HttpPolicy = field(default_factory=HttpPolicy)  # CORS origins, HSTS
     identity: IdentityConfig = IdentityConfig()
+    consent: ConsentPolicy = field(default_factory=ConsentPolicy)
 
 
 @dataclass

@@ -69,11 +69,15 @@ def consumer_settings_message(err: ConsumerSettingsRefused) -> str:
 
 
 async def run_engine(nats_url: str) -> None:
+    from cli.consent_settings import consent_policy_from_env
     from engine.advisories import ExhaustedDeliveries
+    from engine.consent import ConsentCommands
+    from engine.consent.recheck import ConsentRecheck
     from engine.dispatcher import Dispatcher
     from engine.proxies.health import ProxyHealth
 
     policy = proxy_health_from_env()
+    consent_policy = consent_policy_from_env()
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
 
@@ -87,6 +91,9 @@ async def run_engine(nats_url: str) -> None:
     async def proxy_health() -> None:
         await ProxyHealth(bus, policy).run()
 
+    async def consent_recheck() -> None:
+        await ConsentRecheck(ConsentCommands(bus, policy=consent_policy)).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
@@ -94,6 +101,7 @@ async def run_engine(nats_url: str) -> None:
             ("dispatcher", dispatcher),
             ("exhausted-delivery watch", exhausted),
             ("proxy health", proxy_health),
+            ("consent re-verification", consent_recheck),
         )
     ]
 
@@ -103,7 +111,10 @@ async def run_engine(nats_url: str) -> None:
             task.cancel()
 
     on_stop_signals(stop)
-    announce("✅ Engine running (dispatcher, exhausted-delivery watch, proxy health)")
+    announce(
+        "✅ Engine running (dispatcher, exhausted-delivery watch, proxy health,"
+        " consent re-verification)"
+    )
     stopped = asyncio.ensure_future(stopping.wait())
     try:
         # components end only when stopped (or on SystemExit)
@@ -139,6 +150,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
 
     from api.app import create_app
     from api.services import ApiConfig
+    from cli.consent_settings import consent_policy_from_env
 
     warning = open_bind_warning(host, port)  # only reached with AUTH_ENABLED=false
     if warning:
@@ -152,6 +164,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         body_limit=body_limit_from_env(),
         http=http_policy_from_env(),
         identity=identity_config_from_env(),
+        consent=consent_policy_from_env(),
     )
     if config.identity.admin_password is None:
         await refuse_without_users(nats_url)

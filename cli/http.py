@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
+
+
+def auth_headers() -> dict[str, str]:
+    """How the CLI proves who it is: TB_API_KEY (sent as X-API-Key), else TB_API_TOKEN
+    (a session token, sent as a Bearer token); neither: no credentials."""
+    key = os.environ.get("TB_API_KEY", "").strip()
+    if key:
+        return {"X-API-Key": key}
+    token = os.environ.get("TB_API_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _call(
@@ -36,4 +47,6 @@ async def call(
     timeout: float = 10.0,
     headers: Mapping[str, str] | None = None,
 ) -> tuple[int, Any]:
-    return await asyncio.to_thread(_call, method, url, body, timeout, headers or {})
+    """``headers`` replace the CLI's own credentials (``auth_headers``) when given."""
+    sent = auth_headers() if headers is None else headers
+    return await asyncio.to_thread(_call, method, url, body, timeout, sent)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cli.consent import add_consent_parser
 from cli.logs import configure_logging
 from cli.settings import api_settings_from_env, bind_refusal
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _event_log_arguments(p)
 
     sub.add_parser("schema", help="print the JSON Schema of every event")
+    add_consent_parser(sub)
     return parser
 
 
@@ -293,6 +295,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
             from cli.audit import replay_job
 
             return await _on_event_log(args, "audit", lambda bus: replay_job(bus, args.job_id))
+        case "consent":
+            from cli.consent import run_consent
+
+            return await run_consent(args)
         case "schema":
             from schemas.events import event_schema
 

@@ -22,9 +22,11 @@ SCHEMA = (
         token TEXT,
         method TEXT,
         evidence TEXT,
+        verified_at TEXT,
         expires_at TEXT,
         max_concurrent INTEGER,
         max_flows_per_minute INTEGER,
+        include_subdomains INTEGER NOT NULL DEFAULT 0,
         reason TEXT,
         updated_at TEXT NOT NULL,
         last_seq INTEGER NOT NULL
@@ -50,17 +52,22 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
     match event:
         case DomainClaimed():
             # a new claim starts over: the old evidence proved a different token
+            caps = event.caps
             await _upsert(
                 db, env, event.domain, status,
-                token=event.token, method=None, evidence=None, expires_at=None,
-                max_concurrent=None, max_flows_per_minute=None, reason=None,
+                token=event.token, method=None, evidence=None, verified_at=None,
+                expires_at=None, reason=None, include_subdomains=int(event.include_subdomains),
+                max_concurrent=caps.max_concurrent if caps else None,
+                max_flows_per_minute=caps.max_flows_per_minute if caps else None,
             )  # fmt: skip
         case ConsentGiven():
             await _upsert(
                 db, env, event.domain, status,
                 method=event.method, evidence=event.evidence, expires_at=iso(event.expires_at),
+                verified_at=iso(event.verified_at or event.at),
                 max_concurrent=event.caps.max_concurrent,
                 max_flows_per_minute=event.caps.max_flows_per_minute, reason=None,
+                include_subdomains=int(event.include_subdomains),
             )  # fmt: skip
         case ConsentVerificationFailed():
             await _upsert(db, env, event.domain, status, reason=event.reason or None)

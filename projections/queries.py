@@ -117,9 +117,11 @@ class ConsentView(msgspec.Struct, kw_only=True, omit_defaults=True):
     token: str | None = None
     method: str | None = None
     evidence: str | None = None
-    expires_at: datetime | None = None
+    verified_at: datetime | None = None
+    expires_at: datetime | None = None  # a verified consent authorises nothing after it
     max_concurrent: int | None = None
     max_flows_per_minute: int | None = None
+    include_subdomains: bool = False  # asked for by the claim; granted by a DNS verification
     reason: str | None = None
     updated_at: datetime
 
@@ -263,8 +265,8 @@ async def list_platforms(db: aiosqlite.Connection) -> list[PlatformView]:
 
 
 _CONSENT_QUERY = (
-    "SELECT domain, status, token, method, evidence, expires_at, max_concurrent,"
-    " max_flows_per_minute, reason, updated_at FROM consents"
+    "SELECT domain, status, token, method, evidence, verified_at, expires_at, max_concurrent,"
+    " max_flows_per_minute, include_subdomains, reason, updated_at FROM consents"
 )
 
 
@@ -273,14 +275,13 @@ async def list_consents(
 ) -> list[ConsentView]:
     """By domain; ``after``: the previous page's last domain; ``limit`` -1: every one."""
     where, params = (" WHERE domain > ?", (after,)) if after is not None else ("", ())
-    return await _fetch(
-        db, ConsentView, f"{_CONSENT_QUERY}{where} ORDER BY domain LIMIT ?", (*params, limit)
-    )
+    sql = f"{_CONSENT_QUERY}{where} ORDER BY domain LIMIT ?"
+    return await _fetch(db, ConsentView, sql, (*params, limit), strict=False)
 
 
 async def get_consent(db: aiosqlite.Connection, domain: str) -> ConsentView | None:
     found = await _fetch(
-        db, ConsentView, f"{_CONSENT_QUERY} WHERE domain = ?", (domain_key(domain),)
+        db, ConsentView, f"{_CONSENT_QUERY} WHERE domain = ?", (domain_key(domain),), strict=False
     )
     return found[0] if found else None
 
@@ -324,9 +325,14 @@ async def _jobs(db: aiosqlite.Connection, sql: str, params: Sequence[object]) ->
 
 
 async def _fetch(
-    db: aiosqlite.Connection, view: type[S], sql: str, params: Sequence[object] = ()
+    db: aiosqlite.Connection,
+    view: type[S],
+    sql: str,
+    params: Sequence[object] = (),
+    *,
+    strict: bool = True,  # False: SQLite's 0/1 read as a bool
 ) -> list[S]:
-    return [msgspec.convert(row, view) for row in await _rows(db, sql, params)]
+    return [msgspec.convert(row, view, strict=strict) for row in await _rows(db, sql, params)]
 
 
 async def _rows(

@@ -51,8 +51,9 @@ SCHEMA = (
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
 # (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
-# jobs by their creator (running jobs per user); 10: users
-SCHEMA_VERSION = 10
+# jobs by their creator (running jobs per user); 10: users; 11: consents: when
+# verified, subdomains
+SCHEMA_VERSION = 11
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

@@ -2,11 +2,18 @@
 
 Consent is verified control of a domain (DESIGN §8). Only a ``ConsentGiven`` that is
 still the latest word on the domain (no newer claim or revocation) and has not expired
-authorises traffic to it.
+authorises traffic to it. An expired consent authorises nothing and is treated as
+revoked: its flows end and its jobs pause until it is verified again.
+
+A host is governed by its own consent when it has a verified or revoked one; else by
+the nearest parent domain whose consent covers subdomains (claimed with
+``include_subdomains`` and verified by DNS). ``governing`` is that rule, for every reader.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -54,6 +61,12 @@ class Consent:
     caps: ConsentCaps = ConsentCaps()
     ports: frozenset[int] = WEB_PORTS  # where flows may connect on the domain
     version: int = 0  # stream sequence of the last event applied (0 = none)
+    method: str = ""  # how it was last verified: "well-known" or "dns"
+    evidence: str = ""  # the URL or record that served the token
+    verified_at: datetime | None = None
+    checked_at: datetime | None = None  # the last look for its token, found or not
+    wants_subdomains: bool = False  # the claim asked to cover subdomains
+    include_subdomains: bool = False  # the verification granted it (by DNS)
 
     def valid_at(self, now: datetime) -> bool:
         return (
@@ -61,6 +74,56 @@ class Consent:
             and self.expires_at is not None
             and self.expires_at > now
         )
+
+    @property
+    def governs_itself(self) -> bool:
+        """Whether this record, not a parent domain's, decides for its own host."""
+        return self.status in (ConsentStatus.VERIFIED, ConsentStatus.REVOKED)
+
+
+def lapse_reason(consent: Consent | None, host: str) -> str:
+    """Why flows on ``host`` stop (the JobPaused reason): its consent was revoked, expired,
+    or no longer covers it (a parent verified again without its subdomains)."""
+    if consent is None or consent.status not in (ConsentStatus.VERIFIED, ConsentStatus.REVOKED):
+        return f"no valid consent for {host}"
+    if consent.status == ConsentStatus.REVOKED:
+        return f"consent revoked for {host}"
+    return f"consent expired for {host}"
+
+
+def parent_domains(host: str) -> Iterator[str]:
+    """The domains above ``host`` a consent with subdomains could come from, nearest
+    first; none for an IP address or a one-label name."""
+    host = host.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.split(".")
+    for n in range(1, len(labels) - 1):
+        yield ".".join(labels[n:])
+
+
+def consent_domains(host: str) -> list[str]:
+    """Every domain whose consent may govern ``host``: itself, then its parents."""
+    return [host.lower().rstrip("."), *parent_domains(host)]
+
+
+def governing(
+    lookup: Mapping[str, Consent] | Callable[[str], Consent | None], host: str
+) -> Consent | None:
+    """The consent that decides for ``host``: its own when verified or revoked, else the
+    nearest parent's that covers subdomains, else its own (claimed, failed) or ``None``."""
+    get = lookup.get if isinstance(lookup, Mapping) else lookup
+    own = get(host.lower().rstrip("."))
+    if own is not None and own.governs_itself:
+        return own
+    for parent in parent_domains(host):
+        consent = get(parent)
+        if consent is not None and consent.governs_itself and consent.include_subdomains:
+            return consent
+    return own
 
 
 def evolve_consent(consent: Consent, event: Event, seq: int = 0) -> Consent:
@@ -71,7 +134,15 @@ def evolve_consent(consent: Consent, event: Event, seq: int = 0) -> Consent:
     consent = replace(consent, domain=event.domain.lower(), version=max(consent.version, seq))
     match event:
         case DomainClaimed(token=token):
-            return replace(consent, status=ConsentStatus.CLAIMED, token=token, expires_at=None)
+            return replace(
+                consent,
+                status=ConsentStatus.CLAIMED,
+                token=token,
+                expires_at=None,
+                caps=event.caps or ConsentCaps(),
+                wants_subdomains=event.include_subdomains,
+                include_subdomains=False,
+            )
         case ConsentGiven(expires_at=expires_at, caps=caps, ports=ports, evidence=evidence):
             return replace(
                 consent,
@@ -79,12 +150,18 @@ def evolve_consent(consent: Consent, event: Event, seq: int = 0) -> Consent:
                 expires_at=expires_at,
                 caps=caps,
                 ports=frozenset(ports) or consent_ports(evidence),
+                method=event.method,
+                evidence=evidence,
+                verified_at=event.verified_at or event.at,
+                checked_at=event.verified_at or event.at,
+                include_subdomains=event.include_subdomains,
             )
         case ConsentVerificationFailed():
             # a failed re-check does not cancel an earlier, still valid verification
             if consent.status == ConsentStatus.VERIFIED:
-                return consent
+                return replace(consent, checked_at=event.at)
             return replace(consent, status=ConsentStatus.FAILED)
         case ConsentRevoked():
+            # include_subdomains stays: the revocation governs the subdomains it covered
             return replace(consent, status=ConsentStatus.REVOKED, token="", expires_at=None)
     return consent

@@ -379,15 +379,25 @@ class ConsentEvent(Event, frozen=True, kw_only=True):
 
 
 class DomainClaimed(ConsentEvent, frozen=True, kw_only=True):
-    """The token is not a secret: the owner publishes it to prove control of the domain."""
+    """The token is not a secret: the owner publishes it to prove control of the domain.
+
+    ``caps``: the limits the claimant asks for (within the server's ceiling; ``None``: the
+    defaults); ``include_subdomains``: the consent is to cover every subdomain too, which
+    only a DNS verification can grant (control of the zone, not of one web server)."""
 
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    caps: ConsentCaps | None = None
+    include_subdomains: bool = False
 
 
 class ConsentGiven(ConsentEvent, frozen=True, kw_only=True):
     method: Literal["well-known", "dns"] = "well-known"
     evidence: Text  # the URL (or record) that served the token
     expires_at: AwareDatetime
+    # when the token was found (``None`` in events recorded before it was: ``at``)
+    verified_at: AwareDatetime | None = None
+    # the consent covers every subdomain: claimed so, and verified by DNS
+    include_subdomains: bool = False
     caps: ConsentCaps = ConsentCaps()
     # the ports flows may use on the domain: 80, 443 and the port it was verified on
     # (empty in events recorded before ports were: derived from ``evidence`` on read)

@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+from engine.consent.finding import Finding, Found
 from engine.errors import Invalid, Rejected
 from schemas import VERSION
 
@@ -17,6 +18,7 @@ MAX_TOKEN_BYTES = 4096
 BASE_URL_RULE = "must be an http(s) URL such as https://example.com:8443"
 
 TokenFetcher = Callable[[str], Awaitable[str]]
+TRY_LATER = frozenset({408, 429})  # answers that say nothing about the token
 
 
 def well_known_url(domain: str, base_url: str | None) -> str:
@@ -57,14 +59,25 @@ async def fetch_token_async(url: str) -> str:
     return await asyncio.to_thread(fetch_token, url)
 
 
-async def check_token(fetch: TokenFetcher, url: str, token: str) -> str | None:
-    """Why ``url`` does not serve ``token``, or ``None`` when it does."""
+async def check_token(fetch: TokenFetcher, url: str, token: str) -> Finding:
+    """Whether ``url`` serves ``token``: a 4xx answer or other content means it is absent
+    (the owner took it away); no answer, a 5xx, or a 408 or 429 (come back later) that
+    the site could not be asked."""
     try:
         served = await fetch(url)
     except urllib.error.HTTPError as err:
-        return f"{url} answered HTTP {err.code}"
-    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
-        return f"{url} could not be fetched ({getattr(err, 'reason', err)})"
+        gone = 400 <= err.code < 500 and err.code not in TRY_LATER
+        found = Found.ABSENT if gone else Found.UNREACHABLE
+        return Finding(found, url, f"{url} answered HTTP {err.code}")
+    except (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        OSError,
+        TimeoutError,
+        ValueError,  # a URL urllib cannot use
+    ) as err:
+        reason = f"{url} could not be fetched ({getattr(err, 'reason', err)})"
+        return Finding(Found.UNREACHABLE, url, reason)
     if served != token:
-        return f"{url} does not serve the claimed token"
-    return None
+        return Finding(Found.ABSENT, url, f"{url} does not serve the claimed token")
+    return Finding(Found.SERVED, url)

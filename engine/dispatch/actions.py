@@ -30,6 +30,7 @@ from engine.dispatch.state import (
     STALL_MARGIN,
     Abort,
     Dispatch,
+    DispatchState,
     FailRevoked,
     Finish,
     JobAction,
@@ -48,6 +49,7 @@ from engine.jobs.decider import (
 )
 from engine.jobs.service import append_decision
 from schemas import subjects
+from schemas.consent_state import lapse_reason
 from schemas.events import CONSENT_REVOKED, FlowDispatched, FlowFailed, FlowStalled
 from schemas.ids import new_id
 from schemas.values import JobSettings
@@ -97,10 +99,10 @@ class ActionWriter:
                 cmd = AbortJob(action.job_id, plan.broken, plan.done, plan.failed)
             case Start() if plan.job.status == JobStatus.CREATED and not plan.broken:
                 cmd = state.start_command(plan, now)
-            case PauseRevoked(host=host) if (
-                plan.job.status == JobStatus.RUNNING and host in state.revoked_hosts()
+            case PauseRevoked(host=host) if plan.job.status == JobStatus.RUNNING and state.lapsed(
+                host, now
             ):
-                cmd = PauseJob(action.job_id, reason=f"consent revoked for {host}")
+                cmd = PauseJob(action.job_id, reason=lapse_reason(state.consent_of(host), host))
             case Finish() if state.finishable(plan):
                 cmd = FinishJob(action.job_id, plan.done, plan.failed)  # the counts of now
             case _:
@@ -145,7 +147,7 @@ class ActionWriter:
     async def _fail_revoked(self, action: FailRevoked, now: datetime) -> None:
         state = self.reader.state
         slot = state.in_flight_slot(action.job_id, action.flow_id, action.attempt)
-        if slot is None or slot.host not in state.revoked_hosts():
+        if slot is None or not state.lapsed(slot.host, now):
             return
         event = FlowFailed(
             id=self.new_id(),
@@ -178,7 +180,7 @@ class ActionWriter:
                     # the consents of now, not those of when the job started
                     allowed = hosts[d.job_id] = sorted(plan.host_set & authorised)
                 msg_id = subjects.dispatch_msg_id(d.flow_id, d.attempt)
-                ports = {h: sorted(state.consents[h].ports) for h in allowed}
+                ports = {h: sorted(_consent_ports(state, h)) for h in allowed}
                 proxies = state.proxy_candidates(plan, d.flow_id, d.attempt) or []
                 item = self._work_item(plan, d, allowed, ports, proxies, now)
                 items.append((item, msg_id))
@@ -223,6 +225,12 @@ class ActionWriter:
             proxies=proxies,
             settings=settings_for_runners(job.settings),
         )
+
+
+def _consent_ports(state: DispatchState, host: str) -> frozenset[int]:
+    consent = state.consent_of(host)
+    assert consent is not None  # an authorised host has a consent
+    return consent.ports
 
 
 # what a runner reads of a job's settings: how a flow behaves and where names resolve

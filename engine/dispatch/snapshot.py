@@ -38,8 +38,9 @@ log = structlog.get_logger("tb.dispatcher.snapshot")
 # sequence and when it was seen delivered; 5: the registered proxies and their health;
 # 6: job settings carry the flow behaviour (older code could not decode a job created
 # with them, so its snapshot lacks the job); 7: consents hold their ports; 8: jobs hold
-# their creator, the state the users' plans and the open external jobs
-SNAPSHOT_FORMAT = 8
+# their creator, the state the users' plans and the open external jobs; 9: consents
+# hold their claimed caps, how they were verified and whether they cover subdomains
+SNAPSHOT_FORMAT = 9
 SNAPSHOT_OBJECT = "state"
 
 

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from engine.jobs.decider import STATUS_AFTER, TERMINAL, Job, JobStatus, StartJob, evolve
 from engine.proxies.pool import candidates
 from schemas import subjects
-from schemas.consent_state import Consent, ConsentStatus, evolve_consent
+from schemas.consent_state import Consent, evolve_consent, governing
 from schemas.events import (
     ConsentEvent,
     Envelope,
@@ -473,11 +473,42 @@ class DispatchState:
 
     # -- planning ---------------------------------------------------------------------
 
-    def authorised_hosts(self, now: datetime) -> frozenset[str]:
-        return frozenset(d for d, c in self.consents.items() if c.valid_at(now))
+    def consent_of(self, host: str) -> Consent | None:
+        """The consent that governs ``host``: its own, or a parent's covering subdomains."""
+        return governing(self.consents, host)
 
-    def revoked_hosts(self) -> frozenset[str]:
-        return frozenset(d for d, c in self.consents.items() if c.status == ConsentStatus.REVOKED)
+    def _job_hosts(self) -> set[str]:
+        hosts: set[str] = set()
+        for plan in self.jobs.values():
+            hosts.update(plan.hosts)
+        return hosts
+
+    def authorised_hosts(self, now: datetime) -> frozenset[str]:
+        """The consented domains and the hosts of live jobs that a valid consent governs."""
+        valid = {d for d, c in self.consents.items() if c.valid_at(now)}
+        for host in self._job_hosts() - valid:
+            consent = self.consent_of(host)
+            if consent is not None and consent.valid_at(now):
+                valid.add(host)
+        return frozenset(valid)
+
+    def lapsed(self, host: str, now: datetime) -> bool:
+        """Whether no valid consent governs ``host`` now: revoked, expired, or no longer
+        covered. A job only starts with valid consent for its hosts, so for the host of a
+        running job this means it was taken back."""
+        consent = self.consent_of(host)
+        return consent is None or not consent.valid_at(now)
+
+    def revoked_hosts(self, now: datetime) -> frozenset[str]:
+        """The hosts of live jobs without valid consent now: the flows in flight there
+        end and the running jobs pause."""
+        return frozenset(host for host in self._job_hosts() if self.lapsed(host, now))
+
+    def cap_scope(self, host: str) -> tuple[str, Consent | None]:
+        """Whose caps a flow on ``host`` counts against: its governing consent's domain
+        (a subdomain covered by its parent shares the parent's caps)."""
+        consent = self.consent_of(host)
+        return (consent.domain if consent is not None else host), consent
 
     def plan(
         self, now: datetime, max_dispatches: int = 1000, stall_margin: timedelta = STALL_MARGIN
@@ -488,7 +519,7 @@ class DispatchState:
     def due(self, now: datetime, stall_margin: timedelta = STALL_MARGIN) -> list[JobAction]:
         """Broken jobs to end, jobs to start, revocations and stalls to record, jobs to finish."""
         actions: list[JobAction] = []
-        revoked = self.revoked_hosts()
+        revoked = self.revoked_hosts(now)
         for plan in list(self.jobs.values()):
             found: list[JobAction] = []
             try:
@@ -633,7 +664,11 @@ class DispatchState:
         out: list[Dispatch] = []
         in_flight = {p.job.job_id: p.in_flight for p in runnable}
         cursor = {p.job.job_id: 0 for p in runnable}
-        domain_load = Counter(self.domain_in_flight)
+        # in flight and dispatched in the last minute, per cap scope, across every job
+        domain_load: Counter[str] = Counter()
+        for host, n in self.domain_in_flight.items():
+            if n:
+                domain_load[self.cap_scope(host)[0]] += n
         domain_rate: dict[str, int] = {}
         progressed = True
         while progressed and len(out) < budget:
@@ -670,24 +705,32 @@ class DispatchState:
         if in_flight[jid] >= job.settings.instance_count or cursor[jid] >= len(plan.queue):
             return None
         slot = plan.flows[plan.queue[cursor[jid]]]
-        consent = self.consents.get(slot.host)
+        scope, consent = self.cap_scope(slot.host)
         if slot.host not in authorised or consent is None:
             cursor[jid] += 1  # consent lapsed: hold this flow back
             return None
-        if domain_load[slot.host] >= consent.caps.max_concurrent:
+        if domain_load[scope] >= consent.caps.max_concurrent:
             return None
-        if slot.host not in domain_rate:
-            domain_rate[slot.host] = self._recent(slot.host, now)
-        if domain_rate[slot.host] >= consent.caps.max_flows_per_minute:
+        if scope not in domain_rate:
+            domain_rate[scope] = self._recent_in_scope(scope, now)
+        if domain_rate[scope] >= consent.caps.max_flows_per_minute:
             return None
         if self.proxy_candidates(plan, slot.flow_id, slot.attempt + 1) is None:
             return None  # no usable proxy in the job's pool: its flows wait for one
         cursor[jid] += 1
         in_flight[jid] += 1
-        domain_load[slot.host] += 1
-        domain_rate[slot.host] += 1
+        domain_load[scope] += 1
+        domain_rate[scope] += 1
         seed = flow_seed(job, slot.flow_id)
         return Dispatch(jid, slot.flow_id, slot.attempt + 1, slot.target_index, seed)
+
+    def _recent_in_scope(self, scope: str, now: datetime) -> int:
+        """Dispatches in the last minute to every host whose caps are ``scope``'s."""
+        return sum(
+            self._recent(host, now)
+            for host in list(self.domain_recent)
+            if host == scope or self.cap_scope(host)[0] == scope
+        )
 
     def _recent(self, domain: str, now: datetime) -> int:
         recent = self.domain_recent.get(domain)

@@ -30,7 +30,7 @@ from engine.jobs.decider import (
     fold,
 )
 from schemas import subjects
-from schemas.consent_state import Consent, evolve_consent
+from schemas.consent_state import Consent, consent_domains, evolve_consent, governing
 from schemas.events import (
     JobCancelled,
     JobCompleted,
@@ -174,10 +174,14 @@ class JobCommands:
         return await retry_on_conflict(attempt)
 
     async def _consent(self, host: str) -> Consent:
-        consent = Consent(domain=host)
-        for env in await self.bus.load(subjects.consent_stream_filter(host)):
-            consent = evolve_consent(consent, env.event, env.seq)
-        return consent
+        """The consent that governs ``host``: its own, or a parent's covering subdomains."""
+        consents: dict[str, Consent] = {}
+        for domain in consent_domains(host):
+            consent = Consent(domain=domain)
+            for env in await self.bus.load(subjects.consent_stream_filter(domain)):
+                consent = evolve_consent(consent, env.event, env.seq)
+            consents[domain] = consent
+        return governing(consents, host) or Consent(domain=host)
 
     async def _append(self, job: Job, cmd: JobCommand, actor: str, command_id: str) -> Appended:
         meta = Meta(id=new_id(), at=self.clock(), actor=actor)

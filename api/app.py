@@ -13,6 +13,7 @@ from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.crawler import CrawlerJobs
 from api.dashboard import dashboard
+from api.dataset_uploads import dataset_routes, uploads_lifespan
 from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
@@ -83,8 +84,9 @@ def create_app(config: ApiConfig) -> Litestar:
             *(LogIngest, LegacyLogIngest, CrawlerJobs, JobLogReads, LegacyLogStream),
             AuditController,
             LicenceController,
+            *dataset_routes(config.uploads),
         ],
-        lifespan=[lifespan, live_hub, job_logs_lifespan],
+        lifespan=[lifespan, live_hub, job_logs_lifespan, uploads_lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="TrafficBuster", version=VERSION, path="/schema"),

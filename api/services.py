@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
 
 from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
+from engine.datasets.uploads import UploadsConfig
 from engine.jobs.service import JobCommands
 from projections.projector import Projector
 
@@ -35,6 +36,7 @@ class ApiConfig:
     live_queue: int = 256  # live updates (one read's messages) a client may leave unread
     live_keepalive: float = 15.0  # seconds of quiet before an SSE stream sends a comment
     logs: LogsConfig = LogsConfig()
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
 
 
 @dataclass

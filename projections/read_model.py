@@ -22,6 +22,7 @@ from projections import (
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
+    DatasetEvent,
     Envelope,
     FlowDone,
     FlowEvent,
@@ -48,8 +49,8 @@ SCHEMA = (
 # bump when a table changes: a read model of another version is rebuilt from the log
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
 # (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
-# jobs by their creator (running jobs per user)
-SCHEMA_VERSION = 9
+# jobs by their creator (running jobs per user); 10: datasets folded, their shares
+SCHEMA_VERSION = 10
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -117,6 +118,8 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, DatasetEvent):
+                await datasets.apply(db, env)
             elif isinstance(event, LicenseAssigned):
                 await licences.apply(db, env)
         await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote

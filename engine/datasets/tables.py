@@ -1,0 +1,208 @@
+"""Reading operators' files one record at a time: csv, xlsx, docx, txt and json.
+
+Each reader yields ``Record``s (where in the file, and the text of each known column)
+without holding the file: csv and txt are read line by line, xlsx in openpyxl's
+read-only mode. A docx is a zipped XML document python-docx reads whole (such files are
+small); json is decoded whole too, and is meant for device and settings profiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.datasets.columns import REQUIRED, field_of, normalised
+from schemas.events import DatasetFormat, DatasetKind
+
+SNIFF_BYTES = 64 * 1024
+csv.field_size_limit(1024 * 1024)  # one cell of a big file may be long, not unbounded
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """What is wrong with one place of a file: ``row`` (1-based, a table's header is row
+    1; a txt file's line; a json list's item), ``field`` and ``rule``."""
+
+    row: int
+    field: str
+    rule: str
+    place: str = ""  # "row 7", "line 7", "cell B7", "item 7", "file"
+
+
+class FileRefused(Exception):
+    """The file cannot be read as a table of this kind at all (no URL column, not UTF-8)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(f"{problem.field}: {problem.rule}")
+        self.problem = problem
+
+
+def _file_problem(rule: str) -> Problem:
+    return Problem(0, "file", rule, "file")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    row: int
+    place: str
+    values: dict[str, Any]  # row field -> cell text (tables) or value (json)
+
+
+def records(path: Path, kind: DatasetKind, fmt: DatasetFormat) -> Iterator[Record]:
+    if fmt == "csv":
+        return _csv(path, kind)
+    if fmt == "txt":
+        return _txt(path, kind)
+    if fmt == "xlsx":
+        return _xlsx(path, kind)
+    if fmt == "docx":
+        return _docx(path, kind)
+    return _json(path, kind)
+
+
+# -- tables -------------------------------------------------------------------------
+
+
+def _table(rows: Iterable[list[str]], kind: DatasetKind, place: str) -> Iterator[Record]:
+    """Rows of cells with a header row naming the columns; a table of one column whose
+    first cell is a URL is a list of URLs (targets) or of proxy URLs (proxies)."""
+    it = iter(rows)
+    header: list[str] | None = None
+    for header in it:
+        if any(cell.strip() for cell in header):
+            break
+    else:
+        return
+    assert header is not None
+    fields = [field_of(kind, cell) for cell in header]
+    start = 2
+    if not any(fields):
+        if _looks_like_url(header):
+            yield from _lines(_chain([header], it), kind, place, first=1)
+            return
+        raise FileRefused(
+            Problem(
+                1, "header", f"must name the columns, e.g. {', '.join(REQUIRED[kind])}", "row 1"
+            )
+        )
+    missing = [name for name in REQUIRED[kind] if name not in fields]
+    if missing:
+        raise FileRefused(Problem(1, missing[0], "column is required", "row 1"))
+    for n, cells in enumerate(it, start=start):
+        values = {
+            name: cell.strip()
+            for name, cell in zip(fields, cells, strict=False)
+            if name is not None and cell.strip()
+        }
+        if values or any(cell.strip() for cell in cells):
+            yield Record(n, f"{place} {n}", values)
+
+
+def _chain(first: list[list[str]], rest: Iterator[list[str]]) -> Iterator[list[str]]:
+    yield from first
+    yield from rest
+
+
+def _looks_like_url(cells: list[str]) -> bool:
+    text = [cell.strip() for cell in cells if cell.strip()]
+    return len(text) == 1 and "://" in text[0]
+
+
+def _lines(
+    rows: Iterable[list[str]], kind: DatasetKind, place: str, first: int
+) -> Iterator[Record]:
+    """One URL per row: a target URL, or a proxy as scheme://user:pass@host:port."""
+    key = "url" if kind == "targets" else "proxy_url"
+    for n, cells in enumerate(rows, start=first):
+        text = next((cell.strip() for cell in cells if cell.strip()), "")
+        if text and not text.startswith("#"):
+            yield Record(n, f"{place} {n}", {key: text})
+
+
+def _csv(path: Path, kind: DatasetKind) -> Iterator[Record]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            sample = f.read(SNIFF_BYTES)
+            f.seek(0)
+            dialect: type[csv.Dialect] | csv.Dialect = csv.excel
+            with contextlib.suppress(csv.Error):  # one column, or too little to tell: commas
+                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
+            yield from _table(csv.reader(f, dialect), kind, "row")
+        except UnicodeDecodeError as err:
+            raise FileRefused(
+                Problem(0, "file", f"must be UTF-8 text ({err.reason})", "file")
+            ) from None
+        except csv.Error as err:
+            raise FileRefused(_file_problem(f"is not valid CSV ({err})")) from None
+
+
+def _txt(path: Path, kind: DatasetKind) -> Iterator[Record]:
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            yield from _lines(([line] for line in f), kind, "line", first=1)
+        except UnicodeDecodeError as err:
+            raise FileRefused(
+                Problem(0, "file", f"must be UTF-8 text ({err.reason})", "file")
+            ) from None
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a port typed as 8080 is stored as 8080.0
+    return str(value)
+
+
+def _xlsx(path: Path, kind: DatasetKind) -> Iterator[Record]:
+    import openpyxl  # type: ignore[import-untyped]  # imported when needed: most API processes never read a workbook
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as err:  # openpyxl raises many kinds for a file that is no workbook
+        raise FileRefused(
+            Problem(0, "file", f"is not an xlsx workbook ({type(err).__name__})", "file")
+        ) from None
+    try:
+        sheet = book.worksheets[0]
+        rows = ([_cell_text(v) for v in row] for row in sheet.iter_rows(values_only=True))
+        yield from _table(rows, kind, "row")
+    finally:
+        book.close()
+
+
+def _docx(path: Path, kind: DatasetKind) -> Iterator[Record]:
+    import docx  # imported when needed, as openpyxl
+
+    try:
+        document = docx.Document(str(path))
+    except Exception as err:  # python-docx raises many kinds for a file that is no document
+        raise FileRefused(
+            Problem(0, "file", f"is not a docx document ({type(err).__name__})", "file")
+        ) from None
+    if document.tables:
+        rows = ([cell.text for cell in row.cells] for row in document.tables[0].rows)
+        yield from _table(rows, kind, "row")
+        return
+    paragraphs = ([paragraph.text] for paragraph in document.paragraphs)
+    yield from _lines(paragraphs, kind, "paragraph", first=1)
+
+
+def _json(path: Path, kind: DatasetKind) -> Iterator[Record]:
+    try:
+        loaded = msgspec.json.decode(path.read_bytes())
+    except msgspec.DecodeError as err:
+        raise FileRefused(_file_problem(f"is not JSON ({err})")) from None
+    items = loaded if isinstance(loaded, list) else [loaded]
+    for n, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            yield Record(n, f"item {n}", {"": item})
+            continue
+        if kind in ("targets", "proxies"):
+            item = {field_of(kind, str(k)) or normalised(str(k)): v for k, v in item.items()}
+        yield Record(n, f"item {n}", item)

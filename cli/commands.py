@@ -17,6 +17,7 @@ from cli.settings import (
     open_bind_warning,
     proxy_health_from_env,
     stall_margin_from_env,
+    uploads_config_from_env,
 )
 from cli.supervise import supervise
 from engine.bus import Bus, ConsumerSettingsRefused
@@ -123,7 +124,11 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     config = ApiConfig(
-        nats_url=nats_url, db_path=db_path, bus=bus_config_from_env(), logs=logs_config_from_env()
+        nats_url=nats_url,
+        db_path=db_path,
+        bus=bus_config_from_env(),
+        logs=logs_config_from_env(),
+        uploads=uploads_config_from_env(),
     )
     app = create_app(config)
     server = uvicorn.Server(

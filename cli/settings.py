@@ -10,6 +10,7 @@ from engine.bus import BusConfig
 
 if TYPE_CHECKING:
     from api.services import LogsConfig
+    from engine.datasets.uploads import UploadsConfig
     from engine.proxies.decider import HealthPolicy
 
 
@@ -71,6 +72,21 @@ def logs_config_from_env() -> LogsConfig:
     key = os.environ.get("TB_INGEST_API_KEY", "").strip() or None
     return LogsConfig(
         ingest_api_key=key, keepalive=_float("TB_SSE_KEEPALIVE", LogsConfig().keepalive)
+    )
+
+
+def uploads_config_from_env() -> UploadsConfig:
+    """TB_UPLOAD_MAX_SIZE (bytes, default 1 GiB): the largest dataset file;
+    TB_UPLOAD_CHUNK_SIZE (bytes, default 8 MiB): the chunk size uploads are sent in (also
+    the body limit of a chunk); TB_UPLOAD_LIFETIME (s, default 24 h): an upload untouched
+    this long is removed with its chunks."""
+    from engine.datasets.uploads import UploadsConfig
+
+    default = UploadsConfig()
+    return UploadsConfig(
+        max_size=_int("TB_UPLOAD_MAX_SIZE", default.max_size),
+        chunk_size=_int("TB_UPLOAD_CHUNK_SIZE", default.chunk_size),
+        lifetime=_float("TB_UPLOAD_LIFETIME", default.lifetime),
     )
 
 

@@ -265,3 +265,19 @@ async def test_bad_upload_starts_and_chunks_name_the_field(client: AsyncTestClie
     assert r.status_code == 422 and r.json()["field"] == "sha256"
     r = await client.get("/api/v1/datasets/uploads/up_nope")
     assert r.status_code == 404
+
+
+def test_columns_not_read_are_warned_and_a_huge_line_refuses_the_file() -> None:
+    parsed = parse_bytes(b"URL;Colour\nhttp://a.example/;red\n", "targets", "csv")
+    assert parsed.rows == 1 and parsed.errors == []
+    assert [(w.row, w.field) for w in parsed.warnings] == [(1, "Colour")]
+    huge = b"url\nhttp://a.example/" + b"x" * (2 * 1024 * 1024) + b"\n"
+    refused = parse_bytes(huge, "targets", "csv")
+    assert [e.field for e in refused.errors] == ["file"]
+    assert "longer than" in refused.errors[0].rule
+    assert parse_bytes(b"\xff\xfe\x00bad", "targets", "txt").errors[0].field == "file"
+    assert parse_bytes(b"PK not a zip", "targets", "xlsx").errors[0].field == "file"
+    assert parse_bytes(b"[1, 2", "devices", "json").errors[0].field == "file"
+    assert parse_bytes(b"url\n", "targets", "csv").errors[0].rule == "must hold at least one row"
+    assert parse_bytes(b"name\nx\n", "targets", "csv").errors[0].field == "header"
+    assert parse_bytes(b"id\n7\n", "targets", "csv").errors[0].field == "url"

@@ -55,7 +55,11 @@ def parse_file(path: Path, kind: DatasetKind, fmt: DatasetFormat, out: BinaryIO)
     seen: set[int] = set()
     buffer = bytearray()
     try:
-        for record in records(path, kind, fmt):
+        notes: list[Problem] = []
+        for record in records(path, kind, fmt, notes):
+            if notes:
+                parsed.warnings.extend(notes)
+                notes.clear()
             row = _row(record, row_type, parsed)
             if row is None or parsed.errors:
                 if len(parsed.errors) >= MAX_ERRORS:

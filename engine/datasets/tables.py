@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -21,6 +22,10 @@ from engine.datasets.columns import REQUIRED, field_of, normalised
 from schemas.events import DatasetFormat, DatasetKind
 
 SNIFF_BYTES = 64 * 1024
+MAX_LINE = 1024 * 1024  # characters in one line of a csv or txt file
+MAX_JSON = 64 * 1024 * 1024  # json is decoded whole (device and settings profiles are small)
+MAX_UNZIPPED = 1024 * 1024 * 1024  # xlsx: rows stream, shared strings are held
+MAX_UNZIPPED_DOCX = 256 * 1024 * 1024  # docx: python-docx holds the document whole
 csv.field_size_limit(1024 * 1024)  # one cell of a big file may be long, not unbounded
 
 
@@ -53,22 +58,27 @@ class Record:
     values: dict[str, Any]  # row field -> cell text (tables) or value (json)
 
 
-def records(path: Path, kind: DatasetKind, fmt: DatasetFormat) -> Iterator[Record]:
+def records(
+    path: Path, kind: DatasetKind, fmt: DatasetFormat, notes: list[Problem]
+) -> Iterator[Record]:
+    """The file's records; ``notes`` gets what is worth a warning (columns not read)."""
     if fmt == "csv":
-        return _csv(path, kind)
+        return _csv(path, kind, notes)
     if fmt == "txt":
         return _txt(path, kind)
     if fmt == "xlsx":
-        return _xlsx(path, kind)
+        return _xlsx(path, kind, notes)
     if fmt == "docx":
-        return _docx(path, kind)
+        return _docx(path, kind, notes)
     return _json(path, kind)
 
 
 # -- tables -------------------------------------------------------------------------
 
 
-def _table(rows: Iterable[list[str]], kind: DatasetKind, place: str) -> Iterator[Record]:
+def _table(
+    rows: Iterable[list[str]], kind: DatasetKind, place: str, notes: list[Problem]
+) -> Iterator[Record]:
     """Rows of cells with a header row naming the columns; a table of one column whose
     first cell is a URL is a list of URLs (targets) or of proxy URLs (proxies)."""
     it = iter(rows)
@@ -93,6 +103,9 @@ def _table(rows: Iterable[list[str]], kind: DatasetKind, place: str) -> Iterator
     missing = [name for name in REQUIRED[kind] if name not in fields]
     if missing:
         raise FileRefused(Problem(1, missing[0], "column is required", "row 1"))
+    for cell, name in zip(header, fields, strict=True):
+        if name is None and cell.strip():
+            notes.append(Problem(1, cell.strip(), f"is not a column of {kind}: not read", "row 1"))
     for n, cells in enumerate(it, start=start):
         values = {
             name: cell.strip()
@@ -124,7 +137,15 @@ def _lines(
             yield Record(n, f"{place} {n}", {key: text})
 
 
-def _csv(path: Path, kind: DatasetKind) -> Iterator[Record]:
+def _bounded_lines(f: TextIO) -> Iterator[str]:
+    """The file's lines, refusing one longer than ``MAX_LINE`` before it is read whole."""
+    while line := f.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE:
+            raise FileRefused(_file_problem(f"has a line longer than {MAX_LINE} characters"))
+        yield line
+
+
+def _csv(path: Path, kind: DatasetKind, notes: list[Problem]) -> Iterator[Record]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             sample = f.read(SNIFF_BYTES)
@@ -132,7 +153,7 @@ def _csv(path: Path, kind: DatasetKind) -> Iterator[Record]:
             dialect: type[csv.Dialect] | csv.Dialect = csv.excel
             with contextlib.suppress(csv.Error):  # one column, or too little to tell: commas
                 dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
-            yield from _table(csv.reader(f, dialect), kind, "row")
+            yield from _table(csv.reader(_bounded_lines(f), dialect), kind, "row", notes)
         except UnicodeDecodeError as err:
             raise FileRefused(
                 Problem(0, "file", f"must be UTF-8 text ({err.reason})", "file")
@@ -144,7 +165,7 @@ def _csv(path: Path, kind: DatasetKind) -> Iterator[Record]:
 def _txt(path: Path, kind: DatasetKind) -> Iterator[Record]:
     with open(path, encoding="utf-8-sig") as f:
         try:
-            yield from _lines(([line] for line in f), kind, "line", first=1)
+            yield from _lines(([line] for line in _bounded_lines(f)), kind, "line", first=1)
         except UnicodeDecodeError as err:
             raise FileRefused(
                 Problem(0, "file", f"must be UTF-8 text ({err.reason})", "file")
@@ -159,9 +180,22 @@ def _cell_text(value: object) -> str:
     return str(value)
 
 
-def _xlsx(path: Path, kind: DatasetKind) -> Iterator[Record]:
+def _unzipped_within(path: Path, limit: int, what: str) -> None:
+    """A zipped document (xlsx, docx) whose parts unpack beyond ``limit`` is refused before
+    it is opened: python-docx (and openpyxl for shared strings) hold parts whole."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        raise FileRefused(_file_problem(f"is not an {what} file (not a zip archive)")) from None
+    if unpacked > limit:
+        raise FileRefused(_file_problem(f"unpacks to more than {limit // 2**20} MiB"))
+
+
+def _xlsx(path: Path, kind: DatasetKind, notes: list[Problem]) -> Iterator[Record]:
     import openpyxl  # type: ignore[import-untyped]  # imported when needed: most API processes never read a workbook
 
+    _unzipped_within(path, MAX_UNZIPPED, "xlsx")
     try:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as err:  # openpyxl raises many kinds for a file that is no workbook
@@ -171,14 +205,15 @@ def _xlsx(path: Path, kind: DatasetKind) -> Iterator[Record]:
     try:
         sheet = book.worksheets[0]
         rows = ([_cell_text(v) for v in row] for row in sheet.iter_rows(values_only=True))
-        yield from _table(rows, kind, "row")
+        yield from _table(rows, kind, "row", notes)
     finally:
         book.close()
 
 
-def _docx(path: Path, kind: DatasetKind) -> Iterator[Record]:
+def _docx(path: Path, kind: DatasetKind, notes: list[Problem]) -> Iterator[Record]:
     import docx  # imported when needed, as openpyxl
 
+    _unzipped_within(path, MAX_UNZIPPED_DOCX, "docx")
     try:
         document = docx.Document(str(path))
     except Exception as err:  # python-docx raises many kinds for a file that is no document
@@ -187,13 +222,16 @@ def _docx(path: Path, kind: DatasetKind) -> Iterator[Record]:
         ) from None
     if document.tables:
         rows = ([cell.text for cell in row.cells] for row in document.tables[0].rows)
-        yield from _table(rows, kind, "row")
+        yield from _table(rows, kind, "row", notes)
         return
     paragraphs = ([paragraph.text] for paragraph in document.paragraphs)
     yield from _lines(paragraphs, kind, "paragraph", first=1)
 
 
 def _json(path: Path, kind: DatasetKind) -> Iterator[Record]:
+    if path.stat().st_size > MAX_JSON:
+        limit = MAX_JSON // 2**20
+        raise FileRefused(_file_problem(f"json files are read whole: at most {limit} MiB"))
     try:
         loaded = msgspec.json.decode(path.read_bytes())
     except msgspec.DecodeError as err:

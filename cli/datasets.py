@@ -20,6 +20,7 @@ from cli.credentials import auth_headers
 
 FORMATS = {".csv": "csv", ".txt": "txt", ".xlsx": "xlsx", ".docx": "docx", ".json": "json"}
 UPLOADS_FILE = "uploads.json"
+FINISH_WAIT = 3600.0
 
 
 class ApiRefused(Exception):
@@ -29,7 +30,14 @@ class ApiRefused(Exception):
         self.status, self.body = status, body
 
 
-def request(method: str, url: str, *, body: object | None = None, raw: bytes | None = None) -> Any:
+def request(
+    method: str,
+    url: str,
+    *,
+    body: object | None = None,
+    raw: bytes | None = None,
+    timeout: float = 120.0,
+) -> Any:
     """One API call with the CLI's credentials; ``ApiRefused`` for a 4xx or 5xx."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=auth_headers())
@@ -38,7 +46,7 @@ def request(method: str, url: str, *, body: object | None = None, raw: bytes | N
     elif raw is not None:
         req.add_header("Content-Type", "application/octet-stream")
     try:
-        with urllib.request.urlopen(req, timeout=120) as response:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
             text = response.read()
             return json.loads(text) if text else None
     except urllib.error.HTTPError as err:
@@ -119,7 +127,8 @@ def upload(
             done += len(chunk)
             bar.update(done, suffix="bytes")
     bar.finish()
-    finished: dict[str, Any] = request("POST", f"{base}/{upload_id}/finish")
+    # the finish parses and checks every row before it answers: a large file takes a while
+    finished: dict[str, Any] = request("POST", f"{base}/{upload_id}/finish", timeout=FINISH_WAIT)
     _remember(state_dir, key, None)
     return finished
 

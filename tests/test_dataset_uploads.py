@@ -3,6 +3,7 @@ interrupted on one API replica and resumed on another, body limits of their own.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +16,11 @@ from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.services import ApiConfig
+from engine.bus import Bus
 from engine.datasets.uploads import UploadsConfig
+from schemas import subjects
 from tests.conftest import NatsServer
-from tests.datasets import start
+from tests.datasets import send_chunks, start
 
 
 @asynccontextmanager
@@ -103,3 +106,26 @@ async def test_chunks_have_their_own_body_limit(nats_server: NatsServer, tmp_pat
                   "sha256": hashlib.sha256(b"").hexdigest()},
         )  # fmt: skip
         assert json_body.status_code == 413
+
+
+async def test_two_replicas_finishing_one_upload_store_one_version(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    data = targets_csv(2_000)
+    async with (
+        replica(nats_server, tmp_path, "a", 16 * 1024) as a,
+        replica(nats_server, tmp_path, "b", 16 * 1024) as b,
+    ):
+        upload = await start(a, data)
+        await send_chunks(b, upload, data)
+        url = f"/api/v1/datasets/uploads/{upload['upload_id']}/finish"
+        first, second = await asyncio.gather(a.post(url), b.post(url))
+        assert first.status_code == second.status_code == 201, (first.text, second.text)
+        assert first.json()["dataset_id"] == second.json()["dataset_id"]
+        assert first.json()["version"] == second.json()["version"] == 1
+        async with await Bus.connect(nats_server.url, name="test") as bus:
+            events = await bus.load(subjects.dataset_stream_filter(first.json()["dataset_id"]))
+        assert [type(e.event).__name__ for e in events] == [
+            "DatasetCreated",
+            "DatasetVersionUploaded",
+        ]

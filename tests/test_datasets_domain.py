@@ -3,6 +3,7 @@ subjects, idle uploads swept away with their chunks."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,6 +25,7 @@ from engine.datasets.decider import (
     decide,
     evolve,
 )
+from engine.datasets.service import DatasetCommands
 from engine.datasets.uploads import Upload, Uploads, UploadsConfig
 from engine.errors import Conflict, NotFound
 from schemas import subjects
@@ -161,3 +163,24 @@ async def test_an_idle_upload_is_swept_with_its_chunks(bus: Bus) -> None:
     now[0] = AT + timedelta(seconds=111)
     assert await uploads.sweep() == [busy.upload_id]
     assert await messages() == 0  # chunks and their deletion markers, all gone
+
+
+async def test_concurrent_versions_each_get_their_own_number(bus: Bus) -> None:
+    commands = DatasetCommands(bus)
+    await commands.execute(CreateDataset("ds_c", "c", "targets", ROWS), "ann", "create")
+    results = await asyncio.gather(
+        *(
+            commands.execute(UploadVersion("ds_c", "targets", ROWS), "ann", f"v{n}")
+            for n in range(8)
+        )
+    )
+    assert len({appended.seq for _, appended in results}) == 8
+    versions = [
+        env.event.version
+        for env in await commands.history("ds_c")
+        if isinstance(env.event, DatasetVersionUploaded)
+    ]
+    assert versions == list(range(1, 10))
+    again = await commands.execute(UploadVersion("ds_c", "targets", ROWS), "ann", "v3")
+    assert again[1].seq == results[3][1].seq and again[1].duplicate  # stored nothing new
+    assert (await commands.load("ds_c")).versions == 9

@@ -252,6 +252,9 @@ async def test_bad_upload_starts_and_chunks_name_the_field(client: AsyncTestClie
     too_big = {"name": "x", "kind": "targets", "format": "csv", "size": 1 << 40, "sha256": "0" * 64}
     r = await client.post("/api/v1/datasets/uploads", json=too_big)
     assert r.status_code == 422 and r.json()["field"] == "size"
+    csv_devices = {**too_big, "size": 5, "kind": "devices"}
+    r = await client.post("/api/v1/datasets/uploads", json=csv_devices)
+    assert r.status_code == 422 and r.json()["rule"] == "devices come as json, not csv"
     started = await start(client, TARGETS)
     base = f"/api/v1/datasets/uploads/{started['upload_id']}"
     r = await client.put(f"{base}/chunks/5", content=b"x")
@@ -281,3 +284,12 @@ def test_columns_not_read_are_warned_and_a_huge_line_refuses_the_file() -> None:
     assert parse_bytes(b"url\n", "targets", "csv").errors[0].rule == "must hold at least one row"
     assert parse_bytes(b"name\nx\n", "targets", "csv").errors[0].field == "header"
     assert parse_bytes(b"id\n7\n", "targets", "csv").errors[0].field == "url"
+
+
+def test_rows_are_numbered_as_the_file_has_them() -> None:
+    parsed = parse_bytes(b"\n\nurl\nhttp://a.example/\nnope\n", "targets", "csv")
+    assert [(e.row, e.place) for e in parsed.errors] == [(5, "row 5")]
+    parsed = parse_bytes(b"# list\nhttp://a.example/\n\nnope\n", "targets", "txt")
+    assert [(e.row, e.place) for e in parsed.errors] == [(4, "line 4")]
+    parsed = parse_bytes(b"http://a.example/\nnope\n", "targets", "csv")  # no header
+    assert [(e.row, e.field) for e in parsed.errors] == [(2, "url")]

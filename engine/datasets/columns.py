@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from schemas.events import DatasetKind
+from engine.errors import Rejected
+from schemas.events import DatasetFormat, DatasetKind
 
 _IGNORED = re.compile(r"[\s_\-]+")
 
@@ -57,3 +58,17 @@ def normalised(name: str) -> str:
 def field_of(kind: DatasetKind, column: str) -> str | None:
     """The row field a column header names, or ``None`` for a column we do not read."""
     return COLUMNS[kind].get(normalised(column))
+
+
+# tables for lists, json for profiles (a device or settings profile is nested)
+FORMATS: dict[DatasetKind, tuple[DatasetFormat, ...]] = {
+    "targets": ("csv", "txt", "xlsx", "docx", "json"),
+    "proxies": ("csv", "txt", "xlsx", "docx", "json"),
+    "devices": ("json",),
+    "settings": ("json",),
+}
+
+
+def check_format(kind: DatasetKind, fmt: DatasetFormat) -> None:
+    if fmt not in FORMATS[kind]:
+        raise Rejected("format", f"{kind} come as {' or '.join(FORMATS[kind])}, not {fmt}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.bus import Bus
+from engine.datasets.columns import check_format
 from engine.datasets.decider import CreateDataset, StoredRows, UploadVersion
 from engine.datasets.parse import Parsed, parse_file
 from engine.datasets.service import DatasetCommands, dataset_id_for
@@ -54,6 +55,7 @@ async def import_file(
 ) -> Finished:
     """Store ``source`` as a new dataset (``dataset_id`` None: its id follows from
     ``command_id``, so a retry names the same one) or as its next version."""
+    check_format(source.kind, source.format)
     with tempfile.TemporaryDirectory(prefix="tb-import-") as tmp:
         rows_path = Path(tmp) / "rows.jsonl"
         parsed = await asyncio.to_thread(_parse, source, rows_path)

@@ -79,34 +79,30 @@ def records(
 def _table(
     rows: Iterable[list[str]], kind: DatasetKind, place: str, notes: list[Problem]
 ) -> Iterator[Record]:
-    """Rows of cells with a header row naming the columns; a table of one column whose
-    first cell is a URL is a list of URLs (targets) or of proxy URLs (proxies)."""
-    it = iter(rows)
-    header: list[str] | None = None
-    for header in it:
-        if any(cell.strip() for cell in header):
-            break
-    else:
+    """Rows of cells with a header row naming the columns (the first row that is not
+    empty); a table of one column whose first cell is a URL is a list of URLs (targets)
+    or of proxy URLs (proxies). Rows are numbered as the file has them, from 1."""
+    numbered = enumerate(rows, start=1)
+    first = next(((n, row) for n, row in numbered if any(cell.strip() for cell in row)), None)
+    if first is None:
         return
-    assert header is not None
+    at, header = first
     fields = [field_of(kind, cell) for cell in header]
-    start = 2
     if not any(fields):
         if _looks_like_url(header):
-            yield from _lines(_chain([header], it), kind, place, first=1)
+            yield from _lines(_chain([(at, header)], numbered), kind, place)
             return
-        raise FileRefused(
-            Problem(
-                1, "header", f"must name the columns, e.g. {', '.join(REQUIRED[kind])}", "row 1"
-            )
-        )
+        example = ", ".join(REQUIRED[kind])
+        rule = f"must name the columns, e.g. {example}"
+        raise FileRefused(Problem(at, "header", rule, f"{place} {at}"))
     missing = [name for name in REQUIRED[kind] if name not in fields]
     if missing:
-        raise FileRefused(Problem(1, missing[0], "column is required", "row 1"))
+        raise FileRefused(Problem(at, missing[0], "column is required", f"{place} {at}"))
     for cell, name in zip(header, fields, strict=True):
         if name is None and cell.strip():
-            notes.append(Problem(1, cell.strip(), f"is not a column of {kind}: not read", "row 1"))
-    for n, cells in enumerate(it, start=start):
+            rule = f"is not a column of {kind}: not read"
+            notes.append(Problem(at, cell.strip(), rule, f"{place} {at}"))
+    for n, cells in numbered:
         values = {
             name: cell.strip()
             for name, cell in zip(fields, cells, strict=False)
@@ -116,7 +112,9 @@ def _table(
             yield Record(n, f"{place} {n}", values)
 
 
-def _chain(first: list[list[str]], rest: Iterator[list[str]]) -> Iterator[list[str]]:
+def _chain(
+    first: list[tuple[int, list[str]]], rest: Iterator[tuple[int, list[str]]]
+) -> Iterator[tuple[int, list[str]]]:
     yield from first
     yield from rest
 
@@ -127,11 +125,11 @@ def _looks_like_url(cells: list[str]) -> bool:
 
 
 def _lines(
-    rows: Iterable[list[str]], kind: DatasetKind, place: str, first: int
+    rows: Iterable[tuple[int, list[str]]], kind: DatasetKind, place: str
 ) -> Iterator[Record]:
-    """One URL per row: a target URL, or a proxy as scheme://user:pass@host:port."""
+    """One URL per (numbered) row: a target URL, or a proxy as scheme://user:pass@host:port."""
     key = "url" if kind == "targets" else "proxy_url"
-    for n, cells in enumerate(rows, start=first):
+    for n, cells in rows:
         text = next((cell.strip() for cell in cells if cell.strip()), "")
         if text and not text.startswith("#"):
             yield Record(n, f"{place} {n}", {key: text})
@@ -165,7 +163,8 @@ def _csv(path: Path, kind: DatasetKind, notes: list[Problem]) -> Iterator[Record
 def _txt(path: Path, kind: DatasetKind) -> Iterator[Record]:
     with open(path, encoding="utf-8-sig") as f:
         try:
-            yield from _lines(([line] for line in _bounded_lines(f)), kind, "line", first=1)
+            lines = enumerate(([line] for line in _bounded_lines(f)), start=1)
+            yield from _lines(lines, kind, "line")
         except UnicodeDecodeError as err:
             raise FileRefused(
                 Problem(0, "file", f"must be UTF-8 text ({err.reason})", "file")
@@ -225,7 +224,7 @@ def _docx(path: Path, kind: DatasetKind, notes: list[Problem]) -> Iterator[Recor
         yield from _table(rows, kind, "row", notes)
         return
     paragraphs = ([paragraph.text] for paragraph in document.paragraphs)
-    yield from _lines(paragraphs, kind, "paragraph", first=1)
+    yield from _lines(enumerate(paragraphs, start=1), kind, "paragraph")
 
 
 def _json(path: Path, kind: DatasetKind) -> Iterator[Record]:

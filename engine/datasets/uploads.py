@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
 from engine.bus import Bus
+from engine.datasets.columns import check_format
 from engine.datasets.tables import Problem
 from engine.errors import Conflict, Invalid, NotFound, Rejected
 from schemas import subjects
@@ -129,6 +130,7 @@ class Uploads:
         sha256: str,
         dataset_id: str | None = None,
     ) -> Upload:
+        check_format(kind, fmt)
         if size > self.config.max_size:
             raise Rejected("size", f"must be at most {self.config.max_size} bytes")
         now = self.clock()

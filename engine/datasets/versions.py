@@ -6,9 +6,10 @@ named by their sha256, so one content is stored once and never changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -75,8 +76,12 @@ class LoadedVersion:
     rows: list[Row]
 
 
-async def load_version(bus: Bus, dataset_id: str, version: int) -> LoadedVersion:
-    """Every row of one version of a dataset (``NotFound`` naming what is missing)."""
+@contextlib.asynccontextmanager
+async def opened_version(
+    bus: Bus, dataset_id: str, version: int
+) -> AsyncIterator[tuple[DatasetKind, Iterator[Row]]]:
+    """One version's kind and its rows, read one at a time from a local copy (for a
+    version too large to hold): ``async with opened_version(...) as (kind, rows)``."""
     commands = DatasetCommands(bus)
     dataset = await commands.load(dataset_id)
     uploaded = await commands.version(dataset_id, version)
@@ -84,5 +89,11 @@ async def load_version(bus: Bus, dataset_id: str, version: int) -> LoadedVersion
         path = Path(tmp) / "rows.jsonl"
         with path.open("wb") as out:
             await fetch_rows(bus, uploaded.object_name, uploaded.sha256, out)
-        rows = list(read_rows(path, dataset.kind))
-    return LoadedVersion(dataset_id, version, dataset.kind, rows)
+        yield dataset.kind, read_rows(path, dataset.kind)
+
+
+async def load_version(bus: Bus, dataset_id: str, version: int) -> LoadedVersion:
+    """Every row of one version of a dataset (``NotFound`` naming what is missing),
+    checked against the sha256 the version recorded; deleted datasets' versions too."""
+    async with opened_version(bus, dataset_id, version) as (kind, rows):
+        return LoadedVersion(dataset_id, version, kind, list(rows))

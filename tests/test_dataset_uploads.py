@@ -129,3 +129,32 @@ async def test_two_replicas_finishing_one_upload_store_one_version(
             "DatasetCreated",
             "DatasetVersionUploaded",
         ]
+
+
+async def test_the_api_sweeps_an_idle_upload_away_with_its_chunks(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    config = ApiConfig(
+        nats_url=nats_server.url,
+        db_path=tmp_path / "read.db",
+        uploads=UploadsConfig(chunk_size=4, lifetime=1.0, sweep_every=0.2),
+    )
+    async with (
+        AsyncTestClient(app=create_app(config)) as client,
+        await Bus.connect(nats_server.url, name="test") as bus,
+    ):
+        upload = await start(client, b"http://a.example/\n", fmt="txt")
+        url = f"/api/v1/datasets/uploads/{upload['upload_id']}"
+        assert (await client.put(f"{url}/chunks/0", content=b"http")).status_code == 200
+        kv = await bus.kv(subjects.UPLOADS_BUCKET)
+        watcher = await kv.watch(upload["upload_id"])
+        try:
+            async with asyncio.timeout(10):
+                async for entry in watcher:
+                    if entry is not None and entry.operation is not None:
+                        break  # the entry was purged
+        finally:
+            await watcher.stop()
+        assert (await client.get(url)).status_code == 404
+        info = await bus.js.stream_info(f"OBJ_{subjects.UPLOADS_BUCKET}")
+        assert info.state.messages == 0

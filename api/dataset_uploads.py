@@ -215,6 +215,7 @@ class UploadController(Controller):
         data: JSONBody[StartUploadIn],
         services: NamedDependency[Services],
         uploads: NamedDependency[Uploads],
+        command_id: NamedDependency[str],
     ) -> UploadStarted:
         await check_import(services, request, data.kind)
         if data.dataset_id is not None:
@@ -227,6 +228,7 @@ class UploadController(Controller):
             size=data.size,
             sha256=data.sha256,
             dataset_id=data.dataset_id,
+            command_id=command_id,
         )
         return UploadStarted(upload.upload_id, upload.chunk_size, upload.chunks)
 

@@ -293,3 +293,18 @@ def test_rows_are_numbered_as_the_file_has_them() -> None:
     assert [(e.row, e.place) for e in parsed.errors] == [(4, "line 4")]
     parsed = parse_bytes(b"http://a.example/\nnope\n", "targets", "csv")  # no header
     assert [(e.row, e.field) for e in parsed.errors] == [(2, "url")]
+
+
+async def test_a_start_retried_with_its_idempotency_key_answers_the_same_upload(
+    client: AsyncTestClient,
+) -> None:
+    body = {"name": "x", "kind": "targets", "format": "csv", "size": 10, "sha256": "0" * 64}
+    key = {"Idempotency-Key": "start-1"}
+    first = await client.post("/api/v1/datasets/uploads", json=body, headers=key)
+    again = await client.post("/api/v1/datasets/uploads", json=body, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json()
+    other = await client.post("/api/v1/datasets/uploads", json={**body, "size": 11}, headers=key)
+    assert other.status_code == 409 and other.json()["field"] == "Idempotency-Key"
+    fresh = await client.post("/api/v1/datasets/uploads", json=body)
+    assert fresh.json()["upload_id"] != first.json()["upload_id"]

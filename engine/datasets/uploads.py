@@ -29,10 +29,10 @@ from nats.js.object_store import OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, Obj
 from engine.bus import Bus
 from engine.datasets.columns import check_format
 from engine.datasets.tables import Problem
-from engine.errors import Conflict, Invalid, NotFound, Rejected
+from engine.errors import CommandIdReused, Conflict, Invalid, NotFound, Rejected
 from schemas import subjects
 from schemas.events import DatasetFormat, DatasetKind
-from schemas.ids import short_id, utcnow
+from schemas.ids import new_id, utcnow
 
 log = structlog.get_logger("tb.uploads")
 
@@ -129,13 +129,18 @@ class Uploads:
         size: int,
         sha256: str,
         dataset_id: str | None = None,
+        command_id: str | None = None,
     ) -> Upload:
+        """A new upload; with a ``command_id`` (the caller's idempotency key) a retried
+        start answers the upload the first one made."""
         check_format(kind, fmt)
         if size > self.config.max_size:
             raise Rejected("size", f"must be at most {self.config.max_size} bytes")
         now = self.clock()
+        key = f"{owner}\n{command_id or new_id()}".encode()
+        upload_id = f"up_{hashlib.blake2b(key, digest_size=10).hexdigest()}"
         upload = Upload(
-            upload_id=short_id("up"),
+            upload_id=upload_id,
             owner=owner,
             name=name,
             kind=kind,
@@ -148,7 +153,15 @@ class Uploads:
             dataset_id=dataset_id,
         )
         kv = await self._bucket()
-        await kv.create(upload.upload_id, msgspec.json.encode(upload))
+        try:
+            await kv.create(upload.upload_id, msgspec.json.encode(upload))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            before = await self.get(upload.upload_id)
+            asked = (name, kind, fmt, size, sha256, dataset_id)
+            if (before.name, before.kind, before.format, before.size, before.sha256,
+                    before.dataset_id) != asked:  # fmt: skip
+                raise CommandIdReused("another upload") from None
+            return before
         return upload
 
     async def get(self, upload_id: str) -> Upload:

@@ -384,7 +384,7 @@ class ChunkController(Controller):
     @put(
         "/{upload_id:str}/chunks/{index:int}",
         summary="Send one chunk (raw bytes); sending it again is harmless",
-        responses=problems(400, 404, 409, 503),
+        responses=problems(400, 404, 409, 413, 503),
         opt=access("operator"),
     )
     async def put_chunk(
@@ -394,6 +394,7 @@ class ChunkController(Controller):
         index: ChunkIndex,
         uploads: NamedDependency[Uploads],
     ) -> ChunkStored:
+        # the body is read raw, whatever its content type says: it is a slice of a file
         upload = await _owned(uploads, request, upload_id)
         body = await request.body()
         await uploads.put_chunk(upload, index, body)

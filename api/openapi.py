@@ -16,6 +16,7 @@ MEANING = {
     " the feature or limit and the plan",
     404: "no such resource",
     409: "not possible in the current state",
+    413: "the body is larger than the route takes",
     422: "well-formed input that breaks a rule",
     503: "the event store is unreachable; retry",
 }

@@ -289,24 +289,36 @@ class UploadController(Controller):
         await check_import(services, request, upload.kind)
         if upload.dataset_id is not None:
             await _may_add_version(services, request, upload.dataset_id, upload.kind)
-        with tempfile.TemporaryDirectory(prefix="tb-upload-") as tmp:
-            path = Path(tmp) / f"source.{upload.format}"
-            with path.open("wb") as out:
-                await uploads.assemble(upload, out)
-            source = Source(path, upload.kind, upload.format, upload.sha256, upload.size)
-            try:
-                finished = await import_file(
-                    services.bus,
-                    source,
-                    name=upload.name,
-                    actor=upload.owner,
-                    command_id=f"upload:{upload.upload_id}",
-                    dataset_id=upload.dataset_id,
-                )
-            except RowsRefused as refused:
-                return _refused(refused.errors)  # type: ignore[return-value]
+        # one request parses at a time; another finishing it meanwhile waits for its answer
+        upload = await uploads.claim_finish(upload_id)
+        if upload.finished is not None:
+            return _finished(upload.finished)  # type: ignore[return-value]
+        try:
+            finished = await _stored(services, uploads, upload)
+        except RowsRefused as refused:
+            await uploads.release_finish(upload_id)
+            return _refused(refused.errors)  # type: ignore[return-value]
+        except BaseException:
+            await asyncio.shield(uploads.release_finish(upload_id))
+            raise
         await uploads.finish(upload, finished)
         return _finished(finished)  # type: ignore[return-value]
+
+
+async def _stored(services: Services, uploads: Uploads, upload: Upload) -> Finished:
+    with tempfile.TemporaryDirectory(prefix="tb-upload-") as tmp:
+        path = Path(tmp) / f"source.{upload.format}"
+        with path.open("wb") as out:
+            await uploads.assemble(upload, out)
+        source = Source(path, upload.kind, upload.format, upload.sha256, upload.size)
+        return await import_file(
+            services.bus,
+            source,
+            name=upload.name,
+            actor=upload.owner,
+            command_id=f"upload:{upload.upload_id}",
+            dataset_id=upload.dataset_id,
+        )
 
 
 class ImportController(Controller):

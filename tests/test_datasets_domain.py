@@ -26,7 +26,7 @@ from engine.datasets.decider import (
     evolve,
 )
 from engine.datasets.service import DatasetCommands
-from engine.datasets.uploads import Upload, Uploads, UploadsConfig
+from engine.datasets.uploads import Finished, Upload, Uploads, UploadsConfig
 from engine.errors import Conflict, NotFound
 from schemas import subjects
 from schemas.events import (
@@ -184,3 +184,25 @@ async def test_concurrent_versions_each_get_their_own_number(bus: Bus) -> None:
     again = await commands.execute(UploadVersion("ds_c", "targets", ROWS), "ann", "v3")
     assert again[1].seq == results[3][1].seq and again[1].duplicate  # stored nothing new
     assert (await commands.load("ds_c")).versions == 9
+
+
+async def test_a_second_finish_waits_for_the_first_or_for_its_claim_to_lapse(bus: Bus) -> None:
+    uploads = Uploads(bus, UploadsConfig(chunk_size=4, finish_claim=0.5))
+
+    async def begin() -> Upload:
+        return await uploads.start(
+            owner="ann", name="x", kind="targets", fmt="txt", size=3, sha256="0" * 64
+        )
+
+    first = await begin()
+    claimed = await uploads.claim_finish(first.upload_id)
+    assert claimed.finishing_until is not None
+    waiting = asyncio.create_task(uploads.claim_finish(first.upload_id))
+    done = Finished("ds_x", 1, 3)
+    await uploads.finish(claimed, done)
+    assert (await asyncio.wait_for(waiting, 5)).finished == done
+
+    second = await begin()
+    await uploads.claim_finish(second.upload_id)  # and its holder is gone
+    taken_over = await asyncio.wait_for(uploads.claim_finish(second.upload_id), 5)
+    assert taken_over.finished is None and taken_over.finishing_until is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,25 @@ class UploadsConfig:
     lifetime: float = 24 * 3600.0
     sweep_every: float = 60.0
     import_max_size: int = 4 * MiB
+    finish_claim: float = 3600.0  # seconds a finish may take before another may take over
+
+
+class _Settled(Exception):
+    def __init__(self, upload: Upload) -> None:
+        self.upload = upload
+
+
+class _Busy(Exception):
+    def __init__(self, upload: Upload) -> None:
+        self.upload = upload
+
+
+def _claimed(now: datetime, until: datetime, upload: Upload) -> Upload:
+    if upload.finished is not None:
+        raise _Settled(upload)
+    if upload.finishing_until is not None and upload.finishing_until > now:
+        raise _Busy(upload)
+    return msgspec.structs.replace(upload, touched_at=now, finishing_until=until)
 
 
 class Finished(msgspec.Struct, frozen=True):
@@ -74,6 +94,7 @@ class Upload(msgspec.Struct, frozen=True, kw_only=True):
     touched_at: datetime
     dataset_id: str | None = None  # a new version of this dataset, else a new dataset
     finished: Finished | None = None
+    finishing_until: datetime | None = None  # a finish in progress holds it until then
 
     @property
     def chunks(self) -> int:
@@ -174,24 +195,69 @@ class Uploads:
             ) from None
         return _decode_upload(entry.value or b"")
 
-    async def _touch(self, upload_id: str, finished: Finished | None = None) -> Upload:
-        """Mark the upload as used now (and finished), whatever another replica wrote."""
+    async def _change(self, upload_id: str, change: Callable[[Upload], Upload]) -> Upload:
+        """Apply ``change`` to the upload as stored, retrying when another replica wrote
+        in between (``change`` may raise to refuse)."""
         kv = await self._bucket()
         for _ in range(20):
             try:
                 entry = await kv.get(upload_id)
             except nats.js.errors.KeyNotFoundError:
                 raise NotFound("upload_id", f"no upload {upload_id}") from None
-            upload = _decode_upload(entry.value or b"")
-            changed = msgspec.structs.replace(
-                upload, touched_at=self.clock(), finished=finished or upload.finished
-            )
+            changed = change(_decode_upload(entry.value or b""))
             try:
                 await kv.update(upload_id, msgspec.json.encode(changed), last=entry.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
             return changed
         raise Conflict("upload_id", "too many concurrent writes to this upload, retry")
+
+    async def _touch(self, upload_id: str) -> Upload:
+        now = self.clock()
+        return await self._change(
+            upload_id, lambda upload: msgspec.structs.replace(upload, touched_at=now)
+        )
+
+    async def claim_finish(self, upload_id: str) -> Upload:
+        """The upload, now this request's to finish; a finished one as it is. While another
+        request finishes it, wait for that one's answer (or for its claim to lapse)."""
+        while True:
+            now = self.clock()
+            until = now + timedelta(seconds=self.config.finish_claim)
+            try:
+                return await self._change(upload_id, functools.partial(_claimed, now, until))
+            except _Settled as settled:
+                return settled.upload
+            except _Busy as busy:
+                await self._wait_while_finishing(busy.upload)
+
+    async def _wait_while_finishing(self, upload: Upload) -> None:
+        assert upload.finishing_until is not None
+        left = (upload.finishing_until - self.clock()).total_seconds()
+        kv = await self._bucket()
+        watcher = await kv.watch(upload.upload_id)
+        try:
+            async with asyncio.timeout(max(left, 0.0) + 1.0):
+                async for entry in watcher:
+                    if entry is None or entry.value is None:
+                        if entry is not None and entry.operation is not None:
+                            return  # removed: the claim's retry says so
+                        continue
+                    now = _decode_upload(entry.value)
+                    if now.finished is not None or now.finishing_until is None:
+                        return
+        except TimeoutError:
+            return  # the claim lapsed: its holder is gone
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def release_finish(self, upload_id: str) -> None:
+        """A finish that failed (bad rows, a wrong sha256) lets the next one try."""
+        with contextlib.suppress(NotFound):
+            await self._change(
+                upload_id,
+                lambda upload: msgspec.structs.replace(upload, finishing_until=None),
+            )
 
     async def put_chunk(self, upload: Upload, index: int, data: bytes) -> None:
         if upload.finished is not None:
@@ -242,7 +308,13 @@ class Uploads:
 
     async def finish(self, upload: Upload, finished: Finished) -> None:
         """Record the answer (a retried finish gets it again) and drop the chunks."""
-        await self._touch(upload.upload_id, finished)
+        now = self.clock()
+        await self._change(
+            upload.upload_id,
+            lambda stored: msgspec.structs.replace(
+                stored, touched_at=now, finished=finished, finishing_until=None
+            ),
+        )
         await self._drop_chunks(upload)
 
     async def _drop_chunks(self, upload: Upload) -> None:

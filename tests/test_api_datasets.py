@@ -311,3 +311,12 @@ async def test_a_start_retried_with_its_idempotency_key_answers_the_same_upload(
     assert other.status_code == 409 and other.json()["field"] == "Idempotency-Key"
     fresh = await client.post("/api/v1/datasets/uploads", json=body)
     assert fresh.json()["upload_id"] != first.json()["upload_id"]
+
+
+def test_a_row_with_more_cells_than_the_header_is_refused_not_cut_short() -> None:
+    parsed = parse_bytes(b"url\nhttp://a.example/?a=1,2\nhttp://b.example/\n", "targets", "csv")
+    assert [(e.row, e.rule.split(" (")[0]) for e in parsed.errors] == [
+        (2, "has 2 cells, the header 1")
+    ]
+    quoted = parse_bytes(b'url\n"http://a.example/?a=1,2"\n', "targets", "csv")
+    assert quoted.errors == [] and quoted.rows == 1

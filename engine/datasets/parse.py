@@ -107,6 +107,9 @@ def _warn(parsed: Parsed, problem: Problem) -> None:
 
 
 def _row(record: Record, row_type: type[Row], parsed: Parsed) -> Row | None:
+    if record.problem is not None:
+        parsed.errors.append(record.problem)
+        return None
     values = record.values
     if "" in values:
         parsed.errors.append(Problem(record.row, "", "must be an object", record.place))

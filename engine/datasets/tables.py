@@ -56,6 +56,7 @@ class Record:
     row: int
     place: str
     values: dict[str, Any]  # row field -> cell text (tables) or value (json)
+    problem: Problem | None = None  # what makes the record unreadable as a row
 
 
 def records(
@@ -102,13 +103,18 @@ def _table(
         if name is None and cell.strip():
             rule = f"is not a column of {kind}: not read"
             notes.append(Problem(at, cell.strip(), rule, f"{place} {at}"))
+    width = len(header)
     for n, cells in numbered:
         values = {
             name: cell.strip()
             for name, cell in zip(fields, cells, strict=False)
             if name is not None and cell.strip()
         }
-        if values or any(cell.strip() for cell in cells):
+        if any(cell.strip() for cell in cells[width:]):
+            # a delimiter inside a cell that was not quoted: the row's values are shifted
+            rule = f"has {len(cells)} cells, the header {width} (quote cells with delimiters)"
+            yield Record(n, f"{place} {n}", {}, Problem(n, "", rule, f"{place} {n}"))
+        elif values or any(cell.strip() for cell in cells):
             yield Record(n, f"{place} {n}", values)
 
 

@@ -23,7 +23,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.kv import KeyValue
 from nats.js.object_store import OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
@@ -135,8 +135,9 @@ class Uploads:
 
     async def _chunks(self) -> ObjectStore:
         if self._store is None:
+            config = ObjectStoreConfig(replicas=self.bus.config.replicas, storage=StorageType.FILE)
             with contextlib.suppress(nats.js.errors.BadRequestError):
-                await self.bus.js.create_object_store(subjects.UPLOADS_BUCKET)
+                await self.bus.js.create_object_store(subjects.UPLOADS_BUCKET, config=config)
             self._store = await self.bus.js.object_store(subjects.UPLOADS_BUCKET)
         return self._store
 

@@ -206,3 +206,15 @@ async def test_a_second_finish_waits_for_the_first_or_for_its_claim_to_lapse(bus
     await uploads.claim_finish(second.upload_id)  # and its holder is gone
     taken_over = await asyncio.wait_for(uploads.claim_finish(second.upload_id), 5)
     assert taken_over.finished is None and taken_over.finishing_until is not None
+
+
+async def test_a_chunk_stored_as_its_upload_goes_does_not_stay(bus: Bus) -> None:
+    uploads = Uploads(bus, UploadsConfig(chunk_size=4))
+    upload = await uploads.start(
+        owner="ann", name="x", kind="targets", fmt="txt", size=8, sha256="0" * 64
+    )
+    await uploads.remove(upload)  # swept while the chunk was on its way
+    with pytest.raises(NotFound):
+        await uploads.put_chunk(upload, 0, b"abcd")
+    info = await bus.js.stream_info(f"OBJ_{subjects.UPLOADS_BUCKET}")
+    assert info.state.messages == 0

@@ -270,7 +270,17 @@ class Uploads:
             raise Invalid("body", f"chunk {index} must be {want} bytes (got {len(data)})")
         store = await self._chunks()
         await store.put(subjects.upload_chunk_name(upload.upload_id, index), data)
-        await self._touch(upload.upload_id)
+        try:
+            touched = await self._touch(upload.upload_id)
+        except NotFound:
+            touched = None  # swept meanwhile
+        if touched is None or touched.finished is not None:
+            # the upload went (or was finished) while the chunk was stored: no chunk may
+            # outlive its upload, the sweeper would never find it
+            await self._drop_chunk(upload.upload_id, index)
+            if touched is None:
+                raise NotFound("upload_id", f"no upload {upload.upload_id}")
+            raise Conflict("upload_id", "upload is finished")
 
     async def received(self, upload: Upload) -> list[int]:
         store = await self._chunks()
@@ -319,18 +329,20 @@ class Uploads:
         await self._drop_chunks(upload)
 
     async def _drop_chunks(self, upload: Upload) -> None:
-        store = await self._chunks()
-        stream = OBJ_STREAM_TEMPLATE.format(bucket=subjects.UPLOADS_BUCKET)
         for index in range(upload.chunks):
-            name = subjects.upload_chunk_name(upload.upload_id, index)
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await store.delete(name)
-            # the deletion leaves a marker under the chunk's name: nothing of it stays
-            meta = OBJ_META_PRE_TEMPLATE.format(
-                bucket=subjects.UPLOADS_BUCKET,
-                obj=base64.urlsafe_b64encode(name.encode()).decode(),
-            )
-            await self.bus.js.purge_stream(stream, subject=meta)
+            await self._drop_chunk(upload.upload_id, index)
+
+    async def _drop_chunk(self, upload_id: str, index: int) -> None:
+        store = await self._chunks()
+        name = subjects.upload_chunk_name(upload_id, index)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await store.delete(name)
+        # the deletion leaves a marker under the chunk's name: nothing of it stays
+        meta = OBJ_META_PRE_TEMPLATE.format(
+            bucket=subjects.UPLOADS_BUCKET, obj=base64.urlsafe_b64encode(name.encode()).decode()
+        )
+        stream = OBJ_STREAM_TEMPLATE.format(bucket=subjects.UPLOADS_BUCKET)
+        await self.bus.js.purge_stream(stream, subject=meta)
 
     async def remove(self, upload: Upload) -> None:
         await self._drop_chunks(upload)

@@ -50,6 +50,10 @@ bench-replay *ARGS: setup
 bench-runner *ARGS: setup
     {{bin}}/python -m benchmarks.runner {{ARGS}}
 
+# a 1M-row targets csv through tb api's chunked upload against the csv module, and the API's peak RSS
+bench-import *ARGS: setup
+    {{bin}}/python -m benchmarks.import_ {{ARGS}}
+
 # the API under load: GET /api/v1/jobs p50/p99 with 10,000 jobs and 100 clients, /ws fan-out to 500
 bench-api *ARGS: setup
     {{bin}}/python -m benchmarks.api {{ARGS}}

@@ -15,6 +15,7 @@ from api.body import refuse_deep_json
 from api.consents import ConsentController
 from api.crawler import CrawlerJobs
 from api.dashboard import dashboard
+from api.dataset_uploads import dataset_routes, uploads_lifespan
 from api.devices import list_devices
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
@@ -91,9 +92,10 @@ def create_app(config: ApiConfig) -> Litestar:
             AuditController,
             *(AuthController, UsersController, ApiKeysController),
             LicenceController,
+            *dataset_routes(config.uploads),
         ],
         guards=[require_access],
-        lifespan=[lifespan, identity_lifespan, live_hub, job_logs_lifespan],
+        lifespan=[lifespan, identity_lifespan, live_hub, job_logs_lifespan, uploads_lifespan],
         before_request=refuse_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         logging_config=None,  # the process's logging renders and redacts (cli/logs.py)

@@ -17,7 +17,7 @@ MEANING = {
     " their licence (`field` names what asked for it, `rule` the feature or limit and the plan)",
     404: "no such resource",
     409: "not possible in the current state",
-    413: "the body is larger than the API takes",
+    413: "the body is larger than the route takes",
     422: "well-formed input that breaks a rule",
     429: "too many failed attempts: wait the seconds Retry-After says",
     503: "the event store is unreachable; retry",

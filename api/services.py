@@ -11,6 +11,7 @@ from api.hygiene import JSON_BODY_LIMIT, HttpPolicy
 from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
 from engine.consent.service import ConsentPolicy
+from engine.datasets.uploads import UploadsConfig
 from engine.identity.sessions import SessionPolicy
 from engine.jobs.service import JobCommands
 from projections.projector import Projector
@@ -52,6 +53,7 @@ class ApiConfig:
     http: HttpPolicy = field(default_factory=HttpPolicy)  # CORS origins, HSTS
     identity: IdentityConfig = IdentityConfig()
     consent: ConsentPolicy = field(default_factory=ConsentPolicy)
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from cli.settings import (
     open_bind_warning,
     proxy_health_from_env,
     stall_margin_from_env,
+    uploads_config_from_env,
 )
 from cli.supervise import supervise
 from engine.bus import Bus, ConsumerSettingsRefused
@@ -165,6 +166,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         http=http_policy_from_env(),
         identity=identity_config_from_env(),
         consent=consent_policy_from_env(),
+        uploads=uploads_config_from_env(),
     )
     if config.identity.admin_password is None:
         await refuse_without_users(nats_url)

@@ -1,6 +1,6 @@
 """``tb consent``: claim a domain, verify it, list consents, re-verify or revoke one,
 through the API (--api, else TB_API_URL, else the local one); credentials as every
-CLI call sends them (``cli.http.auth_headers``)."""
+CLI call sends them (``cli.credentials.auth_headers``)."""
 
 from __future__ import annotations
 

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-
-def auth_headers() -> dict[str, str]:
-    """How the CLI proves who it is: TB_API_KEY (sent as X-API-Key), else TB_API_TOKEN
-    (a session token, sent as a Bearer token); neither: no credentials."""
-    key = os.environ.get("TB_API_KEY", "").strip()
-    if key:
-        return {"X-API-Key": key}
-    token = os.environ.get("TB_API_TOKEN", "").strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
+from cli.credentials import auth_headers
 
 
 def _call(

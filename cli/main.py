@@ -193,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _event_log_arguments(p)
 
+    p = sub.add_parser("dataset", help="upload and list datasets through the API")
+    dataset = p.add_subparsers(dest="dataset_command", required=True, metavar="DATASET_COMMAND")
+    p = dataset.add_parser("upload", help="upload a file in chunks (run again to resume)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--kind", choices=["targets", "proxies", "devices", "settings"], required=True)
+    p.add_argument("--name", default=None, help="default: the file's name")
+    p.add_argument("--api", default="http://127.0.0.1:8000")
+    p.add_argument("--state-dir", type=Path, default=Path(".tb"), help="remembers uploads")
+    p = dataset.add_parser("list", help="the datasets you may see")
+    p.add_argument("--kind", choices=["targets", "proxies", "devices", "settings"], default=None)
+    p.add_argument("--api", default="http://127.0.0.1:8000")
+
     sub.add_parser("schema", help="print the JSON Schema of every event")
     add_consent_parser(sub)
     return parser
@@ -274,6 +286,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 runner_id=args.runner_id,
                 headless=headless_from_env() and not args.headed,
             )
+        case "dataset":
+            from cli import datasets
+
+            if args.dataset_command == "upload":
+                return await asyncio.to_thread(
+                    datasets.run_upload, args.api, args.file, args.kind, args.name, args.state_dir
+                )
+            return await asyncio.to_thread(datasets.run_list, args.api, args.kind)
         case "demo-site":
             await commands.run_demo_site(args.host, args.port, args.token_file)
         case "replay":

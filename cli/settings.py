@@ -15,6 +15,7 @@ from engine.bus import BusConfig
 if TYPE_CHECKING:
     from api.hygiene import HttpPolicy
     from api.services import IdentityConfig, LogsConfig
+    from engine.datasets.uploads import UploadsConfig
     from engine.proxies.decider import HealthPolicy
 
 log = structlog.get_logger("tb.settings")
@@ -214,6 +215,21 @@ def identity_config_from_env() -> IdentityConfig:
     )
     password = os.environ.get("TB_ADMIN_PASSWORD") or None
     return IdentityConfig(admin_password=password, sessions=policy)
+
+
+def uploads_config_from_env() -> UploadsConfig:
+    """TB_UPLOAD_MAX_SIZE (bytes, default 1 GiB): the largest dataset file;
+    TB_UPLOAD_CHUNK_SIZE (bytes, default 8 MiB): the chunk size uploads are sent in (also
+    the body limit of a chunk); TB_UPLOAD_LIFETIME (s, default 24 h): an upload untouched
+    this long is removed with its chunks."""
+    from engine.datasets.uploads import UploadsConfig
+
+    default = UploadsConfig()
+    return UploadsConfig(
+        max_size=_int("TB_UPLOAD_MAX_SIZE", default.max_size),
+        chunk_size=_int("TB_UPLOAD_CHUNK_SIZE", default.chunk_size),
+        lifetime=_float("TB_UPLOAD_LIFETIME", default.lifetime),
+    )
 
 
 def stall_margin_from_env() -> float:

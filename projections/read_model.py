@@ -23,6 +23,7 @@ from projections import (
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
     ConsentEvent,
+    DatasetEvent,
     Envelope,
     FlowDone,
     FlowEvent,
@@ -52,8 +53,8 @@ SCHEMA = (
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
 # (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
 # jobs by their creator (running jobs per user); 10: users; 11: consents: when
-# verified, subdomains
-SCHEMA_VERSION = 11
+# verified, subdomains; 12: datasets folded, their shares
+SCHEMA_VERSION = 12
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):
@@ -121,6 +122,8 @@ async def apply_batch(
                 update.domains.update(await consents.apply(db, env))
             elif isinstance(event, ProxyEvent):
                 update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, DatasetEvent):
+                await datasets.apply(db, env)
             elif isinstance(event, LicenseAssigned):
                 await licences.apply(db, env)
             elif isinstance(event, UserEvent):

@@ -509,6 +509,59 @@ class RunnerKeyRevoked(RunnerKeyEvent, frozen=True, kw_only=True):
     reason: Text = ""
 
 
+# -- datasets -----------------------------------------------------------------------
+# A version's rows (proxy passwords among them) are in the ``tb_datasets`` object store
+# under ``object_name``; the log records only where they are and what they hash to.
+
+DatasetKind = Literal["targets", "proxies", "devices", "settings"]
+DatasetFormat = Literal["csv", "txt", "xlsx", "docx", "json"]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class DatasetEvent(Event, frozen=True, kw_only=True):
+    dataset_id: Id
+
+
+class DatasetCreated(DatasetEvent, frozen=True, kw_only=True):
+    """``owner``: the user who made it (and who alone, with admins, may change it)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    kind: DatasetKind
+    owner: Actor
+
+
+class DatasetVersionUploaded(DatasetEvent, frozen=True, kw_only=True):
+    """An immutable version: the parsed rows, stored as JSON lines under ``object_name``
+    (content-addressed by their ``sha256``); ``source_sha256`` is the uploaded file's."""
+
+    version: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    format: DatasetFormat
+    object_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    sha256: Sha256
+    size_bytes: Count
+    rows: Count
+    source_sha256: Sha256
+    source_size: Count
+
+
+class DatasetRenamed(DatasetEvent, frozen=True, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class DatasetDeleted(DatasetEvent, frozen=True, kw_only=True):
+    reason: Text = ""
+
+
+class DatasetShared(DatasetEvent, frozen=True, kw_only=True):
+    """``user_id`` may now see and use the dataset (not change it)."""
+
+    user_id: Id
+
+
+class DatasetUnshared(DatasetEvent, frozen=True, kw_only=True):
+    user_id: Id
+
+
 JobEvents = (
     JobCreated
     | JobApprovalRequested
@@ -556,6 +609,15 @@ UserEvents = (
 )
 RunnerKeyEvents = RunnerKeyCreated | RunnerKeyRevoked
 
+DatasetEvents = (
+    DatasetCreated
+    | DatasetVersionUploaded
+    | DatasetRenamed
+    | DatasetDeleted
+    | DatasetShared
+    | DatasetUnshared
+)
+
 TbEvent = (
     JobEvents
     | FlowEvents
@@ -564,6 +626,7 @@ TbEvent = (
     | ProxyEvents
     | UserEvents
     | RunnerKeyEvents
+    | DatasetEvents
 )
 
 _decoder = msgspec.json.Decoder(TbEvent)

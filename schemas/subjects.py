@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from schemas.events import (
     ConsentEvent,
+    DatasetEvent,
     Event,
     FlowDispatched,
     FlowDone,
@@ -48,6 +49,7 @@ DISPATCHER_BUCKET = "tb_dispatcher"  # the dispatcher's checkpointed state (a ca
 RUNNER_KEYS_BUCKET = "tb_runner_keys"  # runner keys: hashes and NATS users, by key id
 PROXY_SECRETS_BUCKET = "tb_proxy_secrets"  # proxy endpoints with credentials, by proxy id
 SCREENSHOTS_BUCKET = "tb_screenshots"  # failure screenshots: the only bucket runners write
+UPLOADS_BUCKET = "tb_uploads"  # chunked uploads in progress: a KV entry and chunk objects each
 LOGS_BUCKET = "tb_logs"  # the saved log of each finished job (TB_LOGS ages out)
 
 TYPE_HEADER = "Tb-Type"
@@ -182,6 +184,25 @@ def runner_key_stream_filter(key_id: str) -> str:
     return f"tb.runnerkey.{key_id}.*"
 
 
+def dataset_subject(dataset_id: str, event_type: str) -> str:
+    return f"tb.dataset.{dataset_id}.{event_type}"
+
+
+def dataset_stream_filter(dataset_id: str) -> str:
+    """All events of one dataset (the optimistic-concurrency scope)."""
+    return f"tb.dataset.{dataset_id}.*"
+
+
+def dataset_object_name(sha256: str) -> str:
+    """A version's rows in ``tb_datasets``, named by their content: one object per content."""
+    return f"rows/{sha256}.jsonl"
+
+
+def upload_chunk_name(upload_id: str, index: int) -> str:
+    """One chunk of an upload in progress, in the ``tb_uploads`` object store."""
+    return f"{upload_id}/{index}"
+
+
 ALL_PROXIES = "tb.proxy.>"
 ALL_PROXY_FAILURES = all_flows(ProxyFailed.__name__)
 ALL_DISPATCH = "tb.dispatch.>"
@@ -217,6 +238,8 @@ def subject_for(event: Event) -> str:
         return user_subject(event.user_id, kind)
     if isinstance(event, RunnerKeyEvent):
         return runner_key_subject(event.key_id, kind)
+    if isinstance(event, DatasetEvent):
+        return dataset_subject(event.dataset_id, kind)
     raise TypeError(f"no subject for {kind}")
 
 

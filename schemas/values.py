@@ -44,12 +44,15 @@ _DOMAIN = re.compile(DOMAIN_PATTERN)
 Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#]+")]
 
 
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")  # \s: what str.isspace() calls space
+
+
 # every work item of a target carries its URL, and is checked where it is built and
 # wherever it is read: remember the verdicts (a pure function of the string)
 @functools.lru_cache(maxsize=4096)
 def url_problem(url: str) -> str | None:
     """Why ``url`` is not an http(s) URL a browser can be sent to, or ``None``."""
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+    if _SPACE_OR_CONTROL.search(url):
         return "must not contain spaces or control characters"
     try:
         parts = urlsplit(url)
@@ -69,10 +72,12 @@ def url_problem(url: str) -> str | None:
 
 
 def host_is_valid(host: str) -> bool:
+    if _DOMAIN.fullmatch(host.rstrip(".")) is not None:
+        return True  # most hosts are names: no exception raised and caught for them
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return _DOMAIN.fullmatch(host.rstrip(".")) is not None
+        return False
     return True
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.http import auth_headers
+from cli.credentials import auth_headers
 from tests.conftest import NatsServer, free_port
 from tests.sites import recording_site
 from tests.test_cli import Console

@@ -13,6 +13,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import structlog
 
+from cli.secrets import refuse_placeholder
 from cli.supervise import Backoff
 from schemas.values import Platform
 
@@ -38,10 +39,12 @@ class RunnerCredentials:
 
 
 def runner_key_from_env() -> str | None:
+    """The runner key of the environment; a placeholder (``secure-runner-key-CHANGE-ME``)
+    stops the start naming the setting."""
     for name in RUNNER_KEY_ENVS:
         value = os.environ.get(name, "").strip()
         if value:
-            return value
+            return refuse_placeholder(name, value)
     return None
 
 

@@ -11,6 +11,7 @@ import structlog
 
 from cli.secrets import refuse_placeholder
 from engine.bus import BusConfig
+from engine.identity.passwords import MIN_LENGTH as PASSWORD_MIN_LENGTH
 
 if TYPE_CHECKING:
     from api.hygiene import HttpPolicy
@@ -214,6 +215,8 @@ def identity_config_from_env() -> IdentityConfig:
         grace=_duration(("TB_SESSION_GRACE", "GRACE_PERIOD"), default.grace),
     )
     password = os.environ.get("TB_ADMIN_PASSWORD") or None
+    if password is not None:
+        refuse_placeholder("TB_ADMIN_PASSWORD", password, min_length=PASSWORD_MIN_LENGTH)
     return IdentityConfig(admin_password=password, sessions=policy)
 
 

@@ -21,6 +21,7 @@ from cli.http import call
 from cli.logs import announce
 from cli.nats_auth import AUDITOR, OPS, EmbeddedAuthorization, local_runner_id
 from cli.nats_server import nats_server_config_args, port_is_open, wait_for_port
+from cli.secrets import refuse_placeholder
 from cli.settings import (
     bus_config_from_env,
     drain_grace_from_env,
@@ -29,6 +30,7 @@ from cli.settings import (
 from cli.state_dir import StateDir, StateDirBusy
 from cli.supervise import Backoff
 from engine.bus import Bus, ConsumerSettingsRefused
+from engine.identity.passwords import MIN_LENGTH as PASSWORD_MIN_LENGTH
 from schemas import subjects
 from schemas.events import FlowDone
 from schemas.values import TERMINAL_JOB_STATUSES, JobStatus
@@ -397,7 +399,7 @@ def admin_password(state: StateDir) -> tuple[str, bool]:
     value says whether it was made just now (and so is shown once)."""
     given = os.environ.get("TB_ADMIN_PASSWORD", "")
     if given:
-        return given, False
+        return refuse_placeholder("TB_ADMIN_PASSWORD", given, min_length=PASSWORD_MIN_LENGTH), False
     path = state.root / ADMIN_PASSWORD_FILE
     if path.exists():
         return path.read_text(encoding="utf-8").strip(), False

@@ -149,3 +149,19 @@ async def test_an_exchange_racing_a_revocation_cannot_bring_the_key_back(bus: Bu
     assert await keys.set_platform(looked_up, Platform(os="linux")) is None
     assert await keys.get(issued.record.key_id) is None
     assert await keys.all() == []
+
+
+async def test_a_runner_key_opens_no_route_but_its_exchange_and_a_user_token_not_that_one(
+    client: AsyncTestClient,
+) -> None:
+    key = (await make_key(client, "edge-9"))["key"]
+    anonymous = AsyncTestClient(app=client.app)
+    anonymous.blocking_portal = client.blocking_portal
+    for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}, {"X-Runner-Key": key}):
+        for method, path in (("GET", "/api/v1/jobs"), ("GET", "/api/v1/runners"),
+                             ("POST", "/api/v1/logs"), ("GET", "/api/v1/auth/me")):  # fmt: skip
+            r = await anonymous.request(method, path, headers=headers, json={})
+            assert r.status_code in (401, 403), (headers, method, path, r.status_code)
+    # the admin's own session is no runner credential
+    r = await client.post(EXCHANGE, json={"os": "linux", "browser": "chromium"})
+    assert r.status_code == 403

@@ -20,10 +20,19 @@ from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from api.authz import access
 from api.hygiene import HttpPolicy
 from api.services import ApiConfig
 from cli.nats_server import wait_for_port
-from tests.api_client import JOB, Online, client, runner_online
+from tests.api_client import (
+    ADMIN_PASSWORD,
+    JOB,
+    Online,
+    admin_key,
+    api_config,
+    client,
+    runner_online,
+)
 from tests.conftest import NatsServer, free_port
 
 __all__ = ["client", "runner_online"]  # fixtures
@@ -38,7 +47,7 @@ SECURITY = {
 
 
 def config(nats_server: NatsServer, tmp_path: Path, **kwargs: object) -> ApiConfig:
-    return ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db", **kwargs)  # type: ignore[arg-type]
+    return api_config(nats_server, tmp_path, **kwargs)
 
 
 @pytest.fixture
@@ -138,7 +147,7 @@ async def test_every_route_family_and_error_carries_the_security_headers(
 async def test_an_unexpected_exception_is_a_500_with_an_id_and_the_trace_only_in_the_log(
     client: AsyncTestClient,
 ) -> None:
-    @get("/api/v1/boom", sync_to_thread=False)
+    @get("/api/v1/boom", sync_to_thread=False, opt=access("public"))
     def boom() -> None:
         raise RuntimeError("nats://admin:hunter2@10.0.0.1 said no in line 42")
 
@@ -239,11 +248,15 @@ async def test_the_dashboard_runs_under_its_csp_in_chromium(
                     "console", lambda m: violations.append(m.text) if "Policy" in m.text else None
                 )
                 page.on("pageerror", lambda err: violations.append(str(err)))
-                await page.goto(f"http://127.0.0.1:{port}/")
-                await page.wait_for_function(
-                    "document.getElementById('conn').textContent === 'live'"
-                )
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                base_url = f"http://127.0.0.1:{port}"
+                # made before the page logs in: making it logs in, which would end that session
+                headers = await admin_key(base_url)
+                await page.goto(f"{base_url}/")
+                await page.fill("#login input[name=username]", "admin")
+                await page.fill("#login input[name=password]", ADMIN_PASSWORD)
+                await page.click("#login button")
+                await page.locator("#conn", has_text="live").wait_for()
+                async with httpx.AsyncClient(base_url=base_url, headers=headers) as http:
                     created = await http.post("/api/v1/jobs", json=JOB)
                     assert created.status_code == 201, created.text
                 job_id = created.json()["job_id"]

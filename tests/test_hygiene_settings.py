@@ -132,6 +132,7 @@ def test_a_secret_of_ones_own_is_kept_and_a_password_may_be_shorter() -> None:
     [
         ({"TB_INGEST_API_KEY": "secure-runner-key-CHANGE-ME"}, "TB_INGEST_API_KEY: refused"),
         ({"BODY_LIMIT": "huge"}, "BODY_LIMIT: must be a size"),
+        ({"TB_ADMIN_PASSWORD": "admin-CHANGE-ME"}, "TB_ADMIN_PASSWORD: refused"),
     ],
 )
 def test_tb_api_stops_at_start_naming_the_bad_setting(env: dict[str, str], named: str) -> None:
@@ -166,3 +167,14 @@ def test_number_and_switch_settings_take_aliases_too(monkeypatch: pytest.MonkeyP
         _float("TB_SESSION_GRACE", 30.0, aliases=("GRACE_PERIOD",))
     monkeypatch.setenv("AUTH_ENABLED", "false")
     assert _bool("TB_AUTH_ENABLED", True, aliases=("AUTH_ENABLED",)) is False
+
+
+def test_a_runner_stops_on_a_placeholder_key_before_asking_the_api() -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TB_")}
+    result = subprocess.run(
+        [*TB, "runner", "--api", "http://127.0.0.1:1"],
+        env={**base, "RUNNER_API_KEY": "secure-runner-key-CHANGE-ME"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "RUNNER_API_KEY: refused" in result.stderr, result.stderr

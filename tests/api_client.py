@@ -61,6 +61,16 @@ async def log_in(
     return token
 
 
+async def key_in(client: AsyncTestClient) -> None:
+    """Log ``client`` in as the first admin and have it call with a new API key of theirs:
+    another client's login (a second replica's, say) does not end a key."""
+    await log_in(client)
+    r = await client.post("/api/v1/api-keys", json={"name": "tests"})
+    assert r.status_code == 201, r.text
+    del client.headers["Authorization"]
+    client.headers["X-API-Key"] = r.json()["key"]
+
+
 async def bearer(base_url: str, password: str = ADMIN_PASSWORD) -> dict[str, str]:
     """Headers that authenticate as the first admin on the API served at ``base_url``."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:

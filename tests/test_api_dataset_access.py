@@ -1,75 +1,37 @@
-"""Who sees which dataset, through the real handlers: the caller's principal is put on
-each request as the identity middleware does (``scope["user"]``), named by a header."""
+"""Who sees which dataset, through the real handlers, as users logged in with their roles."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from api.app import create_app
-from api.authz import PRINCIPAL_SCOPE_KEY, Principal
-from api.services import ApiConfig
 from schemas.events import Role
-from tests.conftest import NatsServer
+from tests.api_client import ClientAs, client, client_as
 from tests.datasets import upload
 
-ROLES: dict[str, Role] = {"ann": "operator", "bob": "operator", "cy": "viewer", "root": "admin"}
+__all__ = ["client", "client_as"]  # fixtures
 
-
-def with_principals(app: Any) -> Any:
-    """The app, with the caller named by ``X-As`` put on the request as its principal."""
-
-    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] in ("http", "websocket"):
-            name = dict(scope["headers"]).get(b"x-as", b"").decode()
-            if name:
-                scope[PRINCIPAL_SCOPE_KEY] = Principal(
-                    user_id=name, username=name, role=ROLES[name], plan="enterprise", via="session"
-                )
-        await app(scope, receive, send)
-
-    return asgi
+ROLES: dict[str, Role] = {"ann": "operator", "bob": "operator", "cy": "viewer"}
 
 
 @pytest.fixture
-async def clients(
-    nats_server: NatsServer, tmp_path: Path
-) -> AsyncIterator[dict[str, AsyncTestClient]]:
-    app = create_app(ApiConfig(nats_url=nats_server.url, db_path=tmp_path / "read.db"))
-    async with AsyncTestClient(app=with_principals(app)) as client:
-        yield {name: _As(client, name) for name in ROLES}  # type: ignore[misc]
+async def clients(client: AsyncTestClient, client_as: ClientAs) -> dict[str, AsyncTestClient]:
+    """Logged-in users: ann and bob (operators), cy (a viewer) and root (the first admin)."""
+    made = {name: await client_as(role) for name, role in ROLES.items()}
+    return made | {"root": client}
 
 
-class _As:
-    """One client, speaking as one user."""
-
-    def __init__(self, client: AsyncTestClient, name: str) -> None:
-        self.client, self.headers = client, {"X-As": name}
-
-    async def get(self, url: str, **kw: Any) -> Any:
-        return await self.client.get(url, headers=self.headers, **kw)
-
-    async def post(self, url: str, **kw: Any) -> Any:
-        return await self.client.post(url, headers=self.headers, **kw)
-
-    async def put(self, url: str, **kw: Any) -> Any:
-        return await self.client.put(url, headers=self.headers, **kw)
-
-    async def patch(self, url: str, **kw: Any) -> Any:
-        return await self.client.patch(url, headers=self.headers, **kw)
-
-    async def delete(self, url: str, **kw: Any) -> Any:
-        return await self.client.delete(url, headers=self.headers, **kw)
+async def user_id(client: AsyncTestClient) -> str:
+    return str((await client.get("/api/v1/auth/me")).json()["user_id"])
 
 
 async def test_a_non_owner_sees_nothing_until_it_is_shared_and_never_changes_it(
     clients: dict[str, Any],
 ) -> None:
     ann, bob, cy, root = (clients[n] for n in ("ann", "bob", "cy", "root"))
+    ann_id, bob_id, cy_id = [await user_id(c) for c in (ann, bob, cy)]
     proxies = b"http://u:Pw-of-ann@10.0.0.1:3128\n"
     status, made = await upload(ann, proxies, kind="proxies", fmt="txt")
     assert status == 201, made
@@ -80,10 +42,10 @@ async def test_a_non_owner_sees_nothing_until_it_is_shared_and_never_changes_it(
     assert (await bob.get("/api/v1/datasets")).json() == []
     assert (await bob.get(f"{one}/versions/1")).status_code == 404
     assert (await bob.patch(one, json={"name": "mine"})).status_code == 404
-    assert (await root.get(one)).json()["owner"] == "ann"  # admins see all
+    assert (await root.get(one)).json()["owner"] == ann_id  # admins see all
     assert [d["dataset_id"] for d in (await root.get("/api/v1/datasets")).json()] == [did]
 
-    shared = await ann.put(f"{one}/shares/bob")
+    shared = await ann.put(f"{one}/shares/{bob_id}")
     assert shared.status_code == 200, shared.text
     assert (await bob.get(one, params={"min_seq": shared.json()["seq"]})).status_code == 200
     assert [d["dataset_id"] for d in (await bob.get("/api/v1/datasets")).json()] == [did]
@@ -91,7 +53,7 @@ async def test_a_non_owner_sees_nothing_until_it_is_shared_and_never_changes_it(
     renamed = await bob.patch(one, json={"name": "mine"})
     assert renamed.status_code == 403 and renamed.json()["field"] == "dataset_id"
     assert (await bob.delete(one)).status_code == 403
-    assert (await bob.put(f"{one}/shares/cy")).status_code == 403
+    assert (await bob.put(f"{one}/shares/{cy_id}")).status_code == 403
     masked = await bob.get(f"{one}/versions/1")
     assert masked.status_code == 200 and b"Pw-of-ann" not in masked.content
     shown = await bob.get(f"{one}/versions/1", params={"passwords": "show"})
@@ -116,7 +78,7 @@ async def test_a_non_owner_sees_nothing_until_it_is_shared_and_never_changes_it(
     ).status_code == 404
     assert (await root.get(f"/api/v1/datasets/uploads/{upload_id}")).status_code == 200
 
-    unshared = await ann.delete(f"{one}/shares/bob")
+    unshared = await ann.delete(f"{one}/shares/{bob_id}")
     assert unshared.status_code == 200
     assert (await bob.get(one, params={"min_seq": unshared.json()["seq"]})).status_code == 404
     assert (await root.delete(one)).status_code == 200  # an admin may delete it

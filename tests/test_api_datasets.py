@@ -215,7 +215,7 @@ async def test_owner_renames_shares_and_deletes(client: AsyncTestClient) -> None
     assert r.status_code == 200, r.text
     got = await client.get(f"/api/v1/datasets/{dataset_id}", params={"min_seq": r.json()["seq"]})
     assert got.json()["name"] == "second" and got.json()["shared_with"] == ["bob"]
-    assert got.json()["owner"] == "api"
+    assert got.json()["owner"] == (await client.get("/api/v1/auth/me")).json()["user_id"]
     # a second version of the same dataset
     status, again = await upload(client, b"url\nhttp://c.example/\n", dataset_id=dataset_id)
     assert status == 201 and again["version"] == 2 and again["dataset_id"] == dataset_id

@@ -10,37 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from api.app import create_app
-from api.services import ApiConfig
 from cli import datasets
 from cli.credentials import auth_headers
-from cli.nats_server import wait_for_port
 from engine.datasets.uploads import UploadsConfig
-from tests.conftest import NatsServer, free_port
+from tests.api_client import admin_key, api_config, served
+from tests.conftest import NatsServer
 
 CHUNK = 16 * 1024
 
 
 @pytest.fixture
-async def api(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[str]:
-    config = ApiConfig(
-        nats_url=nats_server.url,
-        db_path=tmp_path / "api.db",
-        uploads=UploadsConfig(chunk_size=CHUNK),
+async def api(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    config = api_config(
+        nats_server, tmp_path, db_path=tmp_path / "api.db", uploads=UploadsConfig(chunk_size=CHUNK)
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        await wait_for_port("127.0.0.1", port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
+    async with served(config) as url:
+        monkeypatch.setenv("TB_API_KEY", (await admin_key(url))["X-API-Key"])
+        yield url
 
 
 async def test_an_interrupted_upload_resumes_with_the_missing_chunks_only(

@@ -14,8 +14,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.services import ApiConfig
-from engine.bus import Bus, BusConfig
+from engine.bus import Bus
 from engine.consent.decider import CONSENT_VALIDITY
 from engine.consent.dns_txt import TxtLookup
 from engine.consent.finding import Found
@@ -25,6 +24,7 @@ from schemas import subjects
 from schemas.consent_state import ConsentStatus
 from schemas.events import ConsentGiven, ConsentRevoked, ConsentVerificationFailed
 from schemas.values import ConsentCaps
+from tests.api_client import api_config, log_in
 from tests.conftest import NatsServer
 from tests.dns_server import DnsServer, dns_server
 from tests.sites import recording_site
@@ -186,13 +186,9 @@ async def api(
     nats_server: NatsServer, tmp_path: Path, dns: DnsServer
 ) -> AsyncIterator[AsyncTestClient]:
     policy = ConsentPolicy(ceiling=CEILING, dns=TxtLookup(dns.address, timeout=2))
-    config = ApiConfig(
-        nats_url=nats_server.url,
-        db_path=tmp_path / "read.db",
-        bus=BusConfig(presence_ttl=30),
-        consent=policy,
-    )
+    config = api_config(nats_server, tmp_path, consent=policy)
     async with AsyncTestClient(app=create_app(config)) as client:
+        await log_in(client)
         yield client
 
 

@@ -15,10 +15,10 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.services import ApiConfig
 from engine.bus import Bus
 from engine.datasets.uploads import UploadsConfig
 from schemas import subjects
+from tests.api_client import api_config, key_in
 from tests.conftest import NatsServer
 from tests.datasets import send_chunks, start
 
@@ -27,12 +27,12 @@ from tests.datasets import send_chunks, start
 async def replica(
     nats_server: NatsServer, tmp_path: Path, name: str, chunk_size: int
 ) -> AsyncIterator[AsyncTestClient]:
-    config = ApiConfig(
-        nats_url=nats_server.url,
-        db_path=tmp_path / f"{name}.db",
+    config = api_config(
+        nats_server, tmp_path, db_path=tmp_path / f"{name}.db",
         uploads=UploadsConfig(chunk_size=chunk_size),
-    )
+    )  # fmt: skip
     async with AsyncTestClient(app=create_app(config)) as client:
+        await key_in(client)
         yield client
 
 
@@ -134,15 +134,14 @@ async def test_two_replicas_finishing_one_upload_store_one_version(
 async def test_the_api_sweeps_an_idle_upload_away_with_its_chunks(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    config = ApiConfig(
-        nats_url=nats_server.url,
-        db_path=tmp_path / "read.db",
-        uploads=UploadsConfig(chunk_size=4, lifetime=1.0, sweep_every=0.2),
+    config = api_config(
+        nats_server, tmp_path, uploads=UploadsConfig(chunk_size=4, lifetime=1.0, sweep_every=0.2)
     )
     async with (
         AsyncTestClient(app=create_app(config)) as client,
         await Bus.connect(nats_server.url, name="test") as bus,
     ):
+        await key_in(client)
         upload = await start(client, b"http://a.example/\n", fmt="txt")
         url = f"/api/v1/datasets/uploads/{upload['upload_id']}"
         assert (await client.put(f"{url}/chunks/0", content=b"http")).status_code == 200

@@ -27,6 +27,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from api.authz import ACCESS_OPT, PRINCIPAL_SCOPE_KEY, RANKS, Principal
 from api.dto import Problem
 from api.openapi import MEANING
+from api.origins import ANY, same_origin
 from api.services import IdentityConfig, Services
 from engine.bus import Bus
 from engine.errors import Conflict
@@ -50,6 +51,12 @@ FIRST_ADMIN = "admin"
 NO_ADMIN_PASSWORD = (
     "no user exists yet and TB_ADMIN_PASSWORD is not set: set TB_ADMIN_PASSWORD to the"
     " password the first user, admin, gets (or start with `tb up`, which makes one)"
+)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+COOKIE_FROM_ELSEWHERE = (
+    "the session cookie changes nothing for a page of another origin: this request's"
+    " Origin is missing or not the dashboard's nor a listed one (send the token as"
+    " Authorization: Bearer, or an API key)"
 )
 NEEDS_CREDENTIALS = "a session token (Authorization: Bearer) or an API key is required"
 
@@ -210,13 +217,33 @@ class Identity:
         return ended
 
 
+def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    scheme, _, value = (connection.headers.get("authorization") or "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def cookie_from_elsewhere(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """A request that changes something and rides the session cookie, from a page that
+    is neither the dashboard nor a listed origin. SameSite=Strict keeps the cookie from
+    other sites only: a page on another port of the same host, or on a sibling
+    subdomain, is the same site, and its form post (text/plain, no CORS preflight)
+    carries the cookie. Browsers send ``Origin`` with every such request."""
+    if connection.scope["type"] != ScopeType.HTTP or connection.scope["method"] in SAFE_METHODS:
+        return False
+    if _bearer(connection) is not None:
+        return False  # the token came in the header, which no other page can set
+    origin = connection.headers.get("origin")
+    if not origin:
+        return True
+    services: Services = connection.app.state.services
+    allowed = set(services.config.http.allowed_origins)
+    return not ({ANY, origin} & allowed or same_origin(origin, connection.scope))
+
+
 def credentials_of(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:
     """(session token, API key) the request carries, either possibly ``None``."""
     token = key = None
-    authorization = connection.headers.get("authorization") or ""
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        value = value.strip()
+    if (value := _bearer(connection)) is not None:
         if looks_like_key(value):
             key = value
         else:
@@ -237,7 +264,10 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     identity = identity_of(connection)
     token, key = credentials_of(connection)
     if token is not None and (principal := await identity.session_principal(token)):
-        return principal
+        if not cookie_from_elsewhere(connection):
+            return principal
+        if key is None:
+            raise PermissionDeniedException(COOKIE_FROM_ELSEWHERE)
     if key is not None:
         principal, record = await identity.key_principal(key)
         if principal is None and record is not None:

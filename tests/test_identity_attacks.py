@@ -5,10 +5,52 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from litestar.testing import AsyncTestClient
 
 from engine.bus import Bus
 from engine.errors import Conflict
 from engine.identity.service import UserCommands
+from tests.api_client import ADMIN_PASSWORD, client
+
+__all__ = ["client"]
+
+
+EVIL_USER = '{"username":"evil","password":"passwordpass=word12345","role":"admin"}'
+
+
+async def cookie_only(client: AsyncTestClient) -> AsyncTestClient:
+    """A client that carries the admin's session as the dashboard's cookie, and nothing else."""
+    r = await client.post(
+        "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+    )
+    assert r.status_code == 200, r.text
+    browser = AsyncTestClient(app=client.app, base_url="http://tb.example:8000")
+    browser.blocking_portal = client.blocking_portal
+    browser.cookies.set("tb_session", r.json()["token"])
+    return browser
+
+
+async def test_the_session_cookie_changes_nothing_for_a_page_of_another_origin(
+    client: AsyncTestClient,
+) -> None:
+    # a page on another port of the same host is same-site: the browser sends the
+    # SameSite=Strict cookie with its form post (text/plain needs no CORS preflight)
+    browser = await cookie_only(client)
+    for origin in ("http://tb.example:9999", "null", None):
+        headers = {"content-type": "text/plain"} | ({"origin": origin} if origin else {})
+        r = await browser.post("/api/v1/users", content=EVIL_USER, headers=headers)
+        assert r.status_code == 403, (origin, r.text)
+        assert "origin" in r.json()["detail"].lower()
+        logout = await browser.post("/api/v1/auth/logout", headers=headers)
+        assert logout.status_code == 403, (origin, logout.text)
+    # the dashboard's own page, and reads, still ride the cookie
+    assert (await browser.get("/api/v1/users")).status_code == 200
+    own = {"origin": "http://tb.example:8000"}
+    made = await browser.post("/api/v1/api-keys", json={"name": "dash"}, headers=own)
+    assert made.status_code == 201, made.text
+    # an explicit credential is no browser's ambient one: no Origin needed
+    key = {"X-API-Key": made.json()["key"]}
+    assert (await browser.post("/api/v1/consents", json={}, headers=key)).status_code == 400
 
 
 @pytest.mark.parametrize("removal", ["demote", "disable"])

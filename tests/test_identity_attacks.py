@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from websockets.asyncio.client import connect
 
 from engine.bus import Bus
 from engine.errors import Conflict
 from engine.identity.service import UserCommands
-from tests.api_client import ADMIN_PASSWORD, client
+from tests.api_client import ADMIN_PASSWORD, api_config, bearer, client, served
+from tests.conftest import NatsServer
 
 __all__ = ["client"]
 
@@ -80,3 +85,34 @@ async def test_two_admins_removing_each_other_at_once_leave_an_admin(
     # an admin with no other beside them stays one, whoever asks
     last = next(u.user_id for u in left if u.role == "admin" and not u.disabled)
     assert "last admin" in await remove(last, "system")
+
+
+@pytest.mark.parametrize("ending", ["revoke the key", "disable the user"])
+async def test_a_socket_opened_with_an_api_key_closes_when_the_key_stops_working(
+    nats_server: NatsServer, tmp_path: Path, ending: str
+) -> None:
+    async with served(api_config(nats_server, tmp_path)) as base, asyncio.timeout(20):
+        admin_headers = await bearer(base)
+        async with httpx.AsyncClient(base_url=base, headers=admin_headers) as admin:
+            user = {"username": "scripted", "password": "scripted-password", "role": "viewer"}
+            user_id = (await admin.post("/api/v1/users", json=user)).json()["user_id"]
+            async with httpx.AsyncClient(base_url=base) as http:
+                credentials = {"username": "scripted", "password": "scripted-password"}
+                login = await http.post("/api/v1/auth/login", json=credentials)
+                token = {"Authorization": f"Bearer {login.json()['token']}"}
+                made = await http.post("/api/v1/api-keys", json={"name": "ws"}, headers=token)
+            key = made.json()
+            async with connect(
+                base.replace("http", "ws") + "/ws", additional_headers={"X-API-Key": key["key"]}
+            ) as socket:
+                if ending == "revoke the key":
+                    r = await admin.delete(f"/api/v1/api-keys/{key['key_id']}")
+                else:
+                    r = await admin.patch(f"/api/v1/users/{user_id}", json={"disabled": True})
+                assert r.status_code in (200, 204), r.text
+                async with asyncio.timeout(3):
+                    message = json.loads(await socket.recv())
+                    while message["type"] != "sessionExpired":
+                        message = json.loads(await socket.recv())
+                await socket.wait_closed()
+                assert socket.close_code == 1008

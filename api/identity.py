@@ -52,6 +52,7 @@ NO_ADMIN_PASSWORD = (
     "no user exists yet and TB_ADMIN_PASSWORD is not set: set TB_ADMIN_PASSWORD to the"
     " password the first user, admin, gets (or start with `tb up`, which makes one)"
 )
+INGEST_BY_SESSION = "ingest_by_session"  # opt: an operator's session opens this ingest route
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 COOKIE_FROM_ELSEWHERE = (
     "the session cookie changes nothing for a page of another origin: this request's"
@@ -161,13 +162,14 @@ class Identity:
         return principal, record
 
     async def ingest_key(self, key: str) -> Principal | None:
-        """A user API key allowed to post logs, as the principal it acts for."""
+        """A user API key allowed to post logs (an operator's or an admin's), as the
+        principal it acts for."""
         record = await self.keys.find(key)
         if record is None or not may_ingest(record.scopes):
             return None
         user = await self.user(record.user_id)
-        if user is None or user.disabled:
-            return None
+        if user is None or user.disabled or RANKS[user.role] < RANKS["operator"]:
+            return None  # posting logs moves and ends jobs: a viewer's key may not
         return Principal(
             user_id=user.user_id,
             username=user.username,
@@ -276,6 +278,24 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     return None
 
 
+async def ingest_principal(
+    connection: ASGIConnection[Any, Any, Any, Any], by_session: bool
+) -> Principal | None:
+    """Who may use the crawler-compatible routes (open, cancel and log external jobs):
+    a user of at least the operator role, by an API key that may post logs, or by a
+    session where the route takes one (``by_session``; log ingest ignores sessions);
+    ``None`` leaves the route's own guard to decide (the ingest key, or loopback)."""
+    identity = identity_of(connection)
+    token, key = credentials_of(connection)
+    if key is not None:
+        return await identity.ingest_key(key)
+    if by_session and token is not None and not cookie_from_elsewhere(connection):
+        principal = await identity.session_principal(token)
+        if principal is not None and principal.at_least("operator"):
+            return principal
+    return None
+
+
 async def require_access(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
@@ -288,9 +308,9 @@ async def require_access(
         raise PermissionDeniedException("this route declares no access level")
     if level in ("public", "runner_key"):
         return
-    if level == "ingest":
-        _, key = credentials_of(connection)
-        if key is not None and (principal := await identity_of(connection).ingest_key(key)):
+    if level == "ingest":  # the route's own key guard refuses whoever is not let in here
+        by_session = bool(handler.opt.get(INGEST_BY_SESSION))
+        if (principal := await ingest_principal(connection, by_session)) is not None:
             connection.scope[PRINCIPAL_SCOPE_KEY] = principal  # type: ignore[literal-required]
         return
     principal = await authenticate(connection)

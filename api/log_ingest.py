@@ -94,15 +94,6 @@ def ingest_key_guard(connection: Any, _: BaseRouteHandler) -> None:
         )
 
 
-def key_guard_when_configured(connection: Any, handler: BaseRouteHandler) -> None:
-    """The legacy log stream: the ingest key when one is configured, else nothing."""
-    services: Services = connection.app.state.services
-    if services.config.logs.ingest_api_key or looks_like_key(
-        connection.headers.get(API_KEY_HEADER) or ""
-    ):
-        ingest_key_guard(connection, handler)
-
-
 # -- bodies ---------------------------------------------------------------------------
 
 

@@ -116,3 +116,43 @@ async def test_a_socket_opened_with_an_api_key_closes_when_the_key_stops_working
                         message = json.loads(await socket.recv())
                 await socket.wait_closed()
                 assert socket.close_code == 1008
+
+
+async def test_the_crawler_routes_are_no_open_door_without_an_ingest_key(
+    client: AsyncTestClient,
+) -> None:
+    """Without TB_INGEST_API_KEY, a client elsewhere (not loopback) with no credential,
+    or a viewer, may not open, cancel or read external jobs; an operator's session or key
+    may."""
+    anonymous = AsyncTestClient(app=client.app)  # its address is no loopback one
+    anonymous.blocking_portal = client.blocking_portal
+    job_id = (await client.post("/api/crawler/start", json={"name": "mine"})).json()["job_id"]
+    for method, path in (
+        ("POST", "/api/crawler/start"),
+        ("POST", f"/api/crawler/cancel/{job_id}"),
+        ("GET", f"/api/crawler/status/{job_id}"),
+        ("GET", f"/api/crawler/logs/{job_id}"),
+    ):
+        r = await anonymous.request(method, path, json={} if method == "POST" else None)
+        assert r.status_code == 403 and "Invalid API key" in r.text, (path, r.text)
+    viewer = await client.post(
+        "/api/v1/users",
+        json={"username": "watcher", "password": "watcher-password", "role": "viewer"},
+    )
+    assert viewer.status_code == 201
+    login = await anonymous.post(
+        "/api/v1/auth/login", json={"username": "watcher", "password": "watcher-password"}
+    )
+    as_viewer = {"Authorization": f"Bearer {login.json()['token']}"}
+    anonymous.cookies.clear()
+    key = await anonymous.post("/api/v1/api-keys", json={"name": "k"}, headers=as_viewer)
+    with_key = {"X-API-Key": key.json()["key"]}
+    for headers in (as_viewer, with_key):
+        r = await anonymous.post("/api/crawler/start", json={}, headers=headers)
+        assert r.status_code == 403, r.text
+        r = await anonymous.post(
+            "/api/v1/logs", json={"job_id": job_id, "message": "x"}, headers=headers
+        )
+        assert r.status_code == 403, r.text
+    cancelled = await client.post(f"/api/crawler/cancel/{job_id}")
+    assert cancelled.status_code == 200, cancelled.text

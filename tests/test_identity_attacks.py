@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,8 @@ from tests.api_client import ADMIN_PASSWORD, api_config, bearer, client, served
 from tests.conftest import NatsServer
 
 __all__ = ["client"]
+
+LOGIN = "/api/v1/auth/login"
 
 
 EVIL_USER = '{"username":"evil","password":"passwordpass=word12345","role":"admin"}'
@@ -156,3 +159,26 @@ async def test_the_crawler_routes_are_no_open_door_without_an_ingest_key(
         assert r.status_code == 403, r.text
     cancelled = await client.post(f"/api/crawler/cancel/{job_id}")
     assert cancelled.status_code == 200, cancelled.text
+
+
+async def test_a_wrong_password_costs_the_same_work_for_a_known_and_an_unknown_name(
+    client: AsyncTestClient,
+) -> None:
+    """Timing tells whether a name exists when one of the two does more round trips to
+    NATS: count the reads of user histories each login makes."""
+    users = client.app.state.identity.users
+    reads: list[str] = []
+    load = users.load
+
+    async def counted(user_id: str) -> Any:
+        reads.append(user_id)
+        return await load(user_id)
+
+    users.load = counted
+    counts = []
+    for name in ("admin", "nobody-here"):
+        reads.clear()
+        r = await client.post(LOGIN, json={"username": name, "password": "a wrong password"})
+        assert r.status_code == 401
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts

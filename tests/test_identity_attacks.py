@@ -182,3 +182,55 @@ async def test_a_wrong_password_costs_the_same_work_for_a_known_and_an_unknown_n
         assert r.status_code == 401
         counts.append(len(reads))
     assert counts[0] == counts[1], counts
+
+
+async def test_attacks_that_hold_credentials_of_one_world_open_nothing_in_another(
+    client: AsyncTestClient,
+) -> None:
+    """Kept as a fence: each of these was tried and refused."""
+    anonymous = AsyncTestClient(app=client.app)
+    anonymous.blocking_portal = client.blocking_portal
+    runner = (await client.post("/api/v1/runners/keys", json={"name": "r"})).json()["key"]
+    user_key = (await client.post("/api/v1/api-keys", json={"name": "u"})).json()["key"]
+    token = str(client.headers["Authorization"]).removeprefix("Bearer ")
+    # a runner key is no user credential, in any header
+    for headers in (
+        {"X-API-Key": runner},
+        {"Authorization": f"Bearer {runner}"},
+        {"X-Runner-Key": runner},
+    ):
+        assert (await anonymous.get("/api/v1/jobs", headers=headers)).status_code == 401
+    # a user's key or token is no runner key
+    platform = {"os": "linux", "browser": "chromium"}
+    for credential in (user_key, token):
+        r = await anonymous.post(
+            "/api/v1/runners/credentials", json=platform, headers={"X-Runner-Key": credential}
+        )
+        assert r.status_code == 403, r.text
+    # malformed, huge or foreign credentials: refused, never a 500
+    for headers in (
+        {"Authorization": "Bearer " + "a" * 60_000},
+        {"Authorization": "Basic YWRtaW46YWRtaW4="},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer tbk.."},
+        {"X-API-Key": "tbk." + "a" * 5000 + ".b"},
+        {"X-API-Key": "tbk.../..%00.x"},
+        {"X-API-Key": b"tbk.key_x.\xe9\xff"},
+        {"Cookie": "tb_session=" + "x" * 8000},
+        {"Cookie": 'tb_session="unterminated'},
+    ):
+        r = await anonymous.get("/api/v1/jobs", headers=headers)
+        assert r.status_code == 401, (headers.keys(), r.status_code)
+    # path spellings reach the same guard, or no route at all
+    for method, path in (
+        ("GET", "/api/v1/users/"),
+        ("GET", "/api/v1//users"),
+        ("GET", "/api/v1/users%2F"),
+        ("OPTIONS", "/api/v1/users"),
+    ):
+        assert (await anonymous.request(method, path)).status_code == 401, path
+    for method, path in (("GET", "/API/v1/users"), ("GET", "/api/v1/jobs/..%2Fusers")):
+        assert (await anonymous.request(method, path)).status_code == 404, path
+    # nothing secret echoed back in an error
+    r = await anonymous.post(LOGIN, json={"username": "admin", "password": "SECRET" * 1000})
+    assert r.status_code == 400 and "SECRET" not in r.text

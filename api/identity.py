@@ -235,11 +235,21 @@ def cookie_from_elsewhere(connection: ASGIConnection[Any, Any, Any, Any]) -> boo
     if _bearer(connection) is not None:
         return False  # the token came in the header, which no other page can set
     origin = connection.headers.get("origin")
-    if not origin:
-        return True
+    return origin is None or not admitted_origin(connection, origin)
+
+
+def admitted_origin(connection: ASGIConnection[Any, Any, Any, Any], origin: str) -> bool:
+    """The page that sent the request is the dashboard or of a listed origin."""
     services: Services = connection.app.state.services
     allowed = set(services.config.http.allowed_origins)
-    return not ({ANY, origin} & allowed or same_origin(origin, connection.scope))
+    return bool({ANY, origin} & allowed) or same_origin(origin, connection.scope)
+
+
+def sent_by_a_page_elsewhere(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """A browser sent it for a page of another origin (workers and scripts send no
+    ``Origin``)."""
+    origin = connection.headers.get("origin")
+    return origin is not None and not admitted_origin(connection, origin)
 
 
 def credentials_of(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:

@@ -234,3 +234,31 @@ async def test_attacks_that_hold_credentials_of_one_world_open_nothing_in_anothe
     # nothing secret echoed back in an error
     r = await anonymous.post(LOGIN, json={"username": "admin", "password": "SECRET" * 1000})
     assert r.status_code == 400 and "SECRET" not in r.text
+
+
+async def test_a_page_in_a_browser_on_the_api_host_gets_no_loopback_trust(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Without TB_INGEST_API_KEY loopback clients may use the crawler routes: a worker on
+    the machine. A browser on that machine is a loopback client too, and any page it
+    shows may post there (text/plain, no preflight); such a post names its page's
+    Origin, which no worker sends."""
+    async with (
+        served(api_config(nats_server, tmp_path)) as base,
+        asyncio.timeout(20),
+        httpx.AsyncClient(base_url=base) as local,
+    ):
+        worker = await local.post("/api/crawler/start", json={})
+        assert worker.status_code == 200, worker.text
+        job_id = worker.json()["job_id"]
+        page = {"origin": "http://evil.example", "content-type": "text/plain"}
+        for path, body in (
+            ("/api/crawler/start", "{}"),
+            (f"/api/crawler/cancel/{job_id}", ""),
+            ("/api/crawler/log", json.dumps({"job_id": job_id, "message": "x"})),
+        ):
+            r = await local.post(path, content=body, headers=page)
+            assert r.status_code == 403, (path, r.text)
+        dashboard = {"origin": base}
+        r = await local.post(f"/api/crawler/cancel/{job_id}", headers=dashboard)
+        assert r.status_code == 200, r.text

@@ -262,3 +262,24 @@ async def test_a_page_in_a_browser_on_the_api_host_gets_no_loopback_trust(
         dashboard = {"origin": base}
         r = await local.post(f"/api/crawler/cancel/{job_id}", headers=dashboard)
         assert r.status_code == 200, r.text
+
+
+async def test_names_differing_in_case_are_one_user_for_creation_and_throttling(
+    client: AsyncTestClient,
+) -> None:
+    made = await asyncio.gather(
+        *(
+            client.post(
+                "/api/v1/users",
+                json={"username": name, "password": "a-long-password", "role": "viewer"},
+            )
+            for name in ("Bob", "bob", "BOB")
+        )
+    )
+    assert sorted(r.status_code for r in made) == [201, 409, 409], [r.text for r in made]
+    client.app.state.identity.clock = lambda: 1_000_000.0  # no wait runs out
+    codes = []
+    for name in ("Bob", "bOb", "boB", "BOb", "bob"):
+        r = await client.post(LOGIN, json={"username": name, "password": "a wrong password"})
+        codes.append(r.status_code)
+    assert codes == [401, 401, 401, 401, 429], codes

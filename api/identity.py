@@ -245,11 +245,11 @@ def admitted_origin(connection: ASGIConnection[Any, Any, Any, Any], origin: str)
     return bool({ANY, origin} & allowed) or same_origin(origin, connection.scope)
 
 
-def sent_by_a_page_elsewhere(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
-    """A browser sent it for a page of another origin (workers and scripts send no
-    ``Origin``)."""
-    origin = connection.headers.get("origin")
-    return origin is not None and not admitted_origin(connection, origin)
+def sent_by_a_browser(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """A browser sent it: it names the page's ``Origin`` or says ``Sec-Fetch-*`` how it
+    fetched. Workers and scripts send neither; a page of any origin, even one whose
+    name was rebound to this machine's address, cannot leave them out."""
+    return any(name == "origin" or name.startswith("sec-fetch-") for name in connection.headers)
 
 
 def credentials_of(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:

@@ -26,7 +26,7 @@ from api.authz import access, principal_of
 from api.deps import services_from_state
 from api.dto import Problem
 from api.errors import http_error, rejected, validation
-from api.identity import sent_by_a_page_elsewhere
+from api.identity import sent_by_a_browser
 from api.inputs import IDEMPOTENCY_KEY, KEY_PATTERN, KEY_RULE
 from api.openapi import problems
 from api.services import Services
@@ -85,9 +85,9 @@ def ingest_key_guard(connection: Any, _: BaseRouteHandler) -> None:
         return
     host = connection.client.host if connection.client else ""
     # a reverse proxy on this machine connects from loopback for every client it forwards,
-    # and so does a browser on it for whatever page it shows
+    # and so does a browser on it for whatever page it shows (whatever its Origin says)
     forwarded = any(name in connection.headers for name in FORWARDING_HEADERS)
-    if forwarded or not is_loopback(host) or sent_by_a_page_elsewhere(connection):
+    if forwarded or not is_loopback(host) or sent_by_a_browser(connection):
         raise Said(
             403,
             API_KEY_HEADER,

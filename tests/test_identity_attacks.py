@@ -241,8 +241,9 @@ async def test_a_page_in_a_browser_on_the_api_host_gets_no_loopback_trust(
 ) -> None:
     """Without TB_INGEST_API_KEY loopback clients may use the crawler routes: a worker on
     the machine. A browser on that machine is a loopback client too, and any page it
-    shows may post there (text/plain, no preflight); such a post names its page's
-    Origin, which no worker sends."""
+    shows may post there (text/plain, no preflight), or read there once its name is
+    rebound to 127.0.0.1; a browser's request says it is one (Origin, Sec-Fetch-*),
+    which no worker does."""
     async with (
         served(api_config(nats_server, tmp_path)) as base,
         asyncio.timeout(20),
@@ -259,8 +260,17 @@ async def test_a_page_in_a_browser_on_the_api_host_gets_no_loopback_trust(
         ):
             r = await local.post(path, content=body, headers=page)
             assert r.status_code == 403, (path, r.text)
-        dashboard = {"origin": base}
-        r = await local.post(f"/api/crawler/cancel/{job_id}", headers=dashboard)
+        # a page whose name was rebound to this address: its Origin is the Host
+        rebound = {"origin": base, "content-type": "text/plain"}
+        r = await local.post(f"/api/crawler/cancel/{job_id}", headers=rebound)
+        assert r.status_code == 403, r.text
+        read = await local.get(
+            f"/api/crawler/status/{job_id}", headers={"sec-fetch-site": "same-origin"}
+        )
+        assert read.status_code == 403, read.text
+        # the dashboard's operator, with their session: let in as themselves
+        operator = {"origin": base} | await bearer(base)
+        r = await local.post(f"/api/crawler/cancel/{job_id}", headers=operator)
         assert r.status_code == 200, r.text
 
 

@@ -18,8 +18,9 @@ from litestar.params import Body, QueryParameter
 from api import licences
 from api.authz import access, actor_of
 from api.deps import services_from_state
+from api.identity import INGEST_BY_SESSION
 from api.inputs import JobIdPath, command_id
-from api.log_ingest import LEGACY_422, Said, key_guard_when_configured, not_open
+from api.log_ingest import LEGACY_422, Said, ingest_key_guard, not_open
 from api.openapi import problems
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
@@ -65,8 +66,8 @@ class ExternalCancelled(msgspec.Struct):
 
 class CrawlerJobs(Controller):
     path = "/api/crawler"
-    opt = access("ingest")
-    guards = [key_guard_when_configured]
+    opt = access("ingest") | {INGEST_BY_SESSION: True}
+    guards = [ingest_key_guard]
     tags = ["logs (crawler-compatible)"]
     dependencies = {
         "services": Provide(services_from_state, sync_to_thread=False),

@@ -27,6 +27,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from api.authz import ACCESS_OPT, PRINCIPAL_SCOPE_KEY, RANKS, Principal
 from api.dto import Problem
 from api.openapi import MEANING
+from api.origins import ANY, same_origin
 from api.services import IdentityConfig, Services
 from engine.bus import Bus
 from engine.errors import Conflict
@@ -50,6 +51,13 @@ FIRST_ADMIN = "admin"
 NO_ADMIN_PASSWORD = (
     "no user exists yet and TB_ADMIN_PASSWORD is not set: set TB_ADMIN_PASSWORD to the"
     " password the first user, admin, gets (or start with `tb up`, which makes one)"
+)
+INGEST_BY_SESSION = "ingest_by_session"  # opt: an operator's session opens this ingest route
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+COOKIE_FROM_ELSEWHERE = (
+    "the session cookie changes nothing for a page of another origin: this request's"
+    " Origin is missing or not the dashboard's nor a listed one (send the token as"
+    " Authorization: Bearer, or an API key)"
 )
 NEEDS_CREDENTIALS = "a session token (Authorization: Bearer) or an API key is required"
 
@@ -154,13 +162,14 @@ class Identity:
         return principal, record
 
     async def ingest_key(self, key: str) -> Principal | None:
-        """A user API key allowed to post logs, as the principal it acts for."""
+        """A user API key allowed to post logs (an operator's or an admin's), as the
+        principal it acts for."""
         record = await self.keys.find(key)
         if record is None or not may_ingest(record.scopes):
             return None
         user = await self.user(record.user_id)
-        if user is None or user.disabled:
-            return None
+        if user is None or user.disabled or RANKS[user.role] < RANKS["operator"]:
+            return None  # posting logs moves and ends jobs: a viewer's key may not
         return Principal(
             user_id=user.user_id,
             username=user.username,
@@ -210,13 +219,43 @@ class Identity:
         return ended
 
 
+def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    scheme, _, value = (connection.headers.get("authorization") or "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def cookie_from_elsewhere(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """A request that changes something and rides the session cookie, from a page that
+    is neither the dashboard nor a listed origin. SameSite=Strict keeps the cookie from
+    other sites only: a page on another port of the same host, or on a sibling
+    subdomain, is the same site, and its form post (text/plain, no CORS preflight)
+    carries the cookie. Browsers send ``Origin`` with every such request."""
+    if connection.scope["type"] != ScopeType.HTTP or connection.scope["method"] in SAFE_METHODS:
+        return False
+    if _bearer(connection) is not None:
+        return False  # the token came in the header, which no other page can set
+    origin = connection.headers.get("origin")
+    return origin is None or not admitted_origin(connection, origin)
+
+
+def admitted_origin(connection: ASGIConnection[Any, Any, Any, Any], origin: str) -> bool:
+    """The page that sent the request is the dashboard or of a listed origin."""
+    services: Services = connection.app.state.services
+    allowed = set(services.config.http.allowed_origins)
+    return bool({ANY, origin} & allowed) or same_origin(origin, connection.scope)
+
+
+def sent_by_a_browser(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """A browser sent it: it names the page's ``Origin`` or says ``Sec-Fetch-*`` how it
+    fetched. Workers and scripts send neither; a page of any origin, even one whose
+    name was rebound to this machine's address, cannot leave them out."""
+    return any(name == "origin" or name.startswith("sec-fetch-") for name in connection.headers)
+
+
 def credentials_of(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, str | None]:
     """(session token, API key) the request carries, either possibly ``None``."""
     token = key = None
-    authorization = connection.headers.get("authorization") or ""
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        value = value.strip()
+    if (value := _bearer(connection)) is not None:
         if looks_like_key(value):
             key = value
         else:
@@ -237,12 +276,33 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     identity = identity_of(connection)
     token, key = credentials_of(connection)
     if token is not None and (principal := await identity.session_principal(token)):
-        return principal
+        if not cookie_from_elsewhere(connection):
+            return principal
+        if key is None:
+            raise PermissionDeniedException(COOKIE_FROM_ELSEWHERE)
     if key is not None:
         principal, record = await identity.key_principal(key)
         if principal is None and record is not None:
             raise PermissionDeniedException("this API key is for log ingest only")
         return principal
+    return None
+
+
+async def ingest_principal(
+    connection: ASGIConnection[Any, Any, Any, Any], by_session: bool
+) -> Principal | None:
+    """Who may use the crawler-compatible routes (open, cancel and log external jobs):
+    a user of at least the operator role, by an API key that may post logs, or by a
+    session where the route takes one (``by_session``; log ingest ignores sessions);
+    ``None`` leaves the route's own guard to decide (the ingest key, or loopback)."""
+    identity = identity_of(connection)
+    token, key = credentials_of(connection)
+    if key is not None:
+        return await identity.ingest_key(key)
+    if by_session and token is not None and not cookie_from_elsewhere(connection):
+        principal = await identity.session_principal(token)
+        if principal is not None and principal.at_least("operator"):
+            return principal
     return None
 
 
@@ -258,9 +318,9 @@ async def require_access(
         raise PermissionDeniedException("this route declares no access level")
     if level in ("public", "runner_key"):
         return
-    if level == "ingest":
-        _, key = credentials_of(connection)
-        if key is not None and (principal := await identity_of(connection).ingest_key(key)):
+    if level == "ingest":  # the route's own key guard refuses whoever is not let in here
+        by_session = bool(handler.opt.get(INGEST_BY_SESSION))
+        if (principal := await ingest_principal(connection, by_session)) is not None:
             connection.scope[PRINCIPAL_SCOPE_KEY] = principal  # type: ignore[literal-required]
         return
     principal = await authenticate(connection)

@@ -4,7 +4,8 @@ A socket authenticates with the session cookie, an ``Authorization`` header, or 
 message ``{"type":"auth","token":…}`` sent within ``AUTH_WAIT`` seconds. When its
 session ends (logout, a new login, expiry, the user disabled) the socket receives
 ``{"type":"sessionExpired"}`` and is closed; an SSE stream gets a ``sessionExpired``
-event and ends. While open, a connection keeps its session from idling out.
+event and ends. A connection made with an API key ends the same way when the key is
+revoked or its user disabled. While open, a connection keeps its session from idling out.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from api.authz import RANKS, Principal, principal_of
 from api.identity import Identity, credentials_of, identity_of
 
 AUTH_WAIT = 5.0
+KEY_RECHECK = 0.5  # seconds between checks that an API key's connection may stay open
 SESSION_EXPIRED = msgspec.json.encode({"type": "sessionExpired"}).decode()
 SSE_SESSION_EXPIRED = ServerSentEventMessage(data=SESSION_EXPIRED, event="sessionExpired")
 RAW_SSE_SESSION_EXPIRED = f"event: sessionExpired\ndata: {SESSION_EXPIRED}\n\n".encode()
@@ -63,12 +65,22 @@ def connection_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | No
     return token or state.get("token")
 
 
+async def key_still_works(identity: Identity, principal: Principal) -> bool:
+    if principal.key_id is None or not await identity.keys.exists(principal.key_id):
+        return False
+    user = await identity.user(principal.user_id)
+    return user is not None and not user.disabled
+
+
 async def session_end(identity: Identity, principal: Principal, token: str | None) -> None:
     """Returns when the connection's session has ended; until then it keeps the session
-    from idling out. A connection made with an API key never returns here."""
+    from idling out. A connection made with an API key returns when the key is revoked
+    or its user disabled."""
     if principal.session_id is None or token is None:
-        await asyncio.Event().wait()
-        return
+        while True:
+            await asyncio.sleep(KEY_RECHECK)
+            if not await key_still_works(identity, principal):
+                return
     ended = identity.session_ended(principal.session_id)
     every = max(1.0, min(60.0, identity.config.sessions.idle / 2))
     while not ended.is_set():

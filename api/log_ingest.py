@@ -26,6 +26,7 @@ from api.authz import access, principal_of
 from api.deps import services_from_state
 from api.dto import Problem
 from api.errors import http_error, rejected, validation
+from api.identity import sent_by_a_browser
 from api.inputs import IDEMPOTENCY_KEY, KEY_PATTERN, KEY_RULE
 from api.openapi import problems
 from api.services import Services
@@ -83,24 +84,16 @@ def ingest_key_guard(connection: Any, _: BaseRouteHandler) -> None:
             raise Said(403, API_KEY_HEADER, "Invalid API key")
         return
     host = connection.client.host if connection.client else ""
-    # a reverse proxy on this machine connects from loopback for every client it forwards
+    # a reverse proxy on this machine connects from loopback for every client it forwards,
+    # and so does a browser on it for whatever page it shows (whatever its Origin says)
     forwarded = any(name in connection.headers for name in FORWARDING_HEADERS)
-    if forwarded or not is_loopback(host):
+    if forwarded or not is_loopback(host) or sent_by_a_browser(connection):
         raise Said(
             403,
             API_KEY_HEADER,
             "Invalid API key: without TB_INGEST_API_KEY, log ingest is open to loopback"
             " clients only",
         )
-
-
-def key_guard_when_configured(connection: Any, handler: BaseRouteHandler) -> None:
-    """The legacy log stream: the ingest key when one is configured, else nothing."""
-    services: Services = connection.app.state.services
-    if services.config.logs.ingest_api_key or looks_like_key(
-        connection.headers.get(API_KEY_HEADER) or ""
-    ):
-        ingest_key_guard(connection, handler)
 
 
 # -- bodies ---------------------------------------------------------------------------

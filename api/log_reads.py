@@ -27,7 +27,7 @@ from api.authz import access
 from api.deps import services_from_state
 from api.inputs import JobIdPath, job_id_in_path
 from api.live_auth import RAW_SSE_SESSION_EXPIRED, until_session_ends
-from api.log_ingest import ApiKey, Said, key_guard_when_configured
+from api.log_ingest import ApiKey, Said, ingest_key_guard
 from api.openapi import problems
 from api.services import Services
 from engine.errors import NotFound
@@ -195,7 +195,7 @@ class LegacyLogStream(Controller):
     path = "/api/crawler"
     tags = ["logs (crawler-compatible)"]
     dependencies = {"services": Provide(services_from_state, sync_to_thread=False)}
-    guards = [key_guard_when_configured]
+    guards = [ingest_key_guard]
 
     @get(
         "/logs/{job_id:str}",

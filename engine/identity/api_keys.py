@@ -155,6 +155,17 @@ class ApiKeys:
             return None
         return record
 
+    async def exists(self, key_id: str) -> bool:
+        """Whether the key is live (one made a moment ago on another replica is read from
+        the bucket)."""
+        if key_id in self._cache:
+            return True
+        try:
+            entry = await self.kv.get(key_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.BadRequestError):
+            return False
+        return bool(entry.value)
+
     def get(self, key_id: str) -> ApiKey | None:
         return self._cache.get(key_id)
 

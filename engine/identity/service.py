@@ -15,6 +15,7 @@ from engine.errors import Conflict
 from engine.identity.buckets import CREDENTIALS_BUCKET, bucket
 from engine.identity.passwords import checked_password, hash_password, verify_password
 from engine.identity.users import (
+    LAST_ADMIN,
     ChangeRole,
     CreateUser,
     DisableUser,
@@ -26,6 +27,8 @@ from engine.identity.users import (
     checked_username,
     decide,
     fold,
+    is_active_admin,
+    takes_an_admin_away,
     user_id_for,
 )
 from schemas import subjects
@@ -105,10 +108,43 @@ class UserCommands:
         await self.execute(user_id, SetPassword(reset=reset), actor)
 
     async def change_role(self, user_id: str, role: Role, actor: str) -> User:
-        return await self.execute(user_id, ChangeRole(role), actor)
+        return await self._keeping_an_admin(user_id, ChangeRole(role), actor)
 
     async def disable(self, user_id: str, actor: str, reason: str = "") -> User:
-        return await self.execute(user_id, DisableUser(reason), actor)
+        return await self._keeping_an_admin(user_id, DisableUser(reason), actor)
+
+    async def _keeping_an_admin(
+        self, user_id: str, cmd: ChangeRole | DisableUser, actor: str
+    ) -> User:
+        """A command that may take an admin away: decided against every user and appended
+        expecting no user event since, so two admins removing each other at once (on
+        one replica or two) cannot both succeed and leave nobody to manage users."""
+        if not takes_an_admin_away(await self.load(user_id), cmd):
+            return await self.execute(user_id, cmd, actor)
+        command_id, every_user = new_id(), subjects.all_users()
+
+        async def attempt() -> User:
+            envelopes = await self.bus.load(every_user)
+            histories: dict[str, list[tuple[int, TbEvent]]] = {}
+            for envelope in envelopes:
+                histories.setdefault(envelope.subject.split(".")[2], []).append(
+                    (envelope.seq, envelope.event)
+                )
+            users = {uid: fold(history) for uid, history in histories.items()}
+            user = users.get(user_id, User())
+            events = decide(user, cmd, Meta(new_id(), self.clock(), actor))
+            if takes_an_admin_away(user, cmd) and not any(
+                is_active_admin(other) for uid, other in users.items() if uid != user_id
+            ):
+                raise Conflict("user_id", LAST_ADMIN)
+            last_seq = envelopes[-1].seq if envelopes else 0
+            for n, event in enumerate(events):
+                expect = Expect(every_user, last_seq) if n == 0 else None
+                msg_id = subjects.command_msg_id(command_id, n)
+                await self.bus.append(event, msg_id=msg_id, expect=expect)
+            return await self.load(user_id)
+
+        return await retry_on_conflict(attempt)
 
     async def enable(self, user_id: str, actor: str) -> User:
         return await self.execute(user_id, EnableUser(), actor)

@@ -24,6 +24,7 @@ from schemas.events import (
 
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
 USERNAME_RULE = "must be 1 to 64 characters of letters, digits and _ . @ -"
+LAST_ADMIN = "the last admin cannot be demoted or disabled: make another admin first"
 _USERNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-")
 
 
@@ -85,6 +86,17 @@ class SetPassword:
 
 
 UserCommand = CreateUser | ChangeRole | DisableUser | EnableUser | SetPassword
+
+
+def is_active_admin(user: User) -> bool:
+    return user.exists and user.role == "admin" and not user.disabled
+
+
+def takes_an_admin_away(user: User, cmd: UserCommand) -> bool:
+    """Whether ``cmd`` leaves ``user`` no longer an admin who can act."""
+    if not is_active_admin(user):
+        return False
+    return isinstance(cmd, DisableUser) or (isinstance(cmd, ChangeRole) and cmd.role != "admin")
 
 
 def decide(user: User, cmd: UserCommand, meta: Meta) -> list[TbEvent]:

@@ -129,6 +129,21 @@ class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"referrer {problem}")
 
 
+class DatasetRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One version of a dataset, as a job names it."""
+
+    id: Id
+    version: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+
+class UsedVersion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The exact version of a dataset a job was made from, with the sha256 of its rows."""
+
+    id: Id
+    version: int
+    sha256: str
+
+
 class DnsEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One line of a job's DNS mode: where ``host`` resolves for its flows."""
 

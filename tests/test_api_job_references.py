@@ -1,0 +1,192 @@
+"""Jobs made from dataset references over HTTP, with a real nats-server: targets, devices
+and a settings profile resolved at creation, who may use which dataset, and the exact
+versions a job records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+from schemas import subjects
+from schemas.events import JobCreated
+from tests.api_client import ClientAs, Online, client, client_as, runner_online
+from tests.conftest import NatsServer
+from tests.datasets import upload
+from tests.test_api_licences import CALLER, assign, stored
+
+__all__ = ["client", "client_as", "runner_online"]  # fixtures
+
+TARGETS_V1 = (
+    b"URL,flowTarget,clickTarget,Source\nhttp://127.0.0.1:9/a,2,1,news\nhttp://127.0.0.1:9/b,,,\n"
+)
+TARGETS_V2 = b"URL,flowTarget\nhttp://127.0.0.1:9/c,7\n"
+PROFILE = (
+    b'{"name": "slow", "settings": {"instance_count": 3, "page_traffic": 2, "session_seconds": 0}}'
+)
+DEVICES = b'[{"name": "iPhone 13", "locale": "de-DE"}, {"name": "default"}]'
+
+
+async def uploaded(
+    client: AsyncTestClient, data: bytes, kind: str = "targets", fmt: str = "csv", **extra: Any
+) -> dict[str, Any]:
+    status, body = await upload(client, data, kind=kind, fmt=fmt, **extra)
+    assert status == 201, body
+    return body
+
+
+async def created(client: AsyncTestClient, body: dict[str, Any]) -> dict[str, Any]:
+    r = await client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    job: dict[str, Any] = (
+        await client.get(f"/api/v1/jobs/{r.json()['job_id']}", params={"min_seq": r.json()["seq"]})
+    ).json()
+    return job
+
+
+def ref(body: dict[str, Any], version: int | None = None) -> dict[str, Any]:
+    return {"id": body["dataset_id"], "version": version or body["version"]}
+
+
+async def test_a_job_from_a_targets_dataset_takes_its_rows_and_records_the_version(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    job = await created(
+        client,
+        {"name": "from refs", "targets_dataset": ref(targets), "settings": {"session_seconds": 0}},
+    )
+    assert [(t["url"], t["flow_target"], t["click_target"]) for t in job["targets"]] == [
+        ("http://127.0.0.1:9/a", 2, 2),  # click_target counts clicks over all its flows
+        ("http://127.0.0.1:9/b", 1, 0),
+    ]
+    assert job["targets"][0]["label"] == "news"
+    used = job["datasets"]["targets"]
+    assert (used["id"], used["version"], len(used["sha256"])) == (targets["dataset_id"], 1, 64)
+    [event] = [
+        e
+        for e in await stored(nats_server, subjects.job_stream_filter(job["job_id"]))
+        if isinstance(e, JobCreated)
+    ]
+    assert event.datasets["targets"].sha256 == used["sha256"]
+
+
+async def test_a_settings_profile_is_the_jobs_settings_and_inline_fields_override_it(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    profile = await uploaded(client, PROFILE, kind="settings", fmt="json")
+    devices = await uploaded(client, DEVICES, kind="devices", fmt="json")
+    job = await created(
+        client,
+        {
+            "name": "profiled",
+            "targets_dataset": ref(targets),
+            "settings_profile": ref(profile),
+            "devices_dataset": ref(devices),
+            "settings": {"priority": 4},
+        },
+    )
+    assert (job["instance_count"], job["priority"]) == (3, 4)
+    assert set(job["datasets"]) == {"targets", "settings", "devices"}
+    [event] = [
+        e
+        for e in await stored(nats_server, subjects.job_stream_filter(job["job_id"]))
+        if isinstance(e, JobCreated)
+    ]
+    assert event.settings.page_traffic == 2 and event.settings.priority == 4
+    assert [(d.name, d.locale) for d in event.settings.devices] == [
+        ("iPhone 13", "de-DE"),
+        ("default", None),
+    ]
+    overridden = await created(
+        client,
+        {
+            "name": "overridden",
+            "targets_dataset": ref(targets),
+            "settings_profile": ref(profile),
+            "settings": {"instance_count": 1},
+        },
+    )
+    assert overridden["instance_count"] == 1
+
+
+async def test_targets_inline_or_by_reference_exactly_one(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    both = {
+        "name": "both",
+        "targets": [{"url": "http://127.0.0.1:9/"}],
+        "targets_dataset": ref(targets),
+    }
+    for body in (both, {"name": "neither"}):
+        r = await client.post("/api/v1/jobs", json=body)
+        assert (r.status_code, r.json()["field"]) == (400, "targets"), r.text
+        assert "targets_dataset" in r.json()["rule"], r.text
+
+
+async def test_a_reference_names_the_field_when_kind_version_or_dataset_is_wrong(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    profile = await uploaded(client, PROFILE, kind="settings", fmt="json")
+    cases = [
+        ({"targets_dataset": ref(profile)}, 400, "targets_dataset.id"),
+        (
+            {"targets_dataset": ref(targets), "settings_profile": ref(targets)},
+            400,
+            "settings_profile.id",
+        ),
+        ({"targets_dataset": ref(targets, version=9)}, 404, "targets_dataset.version"),
+        ({"targets_dataset": {"id": "ds_nothere", "version": 1}}, 404, "targets_dataset.id"),
+        (
+            {"targets_dataset": ref(targets), "proxies_dataset": ref(targets)},
+            400,
+            "proxies_dataset",
+        ),
+    ]
+    for extra, status, field in cases:
+        r = await client.post("/api/v1/jobs", json={"name": "bad", **extra})
+        assert (r.status_code, r.json().get("field")) == (status, field), r.text
+    assert (await client.get("/api/v1/jobs")).json() == []
+
+
+async def test_another_users_dataset_is_404_until_shared_with_them(
+    client: AsyncTestClient, client_as: ClientAs, runner_online: Online
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    other = await client_as("operator")
+    body = {"name": "theirs", "targets_dataset": ref(targets)}
+    r = await other.post("/api/v1/jobs", json=body)
+    assert (r.status_code, r.json()["field"]) == (404, "targets_dataset.id"), r.text
+    me = (await other.get("/api/v1/auth/me")).json()
+    shared = await client.put(f"/api/v1/datasets/{targets['dataset_id']}/shares/{me['user_id']}")
+    assert shared.status_code in (200, 201, 202), shared.text
+    r = await other.post("/api/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+
+
+async def test_the_licence_sees_the_resolved_settings_not_the_request(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    profile = await uploaded(client, PROFILE, kind="settings", fmt="json")
+    await assign(client, nats_server, "trial", CALLER)  # instance_count at most 2
+    r = await client.post(
+        "/api/v1/jobs",
+        json={
+            "name": "too wide",
+            "targets_dataset": ref(targets),
+            "settings_profile": ref(profile),
+            "settings": {"human_surfing": False},
+        },
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["field"] == "settings.instance_count", r.text

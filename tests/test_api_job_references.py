@@ -8,14 +8,17 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
+from engine.bus import Bus
 from schemas import subjects
-from schemas.events import JobCreated
+from schemas.events import FlowDispatched, JobCreated
 from tests.api_client import ClientAs, Online, client, client_as, runner_online
 from tests.conftest import NatsServer
 from tests.datasets import upload
+from tests.harness import Embedded
+from tests.test_api_jobs import WAIT, live
 from tests.test_api_licences import CALLER, assign, stored
 
-__all__ = ["client", "client_as", "runner_online"]  # fixtures
+__all__ = ["client", "client_as", "live", "runner_online"]  # fixtures
 
 TARGETS_V1 = (
     b"URL,flowTarget,clickTarget,Source\nhttp://127.0.0.1:9/a,2,1,news\nhttp://127.0.0.1:9/b,,,\n"
@@ -190,3 +193,48 @@ async def test_the_licence_sees_the_resolved_settings_not_the_request(
     )
     assert r.status_code == 403, r.text
     assert r.json()["field"] == "settings.instance_count", r.text
+
+
+async def test_a_running_job_unaffected_by_a_new_version_of_its_dataset(
+    live: tuple[Embedded, AsyncTestClient], bus: Bus
+) -> None:
+    tb, client = live
+    v1 = b"URL,flowTarget,clickTarget\nhttp://127.0.0.1:9/a,60,1\nhttp://127.0.0.1:9/b,,\n"
+    first = await uploaded(client, v1, name="shop")
+    r = await client.post(
+        "/api/v1/jobs",
+        json={
+            "name": "from v1",
+            "targets_dataset": ref(first),
+            "settings": {"instance_count": 2, "session_seconds": 0},
+        },
+    )
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    await tb.wait_job(job_id, lambda v: v.flows_done >= 2, timeout=WAIT)
+
+    second = await uploaded(
+        client, TARGETS_V2, dataset_id=first["dataset_id"], name="shop"
+    )  # version 2 of the same dataset, while the job runs
+    assert (second["dataset_id"], second["version"]) == (first["dataset_id"], 2)
+    during = (await client.get(f"/api/v1/jobs/{job_id}", params={"min_seq": second["seq"]})).json()
+    assert during["status"] == "running" and during["flows_done"] < 61, during
+
+    final = await tb.wait_terminal(job_id, timeout=WAIT)
+    assert (final.status, final.flows_done, final.flows_failed) == ("completed", 61, 0)
+    view = (await client.get(f"/api/v1/jobs/{job_id}")).json()
+    assert [(t["url"], t["flow_done"]) for t in view["targets"]] == [
+        ("http://127.0.0.1:9/a", 60),
+        ("http://127.0.0.1:9/b", 1),
+    ]
+    assert view["datasets"]["targets"]["version"] == 1
+    urls = {
+        e.event.url
+        for e in await bus.load(subjects.ALL_DISPATCH)
+        if isinstance(e.event, FlowDispatched) and e.event.job_id == job_id
+    }
+    assert urls == {"http://127.0.0.1:9/a", "http://127.0.0.1:9/b"}
+
+    later = await created(client, {"name": "from v2", "targets_dataset": ref(second)})
+    assert [t["url"] for t in later["targets"]] == ["http://127.0.0.1:9/c"]
+    assert later["datasets"]["targets"]["version"] == 2

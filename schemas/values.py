@@ -282,6 +282,9 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # DNS mode: empty is the system resolver; else host -> IP address, applied by the
     # runner's egress proxy, which then checks the address it connects to
     dns: Annotated[tuple[DnsEntry, ...], msgspec.Meta(max_length=1000)] = ()
+    # a targets dataset row that gives no flowTarget / clickTarget takes these
+    target_flows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    target_clicks: Annotated[int, msgspec.Meta(ge=0, le=50)] = 0
 
     @property
     def host_map(self) -> dict[str, str]:

@@ -75,6 +75,23 @@ async def test_a_job_from_a_targets_dataset_takes_its_rows_and_records_the_versi
     assert event.datasets["targets"].sha256 == used["sha256"]
 
 
+async def test_a_row_without_counts_takes_them_from_the_jobs_settings(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    job = await created(
+        client,
+        {
+            "name": "defaults",
+            "targets_dataset": ref(targets),
+            "settings": {"session_seconds": 0, "target_flows": 5, "target_clicks": 2},
+        },
+    )
+    assert [(t["flow_target"], t["click_target"]) for t in job["targets"]] == [(2, 2), (5, 10)]
+    assert job["flows_total"] == 7
+
+
 async def test_a_settings_profile_is_the_jobs_settings_and_inline_fields_override_it(
     client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
 ) -> None:

@@ -91,7 +91,9 @@ async def resolve_job(
     except msgspec.ValidationError as err:
         raise Invalid("settings", str(err)) from None
     if "targets" in rows:
-        targets = [_target(row) for row in rows["targets"] if isinstance(row, TargetRow)]
+        targets = [
+            _target(row, job_settings) for row in rows["targets"] if isinstance(row, TargetRow)
+        ]
     return ResolvedJob(targets or [], job_settings, used)
 
 
@@ -137,12 +139,13 @@ def _devices(rows: list[Row]) -> list[Any]:
     ]
 
 
-def _target(row: TargetRow) -> Target:
-    """A row as a job target: counts it leaves out are a target's own defaults."""
-    extra: dict[str, Any] = {}
-    if row.flow_target is not None:
-        extra["flows"] = row.flow_target
-    if row.click_target is not None:
-        extra["clicks"] = row.click_target
-    label = row.source or row.keyword or row.type or row.id
-    return Target(url=row.url, referrer=row.referrer, label=label, **extra)
+def _target(row: TargetRow, settings: JobSettings) -> Target:
+    """A row as a job target: counts it leaves out are the settings' ``target_flows`` and
+    ``target_clicks``; its first label of source, keyword, type and id is the label."""
+    return Target(
+        url=row.url,
+        flows=settings.target_flows if row.flow_target is None else row.flow_target,
+        clicks=settings.target_clicks if row.click_target is None else row.click_target,
+        referrer=row.referrer,
+        label=row.source or row.keyword or row.type or row.id,
+    )

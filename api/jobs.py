@@ -59,7 +59,8 @@ class JobController(Controller):
         status_code=201,
         summary="Create a job; the engine starts or refuses it",
         description="Targets inline or from a targets dataset ({id, version}); optional"
-        " devices_dataset and settings_profile references are resolved once, here: the job"
+        " devices_dataset, settings_profile and proxies_dataset references are resolved once,"
+        " here (a proxies version's enabled rows are registered as the job's pool): the job"
         " records the exact versions it used.",
         responses=problems(400, 403, 404, 409, 422, 503),
         opt=access("operator"),
@@ -71,6 +72,8 @@ class JobController(Controller):
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Created:
+        if data.proxies_dataset is not None:  # its rows are registered as proxies
+            await licences.check_feature(services, request, "proxy_import", "proxies_dataset")
         job = await resolve_job(
             services.bus,
             reader_of(request),
@@ -82,6 +85,7 @@ class JobController(Controller):
             ),
             targets=data.targets,
             settings=await _settings_given(request),
+            proxies=request.app.state.proxies,
         )
         total = sum(t.flows for t in job.targets)
         if total > MAX_FLOWS_PER_JOB:

@@ -67,7 +67,7 @@ class JobCreated(JobEvent, frozen=True, kw_only=True):
     settings: JobSettings
     platform: Platform = Platform()
     kind: JobKind = "flows"
-    # the dataset versions the job was made from, by kind (targets, devices, settings)
+    # the dataset versions the job was made from, by kind (targets, proxies, devices, settings)
     datasets: dict[str, UsedVersion] = {}
 
     def __post_init__(self) -> None:

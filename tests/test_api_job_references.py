@@ -15,6 +15,7 @@ from tests.api_client import ClientAs, Online, client, client_as, runner_online
 from tests.conftest import NatsServer
 from tests.datasets import upload
 from tests.harness import Embedded
+from tests.test_api_datasets import raw_events
 from tests.test_api_jobs import WAIT, live
 from tests.test_api_licences import CALLER, assign, stored
 
@@ -167,7 +168,7 @@ async def test_a_reference_names_the_field_when_kind_version_or_dataset_is_wrong
         (
             {"targets_dataset": ref(targets), "proxies_dataset": ref(targets)},
             400,
-            "proxies_dataset",
+            "proxies_dataset.id",
         ),
     ]
     for extra, status, field in cases:
@@ -255,3 +256,72 @@ async def test_a_running_job_unaffected_by_a_new_version_of_its_dataset(
     later = await created(client, {"name": "from v2", "targets_dataset": ref(second)})
     assert [t["url"] for t in later["targets"]] == ["http://127.0.0.1:9/c"]
     assert later["datasets"]["targets"]["version"] == 2
+
+
+PROXIES = (
+    b"scheme,host,port,username,password,enabled\n"
+    b"http,10.0.0.1,3128,alice,s3cret-pw-1,yes\n"
+    b"socks5,10.0.0.2,1080,,,no\n"
+    b"https,proxy.example,8443,bob,s3cret-pw-2,yes\n"
+)
+
+
+async def test_a_proxies_dataset_becomes_the_jobs_pool_registered_once_without_secrets_in_the_log(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer, bus: Bus
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    proxies = await uploaded(client, PROXIES, kind="proxies")
+    body = {"name": "pooled", "targets_dataset": ref(targets), "proxies_dataset": ref(proxies)}
+    pools = []
+    for _ in range(2):
+        r = await client.post("/api/v1/jobs", json=body)
+        assert r.status_code == 201, r.text
+        [event] = [
+            e
+            for e in await stored(nats_server, subjects.job_stream_filter(r.json()["job_id"]))
+            if isinstance(e, JobCreated)
+        ]
+        assert event.settings.proxies is not None
+        pools.append(event.settings.proxies.ids)
+        assert event.datasets["proxies"].version == 1
+    assert len(pools[0]) == 2 and pools[0] == pools[1]  # the disabled row is left out
+    listed = (await client.get("/api/v1/proxies", params={"min_seq": r.json()["seq"]})).json()
+    assert {(p["proxy_id"], p["host"], p["has_credentials"]) for p in listed} == {
+        (pools[0][0], "10.0.0.1", True),
+        (pools[0][1], "proxy.example", True),
+    }
+    raw = await raw_events(bus)
+    assert b"s3cret-pw" not in raw and b"alice" not in raw
+
+
+async def test_a_proxies_dataset_needs_proxy_import_and_only_what_a_pool_applies(
+    client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
+) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    bypassing = await uploaded(
+        client, b"scheme,host,port,bypass\nhttp,10.0.0.1,3128,a.example\n", kind="proxies"
+    )
+    r = await client.post(
+        "/api/v1/jobs",
+        json={"name": "x", "targets_dataset": ref(targets), "proxies_dataset": ref(bypassing)},
+    )
+    assert (r.status_code, r.json()["field"]) == (422, "proxies_dataset"), r.text
+    assert "bypass" in r.json()["rule"]
+    both = {
+        "name": "x",
+        "targets_dataset": ref(targets),
+        "proxies_dataset": ref(bypassing),
+        "settings": {"proxies": {"label": "eu"}},
+    }
+    r = await client.post("/api/v1/jobs", json=both)
+    assert (r.status_code, r.json()["field"]) == (400, "proxies_dataset"), r.text
+    plain = await uploaded(client, b"scheme,host,port\nhttp,10.0.0.3,3128\n", kind="proxies")
+    await assign(client, nats_server, "standard", CALLER)  # proxies, but no proxy import
+    r = await client.post(
+        "/api/v1/jobs",
+        json={"name": "x", "targets_dataset": ref(targets), "proxies_dataset": ref(plain)},
+    )
+    assert (r.status_code, r.json()["field"]) == (403, "proxies_dataset"), r.text
+    assert (await client.get("/api/v1/proxies")).json() == []

@@ -15,10 +15,12 @@ import msgspec
 
 from engine.bus import Bus
 from engine.datasets.access import Reader, may_see
+from engine.datasets.proxy_pool import MAX_POOL, pool_of
 from engine.datasets.service import DatasetCommands
 from engine.datasets.versions import opened_version
 from engine.errors import Invalid, NotFound, Rejected
-from schemas.datasets import DeviceRow, Row, SettingsRow, TargetRow
+from engine.proxies.service import ProxyCommands
+from schemas.datasets import DeviceRow, ProxyRow, Row, SettingsRow, TargetRow
 from schemas.devices import DeviceProfile
 from schemas.events import DatasetKind
 from schemas.values import DatasetRef, JobSettings, Target, UsedVersion
@@ -63,19 +65,17 @@ async def resolve_job(
     *,
     targets: list[Target] | None,
     settings: Mapping[str, Any],
+    proxies: ProxyCommands | None = None,
 ) -> ResolvedJob:
     """The job's targets and settings from its references and inline fields.
 
     ``settings`` holds only the inline settings fields the caller gave: they override a
     settings profile's. ``NotFound`` (the field named) for a dataset the reader may not
-    see or a version it does not have; ``Rejected`` for a dataset of another kind.
+    see or a version it does not have; ``Invalid`` for a dataset of another kind. A
+    proxies version's enabled rows are registered with ``proxies`` and become the pool.
     """
-    if refs.proxies is not None:
-        raise Invalid(
-            "proxies_dataset",
-            "not accepted yet: register the proxies (POST /api/v1/proxies) and name them"
-            " in settings.proxies",
-        )
+    if refs.proxies is not None and "proxies" in settings:
+        raise Invalid("proxies_dataset", "name a proxy pool once: settings.proxies or this")
     used: dict[str, UsedVersion] = {}
     rows: dict[DatasetKind, list[Row]] = {}
     for kind, ref in refs.named().items():
@@ -90,6 +90,12 @@ async def resolve_job(
         job_settings = msgspec.convert(merged, JobSettings)
     except msgspec.ValidationError as err:
         raise Invalid("settings", str(err)) from None
+    if refs.proxies is not None:
+        if proxies is None:
+            raise Invalid("proxies_dataset", "this server takes no proxy pool from a dataset")
+        found = [row for row in rows["proxies"] if isinstance(row, ProxyRow)]
+        pool = await pool_of(proxies, refs.proxies, found, reader.user_id)
+        job_settings = msgspec.structs.replace(job_settings, proxies=pool)
     if "targets" in rows:
         targets = [
             _target(row, job_settings) for row in rows["targets"] if isinstance(row, TargetRow)
@@ -117,7 +123,7 @@ async def _rows(
         raise NotFound(
             f"{name}.version", f"dataset {ref.id} has no version {ref.version}"
         ) from None
-    limit = {"targets": MAX_TARGET_ROWS, "devices": MAX_DEVICE_ROWS}.get(kind)
+    limit = {"targets": MAX_TARGET_ROWS, "devices": MAX_DEVICE_ROWS, "proxies": MAX_POOL}.get(kind)
     if limit is not None and stored.rows > limit:
         raise Rejected(name, f"a job takes at most {limit} {kind} rows (version has {stored.rows})")
     async with opened_version(bus, ref.id, ref.version) as (_, found):

@@ -10,7 +10,7 @@ from litestar.testing import AsyncTestClient
 
 from engine.bus import Bus
 from schemas import subjects
-from schemas.events import FlowDispatched, JobCreated
+from schemas.events import FlowDispatched, JobCreated, decode_event
 from tests.api_client import ClientAs, Online, client, client_as, runner_online
 from tests.conftest import NatsServer
 from tests.datasets import upload
@@ -325,3 +325,38 @@ async def test_a_proxies_dataset_needs_proxy_import_and_only_what_a_pool_applies
     )
     assert (r.status_code, r.json()["field"]) == (403, "proxies_dataset"), r.text
     assert (await client.get("/api/v1/proxies")).json() == []
+
+
+async def test_a_targets_version_too_large_for_one_job_is_422_naming_the_field(
+    client: AsyncTestClient, runner_online: Online
+) -> None:
+    await runner_online()
+    path = "x" * 200
+    rows = "".join(f"http://127.0.0.1:9/{n}/{path}\n" for n in range(5000))
+    big = await uploaded(client, rows.encode(), fmt="txt")
+    r = await client.post("/api/v1/jobs", json={"name": "big", "targets_dataset": ref(big)})
+    assert (r.status_code, r.json()["field"]) == (422, "targets_dataset"), r.text
+    assert (await client.get("/api/v1/jobs")).json() == []
+
+
+async def test_devices_are_named_once(client: AsyncTestClient, runner_online: Online) -> None:
+    await runner_online()
+    targets = await uploaded(client, TARGETS_V1)
+    devices = await uploaded(client, DEVICES, kind="devices", fmt="json")
+    body = {
+        "name": "twice",
+        "targets_dataset": ref(targets),
+        "devices_dataset": ref(devices),
+        "settings": {"devices": [{"name": "default"}]},
+    }
+    r = await client.post("/api/v1/jobs", json=body)
+    assert (r.status_code, r.json()["field"]) == (400, "devices_dataset"), r.text
+
+
+def test_a_job_created_before_datasets_were_recorded_still_decodes() -> None:
+    old = (
+        b'{"type":"JobCreated","id":"e1","at":"2026-01-01T00:00:00Z","actor":"api","v":1,'
+        b'"job_id":"job_1","name":"n","targets":[{"url":"http://127.0.0.1:9/"}],"settings":{}}'
+    )
+    event = decode_event(old)
+    assert isinstance(event, JobCreated) and event.datasets == {}

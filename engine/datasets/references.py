@@ -26,6 +26,8 @@ from schemas.events import DatasetKind
 from schemas.values import DatasetRef, JobSettings, Target, UsedVersion
 
 MAX_TARGET_ROWS = 10_000  # what one JobCreated holds
+# a JobCreated is one NATS message (1 MiB at most by default): its targets stay well within
+MAX_TARGETS_BYTES = 768 * 1024
 MAX_DEVICE_ROWS = 100  # what a job's settings hold
 
 # the create body's field for each kind a job may reference
@@ -76,6 +78,8 @@ async def resolve_job(
     """
     if refs.proxies is not None and "proxies" in settings:
         raise Invalid("proxies_dataset", "name a proxy pool once: settings.proxies or this")
+    if refs.devices is not None and "devices" in settings:
+        raise Invalid("devices_dataset", "name the devices once: settings.devices or this")
     used: dict[str, UsedVersion] = {}
     rows: dict[DatasetKind, list[Row]] = {}
     for kind, ref in refs.named().items():
@@ -100,6 +104,12 @@ async def resolve_job(
         targets = [
             _target(row, job_settings) for row in rows["targets"] if isinstance(row, TargetRow)
         ]
+        size = len(msgspec.json.encode(targets))
+        if size > MAX_TARGETS_BYTES:
+            raise Rejected(
+                "targets_dataset",
+                f"its targets take {size} bytes; a job holds at most {MAX_TARGETS_BYTES}",
+            )
     return ResolvedJob(targets or [], job_settings, used)
 
 

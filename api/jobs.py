@@ -72,7 +72,13 @@ class JobController(Controller):
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Created:
-        if data.proxies_dataset is not None:  # its rows are registered as proxies
+        # refused before any reference is resolved: a proxies dataset registers its rows
+        platform = data.platform or Platform()
+        if (platform.os, platform.browser) not in await serving_platforms(services.bus):
+            raise Conflict(
+                "platform", f"No available runners online for {platform.os}/{platform.browser}"
+            )
+        if data.proxies_dataset is not None:
             await licences.check_feature(services, request, "proxy_import", "proxies_dataset")
         job = await resolve_job(
             services.bus,
@@ -91,11 +97,6 @@ class JobController(Controller):
         if total > MAX_FLOWS_PER_JOB:
             raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
         await check_pool(services.bus, job.settings)
-        platform = data.platform or Platform()
-        if (platform.os, platform.browser) not in await serving_platforms(services.bus):
-            raise Conflict(
-                "platform", f"No available runners online for {platform.os}/{platform.browser}"
-            )
         job_id, appended = await services.jobs.create(
             name=data.name,
             targets=job.targets,

@@ -7,16 +7,27 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.values import ConsentCaps, Domain, JobSettings, Platform, Target
+from schemas.values import ConsentCaps, DatasetRef, Domain, JobSettings, Platform, Target
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class CreateJobIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Targets inline (``targets``) or by reference (``targets_dataset``), exactly one;
+    ``settings`` fields given override a ``settings_profile``'s."""
+
     name: Name
-    targets: Annotated[list[Target], msgspec.Meta(min_length=1, max_length=1000)]
+    targets: Annotated[list[Target], msgspec.Meta(min_length=1, max_length=1000)] | None = None
     settings: JobSettings = JobSettings()
     platform: Platform | None = None
+    targets_dataset: DatasetRef | None = None
+    proxies_dataset: DatasetRef | None = None
+    devices_dataset: DatasetRef | None = None
+    settings_profile: DatasetRef | None = None
+
+    def __post_init__(self) -> None:
+        if (self.targets is None) == (self.targets_dataset is None):
+            raise ValueError("targets must be given, or targets_dataset: exactly one of the two")
 
 
 Reason = Annotated[str, msgspec.Meta(max_length=500)]

@@ -11,6 +11,7 @@ from litestar.params import JSONBody, QueryParameter
 
 from api import licences
 from api.authz import access, actor_of
+from api.dataset_access import reader_of
 from api.deps import services_from_state
 from api.dto import Accepted, Created, CreateJobIn, PauseIn
 from api.inputs import JobIdPath, command_id, job_id_in_path
@@ -21,6 +22,7 @@ from api.reads import MIN_SEQ_HELP
 from api.reads import wait_for_seq as _wait
 from api.services import Services
 from api.waiting import with_waiting_detail
+from engine.datasets.references import JobReferences, resolve_job
 from engine.errors import Conflict, NotFound, Rejected
 from engine.jobs.decider import CancelJob
 from engine.presence import serving_platforms
@@ -33,6 +35,14 @@ from schemas.ids import utcnow
 from schemas.values import JobStatus, Platform
 
 MAX_FLOWS_PER_JOB = 1_000_000
+
+
+async def _settings_given(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The settings fields the body spells out (already validated as ``CreateJobIn``):
+    only these override a settings profile's."""
+    body = msgspec.json.decode(await request.body())
+    settings = body.get("settings") if isinstance(body, dict) else None
+    return settings if isinstance(settings, dict) else {}
 
 
 class JobController(Controller):
@@ -48,7 +58,11 @@ class JobController(Controller):
         "/",
         status_code=201,
         summary="Create a job; the engine starts or refuses it",
-        responses=problems(400, 403, 409, 422, 503),
+        description="Targets inline or from a targets dataset ({id, version}); optional"
+        " devices_dataset, settings_profile and proxies_dataset references are resolved once,"
+        " here (a proxies version's enabled rows are registered as the job's pool): the job"
+        " records the exact versions it used.",
+        responses=problems(400, 403, 404, 409, 422, 503),
         opt=access("operator"),
     )
     async def create_job(
@@ -58,23 +72,40 @@ class JobController(Controller):
         services: NamedDependency[Services],
         command_id: NamedDependency[str],
     ) -> Created:
-        total = sum(t.flows for t in data.targets)
-        if total > MAX_FLOWS_PER_JOB:
-            raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
-        await check_pool(services.bus, data.settings)
+        # refused before any reference is resolved: a proxies dataset registers its rows
         platform = data.platform or Platform()
         if (platform.os, platform.browser) not in await serving_platforms(services.bus):
             raise Conflict(
                 "platform", f"No available runners online for {platform.os}/{platform.browser}"
             )
+        if data.proxies_dataset is not None:
+            await licences.check_feature(services, request, "proxy_import", "proxies_dataset")
+        job = await resolve_job(
+            services.bus,
+            reader_of(request),
+            JobReferences(
+                targets=data.targets_dataset,
+                proxies=data.proxies_dataset,
+                devices=data.devices_dataset,
+                settings=data.settings_profile,
+            ),
+            targets=data.targets,
+            settings=await _settings_given(request),
+            proxies=request.app.state.proxies,
+        )
+        total = sum(t.flows for t in job.targets)
+        if total > MAX_FLOWS_PER_JOB:
+            raise Rejected("targets", f"at most {MAX_FLOWS_PER_JOB} flows per job (got {total})")
+        await check_pool(services.bus, job.settings)
         job_id, appended = await services.jobs.create(
             name=data.name,
-            targets=data.targets,
-            settings=data.settings,
+            targets=job.targets,
+            settings=job.settings,
             platform=platform,
             actor=actor_of(request),
             command_id=command_id,
-            allowed=lambda: licences.check_job(services, request, data.settings, data.targets),
+            allowed=lambda: licences.check_job(services, request, job.settings, job.targets),
+            datasets=job.datasets,
         )
         return Created(job_id=job_id, seq=appended.seq)
 

@@ -15,7 +15,7 @@ from projections.runners import RunnerStatus
 from schemas.consent_state import ConsentStatus
 from schemas.flow_lifecycle import FlowStatus
 from schemas.licences import DEFAULT_PLAN
-from schemas.values import JobKind, JobStatus
+from schemas.values import JobKind, JobStatus, UsedVersion
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -65,6 +65,8 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     updated_at: datetime
     last_seq: int
     metrics: RunMetrics | None = None  # one job's read only: rate, ETA, durations, web vitals
+    # the dataset versions the job was made from, by kind
+    datasets: dict[str, UsedVersion] | None = None
 
 
 class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -131,7 +133,7 @@ _JOB_COLUMNS = (
     " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
     " duration_ms_total, egress_refused, kind, progress, progress_message, created_by,"
     " created_at, started_at, finished_at,"
-    " updated_at, last_seq"
+    " updated_at, last_seq, datasets"
 )
 _FLOW_COLUMNS = (
     "flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"
@@ -321,7 +323,17 @@ async def _jobs(db: aiosqlite.Connection, sql: str, params: Sequence[object]) ->
         ids,
     ):
         targets[target.pop("job_id")].append(target)
-    return [msgspec.convert({**row, "targets": targets[row["job_id"]]}, JobView) for row in rows]
+    return [
+        msgspec.convert(
+            {
+                **row,
+                "targets": targets[row["job_id"]],
+                "datasets": msgspec.json.decode(row["datasets"]) if row["datasets"] else None,
+            },
+            JobView,
+        )
+        for row in rows
+    ]
 
 
 async def _fetch(

@@ -54,7 +54,7 @@ SCHEMA = (
 # (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
 # jobs by their creator (running jobs per user); 10: users; 11: consents: when
 # verified, subdomains; 12: datasets folded, their shares
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

@@ -28,6 +28,7 @@ from schemas.values import (
     Target,
     Text,
     Url,
+    UsedVersion,
     host_is_valid,
     url_problem,
 )
@@ -66,6 +67,8 @@ class JobCreated(JobEvent, frozen=True, kw_only=True):
     settings: JobSettings
     platform: Platform = Platform()
     kind: JobKind = "flows"
+    # the dataset versions the job was made from, by kind (targets, proxies, devices, settings)
+    datasets: dict[str, UsedVersion] = {}
 
     def __post_init__(self) -> None:
         if self.kind == "flows" and not self.targets:

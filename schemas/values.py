@@ -129,6 +129,21 @@ class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"referrer {problem}")
 
 
+class DatasetRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One version of a dataset, as a job names it."""
+
+    id: Id
+    version: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+
+class UsedVersion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The exact version of a dataset a job was made from, with the sha256 of its rows."""
+
+    id: Id
+    version: int
+    sha256: str
+
+
 class DnsEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One line of a job's DNS mode: where ``host`` resolves for its flows."""
 
@@ -267,6 +282,9 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # DNS mode: empty is the system resolver; else host -> IP address, applied by the
     # runner's egress proxy, which then checks the address it connects to
     dns: Annotated[tuple[DnsEntry, ...], msgspec.Meta(max_length=1000)] = ()
+    # a targets dataset row that gives no flowTarget / clickTarget takes these
+    target_flows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    target_clicks: Annotated[int, msgspec.Meta(ge=0, le=50)] = 0
 
     @property
     def host_map(self) -> dict[str, str]:

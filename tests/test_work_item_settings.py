@@ -16,6 +16,8 @@ ENGINE_SIDE = {
     "seed",  # the item carries the flow's seed
     "proxies",  # the item carries the candidates
     "proxy_switching",
+    "target_flows",  # counts for dataset rows, applied when the job is created
+    "target_clicks",
 }
 
 

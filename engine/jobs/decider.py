@@ -5,6 +5,7 @@ No clock, ids or I/O in here: ``Meta`` brings them in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from schemas.values import (
     JobStatus,
     Platform,
     Target,
+    UsedVersion,
 )
 
 E = TypeVar("E", bound=JobEvent)
@@ -89,6 +91,7 @@ class CreateJob:
     settings: JobSettings
     platform: Platform
     kind: JobKind = "flows"
+    datasets: Mapping[str, UsedVersion] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
                 settings=settings,
                 platform=platform,
                 kind=kind,
+                datasets=dict(cmd.datasets),
             )
             if kind == "external":  # its worker is already at work: no runner, no consent
                 return [created, _emit(JobStarted, meta, job_id, flows_total=0, allowed_hosts=[])]

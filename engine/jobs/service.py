@@ -8,7 +8,7 @@ the same command dedupes while another command at the same version conflicts.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -44,7 +44,7 @@ from schemas.events import (
     TbEvent,
 )
 from schemas.ids import ID_RULE, is_valid_id, new_id, short_id, utcnow
-from schemas.values import JobKind, JobSettings, Platform, Target
+from schemas.values import JobKind, JobSettings, Platform, Target, UsedVersion
 
 
 def checked_job_id(job_id: str) -> str:
@@ -105,6 +105,7 @@ class JobCommands:
         command_id: str | None = None,
         kind: JobKind = "flows",
         allowed: Callable[[], Awaitable[None]] | None = None,
+        datasets: Mapping[str, UsedVersion] | None = None,
     ) -> tuple[str, Appended]:
         """A new job; with a ``command_id`` (idempotency key) a retry answers the same job.
 
@@ -115,7 +116,9 @@ class JobCommands:
             command_id, job_id = new_id(), short_id("job")
         else:
             job_id = job_id_for(command_id)
-        cmd = CreateJob(job_id, name, tuple(targets), settings, platform, kind)
+        cmd = CreateJob(
+            job_id, name, tuple(targets), settings, platform, kind, dict(datasets or {})
+        )
         _, before = await self._history(job_id, cmd, command_id)
         if before is not None:
             return job_id, before  # this create ran before: the same job

@@ -22,6 +22,7 @@ import structlog
 
 from cli.http import call
 from cli.nats_server import port_is_open
+from tests.api_client import bearer
 from tests.conftest import NatsServer, free_port
 
 TB = [sys.executable, "-m", "cli.main"]
@@ -782,7 +783,11 @@ async def test_up_with_no_runners_waits_for_one_started_elsewhere_with_a_runner_
         out, _ = await asyncio.wait_for(wrong.communicate(), 60)
         assert wrong.returncode != 0
         assert "Authentication Failed" in out.decode()
-        status, made = await call("POST", f"{api}/api/v1/runners/keys", {"name": "elsewhere"})
+        password = (tmp_path / "tb" / "admin-password").read_text().strip()
+        admin = await bearer(api, password)
+        status, made = await call(
+            "POST", f"{api}/api/v1/runners/keys", {"name": "elsewhere"}, headers=admin
+        )
         assert status == 201, made
         runner = await asyncio.create_subprocess_exec(
             *TB, "runner", "--api", api, "--executor", "noop",

@@ -15,6 +15,7 @@ from nats.js.api import DeliverPolicy
 
 from cli.http import call
 from schemas import subjects
+from tests.api_client import bearer
 from tests.test_cli import TB, Console, start_up, stopped_on_exit
 
 
@@ -35,18 +36,21 @@ async def test_up_gives_auditor_ops_and_runners_their_own_nats_users(tmp_path: P
             cmdline = Path(f"/proc/{pid_file.read_text().strip()}/cmdline").read_bytes()
             assert not any(p.encode() in cmdline for p in passwords), pid_file.name
 
-        latency = await _revoked_key_is_disconnected(api)
+        admin = await bearer(api, (state / "admin-password").read_text().strip())
+        latency = await _revoked_key_is_disconnected(api, admin)
         print(f"revocation through tb up: DELETE sent to disconnect in {latency * 1000:.0f} ms")
         assert latency < 1.0
-        await _revoked_runner_stops(api)
+        await _revoked_runner_stops(api, admin)
         auditor_url, ops_url = _urls(nats_dir)
-        await _auditor_reads_but_changes_nothing(auditor_url)  # the first key's events
+        await _auditor_reads_but_changes_nothing(auditor_url)
         await _ops_administers_streams_and_consumers(ops_url)
 
 
-async def _revoked_runner_stops(api: str) -> None:
+async def _revoked_runner_stops(api: str, admin: dict[str, str]) -> None:
     """A running `tb runner` whose key is revoked says Authentication Failed and exits."""
-    status, made = await call("POST", f"{api}/api/v1/runners/keys", {"name": "revoked"})
+    status, made = await call(
+        "POST", f"{api}/api/v1/runners/keys", {"name": "revoked"}, headers=admin
+    )
     assert status == 201, made
     runner = await asyncio.create_subprocess_exec(
         *TB, "runner", "--api", api, "--executor", "noop",
@@ -56,7 +60,9 @@ async def _revoked_runner_stops(api: str) -> None:
     console = Console(runner)
     try:
         await console.wait_for("Registered", 60)
-        status, _ = await call("DELETE", f"{api}/api/v1/runners/keys/{made['key_id']}")
+        status, _ = await call(
+            "DELETE", f"{api}/api/v1/runners/keys/{made['key_id']}", headers=admin
+        )
         assert status == 200
         assert await console.finish(30) == 2, console.text
     finally:
@@ -85,7 +91,7 @@ async def _auditor_reads_but_changes_nothing(url: str) -> None:
             deliver_policy=DeliverPolicy.ALL,
         )  # fmt: skip
         first = await sub.next_msg(timeout=2)
-        assert first.subject.startswith("tb.runnerkey.")
+        assert first.subject.startswith("tb.")  # the log's first event (the first admin's)
         await sub.unsubscribe()
         await nc.publish("tb.job.x.JobCancelled", b"{}")
         with pytest.raises(nats.errors.TimeoutError):
@@ -110,8 +116,10 @@ async def _ops_administers_streams_and_consumers(url: str) -> None:
         await nc.close()
 
 
-async def _revoked_key_is_disconnected(api: str) -> float:
-    status, made = await call("POST", f"{api}/api/v1/runners/keys", {"name": "timed"})
+async def _revoked_key_is_disconnected(api: str, admin: dict[str, str]) -> float:
+    status, made = await call(
+        "POST", f"{api}/api/v1/runners/keys", {"name": "timed"}, headers=admin
+    )
     assert status == 201, made
     got = await asyncio.to_thread(_exchange, api, made["key"])
     gone = asyncio.get_running_loop().create_future()
@@ -130,7 +138,9 @@ async def _revoked_key_is_disconnected(api: str) -> float:
     )
     try:
         sent = time.monotonic()
-        status, _ = await call("DELETE", f"{api}/api/v1/runners/keys/{made['key_id']}")
+        status, _ = await call(
+            "DELETE", f"{api}/api/v1/runners/keys/{made['key_id']}", headers=admin
+        )
         assert status == 200
         return float(await asyncio.wait_for(gone, 5)) - sent
     finally:

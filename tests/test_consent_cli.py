@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from cli.credentials import auth_headers
+from cli.nats_server import wait_for_port
+from tests.api_client import ADMIN_PASSWORD, admin_key
 from tests.conftest import NatsServer, free_port
 from tests.sites import recording_site
 from tests.test_cli import Console
@@ -29,18 +31,23 @@ def test_the_cli_sends_an_api_key_else_a_bearer_token(monkeypatch: pytest.Monkey
 
 
 @pytest.fixture
-async def api_url(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[str]:
+async def api_url(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *TB, "api", "--nats-url", nats_server.url, "--port", str(port),
         "--db", str(tmp_path / "read.db"),
-        env={**os.environ, "TB_CONSENT_MAX_SESSIONS": "5"},
+        env={**os.environ, "TB_CONSENT_MAX_SESSIONS": "5", "TB_ADMIN_PASSWORD": ADMIN_PASSWORD},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     console = Console(proc)
     try:
         await console.wait_for("API and dashboard on", timeout=30)
-        yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        await wait_for_port("127.0.0.1", port, timeout=20)
+        monkeypatch.setenv("TB_API_KEY", (await admin_key(url))["X-API-Key"])
+        yield url
     finally:
         proc.terminate()
         await console.finish(timeout=15)
@@ -49,7 +56,7 @@ async def api_url(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[str]
 async def tb_consent(api: str, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         *TB, "consent", "--api", api, *args,
-        env={**os.environ, "TB_API_KEY": "key-1"},
+        env=dict(os.environ),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 30)

@@ -193,11 +193,8 @@ def duration(name: str, raw: str) -> float:
 
 
 def _duration(names: tuple[str, ...], default: float) -> float:
-    for name in names:
-        raw = os.environ.get(name, "")
-        if raw.strip():
-            return duration(name, raw)
-    return default
+    found = env_setting(*names)
+    return duration(found.name, found.value) if found else default
 
 
 def identity_config_from_env() -> IdentityConfig:

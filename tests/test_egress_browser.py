@@ -238,7 +238,11 @@ def attack_pages(
       fetch('/api').then(r => {{ window.apiStatus = r.status; }});
       {rtc}
       const leave = {"true" if leave else "false"};
-      if (leave) setTimeout(() => {{ location.href = evil + '/top-level'; }}, 300);
+      // after the load event: a navigation started earlier stops the landing page loading
+      // (its document never completes), which is a different story from the one told here
+      if (leave) addEventListener('load', () => setTimeout(() => {{
+        location.href = evil + '/top-level';
+      }}, 300));
     """
     return site.page(
         "/",

@@ -31,7 +31,7 @@ from structlog.typing import FilteringBoundLogger
 
 from agents.behaviour import FlowPlan, Leave, pick_index, plan_for
 from agents.browser import first_line, launch_chromium
-from agents.device_context import context_options, identified
+from agents.device_context import context_options, device_for, identified
 from agents.egress.flow import FlowEgressReport, consented_ports
 from agents.egress.proxy import EgressProxy, FlowEgress
 from agents.executor import AllowedHosts, FlowError, FlowReport, FlowResult
@@ -48,7 +48,8 @@ from agents.guard import (
 from agents.human import PageTrail, Surfer
 from agents.page_metrics import arrival_timings, read_timings, watch_vitals
 from agents.proxy_failover import FlowProxies, SecretSource
-from schemas.devices import resolve
+from schemas.device_catalogue import ShippedCatalogues
+from schemas.devices import Viewport
 from schemas.events import FlowDispatched, LinkPick
 
 log = structlog.get_logger("tb.agent")
@@ -81,12 +82,13 @@ class FlowSession:
         item: FlowDispatched,
         report: FlowReport,
         flog: FilteringBoundLogger,
-        plan: FlowPlan | None = None,
+        plan: FlowPlan,
+        viewport: Viewport,
     ) -> None:
         self.page, self.guard, self.item, self.report, self.log = page, guard, item, report, flog
         self.egress_refusal: str | None = None  # why the proxy refused the last navigation
-        self.plan = plan or plan_for(item)
-        self.surfer = Surfer(page, resolve(self.plan.device).viewport)
+        self.plan = plan
+        self.surfer = Surfer(page, viewport)
         self.trail = PageTrail()  # what the flow did on the page it is on
         self.status: int | None = None  # that page's HTTP status
         self.picked: tuple[str, LinkPick] | None = None  # the link the last leave took
@@ -262,10 +264,16 @@ class PlaywrightExecutor:
     several flows at once)."""
 
     def __init__(
-        self, version: str, headless: bool = True, proxy_secrets: SecretSource | None = None
+        self,
+        version: str,
+        headless: bool = True,
+        proxy_secrets: SecretSource | None = None,
+        catalogues: ShippedCatalogues | None = None,
     ):
         self.version = version
         self.headless = headless
+        # the device catalogue versions this runner can present a job's devices from
+        self.catalogues = catalogues or ShippedCatalogues()
         # where flows' upstream proxies are looked up by id (None: flows with proxy
         # candidates fail closed, never run direct)
         self.proxy_secrets = proxy_secrets
@@ -309,10 +317,7 @@ class PlaywrightExecutor:
             raise RuntimeError("PlaywrightExecutor.run() before start()")
         flog = log.bind(job_id=item.job_id, flow_id=item.flow_id, attempt=item.attempt)
         plan = plan_for(item)
-        try:
-            device = resolve(plan.device)
-        except KeyError:
-            raise FlowError(f"unknown_device: {plan.device.name}", retryable=False) from None
+        device = device_for(item, plan.device, self.catalogues)
         await wait_keeping_alive(plan.delay, report)  # the traffic delay, before any browser
         hosts = hosts or AllowedHosts(item.allowed_hosts)
         egress = self._register(item, hosts, report, flog)
@@ -338,7 +343,8 @@ class PlaywrightExecutor:
                 await guard.prepare(page)
             except GuardFailed as err:
                 raise FlowError(f"guard: {err}", retryable=True) from err
-            return await FlowSession(page, guard, item, report, flog, plan).run()
+            session = FlowSession(page, guard, item, report, flog, plan, device.viewport)
+            return await session.run()
         except FlowError as err:
             failure = proxies_exhausted(egress)
             if failure is None:

@@ -16,7 +16,7 @@ from api.consents import ConsentController
 from api.crawler import CrawlerJobs
 from api.dashboard import dashboard
 from api.dataset_uploads import dataset_routes, uploads_lifespan
-from api.devices import list_devices
+from api.devices import DeviceController
 from api.errors import EXCEPTION_HANDLERS
 from api.flows import FlowController
 from api.health import healthz, readyz
@@ -40,6 +40,7 @@ from api.services import ApiConfig, Services
 from api.users import ApiKeysController, UsersController
 from engine.bus import Bus
 from engine.consent import ConsentCommands
+from engine.devices import DeviceCatalogues
 from engine.jobs.service import JobCommands
 from engine.proxies.secrets import ProxySecrets
 from engine.proxies.service import ProxyCommands
@@ -61,9 +62,11 @@ def create_app(config: ApiConfig) -> Litestar:
             bus=bus,
             projector=projector,
             db=db,
-            jobs=JobCommands(bus),
+            jobs=JobCommands(bus, shipped=config.device_catalogues),
             consents=ConsentCommands(bus, policy=config.consent),
+            devices=DeviceCatalogues(bus, config.device_catalogues),
         )
+        await app.state.services.devices.adopt_at_first_start()
         app.state.proxies = ProxyCommands(bus, ProxySecrets(bus))
         try:
             yield
@@ -81,7 +84,7 @@ def create_app(config: ApiConfig) -> Litestar:
             job_events,
             JobController,
             FlowController,
-            list_devices,
+            DeviceController,
             ConsentController,
             RunnerController,
             RunnerKeyController,

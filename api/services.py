@@ -12,9 +12,11 @@ from engine.bus import Bus, BusConfig
 from engine.consent import ConsentCommands
 from engine.consent.service import ConsentPolicy
 from engine.datasets.uploads import UploadsConfig
+from engine.devices import DeviceCatalogues
 from engine.identity.sessions import SessionPolicy
 from engine.jobs.service import JobCommands
 from projections.projector import Projector
+from schemas.device_catalogue import ShippedCatalogues
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ApiConfig:
     identity: IdentityConfig = IdentityConfig()
     consent: ConsentPolicy = field(default_factory=ConsentPolicy)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    # the device catalogue versions this server ships (TB_DEVICE_CATALOGUES)
+    device_catalogues: ShippedCatalogues = field(default_factory=ShippedCatalogues)
 
 
 @dataclass
@@ -64,3 +68,4 @@ class Services:
     db: aiosqlite.Connection  # read-only connection for queries
     jobs: JobCommands
     consents: ConsentCommands
+    devices: DeviceCatalogues

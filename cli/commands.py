@@ -15,6 +15,7 @@ from cli.logs import announce, end_progress_line, progress_line
 from cli.settings import (
     body_limit_from_env,
     bus_config_from_env,
+    device_catalogues_from_env,
     http_policy_from_env,
     identity_config_from_env,
     logs_config_from_env,
@@ -74,13 +75,20 @@ async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.consent import ConsentCommands
     from engine.consent.recheck import ConsentRecheck
+    from engine.devices import DeviceCatalogues
     from engine.dispatcher import Dispatcher
     from engine.proxies.health import ProxyHealth
 
     policy = proxy_health_from_env()
     consent_policy = consent_policy_from_env()
+    shipped = device_catalogues_from_env()
     bus = await connect_bus(nats_url, "tb-engine")
     await bus.provision()
+    # a fresh system takes the newest catalogue it ships, once; later ones are only offered
+    in_use = await DeviceCatalogues(bus, shipped).adopt_at_first_start()
+    newest = shipped.newest()
+    if newest is not None and newest.version > in_use.version:
+        log.info("device_catalogue.available", in_use=in_use.version, available=newest.version)
 
     async def dispatcher() -> None:
         # a fresh one resumes from its snapshot and the log
@@ -167,6 +175,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         identity=identity_config_from_env(),
         consent=consent_policy_from_env(),
         uploads=uploads_config_from_env(),
+        device_catalogues=device_catalogues_from_env(),
     )
     if config.identity.admin_password is None:
         await refuse_without_users(nats_url)
@@ -232,6 +241,7 @@ async def run_runner(
     if api_url:
         log.info("Backend (API) for this fleet", url=api_url)
     slots = runner_capacity(slots, browser=executor_kind != "noop")
+    catalogues = device_catalogues_from_env()
     drain_grace = drain_grace_from_env()
     job_log_lines = runner_job_logs_from_env()
     name = runner_id or short_id("runner")
@@ -295,7 +305,9 @@ async def run_runner(
     def executor() -> FlowExecutor:
         if executor_kind == "noop":
             return NoopExecutor()
-        return PlaywrightExecutor(VERSION, headless=headless, proxy_secrets=proxy_secrets)
+        return PlaywrightExecutor(
+            VERSION, headless=headless, proxy_secrets=proxy_secrets, catalogues=catalogues
+        )
 
     async def run_once() -> None:
         nonlocal current

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from api.services import IdentityConfig, LogsConfig
     from engine.datasets.uploads import UploadsConfig
     from engine.proxies.decider import HealthPolicy
+    from schemas.device_catalogue import ShippedCatalogues
 
 log = structlog.get_logger("tb.settings")
 
@@ -230,6 +232,23 @@ def uploads_config_from_env() -> UploadsConfig:
         chunk_size=_int("TB_UPLOAD_CHUNK_SIZE", default.chunk_size),
         lifetime=_float("TB_UPLOAD_LIFETIME", default.lifetime),
     )
+
+
+def device_catalogues_from_env() -> ShippedCatalogues:
+    """TB_DEVICE_CATALOGUES (default: the package's own): the directory of device
+    catalogue versions (``<version>.json``) this process ships; it must hold one."""
+    from schemas.device_catalogue import CatalogueBroken, ShippedCatalogues
+
+    found = env_setting("TB_DEVICE_CATALOGUES")
+    shipped = ShippedCatalogues() if found is None else ShippedCatalogues(Path(found.value))
+    try:
+        newest = shipped.newest()
+    except CatalogueBroken as err:
+        raise SystemExit(f"{found.name if found else 'device catalogue'}: {err}") from None
+    if newest is None:
+        name = found.name if found else "the package"
+        raise SystemExit(f"{name}: {shipped.directory} holds no device catalogue (<version>.json)")
+    return shipped
 
 
 def stall_margin_from_env() -> float:

@@ -63,7 +63,8 @@ SCHEMA = (
         finished_at TEXT,
         updated_at TEXT NOT NULL,
         last_seq INTEGER NOT NULL,
-        datasets TEXT
+        datasets TEXT,
+        device_catalogue INTEGER
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at DESC, job_id DESC)",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at DESC)",
@@ -184,13 +185,15 @@ async def _created(db: aiosqlite.Connection, env: Envelope, event: JobCreated) -
     cur = await db.execute(
         "INSERT INTO jobs (job_id, name, status, platform_os, platform_browser, instance_count,"
         " max_attempts, priority, flows_total, kind, created_by, created_at, updated_at, last_seq,"
-        " datasets) VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " datasets, device_catalogue)"
+        " VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (job_id) DO NOTHING",
         (
             event.job_id, event.name, event.platform.os, event.platform.browser,
             s.instance_count, s.max_attempts, s.priority, sum(t.flows for t in event.targets),
             event.kind, event.actor, iso(event.at), iso(event.at), env.seq,
             msgspec.json.encode(event.datasets).decode() if event.datasets else None,
+            event.device_catalogue.version if event.device_catalogue else None,
         ),
     )  # fmt: skip
     if not cur.rowcount:

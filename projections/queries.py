@@ -67,6 +67,8 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
     metrics: RunMetrics | None = None  # one job's read only: rate, ETA, durations, web vitals
     # the dataset versions the job was made from, by kind
     datasets: dict[str, UsedVersion] | None = None
+    # the device catalogue version its devices resolve against (None: from before versions)
+    device_catalogue: int | None = None
 
 
 class FlowView(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -133,7 +135,7 @@ _JOB_COLUMNS = (
     " max_attempts, priority, flows_total, flows_done, flows_failed, clicks_done,"
     " duration_ms_total, egress_refused, kind, progress, progress_message, created_by,"
     " created_at, started_at, finished_at,"
-    " updated_at, last_seq, datasets"
+    " updated_at, last_seq, datasets, device_catalogue"
 )
 _FLOW_COLUMNS = (
     "flow_id, job_id, target_idx, status, attempt, runner_id, reason, clicks_done,"

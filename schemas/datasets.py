@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.devices import DeviceProfile, unknown_device
+from schemas.devices import DeviceProfile
 from schemas.events import DatasetKind
 from schemas.proxies import MAX_CREDENTIAL_BYTES, SCHEMES, ProxyScheme
 from schemas.values import JobSettings, host_is_valid, url_problem
@@ -75,12 +75,9 @@ class ProxyRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
 
 class DeviceRow(DeviceProfile, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """A device profile: a Playwright descriptor by name, with overrides."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if unknown_device(self.name):
-            raise ValueError(f"name {self.name!r} is not a device of the catalogue")
+    """A device profile: a catalogue descriptor by name, with overrides (os and browser
+    family among them). Its name is checked against the catalogue in use when the file
+    is imported, and against the job's own version when a job uses it."""
 
 
 class SettingsRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from schemas.device_catalogue import CatalogueVersion, Version
 from schemas.labels import Labels
 from schemas.values import (
     Attempt,
@@ -25,6 +26,7 @@ from schemas.values import (
     Millis,
     Platform,
     ProxyLabel,
+    Sha256,
     Target,
     Text,
     Url,
@@ -69,6 +71,9 @@ class JobCreated(JobEvent, frozen=True, kw_only=True):
     kind: JobKind = "flows"
     # the dataset versions the job was made from, by kind (targets, proxies, devices, settings)
     datasets: dict[str, UsedVersion] = {}
+    # the device catalogue its devices are resolved against (None: created before
+    # catalogues had versions, which was version 1)
+    device_catalogue: CatalogueVersion | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "flows" and not self.targets:
@@ -164,6 +169,9 @@ class FlowDispatched(FlowEvent, frozen=True, kw_only=True):
     proxies: Annotated[list[Id], msgspec.Meta(max_length=1000)] = []
     # the job's settings, for the flow's behaviour (None: an item from before they rode along)
     settings: JobSettings | None = None
+    # the catalogue the job's devices resolve against (None: the job names no device, or
+    # the item is from before catalogues had versions: version 1)
+    device_catalogue: CatalogueVersion | None = None
 
     def __post_init__(self) -> None:
         problem = url_problem(self.url)
@@ -518,7 +526,6 @@ class RunnerKeyRevoked(RunnerKeyEvent, frozen=True, kw_only=True):
 
 DatasetKind = Literal["targets", "proxies", "devices", "settings"]
 DatasetFormat = Literal["csv", "txt", "xlsx", "docx", "json"]
-Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
 class DatasetEvent(Event, frozen=True, kw_only=True):
@@ -563,6 +570,21 @@ class DatasetShared(DatasetEvent, frozen=True, kw_only=True):
 
 class DatasetUnshared(DatasetEvent, frozen=True, kw_only=True):
     user_id: Id
+
+
+# -- platform data -----------------------------------------------------------------
+
+
+class DeviceCatalogueAdopted(Event, frozen=True, kw_only=True):
+    """The device catalogue version new jobs are created with, from now on: the newest
+    shipped one at a system's first start, a newer one when an admin takes it. A job
+    keeps the version it was created with. ``actor`` is who took it (``system`` at
+    first start); ``previous`` the version in use before (0: none)."""
+
+    version: Version
+    sha256: Sha256
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    previous: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
 
 
 JobEvents = (
@@ -630,6 +652,7 @@ TbEvent = (
     | UserEvents
     | RunnerKeyEvents
     | DatasetEvents
+    | DeviceCatalogueAdopted
 )
 
 _decoder = msgspec.json.Decoder(TbEvent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from schemas.events import (
     ConsentEvent,
     DatasetEvent,
+    DeviceCatalogueAdopted,
     Event,
     FlowDispatched,
     FlowDone,
@@ -37,6 +38,7 @@ EVENT_SUBJECTS = [
     "tb.user.>",
     "tb.proxy.>",
     "tb.runnerkey.>",
+    "tb.catalogue.>",
 ]
 ALL_LOGS = "tb.log.>"
 LOG_SUBJECTS = [ALL_LOGS]
@@ -198,6 +200,19 @@ def dataset_object_name(sha256: str) -> str:
     return f"rows/{sha256}.jsonl"
 
 
+def device_catalogue_subject(event_type: str) -> str:
+    return f"tb.catalogue.devices.{event_type}"
+
+
+DEVICE_CATALOGUE = device_catalogue_subject("*")  # the optimistic-concurrency scope
+
+
+def device_catalogue_msg_id(version: int) -> str:
+    """Adopting a version is one fact however many engines or admins ask for it at once:
+    they all write this id (and only a newer version is ever adopted after it)."""
+    return f"catalogue:devices:{version}"
+
+
 def upload_chunk_name(upload_id: str, index: int) -> str:
     """One chunk of an upload in progress, in the ``tb_uploads`` object store."""
     return f"{upload_id}/{index}"
@@ -240,6 +255,8 @@ def subject_for(event: Event) -> str:
         return runner_key_subject(event.key_id, kind)
     if isinstance(event, DatasetEvent):
         return dataset_subject(event.dataset_id, kind)
+    if isinstance(event, DeviceCatalogueAdopted):
+        return device_catalogue_subject(kind)
     raise TypeError(f"no subject for {kind}")
 
 

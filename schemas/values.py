@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import msgspec
 
 from schemas.devices import DeviceProfile
+from schemas.families import BrowserName, OsName
 from schemas.ids import ID_PATTERN
 
-OsName = Literal["linux", "windows", "macos"]
-BrowserName = Literal["chromium", "firefox", "webkit"]
+__all__ = ["BrowserName", "OsName"]  # spelled in schemas.families, imported from here too
 
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, min_length=1, max_length=128)]
 """An id that becomes a subject token: a job, flow or runner id."""
@@ -134,6 +134,9 @@ class DatasetRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     id: Id
     version: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
 class UsedVersion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

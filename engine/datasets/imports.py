@@ -17,6 +17,8 @@ from engine.datasets.service import DatasetCommands, dataset_id_for
 from engine.datasets.tables import Problem
 from engine.datasets.uploads import Finished
 from engine.datasets.versions import store_rows
+from engine.devices import DeviceCatalogues
+from schemas.device_catalogue import DeviceCatalogue, ShippedCatalogues
 from schemas.events import DatasetFormat, DatasetKind
 
 
@@ -39,9 +41,9 @@ class Source:
     size: int
 
 
-def _parse(source: Source, out_path: Path) -> Parsed:
+def _parse(source: Source, out_path: Path, catalogue: DeviceCatalogue | None) -> Parsed:
     with open(out_path, "wb") as out:
-        return parse_file(source.path, source.kind, source.format, out)
+        return parse_file(source.path, source.kind, source.format, out, catalogue)
 
 
 async def import_file(
@@ -52,13 +54,20 @@ async def import_file(
     actor: str,
     command_id: str,
     dataset_id: str | None = None,
+    shipped: ShippedCatalogues | None = None,
 ) -> Finished:
     """Store ``source`` as a new dataset (``dataset_id`` None: its id follows from
-    ``command_id``, so a retry names the same one) or as its next version."""
+    ``command_id``, so a retry names the same one) or as its next version. Device
+    profiles must name devices of the catalogue in use (``shipped``: the versions this
+    process has)."""
     check_format(source.kind, source.format)
+    catalogue = None
+    if source.kind == "devices":
+        devices = DeviceCatalogues(bus, shipped or ShippedCatalogues())
+        catalogue = devices.content(await devices.in_use())
     with tempfile.TemporaryDirectory(prefix="tb-import-") as tmp:
         rows_path = Path(tmp) / "rows.jsonl"
-        parsed = await asyncio.to_thread(_parse, source, rows_path)
+        parsed = await asyncio.to_thread(_parse, source, rows_path, catalogue)
         if parsed.errors:
             raise RowsRefused(parsed.errors)
         object_name = await store_rows(bus, rows_path, parsed.sha256)

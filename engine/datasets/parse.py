@@ -16,8 +16,10 @@ from typing import Any, BinaryIO
 
 import msgspec
 
+from engine.datasets.columns import FAMILY_ALIASES, normalised
 from engine.datasets.tables import FileRefused, Problem, Record, records
-from schemas.datasets import ROW_TYPES, Row
+from schemas.datasets import ROW_TYPES, DeviceRow, Row
+from schemas.device_catalogue import DeviceCatalogue
 from schemas.events import DatasetFormat, DatasetKind
 from schemas.proxies import ProxyUrlInvalid, parse_proxy_url
 
@@ -46,8 +48,16 @@ class Parsed:
     more_warnings: int = 0  # duplicates past MAX_WARNINGS, counted only
 
 
-def parse_file(path: Path, kind: DatasetKind, fmt: DatasetFormat, out: BinaryIO) -> Parsed:
-    """Read ``path`` as ``fmt`` holding ``kind`` rows; write the valid rows to ``out``."""
+def parse_file(
+    path: Path,
+    kind: DatasetKind,
+    fmt: DatasetFormat,
+    out: BinaryIO,
+    catalogue: DeviceCatalogue | None = None,
+) -> Parsed:
+    """Read ``path`` as ``fmt`` holding ``kind`` rows; write the valid rows to ``out``.
+    ``catalogue``: the device catalogue in use, whose names device rows must give (None:
+    names are not checked here, only when a job uses them)."""
     parsed = Parsed()
     row_type = ROW_TYPES[kind]
     encoder = msgspec.json.Encoder()
@@ -61,6 +71,8 @@ def parse_file(path: Path, kind: DatasetKind, fmt: DatasetFormat, out: BinaryIO)
                 parsed.warnings.extend(notes)
                 notes.clear()
             row = _row(record, row_type, parsed)
+            if isinstance(row, DeviceRow) and catalogue is not None:
+                row = _known_device(row, record, catalogue, parsed)
             if row is None or parsed.errors:
                 if len(parsed.errors) >= MAX_ERRORS:
                     break
@@ -127,6 +139,16 @@ def _row(record: Record, row_type: type[Row], parsed: Parsed) -> Row | None:
     return row
 
 
+def _known_device(
+    row: DeviceRow, record: Record, catalogue: DeviceCatalogue, parsed: Parsed
+) -> DeviceRow | None:
+    if catalogue.knows(row.name):
+        return row
+    rule = f"{row.name!r} is not a device of the catalogue in use (version {catalogue.version})"
+    parsed.errors.append(Problem(record.row, "name", rule, record.place))
+    return None
+
+
 def _prepared(values: dict[str, Any]) -> dict[str, Any]:
     """Cells as the row's types take them: a proxy URL split, yes/no as booleans, a
     bypass list from ``a.com; b.com``; numbers stay text (``strict=False`` converts)."""
@@ -146,6 +168,10 @@ def _prepared(values: dict[str, Any]) -> dict[str, Any]:
     scheme = values.get("scheme")
     if isinstance(scheme, str):
         values = values | {"scheme": scheme.strip().lower()}
+    for family in ("os", "browser"):
+        if isinstance(given := values.get(family), str):
+            name = normalised(given)
+            values = values | {family: FAMILY_ALIASES.get(name, name) or None}
     return values
 
 

@@ -246,6 +246,6 @@ def _json(path: Path, kind: DatasetKind) -> Iterator[Record]:
         if not isinstance(item, dict):
             yield Record(n, f"item {n}", {"": item})
             continue
-        if kind in ("targets", "proxies"):
+        if kind != "settings":  # a settings profile's fields are the job settings' own
             item = {field_of(kind, str(k)) or normalised(str(k)): v for k, v in item.items()}
         yield Record(n, f"item {n}", item)

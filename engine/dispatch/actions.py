@@ -224,6 +224,8 @@ class ActionWriter:
             allowed_ports=ports,
             proxies=proxies,
             settings=settings_for_runners(job.settings),
+            # a runner needs the catalogue only for a device the job names
+            device_catalogue=job.device_catalogue if job.settings.devices else None,
         )
 
 

@@ -39,8 +39,9 @@ log = structlog.get_logger("tb.dispatcher.snapshot")
 # 6: job settings carry the flow behaviour (older code could not decode a job created
 # with them, so its snapshot lacks the job); 7: consents hold their ports; 8: jobs hold
 # their creator, the state the users' plans and the open external jobs; 9: consents
-# hold their claimed caps, how they were verified and whether they cover subdomains
-SNAPSHOT_FORMAT = 9
+# hold their claimed caps, how they were verified and whether they cover subdomains;
+# 10: jobs hold the device catalogue version they were created with
+SNAPSHOT_FORMAT = 10
 SNAPSHOT_OBJECT = "state"
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from engine.errors import Conflict, Rejected
 from engine.jobs.settings import check_settings
+from schemas.device_catalogue import CatalogueVersion, DeviceCatalogue
 from schemas.events import (
     Event,
     JobCancelled,
@@ -67,6 +68,7 @@ class Job:
     kind: JobKind = "flows"
     progress: int = 0  # percent an external job's worker reported
     creator: str = ""  # JobCreated's actor: whose plan the job runs on
+    device_catalogue: CatalogueVersion | None = None  # its devices resolve against this
 
     @property
     def hosts(self) -> frozenset[str]:
@@ -83,7 +85,11 @@ def target_hosts(targets: tuple[Target, ...] | list[Target]) -> frozenset[str]:
 @dataclass(frozen=True)
 class CreateJob:
     """A job of flows is created, then started (or refused) by the engine; an external
-    job has no targets and starts at once: its worker does the work, never a runner."""
+    job has no targets and starts at once: its worker does the work, never a runner.
+
+    ``device_catalogue``: the catalogue version in use, which the job records;
+    ``catalogue``: its content, that the job's device names are checked against
+    (``None``: this process does not ship it)."""
 
     job_id: str
     name: str
@@ -92,6 +98,12 @@ class CreateJob:
     platform: Platform
     kind: JobKind = "flows"
     datasets: Mapping[str, UsedVersion] = field(default_factory=dict)
+    device_catalogue: CatalogueVersion | None = None
+    catalogue: DeviceCatalogue | None = None
+
+    @property
+    def recorded_catalogue(self) -> CatalogueVersion | None:
+        return self.catalogue.ref if self.catalogue is not None else self.device_catalogue
 
 
 @dataclass(frozen=True)
@@ -221,7 +233,13 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
             if kind == "flows":
                 if not targets:
                     raise Rejected("targets", "at least one target is required")
-                check_settings(settings, target_hosts(targets))
+                check_settings(
+                    settings,
+                    target_hosts(targets),
+                    cmd.catalogue,
+                    platform,
+                    cmd.recorded_catalogue,
+                )
             created = JobCreated(
                 id=meta.id,
                 at=meta.at,
@@ -233,6 +251,7 @@ def decide(job: Job, cmd: JobCommand, meta: Meta) -> list[TbEvent]:
                 platform=platform,
                 kind=kind,
                 datasets=dict(cmd.datasets),
+                device_catalogue=cmd.recorded_catalogue,
             )
             if kind == "external":  # its worker is already at work: no runner, no consent
                 return [created, _emit(JobStarted, meta, job_id, flows_total=0, allowed_hosts=[])]
@@ -335,6 +354,7 @@ def evolve(job: Job, event: Event, seq: int = 0) -> Job:
                 created_seq=seq,
                 kind=event.kind,
                 creator=event.actor,
+                device_catalogue=event.device_catalogue,
             )
         case JobProgressed():
             job = replace(job, progress=event.percent)

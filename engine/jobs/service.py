@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from engine.bus import Appended, Bus, ConcurrencyConflict, Expect, applied_by, retry_on_conflict
+from engine.devices import DeviceCatalogues
 from engine.errors import CommandIdReused, Invalid, NotFound
 from engine.jobs.decider import (
     CancelJob,
@@ -31,6 +32,7 @@ from engine.jobs.decider import (
 )
 from schemas import subjects
 from schemas.consent_state import Consent, consent_domains, evolve_consent, governing
+from schemas.device_catalogue import ShippedCatalogues
 from schemas.events import (
     JobCancelled,
     JobCompleted,
@@ -74,8 +76,13 @@ EMITS: dict[type, tuple[type, ...]] = {
 
 @dataclass
 class JobCommands:
+    """``shipped``: the device catalogues this process has; a job records the version in
+    use (the first job of a fresh system adopts one) and its device names are checked
+    against it."""
+
     bus: Bus
     clock: Callable[[], datetime] = utcnow
+    shipped: ShippedCatalogues = field(default_factory=ShippedCatalogues)
 
     async def load(self, job_id: str) -> Job:
         return (await self._history(job_id, None))[0]
@@ -122,6 +129,8 @@ class JobCommands:
         _, before = await self._history(job_id, cmd, command_id)
         if before is not None:
             return job_id, before  # this create ran before: the same job
+        version, catalogue = await DeviceCatalogues(self.bus, self.shipped).for_new_job()
+        cmd = replace(cmd, device_catalogue=version, catalogue=catalogue)
         if allowed is not None:
             await allowed()
         try:

@@ -15,7 +15,8 @@ import pytest_asyncio
 
 from agents.human import PageTrail
 from agents.playwright_flow import PlaywrightExecutor
-from schemas.devices import DeviceProfile, Viewport, catalogue
+from schemas.device_catalogue import ShippedCatalogues
+from schemas.devices import DeviceProfile, Viewport
 from schemas.events import (
     FlowDispatched,
     LinkPick,
@@ -141,7 +142,9 @@ def reports(site_requests: list[tuple[str, dict[str, str]]]) -> list[dict[str, s
 async def test_device_profile_with_overrides_is_what_the_page_sees(
     executor: PlaywrightExecutor,
 ) -> None:
-    iphone = catalogue()["iPhone 13"]
+    shipped = ShippedCatalogues().get(1)
+    assert shipped is not None
+    iphone = shipped.devices["iPhone 13"]  # an item without a catalogue: version 1
     profile = DeviceProfile(name="iPhone 13", locale="de-DE", timezone="Europe/Berlin")
     settings = JobSettings(session_seconds=0.5, devices=(profile,), human_surfing=False)
     with recording_site(pages={"/": REPORTING_PAGE, "/report": "ok"}) as site:

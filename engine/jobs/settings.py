@@ -15,8 +15,9 @@ from schemas.families import OsName
 from schemas.values import JobSettings, Platform
 
 DEVICE_RULE = (
-    "must be 'default' or the name of a device of the catalogue in use"
-    " (e.g. 'iPhone 13', 'Pixel 7', 'Desktop Chrome'; GET /api/v1/devices lists them)"
+    "must be 'default' or the name of a Playwright device descriptor of device catalogue"
+    " version {version} (e.g. 'iPhone 13', 'Pixel 7', 'Desktop Chrome'; GET /api/v1/devices"
+    " lists them)"
 )
 RUNNER_OSES: frozenset[str] = frozenset(get_args(OsName))
 
@@ -42,7 +43,7 @@ def check_settings(
                     " shipped with this server; upgrade it, or name 'default'",
                 )
             if not catalogue.knows(device.name):
-                rule = f"{DEVICE_RULE}, version {catalogue.version}"
+                rule = DEVICE_RULE.format(version=catalogue.version)
                 raise Rejected(f"{field}.name", f"{rule} (got {device.name!r})")
         _check_families(field, device.os, device.browser, platform)
     if settings.platform_switching and len(settings.devices) < 2:

@@ -318,6 +318,7 @@ async def _stored(services: Services, uploads: Uploads, upload: Upload) -> Finis
             actor=upload.owner,
             command_id=f"upload:{upload.upload_id}",
             dataset_id=upload.dataset_id,
+            shipped=services.config.device_catalogues,
         )
 
 
@@ -370,6 +371,7 @@ class ImportController(Controller):
                     actor=reader_of(request).user_id,
                     command_id=f"import:{command_id}",
                     dataset_id=data.dataset_id,
+                    shipped=services.config.device_catalogues,
                 )
             except RowsRefused as refused:
                 return _refused(refused.errors)  # type: ignore[return-value]

@@ -28,7 +28,9 @@ class CatalogueOut(msgspec.Struct, kw_only=True):
     version: int
     source: str
     sha256: str
-    devices: int  # descriptors it holds (``default`` aside)
+    # descriptors it holds (``default`` aside); None: a version in use that this server
+    # does not ship (an older package than the one that took it)
+    devices: int | None
 
 
 class InUseOut(CatalogueOut, kw_only=True):
@@ -56,15 +58,14 @@ def _described(catalogue: DeviceCatalogue) -> CatalogueOut:
 
 
 def _status(services: Services, state: InUse) -> CatalogueStatus:
-    shipped = services.devices.shipped.get(state.version)
+    shipped = None if state.ref is None else services.devices.shipped.exactly(state.ref)
     available = services.devices.available(state)
     return CatalogueStatus(
         in_use=InUseOut(
             version=state.version,
             source=state.source,
             sha256=state.sha256,
-            # a version this server lacks is still in use: its size is not known here
-            devices=len(shipped.devices) if shipped is not None else 0,
+            devices=len(shipped.devices) if shipped is not None else None,
             adopted_at=state.adopted_at,
             adopted_by=state.adopted_by,
             seq=state.seq,

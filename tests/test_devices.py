@@ -4,24 +4,34 @@ profile's overrides win, and its os and browser families come from its descripto
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 import pytest
 from playwright.async_api import async_playwright
 
-from agents.device_context import context_options
+from agents.device_context import context_options, device_for
+from agents.executor import FlowError
 from schemas.device_catalogue import (
     CatalogueFile,
     CatalogueVersion,
     DeviceCatalogue,
     ShippedCatalogues,
+    content_sha256,
     render,
 )
 from schemas.devices import DeviceProfile, Viewport, resolve
+from schemas.events import FlowDispatched
 from schemas.families import os_of_user_agent
 from scripts.refresh_devices import next_version, ship
-from tests.device_catalogues import add_version_2, with_version_1
+from tests.device_catalogues import (
+    IPHONE,
+    IPHONE_V2_AGENT,
+    NEW_PHONE,
+    add_version_2,
+    with_version_1,
+)
 
 
 def newest() -> DeviceCatalogue:
@@ -147,3 +157,58 @@ def test_a_profile_round_trips_without_its_unset_fields() -> None:
     assert msgspec.json.decode(encoded, type=DeviceProfile) == profile
     with pytest.raises(msgspec.ValidationError, match="os"):
         msgspec.json.decode(b'{"name":"x","os":"beos"}', type=DeviceProfile)
+
+
+# -- a runner resolves a flow's device against the job's exact version ------------------
+
+
+def item(ref: CatalogueVersion | None) -> FlowDispatched:
+    return FlowDispatched(
+        id="e",
+        at=datetime.now(UTC),
+        actor="system",
+        job_id="job_1",
+        flow_id="job_1_0_0",
+        attempt=1,
+        target_index=0,
+        url="http://a.test/",
+        clicks=0,
+        session_seconds=0,
+        allowed_hosts=["a.test"],
+        seed=1,
+        device_catalogue=ref,
+    )
+
+
+def test_a_runner_resolves_against_the_items_version(tmp_path: Path) -> None:
+    shipped = with_version_1(tmp_path)
+    add_version_2(shipped)
+    first, second = shipped.get(1), shipped.get(2)
+    assert first is not None and second is not None
+    iphone = DeviceProfile(name=IPHONE)
+    assert device_for(item(second.ref), iphone, shipped).user_agent == IPHONE_V2_AGENT
+    old = device_for(item(first.ref), iphone, shipped).user_agent
+    assert old == first.devices[IPHONE]["user_agent"] != IPHONE_V2_AGENT
+    # an item from before versions: version 1
+    assert device_for(item(None), iphone, shipped).user_agent == old
+
+
+def test_a_runner_without_the_version_fails_the_flow_for_another_to_take(tmp_path: Path) -> None:
+    newer = with_version_1(tmp_path / "newer")
+    second = CatalogueVersion(version=2, sha256=content_sha256(add_version_2(newer)))
+    older = with_version_1(tmp_path / "older")
+    with pytest.raises(FlowError, match="version 2 is not shipped with this runner") as err:
+        device_for(item(second), DeviceProfile(name=IPHONE), older)
+    assert err.value.retryable
+    # the same number with other content is not that version either
+    forged = CatalogueVersion(version=1, sha256="0" * 64)
+    with pytest.raises(FlowError, match="version 1 is not shipped") as err:
+        device_for(item(forged), DeviceProfile(name=IPHONE), older)
+    assert err.value.retryable
+    # the runner's own browser needs no catalogue
+    assert device_for(item(second), DeviceProfile(), older).name == "default"
+    first = older.get(1)
+    assert first is not None
+    with pytest.raises(FlowError, match="unknown_device") as err:
+        device_for(item(first.ref), DeviceProfile(name=NEW_PHONE), older)
+    assert not err.value.retryable

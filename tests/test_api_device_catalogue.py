@@ -233,14 +233,20 @@ async def test_replicas_of_two_packages_agree_on_the_version_in_use(
     async with api(nats_server, tmp_path, old_shelf, "old.db") as old:
         add_version_2(new_shelf)
         async with api(nats_server, tmp_path, new_shelf, "new.db", token=old) as new:
-            from_old, from_new = (await old.get(CATALOGUE)).json(), (await new.get(CATALOGUE)).json()
+            from_old, from_new = (
+                (await old.get(CATALOGUE)).json(),
+                (await new.get(CATALOGUE)).json(),
+            )
             assert from_old["in_use"] == from_new["in_use"]
             assert from_old["in_use"]["version"] == 1  # the first to start adopted its newest
             assert from_old["available"] is None and from_new["available"]["version"] == 2
 
             assert (await old.post(UPDATE)).status_code == 409  # it ships nothing newer
             assert (await new.post(UPDATE)).status_code == 200
-            from_old, from_new = (await old.get(CATALOGUE)).json(), (await new.get(CATALOGUE)).json()
+            from_old, from_new = (
+                (await old.get(CATALOGUE)).json(),
+                (await new.get(CATALOGUE)).json(),
+            )
             assert from_old["in_use"] == {**from_new["in_use"], "devices": None}
             assert from_new["in_use"]["version"] == 2 and from_new["in_use"]["devices"]
 
@@ -260,17 +266,21 @@ async def test_two_admins_updating_at_once_take_the_version_once(
     bus: Bus, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     shelf = with_version_1(tmp_path / "catalogues")
-    async with api(nats_server, tmp_path, shelf, "a.db") as a:
-        async with api(nats_server, tmp_path, shelf, "b.db", token=a) as b:
-            add_version_2(shelf)
-            answers = await asyncio.gather(*(c.post(UPDATE) for c in (a, b, a, b)))
-            assert {r.status_code for r in answers} <= {200, 409}
-            assert 200 in {r.status_code for r in answers}
-            assert {r.json()["in_use"]["version"] for r in answers if r.status_code == 200} == {2}
+    async with (
+        api(nats_server, tmp_path, shelf, "a.db") as a,
+        api(nats_server, tmp_path, shelf, "b.db", token=a) as b,
+    ):
+        add_version_2(shelf)
+        answers = await asyncio.gather(*(c.post(UPDATE) for c in (a, b, a, b)))
+        assert {r.status_code for r in answers} <= {200, 409}
+        assert 200 in {r.status_code for r in answers}
+        assert {r.json()["in_use"]["version"] for r in answers if r.status_code == 200} == {2}
     assert [a.version for a in await adoptions(bus)] == [1, 2]
 
 
-async def test_engines_starting_together_adopt_once(nats_server: NatsServer, tmp_path: Path) -> None:
+async def test_engines_starting_together_adopt_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
     """Several engines, of two packages, start at once on a fresh system: one adoption."""
     older = with_version_1(tmp_path / "older")
     newer = with_version_1(tmp_path / "newer")
@@ -374,11 +384,11 @@ async def test_device_datasets_take_families_and_names_of_the_catalogue_in_use(
         assert (await client.post(UPDATE)).status_code == 200
         status, body = await upload(client, new, kind="devices", fmt="json")
         assert status == 201, body
-    created_event = [
+    (created_event, *_) = [
         env.event
         for env in await bus.load(subjects.all_jobs("JobCreated"))
         if isinstance(env.event, JobCreated)
-    ][0]
+    ]
     devices = created_event.settings.devices
     assert [(d.name, d.os, d.browser) for d in devices] == [
         (IPHONE, "ios", None),

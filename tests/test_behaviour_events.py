@@ -81,8 +81,9 @@ def test_events_written_before_the_behaviour_fields_still_decode() -> None:
     assert isinstance(visit, PageVisited) and visit.timings is None
     item = decode_stored("tb.dispatch.linux.chromium", msgspec.json.encode(old_item), None)
     assert isinstance(item, FlowDispatched) and item.settings is None
+    assert item.device_catalogue is None  # from before catalogue versions: version 1
     job = decode_stored("tb.job.job_1.JobCreated", msgspec.json.encode(old_job), FIRST)
-    assert isinstance(job, JobCreated)
+    assert isinstance(job, JobCreated) and job.device_catalogue is None
     assert job.settings.session == SessionDuration(seconds=5.0) and job.settings.page_traffic == 1
 
 

@@ -16,9 +16,11 @@ from engine.errors import Conflict, Rejected
 from engine.jobs.decider import CreateJob, Job
 from engine.jobs.decider import Meta as JobMeta
 from engine.jobs.decider import decide as decide_job
+from schemas import subjects
 from schemas.device_catalogue import CatalogueVersion, ShippedCatalogues
 from schemas.devices import DeviceProfile
-from schemas.events import DeviceCatalogueAdopted, JobCreated
+from schemas.events import DeviceCatalogueAdopted, JobCreated, encode_event
+from schemas.stored import Undecodable, decode_stored
 from schemas.values import JobSettings, Platform, Target
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -62,6 +64,17 @@ def test_the_same_version_with_other_content_is_named() -> None:
     other = AdoptCatalogue(2, "f" * 64, "elsewhere")
     with pytest.raises(Conflict, match="other content"):
         decide(state, other, META)
+
+
+def test_an_adoption_is_stored_on_its_own_subject_and_nowhere_else() -> None:
+    (event,) = decide(InUse(), offer(1, first_start=True), META)
+    subject = subjects.subject_for(event)
+    assert subject == "tb.catalogue.devices.DeviceCatalogueAdopted"
+    assert subjects.DEVICE_CATALOGUE == "tb.catalogue.devices.*"
+    assert decode_stored(subject, encode_event(event), None) == event
+    with pytest.raises(Undecodable, match="belongs on"):
+        decode_stored("tb.job.job_1.DeviceCatalogueAdopted", encode_event(event), None)
+    assert subjects.device_catalogue_msg_id(1) != subjects.device_catalogue_msg_id(2)
 
 
 def test_an_adoption_not_newer_changes_nothing_when_folded() -> None:

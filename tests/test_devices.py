@@ -40,9 +40,7 @@ def newest() -> DeviceCatalogue:
     return found
 
 
-async def test_newest_shipped_catalogue_is_the_installed_playwrights_device_descriptors() -> (
-    None
-):
+async def test_newest_shipped_catalogue_is_the_installed_playwrights_device_descriptors() -> None:
     async with async_playwright() as playwright:
         installed = {name: dict(d) for name, d in playwright.devices.items()}
     assert dict(newest().devices) == installed, "run python scripts/refresh_devices.py"
@@ -62,7 +60,8 @@ def test_the_refresh_writes_the_next_version_and_never_over_one(tmp_path: Path) 
     shipped = with_version_1(tmp_path)
     first = shipped.get(1)
     assert first is not None
-    assert next_version(shipped, dict(first.devices), "playwright x") is None
+    same = {name: dict(d) for name, d in first.devices.items()}
+    assert next_version(shipped, same, "playwright x") is None
     changed = {"Only Phone": {"user_agent": "X", "viewport": {"width": 1, "height": 1}}}
     new = next_version(shipped, changed, "playwright 2.0")
     assert new is not None and (new.version, new.source) == (2, "playwright 2.0")

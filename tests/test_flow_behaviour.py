@@ -8,14 +8,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import pytest
 import pytest_asyncio
 
 from agents.human import PageTrail
 from agents.playwright_flow import PlaywrightExecutor
-from schemas.device_catalogue import ShippedCatalogues
+from schemas.device_catalogue import CatalogueVersion, ShippedCatalogues, content_sha256
 from schemas.devices import DeviceProfile, Viewport
 from schemas.events import (
     FlowDispatched,
@@ -23,6 +25,7 @@ from schemas.events import (
     PageTimings,
 )
 from schemas.values import JobSettings, SecondsRange
+from tests.device_catalogues import IPHONE, IPHONE_V2_AGENT, add_version_2, with_version_1
 from tests.sites import recording_site
 from tests.test_executor import chromium, needs_chromium
 
@@ -161,6 +164,34 @@ async def test_device_profile_with_overrides_is_what_the_page_sees(
     assert all(h.get("x-trafficbuster") == "job-behaviour" for h in headers)  # invariant 5
     assert all(h["user-agent"].endswith(f" TrafficBuster/{VERSION}") for h in headers)
     assert result.device == "iPhone 13"
+
+
+@pytest.mark.slow
+@needs_chromium
+async def test_a_flow_presents_the_device_of_its_jobs_catalogue_version(
+    executor: PlaywrightExecutor, tmp_path: Path
+) -> None:
+    shipped = with_version_1(tmp_path)
+    second = add_version_2(shipped)
+    first = shipped.get(1)
+    assert first is not None
+    refs = (first.ref, CatalogueVersion(version=2, sha256=content_sha256(second)))
+    settings = JobSettings(
+        session_seconds=0.2, devices=(DeviceProfile(name=IPHONE),), human_surfing=False
+    )
+    before, executor.catalogues = executor.catalogues, shipped
+    try:
+        with recording_site(pages={"/": REPORTING_PAGE, "/report": "ok"}) as site:
+            for ref in refs:
+                item = work_item(f"{site.base_url}/", settings)
+                await executor.run(msgspec.structs.replace(item, device_catalogue=ref), Recorded())
+            seen = reports(site.requests)
+    finally:
+        executor.catalogues = before
+    assert [s["ua"] for s in seen] == [
+        f"{first.devices[IPHONE]['user_agent']} TrafficBuster/{VERSION}",
+        f"{IPHONE_V2_AGENT} TrafficBuster/{VERSION}",
+    ]
 
 
 @pytest.mark.slow

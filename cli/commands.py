@@ -153,7 +153,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     from api.services import ApiConfig
     from cli.consent_settings import consent_policy_from_env
 
-    warning = open_bind_warning(host, port)  # only reached with AUTH_ENABLED=false
+    warning = open_bind_warning(host, port)
     if warning:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from cli.settings import (
     uploads_config_from_env,
 )
 from cli.supervise import supervise
-from engine.bus import Bus, ConsumerSettingsRefused
+from engine.bus import Bus, ConsumerSettingsRefused, CredentialsRefused
 from schemas import subjects
 
 log = structlog.get_logger("tb.cli")
@@ -46,6 +46,8 @@ async def connect_bus(url: str, name: str) -> Bus:
     announce(f"[INFO] Connecting to NATS: {shown}")
     try:
         bus = await Bus.connect(url, name=name, config=bus_config_from_env())
+    except CredentialsRefused as err:
+        raise SystemExit(f"Authorization Violation: {err}") from None
     except Exception as err:
         raise SystemExit(f"Connection Refused: cannot reach NATS at {shown} ({err})") from None
     announce("✅ Connected to NATS")
@@ -131,17 +133,22 @@ async def run_engine(nats_url: str) -> None:
             await asyncio.wait(stuck, timeout=STOP_GRACE)
 
 
-async def refuse_without_users(nats_url: str) -> None:
-    """With no user yet, the API needs TB_ADMIN_PASSWORD for the first admin: say so and
-    stop, rather than serve an API nobody can log in to."""
+async def api_preflight(nats_url: str, *, first_admin_set: bool) -> None:
+    """Before the API serves: NATS takes its credentials (a wrong password stops it here,
+    not in a traceback from the app's start), and with no user yet TB_ADMIN_PASSWORD is
+    set for the first admin, rather than an API nobody can log in to."""
     from api.identity import NO_ADMIN_PASSWORD
     from engine.identity.service import UserCommands
 
-    bus = await Bus.connect(nats_url, name="tb-api-check")
     try:
-        await bus.provision()
-        if not await UserCommands(bus).any_user():
-            raise SystemExit(NO_ADMIN_PASSWORD)
+        bus = await Bus.connect(nats_url, name="tb-api-check")
+    except CredentialsRefused as err:
+        raise SystemExit(f"Authorization Violation: {err}") from None
+    try:
+        if not first_admin_set:
+            await bus.provision()
+            if not await UserCommands(bus).any_user():
+                raise SystemExit(NO_ADMIN_PASSWORD)
     finally:
         await bus.close()
 
@@ -168,8 +175,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         consent=consent_policy_from_env(),
         uploads=uploads_config_from_env(),
     )
-    if config.identity.admin_password is None:
-        await refuse_without_users(nats_url)
+    await api_preflight(nats_url, first_admin_set=config.identity.admin_password is not None)
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -187,6 +193,8 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     )
     announce(f"✅ API and dashboard on http://{host}:{port}/")
     await server.serve()
+    if not server.started:  # the app's start failed (logged above): not a clean stop
+        raise SystemExit(3)
 
 
 async def run_runner(

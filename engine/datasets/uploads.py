@@ -109,7 +109,15 @@ class Upload(msgspec.Struct, frozen=True, kw_only=True):
         return self.touched_at + timedelta(seconds=lifetime)
 
 
-_decode_upload = msgspec.json.Decoder(Upload).decode
+_decode_stored_upload = msgspec.json.Decoder(Upload).decode
+
+
+def _decode_upload(value: bytes, upload_id: str = "") -> Upload:
+    """The stored upload; one nobody can read is refused like one that is gone."""
+    try:
+        return _decode_stored_upload(value)
+    except msgspec.DecodeError:
+        raise NotFound("upload_id", f"upload {upload_id} is unreadable: start it again") from None
 
 
 @dataclass
@@ -194,7 +202,7 @@ class Uploads:
             raise NotFound(
                 "upload_id", f"no upload {upload_id} (finished long ago, expired or never started)"
             ) from None
-        return _decode_upload(entry.value or b"")
+        return _decode_upload(entry.value or b"", upload_id)
 
     async def _change(self, upload_id: str, change: Callable[[Upload], Upload]) -> Upload:
         """Apply ``change`` to the upload as stored, retrying when another replica wrote
@@ -205,7 +213,7 @@ class Uploads:
                 entry = await kv.get(upload_id)
             except nats.js.errors.KeyNotFoundError:
                 raise NotFound("upload_id", f"no upload {upload_id}") from None
-            changed = change(_decode_upload(entry.value or b""))
+            changed = change(_decode_upload(entry.value or b"", upload_id))
             try:
                 await kv.update(upload_id, msgspec.json.encode(changed), last=entry.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
@@ -244,7 +252,10 @@ class Uploads:
                         if entry is not None and entry.operation is not None:
                             return  # removed: the claim's retry says so
                         continue
-                    now = _decode_upload(entry.value)
+                    try:
+                        now = _decode_stored_upload(entry.value)
+                    except msgspec.DecodeError:
+                        return  # unreadable: the claim's retry says so
                     if now.finished is not None or now.finishing_until is None:
                         return
         except TimeoutError:

@@ -74,6 +74,7 @@ async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.consent import ConsentCommands
     from engine.consent.recheck import ConsentRecheck
+    from engine.datasets.collector import DatasetCollector
     from engine.dispatcher import Dispatcher
     from engine.proxies.health import ProxyHealth
 
@@ -95,6 +96,10 @@ async def run_engine(nats_url: str) -> None:
     async def consent_recheck() -> None:
         await ConsentRecheck(ConsentCommands(bus, policy=consent_policy)).run()
 
+    async def dataset_collection() -> None:
+        # a fresh one sweeps first: what a crashed one left undone is done then
+        await DatasetCollector(bus).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
@@ -103,6 +108,7 @@ async def run_engine(nats_url: str) -> None:
             ("exhausted-delivery watch", exhausted),
             ("proxy health", proxy_health),
             ("consent re-verification", consent_recheck),
+            ("dataset collection", dataset_collection),
         )
     ]
 
@@ -114,7 +120,7 @@ async def run_engine(nats_url: str) -> None:
     on_stop_signals(stop)
     announce(
         "✅ Engine running (dispatcher, exhausted-delivery watch, proxy health,"
-        " consent re-verification)"
+        " consent re-verification, dataset collection)"
     )
     stopped = asyncio.ensure_future(stopping.wait())
     try:

@@ -76,6 +76,7 @@ async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.consent import ConsentCommands
     from engine.consent.recheck import ConsentRecheck
+    from engine.datasets.collector import DatasetCollector
     from engine.dispatcher import Dispatcher
     from engine.proxies.health import ProxyHealth
 
@@ -97,6 +98,10 @@ async def run_engine(nats_url: str) -> None:
     async def consent_recheck() -> None:
         await ConsentRecheck(ConsentCommands(bus, policy=consent_policy)).run()
 
+    async def dataset_collection() -> None:
+        # a fresh one sweeps first: what a crashed one left undone is done then
+        await DatasetCollector(bus).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
@@ -105,6 +110,7 @@ async def run_engine(nats_url: str) -> None:
             ("exhausted-delivery watch", exhausted),
             ("proxy health", proxy_health),
             ("consent re-verification", consent_recheck),
+            ("dataset collection", dataset_collection),
         )
     ]
 
@@ -116,7 +122,7 @@ async def run_engine(nats_url: str) -> None:
     on_stop_signals(stop)
     announce(
         "✅ Engine running (dispatcher, exhausted-delivery watch, proxy health,"
-        " consent re-verification)"
+        " consent re-verification, dataset collection)"
     )
     stopped = asyncio.ensure_future(stopping.wait())
     try:

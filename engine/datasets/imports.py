@@ -56,12 +56,14 @@ async def import_file(
     """Store ``source`` as a new dataset (``dataset_id`` None: its id follows from
     ``command_id``, so a retry names the same one) or as its next version."""
     check_format(source.kind, source.format)
+    creating = dataset_id is None
+    dataset_id = dataset_id or dataset_id_for(command_id)
     with tempfile.TemporaryDirectory(prefix="tb-import-") as tmp:
         rows_path = Path(tmp) / "rows.jsonl"
         parsed = await asyncio.to_thread(_parse, source, rows_path)
         if parsed.errors:
             raise RowsRefused(parsed.errors)
-        object_name = await store_rows(bus, rows_path, parsed.sha256)
+        object_name = await store_rows(bus, rows_path, dataset_id, parsed.sha256)
     stored = StoredRows(
         format=source.format,
         object_name=object_name,
@@ -73,8 +75,7 @@ async def import_file(
     )
     commands = DatasetCommands(bus)
     cmd: CreateDataset | UploadVersion
-    if dataset_id is None:
-        dataset_id = dataset_id_for(command_id)
+    if creating:
         cmd = CreateDataset(dataset_id, name, source.kind, stored)
     else:
         cmd = UploadVersion(dataset_id, source.kind, stored)

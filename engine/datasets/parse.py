@@ -129,7 +129,8 @@ def _row(record: Record, row_type: type[Row], parsed: Parsed) -> Row | None:
 
 def _prepared(values: dict[str, Any]) -> dict[str, Any]:
     """Cells as the row's types take them: a proxy URL split, yes/no as booleans, a
-    bypass list from ``a.com; b.com``; numbers stay text (``strict=False`` converts)."""
+    bypass list from ``a.com; b.com``, scheme and DNS setting in lower case; numbers stay
+    text (``strict=False`` converts)."""
     if "proxy_url" in values:
         endpoint = parse_proxy_url(values["proxy_url"])
         values = {"scheme": endpoint.scheme, "host": endpoint.host, "port": endpoint.port}
@@ -143,9 +144,9 @@ def _prepared(values: dict[str, Any]) -> dict[str, Any]:
     bypass = values.get("bypass")
     if isinstance(bypass, str):
         values = values | {"bypass": [h for h in re.split(r"[\s,;]+", bypass) if h]}
-    scheme = values.get("scheme")
-    if isinstance(scheme, str):
-        values = values | {"scheme": scheme.strip().lower()}
+    for name in ("scheme", "dns"):
+        if isinstance(cell := values.get(name), str):
+            values = values | {name: cell.strip().lower()}
     return values
 
 

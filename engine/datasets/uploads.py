@@ -10,7 +10,6 @@ An upload idle longer than its lifetime is removed with its chunks by ``sweep``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -25,12 +24,13 @@ import nats.js.errors
 import structlog
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.kv import KeyValue
-from nats.js.object_store import OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
+from nats.js.object_store import ObjectStore
 
 from engine.bus import Bus
 from engine.datasets.columns import check_format
 from engine.datasets.tables import Problem
 from engine.errors import CommandIdReused, Conflict, Invalid, NotFound, Rejected
+from engine.objects import remove_object
 from schemas import subjects
 from schemas.events import DatasetFormat, DatasetKind
 from schemas.ids import new_id, utcnow
@@ -344,16 +344,9 @@ class Uploads:
             await self._drop_chunk(upload.upload_id, index)
 
     async def _drop_chunk(self, upload_id: str, index: int) -> None:
-        store = await self._chunks()
+        await self._chunks()  # the bucket exists
         name = subjects.upload_chunk_name(upload_id, index)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await store.delete(name)
-        # the deletion leaves a marker under the chunk's name: nothing of it stays
-        meta = OBJ_META_PRE_TEMPLATE.format(
-            bucket=subjects.UPLOADS_BUCKET, obj=base64.urlsafe_b64encode(name.encode()).decode()
-        )
-        stream = OBJ_STREAM_TEMPLATE.format(bucket=subjects.UPLOADS_BUCKET)
-        await self.bus.js.purge_stream(stream, subject=meta)
+        await remove_object(self.bus, subjects.UPLOADS_BUCKET, name)
 
     async def remove(self, upload: Upload) -> None:
         await self._drop_chunks(upload)

@@ -24,7 +24,7 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 from litestar.response import Stream
 
 from api.authz import access, actor_of
-from api.dataset_access import reader_of
+from api.dataset_access import Forbidden, check_changeable, reader_of
 from api.deps import services_from_state
 from api.identity import identity_of
 from api.inputs import command_id
@@ -32,7 +32,7 @@ from api.openapi import problems
 from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
-from engine.datasets.access import Reader, may_change, may_see
+from engine.datasets.access import Reader, may_see
 from engine.datasets.decider import (
     DatasetCommand,
     DeleteDataset,
@@ -42,7 +42,7 @@ from engine.datasets.decider import (
 )
 from engine.datasets.service import DatasetCommands, checked_dataset_id
 from engine.datasets.versions import fetch_rows
-from engine.errors import NotFound, Rejected
+from engine.errors import NotFound
 from engine.licences import checked_user_id
 from projections import datasets as views
 from projections.datasets import DatasetView, VersionView
@@ -59,10 +59,6 @@ UserIdPath = Annotated[
 ]
 VersionPath = Annotated[int, PathParameter(ge=1, le=1_000_000, description="a version number")]
 DatasetName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-
-
-class Forbidden(Rejected):
-    status_code = 403
 
 
 class RenameIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -99,14 +95,7 @@ async def change(
     """Run a command on a dataset the caller may change (checked against the log), once
     ``check`` (of the command's own arguments) has passed."""
     dataset = await commands.load(cmd.dataset_id)
-    if (
-        not dataset.exists
-        or dataset.deleted
-        or not may_see(reader, dataset.owner, dataset.shared_with)
-    ):
-        raise NotFound("dataset_id", f"no dataset {cmd.dataset_id}")
-    if not may_change(reader, dataset.owner):
-        raise Forbidden("dataset_id", "only its owner or an admin may change a dataset")
+    check_changeable(dataset, reader, cmd.dataset_id, "change a dataset")
     if check is not None:
         await check()
     _, appended = await commands.execute(cmd, reader.user_id, command)

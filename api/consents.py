@@ -30,6 +30,7 @@ from engine.consent.dns_txt import record_name
 from engine.consent.service import well_known_url
 from projections import queries
 from projections.queries import ConsentView
+from schemas.ids import utcnow
 from schemas.values import ConsentCaps
 
 
@@ -145,7 +146,7 @@ class ConsentController(Controller):
         return Rechecked(
             domain=result.domain,
             found=result.found.value,
-            status=result.status.value,
+            status=result.status,
             reason=result.reason,
             seq=result.appended.seq,
         )
@@ -174,6 +175,8 @@ class ConsentController(Controller):
     @get(
         "/",
         summary="Every claimed domain and its consent status, by domain, a page at a time",
+        description="`expired`: verified, but its expiry has passed; it authorises nothing"
+        " until it is verified again.",
         responses=problems(400, 409, 503),
         response_headers=PAGE_HEADERS,
     )
@@ -188,4 +191,5 @@ class ConsentController(Controller):
         await wait_for_seq(services, min_seq)
         (after,) = decode_cursor(cursor, str) if cursor is not None else (None,)
         consents = await queries.list_consents(services.db, limit=limit + 1, after=after)
-        return page(request, consents, limit, lambda consent: (consent.domain,))
+        now = utcnow()
+        return page(request, [c.at(now) for c in consents], limit, lambda c: (c.domain,))

@@ -33,13 +33,11 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, JSONBody, PathParameter
 
 from api.authz import access
-from api.dataset_access import check_import, reader_of
-from api.datasets import Forbidden
+from api.dataset_access import check_changeable, check_import, reader_of
 from api.deps import services_from_state
 from api.inputs import command_id
 from api.openapi import problems
 from api.services import Services
-from engine.datasets.access import may_change
 from engine.datasets.imports import RowsRefused, Source, import_file
 from engine.datasets.service import DatasetCommands, checked_dataset_id
 from engine.datasets.tables import Problem
@@ -184,11 +182,7 @@ async def _may_add_version(
     services: Services, request: Request[Any, Any, Any], dataset_id: str, kind: DatasetKind
 ) -> None:
     dataset = await DatasetCommands(services.bus).load(checked_dataset_id(dataset_id))
-    reader = reader_of(request)
-    if not dataset.exists or dataset.deleted:
-        raise NotFound("dataset_id", f"no dataset {dataset_id}")
-    if not may_change(reader, dataset.owner):
-        raise Forbidden("dataset_id", "only its owner or an admin may add a version")
+    check_changeable(dataset, reader_of(request), dataset_id, "add a version")
     if dataset.kind != kind:
         raise Conflict("kind", f"dataset {dataset_id} holds {dataset.kind}, not {kind}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,14 +24,15 @@ from litestar.params import JSONBody, PathParameter, QueryParameter
 from litestar.response import Stream
 
 from api.authz import access, actor_of
-from api.dataset_access import reader_of
+from api.dataset_access import Forbidden, check_changeable, reader_of
 from api.deps import services_from_state
+from api.identity import identity_of
 from api.inputs import command_id
 from api.openapi import problems
 from api.pages import PAGE_HEADERS, Cursor, Limit, decode_cursor, page
 from api.reads import MIN_SEQ_HELP, wait_for_seq
 from api.services import Services
-from engine.datasets.access import Reader, may_change, may_see
+from engine.datasets.access import Reader, may_see
 from engine.datasets.decider import (
     DatasetCommand,
     DeleteDataset,
@@ -41,7 +42,7 @@ from engine.datasets.decider import (
 )
 from engine.datasets.service import DatasetCommands, checked_dataset_id
 from engine.datasets.versions import fetch_rows
-from engine.errors import NotFound, Rejected
+from engine.errors import NotFound
 from engine.licences import checked_user_id
 from projections import datasets as views
 from projections.datasets import DatasetView, VersionView
@@ -58,10 +59,6 @@ UserIdPath = Annotated[
 ]
 VersionPath = Annotated[int, PathParameter(ge=1, le=1_000_000, description="a version number")]
 DatasetName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-
-
-class Forbidden(Rejected):
-    status_code = 403
 
 
 class RenameIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -89,18 +86,18 @@ async def visible(services: Services, reader: Reader, dataset_id: str) -> Datase
 
 
 async def change(
-    commands: DatasetCommands, reader: Reader, cmd: DatasetCommand, command: str
+    commands: DatasetCommands,
+    reader: Reader,
+    cmd: DatasetCommand,
+    command: str,
+    check: Callable[[], Awaitable[None]] | None = None,
 ) -> Changed:
-    """Run a command on a dataset the caller may change (checked against the log)."""
+    """Run a command on a dataset the caller may change (checked against the log), once
+    ``check`` (of the command's own arguments) has passed."""
     dataset = await commands.load(cmd.dataset_id)
-    if (
-        not dataset.exists
-        or dataset.deleted
-        or not may_see(reader, dataset.owner, dataset.shared_with)
-    ):
-        raise NotFound("dataset_id", f"no dataset {cmd.dataset_id}")
-    if not may_change(reader, dataset.owner):
-        raise Forbidden("dataset_id", "only its owner or an admin may change a dataset")
+    check_changeable(dataset, reader, cmd.dataset_id, "change a dataset")
+    if check is not None:
+        await check()
     _, appended = await commands.execute(cmd, reader.user_id, command)
     return Changed(dataset_id=cmd.dataset_id, seq=appended.seq)
 
@@ -251,6 +248,8 @@ class DatasetController(Controller):
     @put(
         "/{dataset_id:str}/shares/{user_id:str}",
         summary="Let a user see and use the dataset (owner or admin)",
+        description="The user must exist: sharing with a user id no user has is a 404"
+        " naming `user_id`, and nothing is recorded.",
         responses=problems(400, 403, 404, 409, 503),
         opt=access("operator"),
     )
@@ -263,7 +262,13 @@ class DatasetController(Controller):
         command_id: NamedDependency[str],
     ) -> Changed:
         cmd = ShareDataset(checked_dataset_id(dataset_id), checked_user_id(user_id))
-        return await change(commands, reader_of(request), cmd, command_id)
+
+        async def user_exists() -> None:
+            # the log, not a replica's read model: a user made a moment ago is there
+            if not (await identity_of(request).users.load(cmd.user_id)).exists:
+                raise NotFound("user_id", f"no user {cmd.user_id}")
+
+        return await change(commands, reader_of(request), cmd, command_id, user_exists)
 
     @delete(
         "/{dataset_id:str}/shares/{user_id:str}",

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from schemas.consent_state import ConsentStatus
 from schemas.values import ConsentCaps, DatasetRef, Domain, JobSettings, Platform, Target
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -99,7 +100,7 @@ class Verified(msgspec.Struct):
 class Rechecked(msgspec.Struct):
     domain: str
     found: Literal["served", "absent", "unreachable"]
-    status: Literal["none", "claimed", "verified", "failed", "revoked"]
+    status: ConsentStatus
     reason: str  # why the token was not found ("" when it was)
     seq: int
 

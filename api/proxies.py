@@ -28,6 +28,7 @@ from engine.proxies.secrets import ProxySecrets
 from engine.proxies.service import ProxyCommands, checked_proxy_id
 from projections import proxies as proxy_views
 from projections.proxies import ProxyView
+from schemas.proxies import MAX_BYPASS, ProxyDns
 from schemas.proxy_state import ProxyStatus
 from schemas.values import JobSettings, ProxyLabel
 
@@ -43,6 +44,11 @@ ProxyIdPath = Annotated[
 class RegisterProxyIn(msgspec.Struct, forbid_unknown_fields=True):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
     label: ProxyLabel | None = None
+    # hosts flows reach directly, never through this proxy (``*.example.com``: subdomains)
+    bypass: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=253)]], msgspec.Meta(max_length=MAX_BYPASS)
+    ] = []
+    dns: ProxyDns = "local"  # "proxy": the proxy is handed names, not addresses
 
     def __repr__(self) -> str:
         # the URL may hold credentials: a traceback that shows locals must not show them
@@ -61,6 +67,8 @@ class ProxyRegisteredOut(msgspec.Struct, omit_defaults=True):
     has_credentials: bool
     seq: int
     label: str | None = None
+    bypass: list[str] = []
+    dns: str = "local"
 
 
 class ProxyRetiredOut(msgspec.Struct):
@@ -103,7 +111,9 @@ class ProxyController(Controller):
         status_code=201,
         summary="Register an upstream proxy (http, https or socks5, with or without credentials)",
         description="The credentials go to the proxy secrets bucket; the event log records"
-        " only where the proxy is and whether it has credentials.",
+        " only where the proxy is, whether it has credentials, and its bypass list and DNS"
+        " setting (`local`: the runner resolves names and hands the proxy the address it"
+        " checked; `proxy`: the proxy is handed the name).",
         responses=problems(400, 403, 409, 503),
         opt=access("operator"),
     )
@@ -117,7 +127,7 @@ class ProxyController(Controller):
     ) -> ProxyRegisteredOut:
         await check_feature(services, request, "proxy_import", "url")
         event, appended = await commands.register(
-            data.url, data.label, actor_of(request), command_id
+            data.url, data.label, actor_of(request), command_id, bypass=data.bypass, dns=data.dns
         )
         return ProxyRegisteredOut(
             proxy_id=event.proxy_id,
@@ -127,6 +137,8 @@ class ProxyController(Controller):
             has_credentials=event.has_credentials,
             seq=appended.seq,
             label=event.label,
+            bypass=event.bypass,
+            dns=event.dns,
         )
 
     @get(

@@ -25,7 +25,7 @@ from cli.settings import (
     uploads_config_from_env,
 )
 from cli.supervise import supervise
-from engine.bus import Bus, ConsumerSettingsRefused
+from engine.bus import Bus, ConsumerSettingsRefused, CredentialsRefused
 from schemas import subjects
 
 log = structlog.get_logger("tb.cli")
@@ -47,6 +47,8 @@ async def connect_bus(url: str, name: str) -> Bus:
     announce(f"[INFO] Connecting to NATS: {shown}")
     try:
         bus = await Bus.connect(url, name=name, config=bus_config_from_env())
+    except CredentialsRefused as err:
+        raise SystemExit(f"Authorization Violation: {err}") from None
     except Exception as err:
         raise SystemExit(f"Connection Refused: cannot reach NATS at {shown} ({err})") from None
     announce("✅ Connected to NATS")
@@ -75,6 +77,7 @@ async def run_engine(nats_url: str) -> None:
     from engine.advisories import ExhaustedDeliveries
     from engine.consent import ConsentCommands
     from engine.consent.recheck import ConsentRecheck
+    from engine.datasets.collector import DatasetCollector
     from engine.devices import DeviceCatalogues
     from engine.dispatcher import Dispatcher
     from engine.proxies.health import ProxyHealth
@@ -103,6 +106,10 @@ async def run_engine(nats_url: str) -> None:
     async def consent_recheck() -> None:
         await ConsentRecheck(ConsentCommands(bus, policy=consent_policy)).run()
 
+    async def dataset_collection() -> None:
+        # a fresh one sweeps first: what a crashed one left undone is done then
+        await DatasetCollector(bus).run()
+
     stopping = asyncio.Event()
     components = [
         asyncio.create_task(supervise(name, run, stopping=stopping), name=name)
@@ -111,6 +118,7 @@ async def run_engine(nats_url: str) -> None:
             ("exhausted-delivery watch", exhausted),
             ("proxy health", proxy_health),
             ("consent re-verification", consent_recheck),
+            ("dataset collection", dataset_collection),
         )
     ]
 
@@ -122,7 +130,7 @@ async def run_engine(nats_url: str) -> None:
     on_stop_signals(stop)
     announce(
         "✅ Engine running (dispatcher, exhausted-delivery watch, proxy health,"
-        " consent re-verification)"
+        " consent re-verification, dataset collection)"
     )
     stopped = asyncio.ensure_future(stopping.wait())
     try:
@@ -139,17 +147,22 @@ async def run_engine(nats_url: str) -> None:
             await asyncio.wait(stuck, timeout=STOP_GRACE)
 
 
-async def refuse_without_users(nats_url: str) -> None:
-    """With no user yet, the API needs TB_ADMIN_PASSWORD for the first admin: say so and
-    stop, rather than serve an API nobody can log in to."""
+async def api_preflight(nats_url: str, *, first_admin_set: bool) -> None:
+    """Before the API serves: NATS takes its credentials (a wrong password stops it here,
+    not in a traceback from the app's start), and with no user yet TB_ADMIN_PASSWORD is
+    set for the first admin, rather than an API nobody can log in to."""
     from api.identity import NO_ADMIN_PASSWORD
     from engine.identity.service import UserCommands
 
-    bus = await Bus.connect(nats_url, name="tb-api-check")
     try:
-        await bus.provision()
-        if not await UserCommands(bus).any_user():
-            raise SystemExit(NO_ADMIN_PASSWORD)
+        bus = await Bus.connect(nats_url, name="tb-api-check")
+    except CredentialsRefused as err:
+        raise SystemExit(f"Authorization Violation: {err}") from None
+    try:
+        if not first_admin_set:
+            await bus.provision()
+            if not await UserCommands(bus).any_user():
+                raise SystemExit(NO_ADMIN_PASSWORD)
     finally:
         await bus.close()
 
@@ -161,7 +174,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     from api.services import ApiConfig
     from cli.consent_settings import consent_policy_from_env
 
-    warning = open_bind_warning(host, port)  # only reached with AUTH_ENABLED=false
+    warning = open_bind_warning(host, port)
     if warning:
         announce(warning)
     db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +190,7 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
         uploads=uploads_config_from_env(),
         device_catalogues=device_catalogues_from_env(),
     )
-    if config.identity.admin_password is None:
-        await refuse_without_users(nats_url)
+    await api_preflight(nats_url, first_admin_set=config.identity.admin_password is not None)
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -196,6 +208,8 @@ async def run_api(nats_url: str, host: str, port: int, db_path: Path) -> None:
     )
     announce(f"✅ API and dashboard on http://{host}:{port}/")
     await server.serve()
+    if not server.started:  # the app's start failed (logged above): not a clean stop
+        raise SystemExit(3)
 
 
 async def run_runner(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from cli.consent import add_consent_parser
 from cli.logs import configure_logging
-from cli.settings import api_settings_from_env, bind_refusal
+from cli.settings import api_settings_from_env, auth_refusal
 
 if TYPE_CHECKING:
     from engine.bus import Bus
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="API and dashboard address (beyond loopback only with AUTH_ENABLED=false)",
+        help="API and dashboard address (beyond loopback: put TLS in front, see deploy/)",
     )
     p.add_argument("--port", type=_port, default=8000, help="API and dashboard port")
     p.add_argument("--nats-port", type=_port, default=4222)
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="run the projector, API and dashboard")
     p.add_argument("--nats-url", type=_nats_url, required=True)
     p.add_argument(
-        "--host", default="127.0.0.1", help="beyond loopback only with AUTH_ENABLED=false"
+        "--host", default="127.0.0.1", help="beyond loopback: put TLS in front, see deploy/"
     )
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--db", type=Path, default=Path(".tb/read.db"), help="SQLite read model")
@@ -219,7 +219,7 @@ def _event_log_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in ("up", "api") and (refusal := bind_refusal(args.host)):
+    if args.command in ("up", "api") and (refusal := auth_refusal()):
         print(f"tb {args.command}: error: {refusal}", file=sys.stderr)
         sys.exit(2)
     configure_logging()

@@ -311,9 +311,19 @@ def runner_job_logs_from_env() -> bool:
     return _bool("TB_RUNNER_JOB_LOGS", True)
 
 
-def auth_disabled_explicitly() -> bool:
-    """AUTH_ENABLED=false (or 0/no/off): the operator accepts an API without login."""
-    return os.environ.get("AUTH_ENABLED", "").strip().lower() in ("false", "0", "no", "off")
+def auth_refusal() -> str | None:
+    """TB_AUTH_ENABLED (alias AUTH_ENABLED, default true): why the setting stops a start.
+
+    Login cannot be turned off: every route checks its caller, so ``false`` would promise
+    something the API does not do. Scripts use an API key instead of a login.
+    """
+    if _bool("TB_AUTH_ENABLED", True, aliases=("AUTH_ENABLED",)):
+        return None
+    return (
+        "AUTH_ENABLED=false: refused: login cannot be turned off (every route checks its"
+        " caller; AUTH_ENABLED=true is the only value). Unset it; scripts and the CLI use"
+        " an API key (X-API-Key, or TB_API_KEY for the CLI) instead of a login."
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -327,30 +337,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_refusal(host: str, flag: str = "--host") -> str | None:
-    """Why ``host`` may not be bound, or None when it may.
-
-    Until users and roles exist, nothing authenticates a request: binding beyond
-    loopback hands the API, and with it browser traffic from this machine, to anyone
-    who reaches the port.
-    """
-    if is_loopback(host) or auth_disabled_explicitly():
-        return None
-    return (
-        f"{flag} {host!r}: refused: there is no authentication yet (no users or roles), so "
-        f"anyone who reaches the port could create jobs and run browser traffic from this "
-        f"machine. Bind to loopback (127.0.0.1, ::1, localhost), or set AUTH_ENABLED=false "
-        f"to serve {host!r} without login anyway."
-    )
-
-
 def open_bind_warning(host: str, port: int) -> str | None:
-    """The one warning printed when AUTH_ENABLED=false opens the API beyond loopback."""
+    """The one warning printed when the API answers beyond loopback: it speaks plain HTTP."""
     if is_loopback(host):
         return None
     return (
-        f"WARNING: AUTH_ENABLED=false and --host {host!r}: the API on port {port} has no "
-        f"login; anyone who reaches it can create jobs and run browser traffic"
+        f"WARNING: --host {host!r}: the API on port {port} answers beyond loopback over plain"
+        f" HTTP; passwords and session tokens cross the network unencrypted unless TLS ends"
+        f" in front of it (see deploy/)"
     )
 
 

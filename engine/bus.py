@@ -21,7 +21,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -79,6 +79,16 @@ class ConcurrencyConflict(Exception):
     def __init__(self, stream_filter: str, expected: int) -> None:
         super().__init__(f"{stream_filter}: expected last sequence {expected}, it moved on")
         self.stream_filter, self.expected = stream_filter, expected
+
+
+class CredentialsRefused(Exception):
+    """The server refuses the connection's user or password: retrying cannot help."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"{url}: {reason}: NATS refuses this user and password"
+            " (check TB_NATS_USER and TB_NATS_PASSWORD, or the URL's user:password)"
+        )
 
 
 class ConsumerSettingsRefused(Exception):
@@ -157,8 +167,11 @@ class Bus:
         subscribe below its own (``engine.nats_permissions.runner_inbox``)."""
         last: dict[str, float] = {}
         shown = without_credentials(url)
+        auth_refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
         async def on_error(err: Exception) -> None:
+            if is_auth_error(err) and not auth_refused.done():
+                auth_refused.set_result(err)  # only read while the first connection is made
             # the client retries every half second: say so once per kind of error a while
             refused = isinstance(err, ConnectionRefusedError)
             key = "refused" if refused else type(err).__name__
@@ -171,17 +184,35 @@ class Bus:
             else:
                 log.warning("nats.error", error=str(err))
 
-        nc = await nats.connect(
-            url,
-            name=name,
-            connect_timeout=connect_timeout,
-            drain_timeout=5,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            error_cb=on_error,
-            inbox_prefix=inbox_prefix,
+        options: dict[str, Any] = {  # the client's annotations say int where it takes float
+            "connect_timeout": connect_timeout,
+            "reconnect_time_wait": 0.5,
+        }
+        nc = Client()
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                url,
+                name=name,
+                drain_timeout=5,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=on_error,
+                inbox_prefix=inbox_prefix,
+                **options,
+            )
         )
+        first: set[asyncio.Future[Any]] = {connecting, auth_refused}
+        try:
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not connecting.done():  # refused, or our caller gave up: stop retrying
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        if connecting.cancelled():
+            raise CredentialsRefused(shown, str(auth_refused.result()))
+        connecting.result()
         return cls(nc, config or BusConfig(), name)
 
     async def close(self) -> None:
@@ -566,6 +597,14 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         return await self.js.key_value(bucket)
+
+
+def is_auth_error(err: Exception) -> bool:
+    """The server said the user or password is wrong (nats-py reports it as text)."""
+    return (
+        isinstance(err, nats.errors.AuthorizationError)
+        or "authorization violation" in str(err).lower()
+    )
 
 
 def without_credentials(url: str) -> str:

@@ -132,7 +132,10 @@ class RunnerKeys:
             return None
         if not entry.value or entry.revision is None:
             return None
-        return _decode_record(entry.value), entry.revision
+        try:
+            return _decode_record(entry.value), entry.revision
+        except msgspec.DecodeError:
+            return None  # a record nobody can read is no key
 
     async def all(self) -> list[RunnerKeyRecord]:
         kv = await self.bucket()

@@ -1,5 +1,5 @@
-"""Read model of the proxy pool: each proxy's place, health and failures, never its
-credentials (the log does not hold them)."""
+"""Read model of the proxy pool: each proxy's place, how flows use it (bypass list, DNS
+setting), health and failures, never its credentials (the log does not hold them)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from schemas.events import (
     ProxyRestored,
     ProxyRetired,
 )
+from schemas.proxies import ProxyDns
 from schemas.proxy_state import ProxyState, ProxyStatus, evolve_proxy
 
 SCHEMA = (
@@ -42,7 +43,9 @@ SCHEMA = (
         last_failure_at TEXT,
         last_error TEXT,
         updated_at TEXT NOT NULL,
-        last_seq INTEGER NOT NULL
+        last_seq INTEGER NOT NULL,
+        bypass TEXT NOT NULL DEFAULT '[]',
+        dns TEXT NOT NULL DEFAULT 'local'
     )""",
     "CREATE INDEX IF NOT EXISTS proxies_by_label ON proxies (label)",
 )
@@ -58,6 +61,8 @@ class ProxyView(msgspec.Struct, kw_only=True, omit_defaults=True):
     host: str
     port: int
     has_credentials: bool
+    bypass: list[str] = []  # hosts its flows reach directly, not through it
+    dns: ProxyDns = "local"  # who resolves its flows' names: the runner, or the proxy
     status: ProxyStatus
     registered_at: datetime
     bad_since: datetime | None = None
@@ -81,11 +86,12 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
     pid, at = event.proxy_id, iso(event.at)
     if isinstance(event, ProxyRegistered):
         cur = await db.execute(
-            "INSERT INTO proxies (proxy_id, label, scheme, host, port, has_credentials, status,"
-            " registered_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?)"
+            "INSERT INTO proxies (proxy_id, label, scheme, host, port, has_credentials, bypass,"
+            " dns, status, registered_at, updated_at, last_seq)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?, ?)"
             " ON CONFLICT (proxy_id) DO NOTHING",
-            (pid, event.label, event.scheme, event.host, event.port, event.has_credentials, at,
-             at, env.seq),
+            (pid, event.label, event.scheme, event.host, event.port, event.has_credentials,
+             msgspec.json.encode(event.bypass).decode(), event.dns, at, at, env.seq),
         )  # fmt: skip
         return {pid} if cur.rowcount else set()
     if isinstance(event, ProxyFailed):
@@ -134,7 +140,8 @@ async def _update(
 
 
 _COLUMNS = (
-    "proxy_id, label, scheme, host, port, has_credentials, status, registered_at, bad_since,"
+    "proxy_id, label, scheme, host, port, has_credentials, bypass, dns, status, registered_at,"
+    " bad_since,"
     " bad_until, restored_at, retired_at, reason, times_marked_bad, failures, last_failure_at,"
     " last_error, updated_at"
 )
@@ -169,6 +176,9 @@ async def _views(db: aiosqlite.Connection, sql: str, params: tuple[object, ...])
     async with db.execute(sql, params) as cur:
         names = [column[0] for column in cur.description]
         rows = await cur.fetchall()
-    return [
-        msgspec.convert(dict(zip(names, row, strict=True)), ProxyView, strict=False) for row in rows
-    ]
+    views = []
+    for row in rows:
+        values = dict(zip(names, row, strict=True))
+        values["bypass"] = msgspec.json.decode(values["bypass"])
+        views.append(msgspec.convert(values, ProxyView, strict=False))
+    return views

@@ -12,7 +12,7 @@ import msgspec
 from projections.consents import domain_key
 from projections.metrics_views import RunMetrics
 from projections.runners import RunnerStatus
-from schemas.consent_state import ConsentStatus
+from schemas.consent_state import ConsentStatus, status_at
 from schemas.flow_lifecycle import FlowStatus
 from schemas.licences import DEFAULT_PLAN
 from schemas.values import JobKind, JobStatus, UsedVersion
@@ -114,7 +114,8 @@ class PlatformView(msgspec.Struct, kw_only=True):
 
 
 class ConsentView(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """``token`` is public: the domain owner publishes it to prove control."""
+    """``token`` is public: the domain owner publishes it to prove control. ``status`` is
+    the log's until ``at`` gives it as of a time (``expired`` past ``expires_at``)."""
 
     domain: str
     status: ConsentStatus
@@ -128,6 +129,10 @@ class ConsentView(msgspec.Struct, kw_only=True, omit_defaults=True):
     include_subdomains: bool = False  # asked for by the claim; granted by a DNS verification
     reason: str | None = None
     updated_at: datetime
+
+    def at(self, now: datetime) -> ConsentView:
+        """The consent as it stands at ``now``."""
+        return msgspec.structs.replace(self, status=status_at(self.status, self.expires_at, now))
 
 
 _JOB_COLUMNS = (

@@ -53,8 +53,9 @@ SCHEMA = (
 # 6: run metrics (histograms, outcomes per minute, events by type); 7: external jobs
 # (kind, progress); 8: the audit trail, datasets and schedules; 9: users' licences, and
 # jobs by their creator (running jobs per user); 10: users; 11: consents: when
-# verified, subdomains; 12: datasets folded, their shares; 14: jobs' device catalogue
-SCHEMA_VERSION = 14
+# verified, subdomains; 12: datasets folded, their shares; 14: proxies: bypass list, DNS;
+# 15: jobs' device catalogue
+SCHEMA_VERSION = 15
 
 
 class ProjectionUpdate(msgspec.Struct, frozen=True):

@@ -50,6 +50,17 @@ class ConsentStatus(StrEnum):
     VERIFIED = "verified"
     FAILED = "failed"
     REVOKED = "revoked"
+    # never folded in: what a verified consent past its expiry is at a given time
+    # (``status_at``), as every reader reports it
+    EXPIRED = "expired"
+
+
+def status_at(status: ConsentStatus, expires_at: datetime | None, now: datetime) -> ConsentStatus:
+    """A consent's status at ``now``: a verified one whose expiry has passed (or that has
+    none) is expired, and authorises nothing until it is verified again."""
+    if status == ConsentStatus.VERIFIED and (expires_at is None or expires_at <= now):
+        return ConsentStatus.EXPIRED
+    return status
 
 
 @dataclass(frozen=True)
@@ -68,12 +79,11 @@ class Consent:
     wants_subdomains: bool = False  # the claim asked to cover subdomains
     include_subdomains: bool = False  # the verification granted it (by DNS)
 
+    def status_at(self, now: datetime) -> ConsentStatus:
+        return status_at(self.status, self.expires_at, now)
+
     def valid_at(self, now: datetime) -> bool:
-        return (
-            self.status == ConsentStatus.VERIFIED
-            and self.expires_at is not None
-            and self.expires_at > now
-        )
+        return self.status_at(now) == ConsentStatus.VERIFIED
 
     @property
     def governs_itself(self) -> bool:

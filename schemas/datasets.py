@@ -7,13 +7,20 @@ the object store, never in the event log, and downloads mask it (see ``masked``)
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
 from schemas.devices import DeviceProfile
 from schemas.events import DatasetKind
-from schemas.proxies import MAX_CREDENTIAL_BYTES, SCHEMES, ProxyScheme
+from schemas.proxies import (
+    MAX_BYPASS,
+    MAX_CREDENTIAL_BYTES,
+    SCHEMES,
+    ProxyDns,
+    ProxyScheme,
+    normal_bypass_entry,
+)
 from schemas.values import JobSettings, host_is_valid, url_problem
 
 Label = Annotated[str, msgspec.Meta(max_length=200)]
@@ -45,7 +52,8 @@ Credential = Annotated[str, msgspec.Meta(max_length=MAX_CREDENTIAL_BYTES)]
 
 
 class ProxyRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One upstream proxy. ``bypass``: hosts its flows reach directly (never through it);
+    """One upstream proxy; a job pools the ``enabled`` ones. ``bypass``: hosts its flows
+    reach directly (never through it; a ``*.`` entry covers the domain's subdomains);
     ``dns``: where names are resolved, by the runner (``local``) or by the proxy."""
 
     scheme: ProxyScheme
@@ -56,10 +64,8 @@ class ProxyRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     label: Label | None = None
     country: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     enabled: bool = True
-    bypass: Annotated[
-        list[Annotated[str, msgspec.Meta(max_length=253)]], msgspec.Meta(max_length=100)
-    ] = []
-    dns: Literal["local", "proxy"] = "local"
+    bypass: Annotated[list[BypassHost], msgspec.Meta(max_length=MAX_BYPASS)] = []
+    dns: ProxyDns = "local"
 
     def __post_init__(self) -> None:
         if not host_is_valid(self.host):
@@ -67,8 +73,7 @@ class ProxyRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
         if bool(self.username) != bool(self.password):
             raise ValueError("password must be given with a username, and only with one")
         for host in self.bypass:
-            if not host_is_valid(host.removeprefix("*.")):
-                raise ValueError(f"bypass {host!r} is neither a domain name nor an IP address")
+            normal_bypass_entry(host)  # its ValueError names the entry and the rule
 
     def __repr__(self) -> str:
         return f"ProxyRow({self.scheme}://{self.host}:{self.port}, password=<hidden>)"

@@ -12,6 +12,7 @@ import msgspec
 
 from schemas.device_catalogue import CatalogueVersion, Version
 from schemas.labels import Labels
+from schemas.proxies import MAX_BYPASS, ProxyDns, normal_bypass_entry
 from schemas.values import (
     Attempt,
     AwareDatetime,
@@ -341,18 +342,25 @@ class ProxyEvent(Event, frozen=True, kw_only=True):
 
 
 class ProxyRegistered(ProxyEvent, frozen=True, kw_only=True):
-    """Where the proxy is. Its credentials (``has_credentials``) are in the proxy secrets
-    bucket under its id, never in the log."""
+    """Where the proxy is and how flows use it: ``bypass`` lists the hosts its flows reach
+    directly, ``dns`` says who resolves names (the runner, or the proxy). Its credentials
+    (``has_credentials``) are in the proxy secrets bucket under its id, never in the log."""
 
     scheme: Literal["http", "https", "socks5"]
     host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
     has_credentials: bool = False
     label: ProxyLabel | None = None
+    bypass: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=253)]], msgspec.Meta(max_length=MAX_BYPASS)
+    ] = []
+    dns: ProxyDns = "local"
 
     def __post_init__(self) -> None:
         if not host_is_valid(self.host):
             raise ValueError("host must be a domain name or an IP address")
+        for entry in self.bypass:
+            normal_bypass_entry(entry)
 
 
 class ProxyRetired(ProxyEvent, frozen=True, kw_only=True):

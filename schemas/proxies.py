@@ -1,15 +1,16 @@
 """Upstream proxies: where one is (its URL, checked), how its secret is stored, how it fails.
 
 A proxy's credentials never enter the event log: ``ProxyRegistered`` says where the
-proxy is and whether it has credentials; the whole endpoint, credentials included, is
-stored under the proxy's id in the ``tb_proxy_secrets`` bucket, where runners (and the
-engine's health check) read it. Nothing here ever puts a credential in a message,
-an error or a ``repr``.
+proxy is, whether it has credentials and how flows use it (its bypass list and DNS
+setting); the whole endpoint, credentials included, is stored under the proxy's id in
+the ``tb_proxy_secrets`` bucket, where runners (and the engine's health check) read it.
+Nothing here ever puts a credential in a message, an error or a ``repr``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 from urllib.parse import unquote, urlsplit
@@ -21,6 +22,11 @@ from schemas.values import host_is_valid
 ProxyScheme = Literal["http", "https", "socks5"]
 SCHEMES: tuple[str, ...] = get_args(ProxyScheme)
 MAX_CREDENTIAL_BYTES = 255  # SOCKS5 username/password authentication holds at most this
+# where a flow's names are resolved when it goes through the proxy: by the runner, which
+# hands the proxy the address it checked, or by the proxy, which is handed the name
+ProxyDns = Literal["local", "proxy"]
+MAX_BYPASS = 100  # hosts on one proxy's bypass list
+BYPASS_RULE = "must be a domain name, *. and a domain name, or an IP address"
 
 ProxyErrorKind = Literal["unreachable", "timeout", "auth", "refused", "protocol", "no_secret"]
 
@@ -51,11 +57,16 @@ class ProxyError(Exception):
 
 @dataclass(frozen=True)
 class ProxyEndpoint:
+    """Where a proxy is, its credentials, and how flows use it: ``bypass`` are hosts its
+    flows reach directly (normal form, ``normal_bypass``), ``dns`` who resolves names."""
+
     scheme: ProxyScheme
     host: str
     port: int
     username: str = field(default="", repr=False)  # credentials never show in a repr
     password: str = field(default="", repr=False)
+    bypass: tuple[str, ...] = ()
+    dns: ProxyDns = "local"
 
     @property
     def has_credentials(self) -> bool:
@@ -124,21 +135,57 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def normal_bypass_entry(entry: str) -> str:
+    """A bypass entry in the form hosts are compared in (lower case, no trailing dot, an
+    IPv6 address without brackets and in its short form); ``ValueError`` naming the rule."""
+    text = entry.strip().lower().rstrip(".")
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if _is_ip(text):
+        return str(ipaddress.ip_address(text))
+    name = text.removeprefix("*.")
+    if not name or _is_ip(name) or not host_is_valid(name):
+        raise ValueError(f"bypass {entry!r} {BYPASS_RULE}")
+    return text
+
+
+def normal_bypass(entries: Iterable[str]) -> tuple[str, ...]:
+    """The entries in normal form, each once, in their order; ``ValueError`` naming the
+    first that is not a host."""
+    found: dict[str, None] = {}
+    for entry in entries:
+        found.setdefault(normal_bypass_entry(entry))
+    if len(found) > MAX_BYPASS:
+        raise ValueError(f"bypass must list at most {MAX_BYPASS} hosts")
+    return tuple(found)
+
+
 # -- the secrets bucket ---------------------------------------------------------------
 
 
-class _StoredEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+# Unknown fields are refused: a runner that does not know how to apply a field (a bypass
+# list, DNS by the proxy) finds the secret unreadable and fails the flow closed. Defaults
+# are left out, so a plain endpoint reads the same to every runner.
+class _StoredEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     scheme: ProxyScheme
     host: str
     port: int
     username: str = ""
     password: str = ""
+    bypass: list[str] = []
+    dns: ProxyDns = "local"
 
 
 def encode_secret(endpoint: ProxyEndpoint) -> bytes:
     return msgspec.json.encode(
         _StoredEndpoint(
-            endpoint.scheme, endpoint.host, endpoint.port, endpoint.username, endpoint.password
+            endpoint.scheme,
+            endpoint.host,
+            endpoint.port,
+            endpoint.username,
+            endpoint.password,
+            list(endpoint.bypass),
+            endpoint.dns,
         )
     )
 
@@ -158,4 +205,16 @@ def decode_secret(data: bytes) -> ProxyEndpoint:
         or max(map(len, credentials)) > MAX_CREDENTIAL_BYTES
     ):
         raise ValueError("not a usable proxy endpoint")
-    return ProxyEndpoint(stored.scheme, stored.host, stored.port, stored.username, stored.password)
+    try:
+        bypass = normal_bypass(stored.bypass)
+    except ValueError:
+        raise ValueError("not a usable bypass list") from None
+    return ProxyEndpoint(
+        stored.scheme,
+        stored.host,
+        stored.port,
+        stored.username,
+        stored.password,
+        bypass,
+        stored.dns,
+    )

@@ -195,9 +195,18 @@ def dataset_stream_filter(dataset_id: str) -> str:
     return f"tb.dataset.{dataset_id}.*"
 
 
-def dataset_object_name(sha256: str) -> str:
-    """A version's rows in ``tb_datasets``, named by their content: one object per content."""
-    return f"rows/{sha256}.jsonl"
+def dataset_object_name(dataset_id: str, sha256: str) -> str:
+    """A version's rows in ``tb_datasets``, named by their dataset and content: a dataset
+    stores one content once, and its objects go with it (``dataset_of_object``)."""
+    return f"rows/{dataset_id}/{sha256}.jsonl"
+
+
+def dataset_of_object(object_name: str) -> str | None:
+    """The dataset an object in ``tb_datasets`` was stored for; ``None`` for one named by
+    its content alone (``rows/<sha256>.jsonl``, stored before objects were named per
+    dataset: several datasets may name it)."""
+    parts = object_name.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "rows" and parts[1] else None
 
 
 def device_catalogue_subject(event_type: str) -> str:
@@ -219,6 +228,7 @@ def upload_chunk_name(upload_id: str, index: int) -> str:
 
 
 ALL_PROXIES = "tb.proxy.>"
+ALL_DATASETS = "tb.dataset.>"
 ALL_PROXY_FAILURES = all_flows(ProxyFailed.__name__)
 ALL_DISPATCH = "tb.dispatch.>"
 

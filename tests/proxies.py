@@ -1,6 +1,8 @@
 """Local upstream proxies for tests, on loopback: an HTTP CONNECT proxy (optionally with
 Basic credentials), a SOCKS5 proxy with username and password, one that answers every
-CONNECT with 502, an HTTPS one (TLS to the proxy), and a port where nothing listens."""
+CONNECT with 502, an HTTPS one (TLS to the proxy), and a port where nothing listens.
+Each records where it was asked to connect (a name or an address, as it was handed) and
+may resolve names through a table of its own (``names``), as a proxy with its own DNS."""
 
 from __future__ import annotations
 
@@ -42,10 +44,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def _splice(
-    client: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str, port: int
+    client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    host: str,
+    port: int,
+    names: dict[str, str] | None = None,
 ) -> bool:
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection((names or {}).get(host, host), port)
     except OSError:
         return False
 
@@ -85,6 +90,7 @@ def http_proxy(
     port: int = 0,
     tls: ssl.SSLContext | None = None,
     host: str = "127.0.0.1",
+    names: dict[str, str] | None = None,
 ) -> contextlib.AbstractAsyncContextManager[LocalProxy]:
     """An HTTP CONNECT proxy (over TLS with ``tls``: an https proxy); ``answer`` other than
     200 refuses every tunnel with it."""
@@ -106,7 +112,7 @@ def http_proxy(
         if status == 200:
             host, _, port_text = target.rpartition(":")
             host = host.strip("[]")
-            if await _splice((reader, writer), host, int(port_text)):
+            if await _splice((reader, writer), host, int(port_text), names):
                 proxy.tunnels.append((host, int(port_text)))
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 return
@@ -121,7 +127,7 @@ def http_proxy(
 
 
 def socks5_proxy(
-    username: str, password: str, *, port: int = 0
+    username: str, password: str, *, port: int = 0, names: dict[str, str] | None = None
 ) -> contextlib.AbstractAsyncContextManager[LocalProxy]:
     """A SOCKS5 proxy that takes only username/password authentication (RFC 1929)."""
     proxy = LocalProxy(port)
@@ -154,7 +160,7 @@ def socks5_proxy(
             (size,) = await reader.readexactly(1)
             host = (await reader.readexactly(size)).decode()
         (port_number,) = struct.unpack("!H", await reader.readexactly(2))
-        if command != 1 or not await _splice((reader, writer), host, port_number):
+        if command != 1 or not await _splice((reader, writer), host, port_number, names):
             writer.write(b"\x05\x05\x00\x01" + bytes(6))
             await writer.drain()
             writer.close()

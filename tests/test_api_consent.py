@@ -4,6 +4,7 @@ revoke retires the token, and every answer is what the log holds."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -12,7 +13,7 @@ from engine.bus import Bus
 from engine.consent import ConsentCommands
 from engine.errors import Conflict
 from schemas import subjects
-from schemas.consent_state import ConsentStatus
+from schemas.consent_state import Consent, ConsentStatus
 from schemas.events import ConsentGiven, DomainClaimed
 from tests.api_client import client
 from tests.conftest import NatsServer
@@ -185,3 +186,32 @@ async def test_verify_appends_at_the_version_it_read_so_a_revoke_in_between_wins
     stored = [env.event for env in await bus.load(subjects.consent_stream_filter(D))]
     assert [type(e).__name__ for e in stored] == ["DomainClaimed", "ConsentGiven", "ConsentRevoked"]
     assert sum(isinstance(e, ConsentGiven) for e in stored) == 1
+
+
+async def test_a_verified_consent_past_its_expiry_is_listed_as_expired(
+    client: AsyncTestClient, nats_server: NatsServer
+) -> None:
+    now = datetime.now(UTC)
+    async with await Bus.connect(nats_server.url, name="test-write") as bus:
+        for domain, expires_at in (
+            ("old.test", now - timedelta(seconds=1)),
+            ("new.test", now + timedelta(days=1)),
+        ):
+            for n, event in enumerate((
+                DomainClaimed(id=f"{domain}-c", at=now, actor="t", domain=domain, token="tk"),
+                ConsentGiven(
+                    id=f"{domain}-g", at=now, actor="t", domain=domain,
+                    evidence=f"http://{domain}/.well-known/trafficbuster.txt",
+                    expires_at=expires_at,
+                ),
+            )):  # fmt: skip
+                seq = (await bus.append(event, msg_id=f"{domain}-{n}")).seq
+    await client.get(f"/api/v1/jobs?min_seq={seq}")
+    listed = {c["domain"]: c["status"] for c in (await client.get("/api/v1/consents")).json()}
+    assert listed == {"old.test": "expired", "new.test": "verified"}
+    # the rule every reader shares: what authorises nothing is never reported verified
+    for status in ConsentStatus:
+        for expires_at in (None, now - timedelta(seconds=1), now + timedelta(seconds=1)):
+            consent = Consent(domain="a.test", status=status, expires_at=expires_at)
+            assert (consent.status_at(now) == ConsentStatus.VERIFIED) == consent.valid_at(now)
+            assert consent.status_at(now) != ConsentStatus.VERIFIED or status == "verified"

@@ -15,7 +15,7 @@ from engine.datasets.parse import Parsed, parse_file
 from engine.datasets.versions import load_version
 from schemas import subjects
 from schemas.datasets import PASSWORD_MASK, ProxyRow, TargetRow
-from schemas.events import DatasetFormat, DatasetKind
+from schemas.events import DatasetFormat, DatasetKind, DatasetShared
 from tests.api_client import client
 from tests.conftest import NatsServer
 from tests.datasets import send_chunks, start, upload
@@ -206,15 +206,27 @@ async def test_devices_and_settings_profiles_from_json(client: AsyncTestClient) 
     assert status == 422 and body["errors"][0]["field"] == "settings.instance_count", body
 
 
-async def test_owner_renames_shares_and_deletes(client: AsyncTestClient) -> None:
+async def test_owner_renames_shares_and_deletes(
+    client: AsyncTestClient, nats_server: NatsServer
+) -> None:
     status, body = await upload(client, TARGETS, name="first")
     dataset_id = body["dataset_id"]
     r = await client.patch(f"/api/v1/datasets/{dataset_id}", json={"name": "second"})
     assert r.status_code == 200, r.text
-    r = await client.put(f"/api/v1/datasets/{dataset_id}/shares/bob")
+    nobody = await client.put(f"/api/v1/datasets/{dataset_id}/shares/bob")
+    assert (nobody.status_code, nobody.json()["field"]) == (404, "user_id"), nobody.text
+    assert nobody.json()["rule"] == "no user bob"
+    made = await client.post(
+        "/api/v1/users", json={"username": "bob", "password": "bob-password-long"}
+    )
+    assert made.status_code == 201, made.text
+    bob = made.json()["user_id"]
+    r = await client.put(f"/api/v1/datasets/{dataset_id}/shares/{bob}")
     assert r.status_code == 200, r.text
     got = await client.get(f"/api/v1/datasets/{dataset_id}", params={"min_seq": r.json()["seq"]})
-    assert got.json()["name"] == "second" and got.json()["shared_with"] == ["bob"]
+    assert got.json()["name"] == "second" and got.json()["shared_with"] == [bob]
+    shared = [e for e in await stored(nats_server, "tb.dataset.>") if isinstance(e, DatasetShared)]
+    assert [e.user_id for e in shared] == [bob]  # the refused share left nothing
     assert got.json()["owner"] == (await client.get("/api/v1/auth/me")).json()["user_id"]
     # a second version of the same dataset
     status, again = await upload(client, b"url\nhttp://c.example/\n", dataset_id=dataset_id)

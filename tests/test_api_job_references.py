@@ -9,6 +9,7 @@ from typing import Any
 from litestar.testing import AsyncTestClient
 
 from engine.bus import Bus
+from engine.proxies.secrets import ProxySecrets
 from schemas import subjects
 from schemas.events import FlowDispatched, JobCreated, decode_event
 from tests.api_client import ClientAs, Online, client, client_as, runner_online
@@ -259,10 +260,10 @@ async def test_a_running_job_unaffected_by_a_new_version_of_its_dataset(
 
 
 PROXIES = (
-    b"scheme,host,port,username,password,enabled\n"
-    b"http,10.0.0.1,3128,alice,s3cret-pw-1,yes\n"
-    b"socks5,10.0.0.2,1080,,,no\n"
-    b"https,proxy.example,8443,bob,s3cret-pw-2,yes\n"
+    b"scheme,host,port,username,password,enabled,bypass,dns\n"
+    b"http,10.0.0.1,3128,alice,s3cret-pw-1,yes,Shop.Example; *.cdn.example,\n"
+    b"socks5,10.0.0.2,1080,,,no,,\n"
+    b"https,proxy.example,8443,bob,s3cret-pw-2,yes,,Proxy\n"
 )
 
 
@@ -287,28 +288,39 @@ async def test_a_proxies_dataset_becomes_the_jobs_pool_registered_once_without_s
         assert event.datasets["proxies"].version == 1
     assert len(pools[0]) == 2 and pools[0] == pools[1]  # the disabled row is left out
     listed = (await client.get("/api/v1/proxies", params={"min_seq": r.json()["seq"]})).json()
-    assert {(p["proxy_id"], p["host"], p["has_credentials"]) for p in listed} == {
-        (pools[0][0], "10.0.0.1", True),
-        (pools[0][1], "proxy.example", True),
-    }
+    assert [
+        (p["proxy_id"], p["host"], p["has_credentials"], p.get("bypass"), p.get("dns"))
+        for p in listed
+    ] == [
+        (pools[0][0], "10.0.0.1", True, ["shop.example", "*.cdn.example"], None),
+        (pools[0][1], "proxy.example", True, None, "proxy"),
+    ]
+    # the runner reads them with the endpoint, by the id the work item names
+    secrets = ProxySecrets(bus)
+    first, second = [await secrets.get(pid) for pid in pools[0]]
+    assert first is not None and first.bypass == ("shop.example", "*.cdn.example")
+    assert second is not None and (second.dns, second.password) == ("proxy", "s3cret-pw-2")
     raw = await raw_events(bus)
     assert b"s3cret-pw" not in raw and b"alice" not in raw
 
 
-async def test_a_proxies_dataset_needs_proxy_import_and_only_what_a_pool_applies(
+async def test_a_proxies_dataset_needs_proxy_import_an_enabled_row_and_one_pool(
     client: AsyncTestClient, runner_online: Online, nats_server: NatsServer
 ) -> None:
     await runner_online()
     targets = await uploaded(client, TARGETS_V1)
-    bypassing = await uploaded(
-        client, b"scheme,host,port,bypass\nhttp,10.0.0.1,3128,a.example\n", kind="proxies"
+    disabled = await uploaded(
+        client, b"scheme,host,port,enabled\nhttp,10.0.0.1,3128,no\n", kind="proxies"
     )
     r = await client.post(
         "/api/v1/jobs",
-        json={"name": "x", "targets_dataset": ref(targets), "proxies_dataset": ref(bypassing)},
+        json={"name": "x", "targets_dataset": ref(targets), "proxies_dataset": ref(disabled)},
     )
     assert (r.status_code, r.json()["field"]) == (422, "proxies_dataset"), r.text
-    assert "bypass" in r.json()["rule"]
+    assert r.json()["rule"] == "the version has no enabled proxy"
+    bypassing = await uploaded(
+        client, b"scheme,host,port,bypass\nhttp,10.0.0.1,3128,a.example\n", kind="proxies"
+    )
     both = {
         "name": "x",
         "targets_dataset": ref(targets),

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from litestar.testing import AsyncTestClient
 
-from engine.bus import Bus
+from engine.bus import Bus, BusConfig
 from tests.api_client import JOB, client, put_presence
 from tests.test_api_metrics import a_run
 
 __all__ = ["client"]  # fixtures
+
+
+@pytest.fixture
+def bus_config() -> BusConfig:
+    """Presence that outlives the test on a loaded machine: it pages runners, not liveness."""
+    return BusConfig(ack_wait=3.0, presence_ttl=120.0)
 
 
 async def walk(client: AsyncTestClient, path: str, key: str) -> list[list[str]]:

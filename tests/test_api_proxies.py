@@ -94,6 +94,29 @@ async def test_bad_urls_are_400s_naming_the_rule_never_the_secret(
     assert (await client.get("/api/v1/proxies")).json() == []
 
 
+async def test_a_bypass_list_and_dns_setting_are_registered_with_the_proxy(
+    client: AsyncTestClient, nats_server: NatsServer
+) -> None:
+    created = await register(client, bypass=["Shop.Example.", "*.cdn.example"], dns="proxy")
+    assert (created["bypass"], created["dns"]) == (["shop.example", "*.cdn.example"], "proxy")
+    [view] = await listed(client, int(str(created["seq"])))
+    assert (view["bypass"], view["dns"]) == (["shop.example", "*.cdn.example"], "proxy")
+    async with await Bus.connect(nats_server.url, name="check") as bus:
+        kv = await bus.kv(subjects.PROXY_SECRETS_BUCKET)
+        stored = decode_secret((await kv.get(str(created["proxy_id"]))).value or b"")
+        assert (stored.bypass, stored.dns) == (("shop.example", "*.cdn.example"), "proxy")
+    for body, field in (
+        ({"url": URL, "bypass": ["*.10.0.0.1"]}, "bypass"),
+        ({"url": URL, "bypass": ["a b.example"]}, "bypass"),
+        ({"url": URL, "bypass": ["a.example"] * 101}, "bypass"),
+        ({"url": URL, "dns": "remote"}, "dns"),
+    ):
+        r = await client.post("/api/v1/proxies", json=body)
+        assert (r.status_code, r.json()["field"]) == (400, field), r.text
+        assert SECRET not in r.text
+    assert len(await listed(client, int(str(created["seq"])))) == 1
+
+
 async def test_bad_bodies_and_ids(client: AsyncTestClient) -> None:
     for body in ({"url": URL, "password": "x"}, {"url": URL, "label": "-no"}, {}):
         r = await client.post("/api/v1/proxies", json=body)

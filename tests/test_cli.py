@@ -657,40 +657,39 @@ async def test_a_consumer_that_refuses_the_new_ack_wait_stops_the_start_naming_t
 
 
 @pytest.mark.parametrize(
-    ("command", "host", "auth"), [("up", "0.0.0.0", None), ("api", "::", "true")]
+    ("command", "name", "value"),
+    [("up", "AUTH_ENABLED", "false"), ("api", "TB_AUTH_ENABLED", "0")],
 )
-def test_binding_beyond_loopback_is_refused_without_auth_enabled_false(
-    command: str, host: str, auth: str | None
-) -> None:
+def test_turning_login_off_is_refused_at_start(command: str, name: str, value: str) -> None:
     extra = ["--nats-url", "nats://127.0.0.1:1"] if command == "api" else []
-    env = {k: v for k, v in os.environ.items() if k != "AUTH_ENABLED"}
-    if auth:
-        env["AUTH_ENABLED"] = auth
+    env = {k: v for k, v in os.environ.items() if k not in ("AUTH_ENABLED", "TB_AUTH_ENABLED")}
     result = subprocess.run(
-        [*TB, command, "--host", host, *extra],
-        capture_output=True, text=True, timeout=60, env=env,
+        [*TB, command, *extra],
+        capture_output=True, text=True, timeout=60, env={**env, name: value},
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert f"--host {host!r}: refused" in result.stderr
-    assert "no authentication yet" in result.stderr and "AUTH_ENABLED=false" in result.stderr
+    assert "AUTH_ENABLED=false: refused: login cannot be turned off" in result.stderr
     assert "listens on loopback only" not in result.stdout + result.stderr
 
 
-def test_loopback_hosts_need_no_setting_and_auth_enabled_false_opens_the_rest(
+def test_auth_enabled_true_is_accepted_and_hosts_beyond_loopback_are_warned_of(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cli.settings import bind_refusal, open_bind_warning
+    from cli.settings import auth_refusal, open_bind_warning
 
+    monkeypatch.delenv("TB_AUTH_ENABLED", raising=False)
     monkeypatch.delenv("AUTH_ENABLED", raising=False)
+    assert auth_refusal() is None
+    monkeypatch.setenv("AUTH_ENABLED", "true")
+    assert auth_refusal() is None
+    monkeypatch.setenv("AUTH_ENABLED", "maybe")
+    with pytest.raises(SystemExit, match="AUTH_ENABLED: must be true or false"):
+        auth_refusal()
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"):
-        assert bind_refusal(host) is None and open_bind_warning(host, 8000) is None
+        assert open_bind_warning(host, 8000) is None
     for host in ("0.0.0.0", "", "::", "192.0.2.10", "10.0.0.1", "example.com", "localhost.evil"):
-        refusal = bind_refusal(host)
-        assert refusal and refusal.startswith(f"--host {host!r}: refused")
-    monkeypatch.setenv("AUTH_ENABLED", "false")
-    assert bind_refusal("0.0.0.0") is None
-    warning = open_bind_warning("0.0.0.0", 8000)
-    assert warning and "AUTH_ENABLED=false" in warning and "no login" in warning
+        warning = open_bind_warning(host, 8000)
+        assert warning and f"--host {host!r}" in warning and "plain HTTP" in warning
 
 
 def test_up_makes_the_admin_password_once_and_keeps_it_private(
@@ -747,7 +746,7 @@ async def test_api_alone_with_no_user_and_no_admin_password_refuses_to_start(
     assert "TB_ADMIN_PASSWORD is not set" in err.decode()
 
 
-async def test_auth_enabled_false_lets_up_past_the_host_check(tmp_path: Path) -> None:
+async def test_up_beyond_loopback_gets_past_the_host_check(tmp_path: Path) -> None:
     with socket.socket() as taken:  # the port check comes next: nothing is bound
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -757,7 +756,6 @@ async def test_auth_enabled_false_lets_up_past_the_host_check(tmp_path: Path) ->
             [*TB, "up", "--host", "0.0.0.0", "--port", str(port),
              "--nats-port", str(free_port()), "--state-dir", str(tmp_path / "tb")],
             capture_output=True, text=True, timeout=60,
-            env={**os.environ, "AUTH_ENABLED": "false"},
         )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert f"--port {port}: already in use" in result.stderr

@@ -65,3 +65,25 @@ def test_any_bytes_are_rows_or_named_problems(data: bytes, fmt: DatasetFormat) -
 )  # fmt: skip
 def test_any_json_is_rows_or_named_problems(doc: object, kind: DatasetKind) -> None:
     parsed(msgspec.json.encode(doc), kind, "json")
+
+
+def test_proxy_rows_carry_enabled_bypass_and_dns_and_a_bad_bypass_entry_names_its_row() -> None:
+    good = (
+        b"scheme,host,port,enabled,bypass,dns\n"
+        b"http,10.0.0.1,3128,no,,\n"
+        b"socks5,10.0.0.2,1080,yes,a.example; *.cdn.example [::1],Proxy\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.csv"
+        path.write_bytes(good)
+        out = io.BytesIO()
+        assert not parse_file(path, "proxies", "csv", out).errors
+        first, second = [msgspec.json.decode(line) for line in out.getvalue().splitlines()]
+        assert first == {"scheme": "http", "host": "10.0.0.1", "port": 3128, "enabled": False}
+        assert second["bypass"] == ["a.example", "*.cdn.example", "[::1]"]
+        assert second["dns"] == "proxy"
+        path.write_bytes(b"scheme,host,port,bypass,dns\nhttp,10.0.0.1,3128,*.10.0.0.1,\n"
+                         b"http,10.0.0.1,3128,,remote\n")  # fmt: skip
+        problems = parse_file(path, "proxies", "csv", io.BytesIO()).errors
+    assert [(p.row, p.field) for p in problems] == [(2, "bypass"), (3, "dns")]
+    assert "must be a domain name" in problems[0].rule

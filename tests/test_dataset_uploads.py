@@ -157,3 +157,23 @@ async def test_the_api_sweeps_an_idle_upload_away_with_its_chunks(
         assert (await client.get(url)).status_code == 404
         info = await bus.js.stream_info(f"OBJ_{subjects.UPLOADS_BUCKET}")
         assert info.state.messages == 0
+
+
+async def test_an_unreadable_upload_record_answers_404_not_500(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    data = targets_csv(10)
+    async with replica(nats_server, tmp_path, "a", 64 * 1024) as client:
+        upload = await start(client, data)
+        upload_id = upload["upload_id"]
+        async with await Bus.connect(nats_server.url, name="test") as bus:
+            kv = await bus.kv(subjects.UPLOADS_BUCKET)
+            await kv.put(upload_id, b"{garbage")
+        url = f"/api/v1/datasets/uploads/{upload_id}"
+        for answer in (
+            await client.get(url),
+            await client.put(f"{url}/chunks/0", content=data),
+            await client.post(f"{url}/finish"),
+        ):
+            assert answer.status_code == 404, answer.text
+            assert "upload_id" in answer.text and "unreadable" in answer.text

@@ -9,6 +9,8 @@ disconnect.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from engine import nats_permissions
-from engine.bus import Bus, BusConfig
+from engine.bus import Bus, BusConfig, CredentialsRefused, without_credentials
 from engine.nats_permissions import runner_inbox
 from engine.runner_keys import RunnerKeys, issue, password_for, split_key
 from schemas import subjects
@@ -363,3 +365,27 @@ async def test_a_runners_push_reader_delivers_nothing_into_a_stream_or_bucket(
         await nc.close()
     after = [(await engine.js.stream_info(s)).state.messages for s in (leases, "TB_LOGS")]
     assert after == before  # ...and what it delivers lands in no stream
+
+
+async def test_wrong_nats_credentials_stop_a_process_at_once_instead_of_retrying(
+    server: AuthorizedNats, tmp_path: Path
+) -> None:
+    wrong = server.url("engine").replace("@", "x@", 1)  # the engine's user, a wrong password
+    started = time.monotonic()
+    with pytest.raises(CredentialsRefused, match="NATS refuses this user and password"):
+        await asyncio.wait_for(Bus.connect(wrong, name="wrong"), 10)
+    assert time.monotonic() - started < 5
+    assert "x@" not in str(CredentialsRefused(without_credentials(wrong), "r"))
+    for command in (
+        ["engine", "--nats-url", wrong],
+        ["api", "--nats-url", wrong, "--db", str(tmp_path / "read.db"), "--port", "1"],
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", *command,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "TB_ADMIN_PASSWORD": "a-long-enough-password"},
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode not in (0, None), command
+        assert "NATS refuses this user and password" in err.decode(), (command, err[-600:])
+        assert "x@" not in err.decode()  # the password is not printed

@@ -2,7 +2,9 @@
 that answers every CONNECT with 502, a SOCKS5 one with username and password and a
 working HTTP one. A flow goes on with the next candidate when one fails (ProxyFailed
 each time), never connects directly, and fails with reason "proxy" when none is left;
-in a job the engine marks the failing ones bad and stops handing them out."""
+in a job the engine marks the failing ones bad and stops handing them out. A host on
+the proxy's bypass list is reached directly; a proxy that resolves names is handed the
+name; a proxies dataset's rows reach the runner with both, its disabled rows never."""
 
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ from agents.playwright_flow import PlaywrightExecutor
 from agents.proxy_failover import ProxySecretCache
 from agents.runner import Runner
 from engine.bus import Bus
+from engine.datasets.proxy_pool import pool_of
 from engine.proxies.decider import HealthPolicy
 from engine.proxies.health import ProxyHealth
 from engine.proxies.secrets import ProxySecrets
 from engine.proxies.service import ProxyCommands
 from schemas import subjects
-from schemas.events import FlowDispatched, ProxyFailed, ProxyMarkedBad
+from schemas.datasets import ProxyRow
+from schemas.events import FlowDispatched, ProxyFailed, ProxyMarkedBad, ProxyRegistered
 from schemas.proxies import ProxyEndpoint
-from schemas.values import ProxyPool, Target
+from schemas.values import DatasetRef, ProxyPool, Target
 from tests.conftest import NatsServer
 from tests.harness import embedded
 from tests.proxies import Secrets, dead_port, http_proxy, socks5_proxy
@@ -40,12 +44,15 @@ from tests.test_executor import (
     chromium,
     flow,
     needs_chromium,
+    port_of,
     site,
 )
 
 __all__ = ["chromium", "site"]
 E = TypeVar("E")
 USER, PASSWORD = "flow-user", "s3cret-Pa55word"
+# a flow on "localhost": the name consented, and each address the runner may find for it
+BY_NAME = ("localhost", "127.0.0.1", "::1")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -134,6 +141,89 @@ async def test_a_runner_that_cannot_read_proxy_secrets_fails_such_flows_closed(
         await executor.close()
     assert failed.value.reason.startswith("guard: ")
     assert site.paths() == []
+
+
+@needs_chromium
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_host_on_the_proxys_bypass_list_is_reached_directly_and_the_proxy_sees_nothing(
+    executor: PlaywrightExecutor, secrets: Secrets, site: RecordingSite
+) -> None:
+    url = site.page("/", "<h1>bypassed</h1>")
+    async with http_proxy() as upstream:
+        secrets["bypassing"] = ProxyEndpoint(
+            "http", upstream.host, upstream.port, bypass=("127.0.0.1",)
+        )
+        report = RecordedReport()
+        result = await executor.run(through(flow(url), "bypassing"), report)
+    assert result.pages == 1 and report.visits == [(url, 200)]
+    assert upstream.connections == 0 and not report.proxy_failures
+    assert site.paths() == ["/"]
+
+
+@needs_chromium
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_proxy_that_resolves_names_is_handed_the_name_not_an_address(
+    executor: PlaywrightExecutor, secrets: Secrets, site: RecordingSite
+) -> None:
+    url = site.page("/", "<h1>by name</h1>").replace("127.0.0.1", "localhost")
+    port = port_of(url)
+    async with http_proxy() as connect, socks5_proxy(USER, PASSWORD) as socks:
+        secrets["named-http"] = ProxyEndpoint("http", connect.host, connect.port, dns="proxy")
+        secrets["named-socks"] = ProxyEndpoint(
+            "socks5", socks.host, socks.port, USER, PASSWORD, dns="proxy"
+        )
+        for proxy_id in ("named-http", "named-socks"):
+            report = RecordedReport()
+            await executor.run(through(flow(url, allowed_hosts=BY_NAME), proxy_id), report)
+            assert report.visits == [(url, 200)] and not report.proxy_failures
+    # CONNECT localhost:port, and SOCKS5's domain-name address type
+    assert connect.tunnels == socks.tunnels == [("localhost", port)]
+    assert site.paths() == ["/", "/"]
+
+
+@needs_chromium
+async def test_proxy_rows_reach_the_runner_with_bypass_and_dns_and_disabled_rows_never_do(
+    bus: Bus, site: RecordingSite
+) -> None:
+    url = site.page("/", "<h1>from rows</h1>")
+    commands = ProxyCommands(bus, ProxySecrets(bus))
+    async with http_proxy() as bypassed, socks5_proxy(USER, PASSWORD) as named:
+        rows = [
+            ProxyRow(scheme="http", host="127.0.0.1", port=dead_port(), enabled=False),
+            ProxyRow(
+                scheme="http", host=bypassed.host, port=bypassed.port, bypass=["127.0.0.1"]
+            ),
+            ProxyRow(
+                scheme="socks5", host=named.host, port=named.port, username=USER,
+                password=PASSWORD, dns="proxy",
+            ),
+        ]  # fmt: skip
+        pool = await pool_of(commands, DatasetRef(id="ds_rows", version=1), rows, "test")
+        executor = PlaywrightExecutor(VERSION, proxy_secrets=ProxySecretCache(bus))
+        await executor.start()
+        try:
+            direct, by_name = RecordedReport(), RecordedReport()
+            await executor.run(through(flow(url), pool.ids[0]), direct)
+            named_url = url.replace("127.0.0.1", "localhost")
+            await executor.run(
+                through(flow(named_url, allowed_hosts=BY_NAME), pool.ids[1]), by_name
+            )
+        finally:
+            await executor.close()
+    assert len(pool.ids) == 2  # the disabled row is not registered
+    assert direct.visits == [(url, 200)] and bypassed.connections == 0
+    assert by_name.visits == [(named_url, 200)]
+    assert named.tunnels == [("localhost", port_of(url))]
+    registered = await events_of(bus, subjects.ALL_PROXIES, ProxyRegistered, 2)
+    assert [(e.proxy_id, e.bypass, e.dns) for e in registered] == [
+        (pool.ids[0], ["127.0.0.1"], "local"),
+        (pool.ids[1], [], "proxy"),
+    ]
+    stream = await bus.js.stream_info(subjects.EVENTS_STREAM)
+    for seq in range(1, stream.state.last_seq + 1):
+        assert PASSWORD.encode() not in (
+            (await bus.js.get_msg(subjects.EVENTS_STREAM, seq)).data or b""
+        )
 
 
 @pytest.mark.slow

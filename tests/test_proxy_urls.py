@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,3 +58,17 @@ def test_no_refusal_repeats_a_credential(parts: list[str]) -> None:
         parse_proxy_url(url)
     except ProxyUrlInvalid as err:
         assert MARK not in str(err) and MARK not in err.rule
+
+
+def test_a_stored_endpoint_keeps_its_bypass_list_and_dns_and_a_plain_one_reads_as_before() -> None:
+    endpoint = ProxyEndpoint("socks5", "10.0.0.1", 1080, "u", "pw", ("a.test", "*.b.test"), "proxy")
+    assert decode_secret(encode_secret(endpoint)) == endpoint
+    plain = ProxyEndpoint("http", "10.0.0.1", 3128)
+    # what a runner that knows no bypass list or DNS setting reads, written as before
+    assert encode_secret(plain) == b'{"scheme":"http","host":"10.0.0.1","port":3128}'
+    # a field a runner does not know how to apply makes the secret unreadable: such a
+    # runner fails the flow closed rather than ignore it
+    unknown = b'{"scheme":"http","host":"10.0.0.1","port":3128,"route":"x"}'
+    for data in (unknown, encode_secret(plain).replace(b"}", b',"bypass":["*.10.0.0.1"]}')):
+        with pytest.raises(ValueError, match="not a"):
+            decode_secret(data)

@@ -5,7 +5,9 @@ token as proxy username and password), so each connection is known to belong to 
 flow. ``CONNECT`` tunnels (https, wss, and ws: Chromium tunnels those too) and plain
 http requests are checked against that flow's consented host:port pairs, the name is
 resolved here (or taken from the flow's host map) and every address is checked again
-before connecting (``agents.egress.rule``). No TLS interception: a tunnel carries the
+before connecting (``agents.egress.rule``), whichever way the connection then leaves
+(``agents.egress.route``: directly, or through the flow's upstream proxy by address or,
+for a proxy that resolves names, by name). No TLS interception: a tunnel carries the
 browser's own TLS. A refusal answers 403 and is reported to the flow; a revoked host's
 open tunnels are cut at once.
 """
@@ -49,7 +51,7 @@ from agents.egress.rule import (
     as_address,
     normal_host,
 )
-from agents.egress.upstream import open_upstream
+from agents.egress.upstream import Destination, NameRefused, open_upstream
 from agents.executor import AllowedHosts
 from agents.proxy_failover import FlowProxies, ProxiesExhausted
 from engine.proxies.tunnel import Streams
@@ -125,11 +127,34 @@ class FlowEgress:
         return len(chosen)
 
 
-class EgressProxy:
-    """An HTTP proxy on loopback that admits each flow's consented host:port pairs only."""
+Resolver = Callable[[str, int], Awaitable[list[IpAddress]]]
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+
+async def system_resolve(host: str, port: int) -> list[IpAddress]:
+    """The addresses the system resolver gives for ``host``, each once; none when it fails."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except OSError:
+        return []
+    found: list[IpAddress] = []
+    for *_, sockaddr in infos:
+        address = as_address(str(sockaddr[0]))
+        if address is not None and address not in found:
+            found.append(address)
+    return found
+
+
+class EgressProxy:
+    """An HTTP proxy on loopback that admits each flow's consented host:port pairs only;
+    ``resolve`` is how it finds a name's addresses (the system resolver)."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, resolve: Resolver = system_resolve
+    ) -> None:
         self.host, self.port = host, port
+        self.resolve = resolve
         self._server: asyncio.Server | None = None
         self._flows: dict[str, FlowEgress] = {}
         self._handlers: set[asyncio.Task[None]] = set()
@@ -387,27 +412,30 @@ class EgressProxy:
         if not addresses:
             await self._refuse(flow, writer, host, port, Refusal.UNRESOLVED, head)
             return None
-        allowed = [a for a in addresses if allow_address(a, port, hosts, flow.ports) is None]
+        verdicts = [allow_address(a, port, hosts, flow.ports) for a in addresses]
+        allowed = tuple(a for a, verdict in zip(addresses, verdicts, strict=True) if not verdict)
+        refused = next((verdict for verdict in verdicts if verdict), None)
         if not allowed:
-            reason = allow_address(addresses[0], port, hosts, flow.ports) or Refusal.PRIVATE
-            await self._refuse(flow, writer, host, port, reason, head)
+            await self._refuse(flow, writer, host, port, refused or Refusal.PRIVATE, head)
             return None
-        last: Exception | None = None
+        fixed = host in flow.host_map or as_address(host) is not None
+        destination = Destination(host, port, allowed, refused, address_fixed=fixed)
         task = asyncio.current_task()
         assert task is not None
-        for address in allowed:
-            flow.opening[task] = host
-            try:
-                return await open_upstream(flow.proxies, address, port)
-            except ProxiesExhausted:
-                log.info("egress.proxies_exhausted", flow=flow.label, host=host, port=port)
-                await respond(writer, 502, "Bad Gateway", close=True)
-                return None
-            except (OSError, TimeoutError) as err:
-                last = err
-            finally:
-                flow.opening.pop(task, None)
-        log.debug("egress.connect_failed", flow=flow.label, host=host, port=port, error=repr(last))
+        flow.opening[task] = host
+        try:
+            return await open_upstream(flow.proxies, destination)
+        except ProxiesExhausted:
+            log.info("egress.proxies_exhausted", flow=flow.label, host=host, port=port)
+        except NameRefused as err:
+            await self._refuse(flow, writer, host, port, err.reason, head)
+            return None
+        except (OSError, TimeoutError) as err:
+            log.debug(
+                "egress.connect_failed", flow=flow.label, host=host, port=port, error=repr(err)
+            )
+        finally:
+            flow.opening.pop(task, None)
         await respond(writer, 502, "Bad Gateway", close=True)
         return None
 
@@ -416,18 +444,7 @@ class EgressProxy:
             return [mapped]
         if (literal := as_address(host)) is not None:
             return [literal]
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
-        except OSError:
-            return []
-        found: list[IpAddress] = []
-        for *_, sockaddr in infos:
-            address = as_address(str(sockaddr[0]))
-            if address is not None and address not in found:
-                found.append(address)
-        return found
+        return await self.resolve(host, port)
 
     async def _refuse(
         self,

@@ -65,12 +65,14 @@ async def import_file(
     if source.kind == "devices":
         devices = DeviceCatalogues(bus, shipped or ShippedCatalogues())
         catalogue = devices.content(await devices.in_use())
+    creating = dataset_id is None
+    dataset_id = dataset_id or dataset_id_for(command_id)
     with tempfile.TemporaryDirectory(prefix="tb-import-") as tmp:
         rows_path = Path(tmp) / "rows.jsonl"
         parsed = await asyncio.to_thread(_parse, source, rows_path, catalogue)
         if parsed.errors:
             raise RowsRefused(parsed.errors)
-        object_name = await store_rows(bus, rows_path, parsed.sha256)
+        object_name = await store_rows(bus, rows_path, dataset_id, parsed.sha256)
     stored = StoredRows(
         format=source.format,
         object_name=object_name,
@@ -82,8 +84,7 @@ async def import_file(
     )
     commands = DatasetCommands(bus)
     cmd: CreateDataset | UploadVersion
-    if dataset_id is None:
-        dataset_id = dataset_id_for(command_id)
+    if creating:
         cmd = CreateDataset(dataset_id, name, source.kind, stored)
     else:
         cmd = UploadVersion(dataset_id, source.kind, stored)

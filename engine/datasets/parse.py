@@ -151,7 +151,8 @@ def _known_device(
 
 def _prepared(values: dict[str, Any]) -> dict[str, Any]:
     """Cells as the row's types take them: a proxy URL split, yes/no as booleans, a
-    bypass list from ``a.com; b.com``; numbers stay text (``strict=False`` converts)."""
+    bypass list from ``a.com; b.com``, scheme and DNS setting in lower case, os and
+    browser families as profiles name them; numbers stay text (``strict=False`` converts)."""
     if "proxy_url" in values:
         endpoint = parse_proxy_url(values["proxy_url"])
         values = {"scheme": endpoint.scheme, "host": endpoint.host, "port": endpoint.port}
@@ -165,9 +166,9 @@ def _prepared(values: dict[str, Any]) -> dict[str, Any]:
     bypass = values.get("bypass")
     if isinstance(bypass, str):
         values = values | {"bypass": [h for h in re.split(r"[\s,;]+", bypass) if h]}
-    scheme = values.get("scheme")
-    if isinstance(scheme, str):
-        values = values | {"scheme": scheme.strip().lower()}
+    for name in ("scheme", "dns"):
+        if isinstance(cell := values.get(name), str):
+            values = values | {name: cell.strip().lower()}
     for family in ("os", "browser"):
         if isinstance(given := values.get(family), str):
             name = normalised(given)

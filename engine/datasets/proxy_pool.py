@@ -1,5 +1,6 @@
 """A proxies dataset version as a job's proxy pool: each enabled row registered as a proxy
-(credentials to the secrets bucket, never the log), the job pooling them by id.
+(credentials to the secrets bucket, never the log; its bypass list and DNS setting with
+it), the job pooling them by id. A disabled row is not registered.
 
 The registration of row n of a version is a keyed command (``dataset-proxy:<id>:<v>:<n>``),
 so every job made from that version pools the same proxies, registered once, and their
@@ -25,15 +26,7 @@ def proxy_url(row: ProxyRow) -> str:
 
 
 def _usable(rows: list[ProxyRow]) -> list[tuple[int, ProxyRow]]:
-    """The enabled rows with their row index; a row asking for what the pool does not
-    apply (a bypass list, names resolved by the proxy) refuses the version whole."""
-    for n, row in enumerate(rows):
-        if row.bypass or row.dns != "local":
-            what = "a bypass list" if row.bypass else "dns by the proxy"
-            raise Rejected(
-                "proxies_dataset",
-                f"row {n + 1} asks for {what}, which a job's proxy pool does not apply",
-            )
+    """The enabled rows with their row index."""
     enabled = [(n, row) for n, row in enumerate(rows) if row.enabled]
     if not enabled:
         raise Rejected("proxies_dataset", "the version has no enabled proxy")
@@ -50,7 +43,12 @@ async def pool_of(
     ids: list[str] = []
     for n, row in _usable(rows):
         event, _ = await commands.register(
-            proxy_url(row), None, actor, f"dataset-proxy:{ref.id}:{ref.version}:{n}"
+            proxy_url(row),
+            None,
+            actor,
+            f"dataset-proxy:{ref.id}:{ref.version}:{n}",
+            bypass=row.bypass,
+            dns=row.dns,
         )
         ids.append(event.proxy_id)
     return ProxyPool(ids=ids)

@@ -10,7 +10,6 @@ An upload idle longer than its lifetime is removed with its chunks by ``sweep``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -25,12 +24,13 @@ import nats.js.errors
 import structlog
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.kv import KeyValue
-from nats.js.object_store import OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
+from nats.js.object_store import ObjectStore
 
 from engine.bus import Bus
 from engine.datasets.columns import check_format
 from engine.datasets.tables import Problem
 from engine.errors import CommandIdReused, Conflict, Invalid, NotFound, Rejected
+from engine.objects import remove_object
 from schemas import subjects
 from schemas.events import DatasetFormat, DatasetKind
 from schemas.ids import new_id, utcnow
@@ -109,7 +109,15 @@ class Upload(msgspec.Struct, frozen=True, kw_only=True):
         return self.touched_at + timedelta(seconds=lifetime)
 
 
-_decode_upload = msgspec.json.Decoder(Upload).decode
+_decode_stored_upload = msgspec.json.Decoder(Upload).decode
+
+
+def _decode_upload(value: bytes, upload_id: str = "") -> Upload:
+    """The stored upload; one nobody can read is refused like one that is gone."""
+    try:
+        return _decode_stored_upload(value)
+    except msgspec.DecodeError:
+        raise NotFound("upload_id", f"upload {upload_id} is unreadable: start it again") from None
 
 
 @dataclass
@@ -194,7 +202,7 @@ class Uploads:
             raise NotFound(
                 "upload_id", f"no upload {upload_id} (finished long ago, expired or never started)"
             ) from None
-        return _decode_upload(entry.value or b"")
+        return _decode_upload(entry.value or b"", upload_id)
 
     async def _change(self, upload_id: str, change: Callable[[Upload], Upload]) -> Upload:
         """Apply ``change`` to the upload as stored, retrying when another replica wrote
@@ -205,7 +213,7 @@ class Uploads:
                 entry = await kv.get(upload_id)
             except nats.js.errors.KeyNotFoundError:
                 raise NotFound("upload_id", f"no upload {upload_id}") from None
-            changed = change(_decode_upload(entry.value or b""))
+            changed = change(_decode_upload(entry.value or b"", upload_id))
             try:
                 await kv.update(upload_id, msgspec.json.encode(changed), last=entry.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
@@ -244,7 +252,10 @@ class Uploads:
                         if entry is not None and entry.operation is not None:
                             return  # removed: the claim's retry says so
                         continue
-                    now = _decode_upload(entry.value)
+                    try:
+                        now = _decode_stored_upload(entry.value)
+                    except msgspec.DecodeError:
+                        return  # unreadable: the claim's retry says so
                     if now.finished is not None or now.finishing_until is None:
                         return
         except TimeoutError:
@@ -333,16 +344,9 @@ class Uploads:
             await self._drop_chunk(upload.upload_id, index)
 
     async def _drop_chunk(self, upload_id: str, index: int) -> None:
-        store = await self._chunks()
+        await self._chunks()  # the bucket exists
         name = subjects.upload_chunk_name(upload_id, index)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await store.delete(name)
-        # the deletion leaves a marker under the chunk's name: nothing of it stays
-        meta = OBJ_META_PRE_TEMPLATE.format(
-            bucket=subjects.UPLOADS_BUCKET, obj=base64.urlsafe_b64encode(name.encode()).decode()
-        )
-        stream = OBJ_STREAM_TEMPLATE.format(bucket=subjects.UPLOADS_BUCKET)
-        await self.bus.js.purge_stream(stream, subject=meta)
+        await remove_object(self.bus, subjects.UPLOADS_BUCKET, name)
 
     async def remove(self, upload: Upload) -> None:
         await self._drop_chunks(upload)

@@ -1,5 +1,6 @@
 """Stored versions: a version's rows as JSON lines in the ``tb_datasets`` object store,
-named by their sha256, so one content is stored once and never changes.
+named by their dataset and sha256, so a dataset stores one content once and it never
+changes; a deleted dataset's objects are collected (``engine.datasets.collector``).
 
 ``load_version`` is how the engine (a job naming ``{id, version}``) reads the rows back.
 """
@@ -28,10 +29,11 @@ class VersionCorrupt(Exception):
     """The stored rows do not hash to what the version recorded."""
 
 
-async def store_rows(bus: Bus, path: Path, sha256: str) -> str:
-    """Put the rows file into the object store under its content name (once)."""
+async def store_rows(bus: Bus, path: Path, dataset_id: str, sha256: str) -> str:
+    """Put the rows file into the object store under the dataset's name for its content
+    (once)."""
     store = await bus.js.object_store(subjects.DATASETS_BUCKET)
-    name = subjects.dataset_object_name(sha256)
+    name = subjects.dataset_object_name(dataset_id, sha256)
     try:
         await store.get_info(name)
     except nats.js.errors.ObjectNotFoundError:
@@ -94,6 +96,7 @@ async def opened_version(
 
 async def load_version(bus: Bus, dataset_id: str, version: int) -> LoadedVersion:
     """Every row of one version of a dataset (``NotFound`` naming what is missing),
-    checked against the sha256 the version recorded; deleted datasets' versions too."""
+    checked against the sha256 the version recorded; a deleted dataset's versions too,
+    until its objects are collected."""
     async with opened_version(bus, dataset_id, version) as (kind, rows):
         return LoadedVersion(dataset_id, version, kind, list(rows))

@@ -8,8 +8,6 @@ Every replica follows the bucket with a watch, so a revoked key stops working on
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import secrets
@@ -18,15 +16,13 @@ from dataclasses import dataclass, field
 import msgspec
 import nats.errors
 import nats.js.errors
-import structlog
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from engine.errors import Invalid
 from engine.identity.users import ROLES
+from engine.kv_mirror import KvMirror
 from schemas.events import Role
 from schemas.ids import is_valid_id, short_id
-
-log = structlog.get_logger("tb.identity")
 
 KEY_PREFIX = "tbk"
 SCOPES: dict[str, Role | None] = {
@@ -80,43 +76,26 @@ def _sha(secret: str) -> str:
 _decode = msgspec.json.Decoder(ApiKey).decode
 
 
+def _decoded(value: bytes) -> ApiKey | None:
+    try:
+        return _decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # a record nobody can read grants nothing
+
+
 @dataclass
 class ApiKeys:
     kv: KeyValue
-    _cache: dict[str, ApiKey] = field(default_factory=dict)
-    _task: asyncio.Task[None] | None = None
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    held: KvMirror[ApiKey] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.held = KvMirror(self.kv, _decode, "api_keys")
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="api-keys-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        await self.held.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        while True:
-            try:
-                watcher = await self.kv.watchall()
-                try:
-                    async for entry in watcher:
-                        if entry is None:
-                            self._ready.set()
-                        elif entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                            self._cache.pop(entry.key, None)
-                        else:
-                            self._cache[entry.key] = _decode(entry.value)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
-            except asyncio.CancelledError:
-                raise
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
-                log.warning("api_keys.watch_restart", error=str(err))
-                await asyncio.sleep(0.5)
+        await self.held.stop()
 
     async def create(
         self, user_id: str, name: str, scopes: list[str], now: float
@@ -132,7 +111,7 @@ class ApiKeys:
             secret_sha256=_sha(secret),
         )
         await self.kv.create(key_id, msgspec.json.encode(record))
-        self._cache[key_id] = record
+        self.held.hold(key_id, record)
         return f"{KEY_PREFIX}.{key_id}.{secret}", record
 
     async def find(self, key: str) -> ApiKey | None:
@@ -142,15 +121,14 @@ class ApiKeys:
         key_id, _, secret = rest.partition(".")
         if prefix != KEY_PREFIX or not is_valid_id(key_id) or not secret:
             return None
-        record = self._cache.get(key_id)
+        record = self.held.get(key_id)
         if record is None:
             try:
                 entry = await self.kv.get(key_id)
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.BadRequestError):
                 return None
-            if not entry.value:
+            if not entry.value or (record := _decoded(entry.value)) is None:
                 return None
-            record = _decode(entry.value)
         if not hmac.compare_digest(_sha(secret), record.secret_sha256):
             return None
         return record
@@ -158,7 +136,7 @@ class ApiKeys:
     async def exists(self, key_id: str) -> bool:
         """Whether the key is live (one made a moment ago on another replica is read from
         the bucket)."""
-        if key_id in self._cache:
+        if self.held.get(key_id) is not None:
             return True
         try:
             entry = await self.kv.get(key_id)
@@ -167,12 +145,12 @@ class ApiKeys:
         return bool(entry.value)
 
     def get(self, key_id: str) -> ApiKey | None:
-        return self._cache.get(key_id)
+        return self.held.get(key_id)
 
     def listed(self, user_id: str | None = None) -> list[ApiKey]:
-        keys = [k for k in self._cache.values() if user_id is None or k.user_id == user_id]
+        keys = [k for _, k in self.held.items() if user_id is None or k.user_id == user_id]
         return sorted(keys, key=lambda k: k.created)
 
     async def revoke(self, key_id: str) -> None:
         await self.kv.delete(key_id)
-        self._cache.pop(key_id, None)
+        self.held.forget(key_id)

@@ -9,7 +9,6 @@ random id, is what events and logs name.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -19,12 +18,10 @@ from dataclasses import dataclass, field
 import msgspec
 import nats.errors
 import nats.js.errors
-import structlog
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
+from engine.kv_mirror import KvMirror
 from schemas.events import SessionKind
-
-log = structlog.get_logger("tb.identity")
 
 TOKEN_PREFIX = "tbs_"
 
@@ -72,25 +69,31 @@ Ended = Callable[[Session], None]
 Started = Callable[[str, Session], None]
 
 
+def _decoded(value: bytes) -> Session | None:
+    try:
+        return _decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # a session nobody can read lets nobody in
+
+
 @dataclass
 class Sessions:
     kv: KeyValue
     policy: SessionPolicy = SessionPolicy()
-    _cache: dict[str, Session] = field(default_factory=dict)
+    held: KvMirror[Session] = field(init=False)
     _listeners: list[Ended] = field(default_factory=list)
     _started: list[Started] = field(default_factory=list)
-    _task: asyncio.Task[None] | None = None
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.held = KvMirror(
+            self.kv, _decode, "sessions", on_put=self._heard, on_delete=self._ended
+        )
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="sessions-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        await self.held.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.held.stop()
 
     def on_end(self, listener: Ended) -> None:
         self._listeners.append(listener)
@@ -100,37 +103,17 @@ class Sessions:
         on another replica, or one that was there when the watch began)."""
         self._started.append(listener)
 
-    async def _follow(self) -> None:
-        while True:
-            try:
-                watcher = await self.kv.watchall()
-                try:
-                    async for entry in watcher:
-                        if entry is None:
-                            self._ready.set()
-                            continue
-                        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                            self._forget(entry.key)
-                        else:
-                            fresh = entry.key not in self._cache
-                            session = self._cache[entry.key] = _decode(entry.value)
-                            if fresh:
-                                for listener in self._started:
-                                    listener(entry.key, session)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
-            except asyncio.CancelledError:
-                raise
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
-                log.warning("sessions.watch_restart", error=str(err))
-                await asyncio.sleep(0.5)
+    def _heard(self, key: str, session: Session, fresh: bool) -> None:
+        if fresh:
+            for listener in self._started:
+                listener(key, session)
+
+    def _ended(self, key: str, session: Session) -> None:
+        for listener in self._listeners:
+            listener(session)
 
     def _forget(self, key: str) -> None:
-        session = self._cache.pop(key, None)
-        if session is not None:
-            for listener in self._listeners:
-                listener(session)
+        self.held.forget(key)
 
     async def create(
         self, user_id: str, session_id: str, kind: SessionKind, now: float
@@ -146,22 +129,21 @@ class Sessions:
         )
         key = token_key(token)
         await self.kv.put(key, msgspec.json.encode(session))
-        self._cache[key] = session
+        self.held.hold(key, session)
         return token, session
 
     async def find(self, token: str, now: float) -> Session | None:
         """The live session of this token; one made a moment ago on another replica is
         read from the bucket when the watch has not brought it yet."""
         key = token_key(token)
-        session = self._cache.get(key)
+        session = self.held.get(key)
         if session is None:
             try:
                 entry = await self.kv.get(key)
             except nats.js.errors.KeyNotFoundError:
                 return None
-            if not entry.value:
+            if not entry.value or (session := _decoded(entry.value)) is None:
                 return None
-            session = _decode(entry.value)
         if expiry_reason(session, now, self.policy) is not None:
             return None
         if now - session.last_seen >= self.policy.touch_every:
@@ -176,21 +158,21 @@ class Sessions:
         except nats.js.errors.KeyNotFoundError:
             self._forget(key)
             return None
-        if not entry.value:
+        if not entry.value or (stored := _decoded(entry.value)) is None:
             return None
-        session = msgspec.structs.replace(_decode(entry.value), last_seen=now)
+        session = msgspec.structs.replace(stored, last_seen=now)
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
             await self.kv.update(key, msgspec.json.encode(session), last=entry.revision)
-            self._cache[key] = session
+            self.held.hold(key, session)
         return session
 
     def of_user(self, user_id: str) -> list[tuple[str, Session]]:
-        return [(k, s) for k, s in self._cache.items() if s.user_id == user_id]
+        return [(k, s) for k, s in self.held.items() if s.user_id == user_id]
 
     def expired(self, now: float) -> list[tuple[str, Session, str]]:
         return [
             (k, s, reason)
-            for k, s in list(self._cache.items())
+            for k, s in list(self.held.items())
             if (reason := expiry_reason(s, now, self.policy)) is not None
         ]
 
@@ -200,6 +182,6 @@ class Sessions:
 
     async def end_token(self, token: str) -> Session | None:
         key = token_key(token)
-        session = self._cache.get(key)
+        session = self.held.get(key)
         await self.end(key)
         return session

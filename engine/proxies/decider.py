@@ -27,7 +27,7 @@ from schemas.events import (
     ProxyRestored,
     ProxyRetired,
 )
-from schemas.proxies import ProxyScheme
+from schemas.proxies import ProxyDns, ProxyScheme
 from schemas.proxy_state import ProxyFailure, ProxyState, ProxyStatus
 
 __all__ = [
@@ -69,6 +69,8 @@ class RegisterProxy:
     port: int
     has_credentials: bool
     label: str | None = None
+    bypass: tuple[str, ...] = ()
+    dns: ProxyDns = "local"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ def decide(
                     port=cmd.port,
                     has_credentials=cmd.has_credentials,
                     label=cmd.label,
+                    bypass=list(cmd.bypass),
+                    dns=cmd.dns,
                 )
             ]
         case RetireProxy(reason=reason):

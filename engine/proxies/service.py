@@ -1,9 +1,10 @@
 """Proxy commands at the edge: register and retire, read-decide-append on ``tb.proxy.<id>.*``.
 
-Registering stores the endpoint with its credentials in the secrets bucket first (only
-if nothing else is stored under the id), then appends ``ProxyRegistered``, which says
-where the proxy is and whether it has credentials, never what they are. A runner that
-finds the id in a work item therefore always finds its secret. Retiring appends
+Registering stores the endpoint with its credentials, bypass list and DNS setting in the
+secrets bucket first (only if nothing else is stored under the id), then appends
+``ProxyRegistered``, which says where the proxy is, how flows use it and whether it has
+credentials, never what they are. A runner that finds the id in a work item therefore
+always finds its secret, and with it how to use the proxy. Retiring appends
 ``ProxyRetired``, then purges the secret.
 
 Every command carries an id (the caller's ``Idempotency-Key``, or one minted once per
@@ -13,8 +14,9 @@ the same proxy.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -25,7 +27,7 @@ from engine.proxies.secrets import ProxySecrets, SecretTaken
 from schemas import subjects
 from schemas.events import Envelope, ProxyRegistered, ProxyRetired
 from schemas.ids import ID_RULE, is_valid_id, new_id, short_id, utcnow
-from schemas.proxies import ProxyUrlInvalid, parse_proxy_url
+from schemas.proxies import ProxyDns, ProxyUrlInvalid, normal_bypass, parse_proxy_url
 from schemas.proxy_state import ProxyState, evolve_proxy
 
 
@@ -51,13 +53,25 @@ class ProxyCommands:
         return (await self._history(checked_proxy_id(proxy_id), None))[0]
 
     async def register(
-        self, url: str, label: str | None, actor: str, command_id: str | None = None
+        self,
+        url: str,
+        label: str | None,
+        actor: str,
+        command_id: str | None = None,
+        *,
+        bypass: Iterable[str] = (),
+        dns: ProxyDns = "local",
     ) -> tuple[ProxyRegistered, Appended]:
-        """A new proxy; ``Invalid`` naming ``url`` and the rule when the URL is not one."""
+        """A new proxy; ``Invalid`` naming ``url`` (or ``bypass``) and the rule when the
+        URL is not one (or an entry is not a host)."""
         try:
             endpoint = parse_proxy_url(url)
         except ProxyUrlInvalid as err:
             raise Invalid("url", err.rule) from None
+        try:
+            endpoint = dataclasses.replace(endpoint, bypass=normal_bypass(bypass), dns=dns)
+        except ValueError as err:
+            raise Invalid("bypass", str(err).removeprefix("bypass ")) from None
         if command_id is None:
             command, proxy_id = new_id(), short_id("proxy")
         else:
@@ -69,6 +83,8 @@ class ProxyCommands:
             endpoint.port,
             endpoint.has_credentials,
             label,
+            endpoint.bypass,
+            endpoint.dns,
         )
 
         async def attempt() -> tuple[ProxyRegistered, Appended]:
@@ -82,7 +98,7 @@ class ProxyCommands:
             event = stored[-1].event
             if not isinstance(event, ProxyRegistered):
                 raise CommandIdReused(type(event).__name__)
-            if (event.scheme, event.host, event.port) != (cmd.scheme, cmd.host, cmd.port):
+            if _where_and_how(event) != (cmd.scheme, cmd.host, cmd.port, cmd.bypass, cmd.dns):
                 raise CommandIdReused("a registration of another proxy URL")
             return event, _appended(stored)
 
@@ -139,6 +155,10 @@ class ProxyCommands:
             stored.append(Envelope(appended.seq, subjects.subject_for(event), event, msg_id))
             expected = appended.seq
         return stored
+
+
+def _where_and_how(event: ProxyRegistered) -> tuple[object, ...]:
+    return (event.scheme, event.host, event.port, tuple(event.bypass), event.dns)
 
 
 def _appended(stored: list[Envelope]) -> Appended:

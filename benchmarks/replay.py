@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -258,13 +259,20 @@ async def api_memory(nats_url: str, db: Path, last: int, at: int, within: float)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli.main", "api", "--nats-url", nats_url,
         "--port", str(port), "--db", str(db),
-        env={**os.environ, "TB_LOG_LEVEL": "warning"},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "TB_LOG_LEVEL": "warning", "TB_ADMIN_PASSWORD": secrets.token_urlsafe()},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         async with asyncio.timeout(within):
-            await wait_for_port("127.0.0.1", port, timeout=60)
+            started = asyncio.ensure_future(wait_for_port("127.0.0.1", port, timeout=60))
+            await asyncio.wait(
+                [started, asyncio.ensure_future(proc.wait())], return_when="FIRST_COMPLETED"
+            )
+            if proc.returncode is not None:
+                assert proc.stderr is not None
+                raise RuntimeError(f"tb api stopped: {(await proc.stderr.read()).decode()[-2000:]}")
+            await started
             started = time.perf_counter()
             early = 0
             while (seq := await asyncio.to_thread(projection_seq, url)) < last:
@@ -280,7 +288,8 @@ async def api_memory(nats_url: str, db: Path, last: int, at: int, within: float)
         )
         print(f"ratio RSS end : early = {end / early:.3f}  (goal: within 10%, i.e. <= 1.10)")
     finally:
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:

@@ -297,6 +297,48 @@ async def api_memory(nats_url: str, db: Path, last: int, at: int, within: float)
             await proc.wait()
 
 
+async def engine_memory(nats_url: str, last: int, at: int, within: float) -> None:
+    """Resident memory of a ``tb engine`` process whose dispatcher reads the whole history
+    at start (no snapshot yet): at its first progress line past ``at`` and when ready."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "engine", "--nats-url", nats_url,
+        env={**os.environ, "TB_LOG_LEVEL": "info", "TB_LOG_FORMAT": "json"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    early = early_seq = 0
+    try:
+        async with asyncio.timeout(within):
+            started = time.perf_counter()
+            while line := await proc.stderr.readline():
+                if b"dispatcher.catching_up" not in line and b"dispatcher.ready" not in line:
+                    continue
+                position = int(json.loads(line)["position"])
+                if not early and position >= at:
+                    early, early_seq = rss_bytes(proc.pid), position
+                if b"dispatcher.ready" in line:
+                    break
+            else:
+                raise RuntimeError("tb engine stopped before its dispatcher was ready")
+            elapsed = time.perf_counter() - started
+            end = rss_bytes(proc.pid)
+        print(
+            f"tb engine reading the history at start: {last / elapsed:,.0f} events/s;"
+            f" RSS {early / 2**20:.1f} MiB at {early_seq:,} events,"
+            f" {end / 2**20:.1f} MiB at {last:,}"
+        )
+        if early:
+            print(f"ratio RSS end : early = {end / early:.3f}  (goal: within 10%, i.e. <= 1.10)")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 async def main(events: int, memory_at: int, rounds: int, build_timeout: float) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,6 +373,7 @@ async def main(events: int, memory_at: int, rounds: int, build_timeout: float) -
                     f" by CPU time in this process {raw.cpu / rebuilt.cpu:.3f}"
                 )
             await api_memory(url, Path(tmp) / "api.db", last, memory_at, within=build_timeout)
+            await engine_memory(url, last, memory_at, within=build_timeout)
         finally:
             nats.kill()
             await nats.wait()

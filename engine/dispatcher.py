@@ -62,6 +62,7 @@ class Dispatcher:
     writer: ActionWriter = field(init=False)
     deliveries: DeliveryWatch = field(init=False)
     backoff: Backoff = field(default_factory=lambda: Backoff("dispatcher"))
+    progress_every: float = 5.0  # seconds between two lines while catching up at start
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class Dispatcher:
         log.info("dispatcher.resuming", start_seq=self.resumed_from, last_seq=target)
         reader = asyncio.create_task(self.reader.follow(target), name="dispatcher-reader")
         try:
-            await self._until_caught_up(reader)
+            await self._until_caught_up(reader, target)
             log.info("dispatcher.ready", position=self.state.position)
             while True:
                 if reader.done():
@@ -123,10 +124,19 @@ class Dispatcher:
                 self.backoff.succeeded()
                 return result
 
-    async def _until_caught_up(self, reader: asyncio.Task[None]) -> None:
+    async def _until_caught_up(self, reader: asyncio.Task[None], target: int) -> None:
+        """Wait for the reader to reach ``target``, saying how far it is now and then (a
+        long log read at start is visible, not silent)."""
         caught_up = asyncio.ensure_future(self.reader.wait_caught_up())
         try:
-            await asyncio.wait([reader, caught_up], return_when=asyncio.FIRST_COMPLETED)
+            while not (
+                await asyncio.wait(
+                    [reader, caught_up],
+                    timeout=self.progress_every,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            )[0]:
+                log.info("dispatcher.catching_up", position=self.state.position, last_seq=target)
             if not caught_up.done():
                 reader.result()  # the reader ended before catching up: raise its error
         finally:

@@ -43,6 +43,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from engine.cancellation import raise_if_cancelled
 from engine.publisher import PUBLISH_TIMEOUT, AckedPublisher, Appended
 from engine.puller import Puller, stream_seq
 from engine.quarantine import Quarantine
@@ -473,6 +474,7 @@ class Bus:
                     if on_caught_up is not None:
                         on_caught_up()
                 while True:
+                    raise_if_cancelled()
                     msgs = await puller.fetch(batch, idle_timeout)
                     if not msgs:
                         if not follow:

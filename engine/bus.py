@@ -569,6 +569,18 @@ class Bus:
     async def kv(self, bucket: str) -> KeyValue:
         return await self.js.key_value(bucket)
 
+    async def kv_keys(self, bucket: str) -> list[str]:
+        """The keys of ``bucket`` that hold a message, a deleted key's marker included (its
+        ``get`` raises KeyNotFoundError), in one stream-info request.
+
+        nats-py's ``KeyValue.keys()`` may answer none while entries exist: its watcher
+        ends the listing when the consumer has sent everything but the client has not
+        yet handled the first message, as happens on a busy machine.
+        """
+        prefix = f"$KV.{bucket}."
+        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+        return sorted(subject[len(prefix) :] for subject in info.state.subjects or {})
+
 
 def without_credentials(url: str) -> str:
     """A NATS URL fit for a log line: no user, password or token."""

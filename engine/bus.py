@@ -43,6 +43,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from engine.cancellation import raise_if_cancelled
 from engine.publisher import PUBLISH_TIMEOUT, AckedPublisher, Appended
 from engine.puller import Puller, stream_seq
 from engine.quarantine import Quarantine
@@ -504,6 +505,7 @@ class Bus:
                     if on_caught_up is not None:
                         on_caught_up()
                 while True:
+                    raise_if_cancelled()
                     msgs = await puller.fetch(batch, idle_timeout)
                     if not msgs:
                         if not follow:
@@ -597,6 +599,18 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         return await self.js.key_value(bucket)
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        """The keys of ``bucket`` that hold a message, a deleted key's marker included (its
+        ``get`` raises KeyNotFoundError), in one stream-info request.
+
+        nats-py's ``KeyValue.keys()`` may answer none while entries exist: its watcher
+        ends the listing when the consumer has sent everything but the client has not
+        yet handled the first message, as happens on a busy machine.
+        """
+        prefix = f"$KV.{bucket}."
+        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+        return sorted(subject[len(prefix) :] for subject in info.state.subjects or {})
 
 
 def is_auth_error(err: Exception) -> bool:

@@ -12,6 +12,7 @@ from projections import (
     audit,
     consents,
     datasets,
+    flows,
     jobs,
     licences,
     proxies,
@@ -24,6 +25,7 @@ from projections.db import checkpoint, connect, create_schema, set_checkpoint, t
 from schemas.events import (
     ConsentEvent,
     DatasetEvent,
+    EgressRefused,
     Envelope,
     FlowDone,
     FlowEvent,
@@ -39,6 +41,7 @@ from schemas.events import (
 CHECKPOINT = "read_model"
 SCHEMA = (
     *jobs.SCHEMA,
+    *flows.SCHEMA,
     *runners.SCHEMA,
     *consents.SCHEMA,
     *proxies.SCHEMA,
@@ -109,27 +112,41 @@ async def apply_batch(
         seq = max([last_seq, *(env.seq for env in fresh)])
         if seq <= applied:
             return None  # redelivered after a crash: already counted
+        flow_batch = await flows.FlowBatch.load(db, fresh)
+        runs = runners.Runs()
         for env in fresh:
             event = env.event
-            if isinstance(event, JobEvent | FlowEvent):
-                update.job_ids.update(await jobs.apply(db, env))
-                if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
-                    update.runner_ids.update(await runners.apply(db, env))
-                if isinstance(event, ProxyFailed):
+            if isinstance(event, FlowEvent):  # most of the log: pages and clicks fold here
+                if isinstance(event, flows.PROGRESS):
+                    job_id = flow_batch.apply(env, event)
+                    if job_id is not None:
+                        update.job_ids.add(job_id)
+                    if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
+                        runs.count(event)
+                elif isinstance(event, EgressRefused):
+                    update.job_ids.update(await jobs.apply(db, env))
+                elif isinstance(event, ProxyFailed):
                     update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, JobEvent):
+                await flow_batch.flush(db)  # the job's row as its flows left it, in order
+                update.job_ids.update(await jobs.apply(db, env))
+                await flow_batch.reload_job(db, event.job_id)
+            elif isinstance(event, ProxyEvent):
+                update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, RunnerEvent):
+                update.runner_ids.update(await runs.flush(db))  # the runs before a restart
                 update.runner_ids.update(await runners.apply(db, env))
             elif isinstance(event, ConsentEvent):
                 update.domains.update(await consents.apply(db, env))
-            elif isinstance(event, ProxyEvent):
-                update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, DatasetEvent):
                 await datasets.apply(db, env)
             elif isinstance(event, LicenseAssigned):
                 await licences.apply(db, env)
             elif isinstance(event, UserEvent):
                 await users.apply(db, env)
-        await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
+        await flow_batch.flush(db)
+        update.runner_ids.update(await runs.flush(db))
+        await run_metrics.apply_batch(db, fresh)  # reads the flow rows just written
         await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiosqlite
 import msgspec
@@ -22,6 +22,7 @@ import msgspec
 from projections.db import iso, select_in
 from schemas.events import (
     Envelope,
+    Event,
     FlowDispatched,
     FlowDone,
     FlowFailed,
@@ -32,7 +33,9 @@ from schemas.events import (
 from schemas.flow_lifecycle import FlowProgress, FlowState, FlowStatus, flow_transition
 from schemas.values import TERMINAL_JOB_STATUSES, JobSettings
 
-PROGRESS = (FlowDispatched, FlowStarted, FlowDone, FlowFailed, FlowStalled, FlowReleased)
+_PROGRESS: frozenset[type[Event]] = frozenset(
+    {FlowDispatched, FlowStarted, FlowDone, FlowFailed, FlowStalled, FlowReleased}
+)
 
 SCHEMA = (
     # no foreign key: limits retention may have dropped a job's JobCreated while its
@@ -63,6 +66,11 @@ _UPSERT = (
     " clicks_done = excluded.clicks_done, duration_ms = excluded.duration_ms,"
     " updated_at = excluded.updated_at"
 )
+
+
+def is_progress(event: Event) -> TypeGuard[FlowProgress]:
+    """An event that moves a flow on (event classes are final: the type is enough)."""
+    return type(event) in _PROGRESS
 
 
 class _FlowRow(msgspec.Struct, array_like=True):
@@ -107,7 +115,7 @@ class FlowBatch:
 
     @classmethod
     async def load(cls, db: aiosqlite.Connection, batch: Iterable[Envelope]) -> FlowBatch:
-        events = [env.event for env in batch if isinstance(env.event, PROGRESS)]
+        events = [env.event for env in batch if is_progress(env.event)]
         flows: dict[str, _Flow] = {}
         if not events:
             return cls(flows, {})

@@ -61,6 +61,14 @@ SCHEMA = (
 SCHEMA_VERSION = 15
 
 
+def _creates_index(statement: str) -> bool:
+    return statement.lstrip().startswith("CREATE INDEX")
+
+
+TABLES = tuple(statement for statement in SCHEMA if not _creates_index(statement))
+INDEXES = tuple(statement for statement in SCHEMA if _creates_index(statement))
+
+
 class ProjectionUpdate(msgspec.Struct, frozen=True):
     """What one applied batch changed, for live pushes; ``seq`` is the new checkpoint."""
 
@@ -71,20 +79,29 @@ class ProjectionUpdate(msgspec.Struct, frozen=True):
     proxy_ids: set[str] = msgspec.field(default_factory=set)
 
 
-async def open_read_model(path: Path) -> aiosqlite.Connection:
+async def open_read_model(path: Path, *, indexes: bool = True) -> aiosqlite.Connection:
     """Open (or create) the read model; one of another schema version starts over empty,
-    and the projector refolds the log into it from sequence 1."""
+    and the projector refolds the log into it from sequence 1.
+
+    ``indexes=False``: the tables alone, for a file that is filled before anything reads
+    it (a rebuild; the folds look rows up by primary key only). ``create_indexes`` adds
+    them after, sorting each once instead of keeping it in order row by row.
+    """
     db = await connect(path)
     try:
         [(version,)] = await db.execute_fetchall("PRAGMA user_version")
         if version != SCHEMA_VERSION:
             await _drop_everything(db)
-        await create_schema(db, SCHEMA)
+        await create_schema(db, SCHEMA if indexes else TABLES)
         await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         await db.close()
         raise
     return db
+
+
+async def create_indexes(db: aiosqlite.Connection) -> None:
+    await create_schema(db, INDEXES)
 
 
 async def _drop_everything(db: aiosqlite.Connection) -> None:
@@ -116,14 +133,14 @@ async def apply_batch(
         runs = runners.Runs()
         for env in fresh:
             event = env.event
-            if isinstance(event, FlowEvent):  # most of the log: pages and clicks fold here
-                if isinstance(event, flows.PROGRESS):
-                    job_id = flow_batch.apply(env, event)
-                    if job_id is not None:
-                        update.job_ids.add(job_id)
-                    if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
-                        runs.count(event)
-                elif isinstance(event, EgressRefused):
+            if flows.is_progress(event):
+                job_id = flow_batch.apply(env, event)
+                if job_id is not None:
+                    update.job_ids.add(job_id)
+                if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
+                    runs.count(event)
+            elif isinstance(event, FlowEvent):  # pages and clicks: counted below
+                if isinstance(event, EgressRefused):
                     update.job_ids.update(await jobs.apply(db, env))
                 elif isinstance(event, ProxyFailed):
                     update.proxy_ids.update(await proxies.apply(db, env))

@@ -17,7 +17,7 @@ import structlog
 from engine.bus import Bus
 from projections.db import connect
 from projections.inline import BatchWriter
-from projections.read_model import applied_seq, apply_batch, open_read_model
+from projections.read_model import applied_seq, apply_batch, create_indexes, open_read_model
 from projections.verify import tables
 
 log = structlog.get_logger("tb.projections")
@@ -36,11 +36,12 @@ async def rebuild(
         target = min(target, upto)
     tmp = db_path.with_name(f"{db_path.name}.rebuild")
     _remove_db_files(tmp)
-    db = await open_read_model(tmp)
+    db = await open_read_model(tmp, indexes=False)
     try:
         if target > 0:
             await _fold(bus, tmp, target, progress)
         last = await applied_seq(db)
+        await create_indexes(db)
         # a self-contained file: no -wal to carry along when it is moved into place; the
         # checkpoint this makes (synchronous NORMAL) also syncs what the fold wrote unsynced
         await db.execute("PRAGMA journal_mode = DELETE")

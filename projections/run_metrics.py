@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import aiosqlite
 
@@ -53,7 +53,7 @@ SCALE: dict[Metric, int] = {
 }
 MINUTES_KEPT = timedelta(days=1)
 PAGES_TRACKED = 62  # bits of a page set that fit a signed 64-bit integer
-_ENDS = (FlowDone, FlowFailed, FlowStalled)
+_ENDS: frozenset[type[Event]] = frozenset({FlowDone, FlowFailed, FlowStalled})
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS metric_histograms (
@@ -135,10 +135,14 @@ async def apply_batch(db: aiosqlite.Connection, batch: Sequence[Envelope]) -> No
     if PageVisited in types:
         visits = [event for event in events if isinstance(event, PageVisited)]
         await _page_timings(db, visits, deltas)
-    if any(kind in types for kind in _ENDS):
-        ends = {event.flow_id for event in events if isinstance(event, _ENDS)}
+    if not _ENDS.isdisjoint(types):
+        ends = {event.flow_id for event in events if _ends_a_flow(event)}
         await _outcomes(db, sorted(ends), deltas)
     await _write(db, deltas)
+
+
+def _ends_a_flow(event: Event) -> TypeGuard[FlowDone | FlowFailed | FlowStalled]:
+    return type(event) in _ENDS  # event classes are final: the type is enough
 
 
 async def _count_events(db: aiosqlite.Connection, types: Counter[type[Event]]) -> None:

@@ -10,14 +10,13 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from engine.bus import Bus
 from projections.db import connect
-from projections.inline import BatchWriter
-from projections.read_model import applied_seq, apply_batch, create_indexes, open_read_model
+from projections.fold_process import FoldProcess
+from projections.read_model import applied_seq, create_indexes, open_read_model
 from projections.verify import tables
 
 log = structlog.get_logger("tb.projections")
@@ -55,32 +54,33 @@ async def rebuild(
 
 
 async def _fold(bus: Bus, path: Path, target: int, progress: Progress | None) -> None:
-    """Read the next batch while the last one is applied (the writer has its own thread)."""
-    writer = BatchWriter(path, synced=False)  # a scratch file until it is moved into place
+    """Read and check batches here while a process of its own folds them."""
+    writer = await FoldProcess.start(path)
+    answers = asyncio.ensure_future(_answers(writer, target, progress))
     batches = bus.read_batches(1, follow=False)
-    applying: asyncio.Task[Any] | None = None
-    applied_to = 0
     try:
         async for batch in batches:
-            if applying is not None:
-                await applying
-                if progress is not None:
-                    progress(applied_to, target)
+            if answers.done():
+                break  # the fold failed: raised below
             applied_to = min(batch.last_seq, target)
             envelopes = [env for env in batch.envelopes if env.seq <= target]
-            applying = asyncio.ensure_future(writer.run(apply_batch, envelopes, applied_to))
+            await writer.send(envelopes, applied_to)
             if applied_to >= target:
                 break
-        if applying is not None:
-            await applying
-            if progress is not None:
-                progress(applied_to, target)
+        writer.finish()
+        await answers
     finally:
-        if applying is not None and not applying.done():
-            applying.cancel()
-            await asyncio.wait([applying])
+        if not answers.done():
+            answers.cancel()
+        await asyncio.wait([answers])
         await batches.aclose()
         await writer.close()
+
+
+async def _answers(writer: FoldProcess, target: int, progress: Progress | None) -> None:
+    async for seq in writer.answers():
+        if progress is not None:
+            progress(seq, target)
 
 
 async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:

@@ -1,13 +1,14 @@
 """A read model's writer in a process of its own, for a rebuild.
 
-Reading the log (nats-py, decoding and checking each event) and folding it into SQLite
-are both Python, and threads of one process take turns at it: a rebuild in one process
-takes as long as the two together. Here the reader stays in its process and the fold runs
-in a child (``python -m projections.fold_process <db>``) on another core: the reader
-sends each batch of checked envelopes down the child's stdin, the child applies it with
-``apply_batch`` (rows and checkpoint in one transaction, as the projector does) and
-answers the checkpoint it reached. Frames are a 4-byte length and msgspec JSON, which
-carries every event exactly (times keep their offsets).
+Reading the log (nats-py), decoding and checking each event, and folding it into SQLite
+are all Python, and threads of one process take turns at it: a rebuild in one process
+takes as long as everything together. Here the reader keeps only what nats-py does and
+the rest runs in a child (``python -m projections.fold_process <db>``) on another core:
+the reader sends each batch of stored messages, undecoded, down the child's stdin; the
+child decodes and checks them as every reader does (``schemas.stored``), applies the
+events with ``apply_batch`` (rows and checkpoint in one transaction, as the projector
+does) and answers the checkpoint it reached and the messages that were no events, which
+the reader quarantines. Frames are a 4-byte length and msgpack.
 
 A child that fails answers what failed and exits; the parent raises ``FoldFailed``. A
 parent that goes away closes the child's stdin, and the child ends after its batch.
@@ -21,7 +22,7 @@ import os
 import sqlite3
 import sys
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,7 @@ import projections
 from projections.inline import InlineDatabase, as_connection, run_inline
 from projections.read_model import apply_batch
 from schemas.events import Envelope
+from schemas.stored import Undecodable, stored_envelope
 
 HEADER = 4  # bytes of a frame's length, big-endian
 WRITE_AHEAD = 8 * 2**20  # bytes of batches sent and not yet taken by the child
@@ -39,15 +41,32 @@ STOP_GRACE = 10.0  # seconds a child has to end after its stdin closes
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(projections.__file__)))
 
 
-class FoldBatch(msgspec.Struct, frozen=True):
-    envelopes: list[Envelope]
+class Stored(msgspec.Struct, array_like=True, frozen=True):
+    """A message of the events stream as stored."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: Mapping[str, str] | None = None
+
+
+class FoldBatch(msgspec.Struct, array_like=True, frozen=True):
+    messages: list[Stored]
     last_seq: int
 
 
+class Refused(msgspec.Struct, array_like=True, frozen=True):
+    """A message that is no event where it is stored, and why (to be quarantined)."""
+
+    message: Stored
+    reason: str
+
+
 class Folded(msgspec.Struct, frozen=True):
-    """The checkpoint after a batch, or what stopped the fold."""
+    """The checkpoint after a batch and the messages it left out, or what stopped the fold."""
 
     seq: int = 0
+    refused: list[Refused] = []
     error: str = ""
 
 
@@ -60,8 +79,8 @@ class FoldProcess:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
-        self._encode = msgspec.json.Encoder().encode
-        self._answers = msgspec.json.Decoder(Folded)
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._answers = msgspec.msgpack.Decoder(Folded)
 
     @classmethod
     async def start(cls, path: Path) -> FoldProcess:
@@ -76,10 +95,10 @@ class FoldProcess:
         proc.stdin.transport.set_write_buffer_limits(high=WRITE_AHEAD)
         return cls(proc)
 
-    async def send(self, envelopes: list[Envelope], last_seq: int) -> None:
+    async def send(self, messages: list[Stored], last_seq: int) -> None:
         stdin = self._proc.stdin
         assert stdin is not None
-        frame = self._encode(FoldBatch(envelopes, last_seq))
+        frame = self._encode(FoldBatch(messages, last_seq))
         try:
             stdin.write(len(frame).to_bytes(HEADER, "big") + frame)
             await stdin.drain()
@@ -92,8 +111,8 @@ class FoldProcess:
         if stdin is not None and not stdin.is_closing():
             stdin.close()
 
-    async def answers(self) -> AsyncIterator[int]:
-        """The checkpoint after each batch, in order, until the child ends."""
+    async def answers(self) -> AsyncIterator[Folded]:
+        """What each batch came to, in order, until the child ends."""
         stdout = self._proc.stdout
         assert stdout is not None
         while True:
@@ -106,7 +125,7 @@ class FoldProcess:
                 return
             if answer.error:
                 raise FoldFailed(answer.error)
-            yield answer.seq
+            yield answer
 
     @staticmethod
     def _size(header: bytes) -> int:
@@ -137,14 +156,16 @@ def serve(path: Path, frames: BinaryIO, answers: BinaryIO) -> None:
     for pragma in ("synchronous = OFF", "foreign_keys = ON", "busy_timeout = 5000"):
         conn.execute(f"PRAGMA {pragma}")
     db = as_connection(InlineDatabase(conn))
-    batches = msgspec.json.Decoder(FoldBatch)
-    encode = msgspec.json.Encoder().encode
+    batches = msgspec.msgpack.Decoder(FoldBatch)
+    encode = msgspec.msgpack.Encoder().encode
     try:
         while header := frames.read(HEADER):
             try:
                 batch = batches.decode(frames.read(int.from_bytes(header, "big")))
-                update = run_inline(apply_batch(db, batch.envelopes, batch.last_seq))
-                answer = Folded(seq=update.seq if update is not None else batch.last_seq)
+                envelopes, refused = _decoded(batch.messages)
+                update = run_inline(apply_batch(db, envelopes, batch.last_seq))
+                seq = update.seq if update is not None else batch.last_seq
+                answer = Folded(seq=seq, refused=refused)
             except Exception as err:  # told to the parent, which raises it
                 traceback.print_exc()
                 answer = Folded(error=f"{type(err).__name__}: {err}")
@@ -155,6 +176,17 @@ def serve(path: Path, frames: BinaryIO, answers: BinaryIO) -> None:
                 return
     finally:
         conn.close()
+
+
+def _decoded(messages: list[Stored]) -> tuple[list[Envelope], list[Refused]]:
+    envelopes: list[Envelope] = []
+    refused: list[Refused] = []
+    for m in messages:
+        try:
+            envelopes.append(stored_envelope(m.seq, m.subject, m.data, m.headers))
+        except Undecodable as err:
+            refused.append(Refused(m, err.reason))
+    return envelopes, refused
 
 
 if __name__ == "__main__":

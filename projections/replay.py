@@ -15,7 +15,7 @@ import structlog
 
 from engine.bus import Bus
 from projections.db import connect
-from projections.fold_process import FoldProcess
+from projections.fold_process import FoldProcess, Stored
 from projections.read_model import applied_seq, create_indexes, open_read_model
 from projections.verify import tables
 
@@ -54,17 +54,17 @@ async def rebuild(
 
 
 async def _fold(bus: Bus, path: Path, target: int, progress: Progress | None) -> None:
-    """Read and check batches here while a process of its own folds them."""
+    """Read the log here while a process of its own decodes and folds it."""
     writer = await FoldProcess.start(path)
-    answers = asyncio.ensure_future(_answers(writer, target, progress))
-    batches = bus.read_batches(1, follow=False)
+    answers = asyncio.ensure_future(_answers(bus, writer, target, progress))
+    batches = bus.read_stored(1, follow=False)
     try:
-        async for batch in batches:
+        async for msgs in batches:
             if answers.done():
                 break  # the fold failed: raised below
-            applied_to = min(batch.last_seq, target)
-            envelopes = [env for env in batch.envelopes if env.seq <= target]
-            await writer.send(envelopes, applied_to)
+            stored = [Stored(seq, m.subject, m.data, m.headers) for seq, m in msgs if seq <= target]
+            applied_to = min(msgs[-1][0], target)
+            await writer.send(stored, applied_to)
             if applied_to >= target:
                 break
         writer.finish()
@@ -77,10 +77,13 @@ async def _fold(bus: Bus, path: Path, target: int, progress: Progress | None) ->
         await writer.close()
 
 
-async def _answers(writer: FoldProcess, target: int, progress: Progress | None) -> None:
-    async for seq in writer.answers():
+async def _answers(bus: Bus, writer: FoldProcess, target: int, progress: Progress | None) -> None:
+    async for folded in writer.answers():
+        for refused in folded.refused:  # left out of the read model, as every reader does
+            m = refused.message
+            await bus.quarantine_stored(m.seq, m.subject, m.data, refused.reason)
         if progress is not None:
-            progress(seq, target)
+            progress(folded.seq, target)
 
 
 async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:

@@ -28,6 +28,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -52,7 +53,7 @@ from schemas import subjects
 from schemas.events import Envelope, Event, encode_event
 from schemas.logs import LogLine, encode_log_line
 from schemas.quarantine import QuarantinedMessage
-from schemas.stored import Undecodable, decode_stored
+from schemas.stored import Undecodable, stored_envelope
 
 log = structlog.get_logger("tb.bus")
 
@@ -477,16 +478,67 @@ class Bus:
         on_caught_up: Callable[[], None] | None = None,
         known: Container[int] | None = None,
     ) -> AsyncGenerator[Batch, None]:
-        """Ordered batches of events from ``start_seq`` on.
+        """Ordered batches of events from ``start_seq`` on (``read_stored``, decoded).
+
+        A message that is not an event where it is stored is quarantined and left out,
+        and ``Batch.last_seq`` still moves past it. Sequences in ``known`` (events the
+        caller already holds, such as its own appends) are not decoded again, only listed
+        in ``Batch.known``.
+        """
+        stored = self.read_stored(
+            start_seq,
+            stream_filter,
+            follow=follow,
+            batch=batch,
+            idle_timeout=idle_timeout,
+            on_caught_up=on_caught_up,
+        )
+        try:
+            async for msgs in stored:
+                envelopes: list[Envelope] = []
+                quarantined: list[QuarantinedMessage] = []
+                passed: list[int] = []
+                for seq, msg in msgs:
+                    if known is not None and seq in known:
+                        passed.append(seq)
+                        continue
+                    try:
+                        envelopes.append(stored_envelope(seq, msg.subject, msg.data, msg.headers))
+                    except Undecodable as err:
+                        record = self.quarantine_stored(seq, msg.subject, msg.data, err.reason)
+                        quarantined.append(await record)
+                yield Batch(envelopes, msgs[-1][0], quarantined, passed)
+        finally:
+            await stored.aclose()
+
+    async def quarantine_stored(
+        self, seq: int, subject: str, raw: bytes, reason: str
+    ) -> QuarantinedMessage:
+        """Record a message of the events stream that is no event where it is stored."""
+        return await self.quarantine.record(
+            stream=subjects.EVENTS_STREAM, seq=seq, subject=subject, raw=raw, reason=reason
+        )
+
+    async def read_stored(
+        self,
+        start_seq: int,
+        stream_filter: str | list[str] | None = None,
+        *,
+        follow: bool = True,
+        batch: int = 500,
+        idle_timeout: float = 1.0,
+        on_caught_up: Callable[[], None] | None = None,
+    ) -> AsyncGenerator[list[tuple[int, Msg]], None]:
+        """Ordered batches of the events stream's messages from ``start_seq`` on, as
+        stored (with their stream sequences), none decoded: ``read_batches`` decodes and
+        checks them, a reader that decodes elsewhere (a rebuild's fold process) takes
+        these.
 
         An ephemeral pull consumer without acks, recreated from the last sequence seen
         whenever it goes away (server restart, lost heartbeat) or stops answering: the
-        reader never skips and never repeats. A message that is not an event where it is
-        stored is quarantined and left out, and ``Batch.last_seq`` still moves past it.
-        With ``follow=False`` it stops at the end of the stream. ``on_caught_up`` is
-        called whenever every event stored so far (that matches the filter) has been
-        yielded. Sequences in ``known`` (events the caller already holds, such as its own
-        appends) are not decoded again, only listed in ``Batch.known``.
+        reader never skips and never repeats. With ``follow=False`` it stops at the end
+        of the stream. ``on_caught_up`` is called whenever every message stored so far
+        (that matches the filter) has been yielded.
         """
         next_seq = max(start_seq, 1)
         filters = [stream_filter] if isinstance(stream_filter, str) else stream_filter
@@ -513,34 +565,14 @@ class Bus:
                         if on_caught_up is not None:
                             on_caught_up()
                         continue
-                    envelopes: list[Envelope] = []
-                    quarantined: list[QuarantinedMessage] = []
-                    passed: list[int] = []
+                    fresh: list[tuple[int, Msg]] = []
                     for msg in msgs:
                         seq = stream_seq(msg)
-                        if seq < next_seq:
-                            continue
-                        next_seq = seq + 1
-                        if known is not None and seq in known:
-                            passed.append(seq)
-                            continue
-                        try:
-                            event = decode_stored(msg.subject, msg.data, msg.headers)
-                        except Undecodable as err:
-                            quarantined.append(
-                                await self.quarantine.record(
-                                    stream=subjects.EVENTS_STREAM,
-                                    seq=seq,
-                                    subject=msg.subject,
-                                    raw=msg.data,
-                                    reason=err.reason,
-                                )
-                            )
-                            continue
-                        msg_id = msg.headers.get(subjects.MSG_ID_HEADER, "") if msg.headers else ""
-                        envelopes.append(Envelope(seq, msg.subject, event, msg_id))
-                    if envelopes or quarantined or passed:
-                        yield Batch(envelopes, next_seq - 1, quarantined, passed)
+                        if seq >= next_seq:
+                            fresh.append((seq, msg))
+                            next_seq = seq + 1
+                    if fresh:
+                        yield fresh
                     if on_caught_up is not None and puller.pending == 0:
                         on_caught_up()
                     if not follow:

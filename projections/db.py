@@ -6,9 +6,12 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import aiosqlite
+
+IN_CHUNK = 500  # ids per ``IN (…)``
 
 CHECKPOINTS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
@@ -78,12 +81,24 @@ async def set_checkpoint(db: aiosqlite.Connection, name: str, seq: int) -> None:
     )
 
 
+async def select_in(db: aiosqlite.Connection, sql: str, ids: list[str]) -> list[tuple[Any, ...]]:
+    """The rows of ``sql``, whose ``{}`` is an ``IN`` list, for every id (in chunks)."""
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = ids[start : start + IN_CHUNK]
+        marks = ", ".join("?" for _ in chunk)
+        rows.extend(tuple(row) for row in await db.execute_fetchall(sql.format(marks), chunk))
+    return rows
+
+
 def iso(at: datetime) -> str:
     """Event time as sortable UTC text; naive datetimes are taken as UTC.
 
     A time at the edge of the calendar (9999-12-31T23:00-05:00) has no UTC spelling:
     it is kept as the last (or first) representable instant instead of failing the batch.
     """
+    if at.tzinfo is UTC:
+        return at.isoformat()  # as events are decoded: nothing to convert
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
     try:

@@ -120,13 +120,10 @@ class BatchWriter:
     fold, which commits or rolls back on its own before the next one (or ``close``) runs.
     """
 
-    def __init__(self, path: Path, *, synced: bool = True) -> None:
-        """``synced=False``: no fsync at WAL checkpoints, for a file that is not in use
-        until its writer is done (a rebuild's, synced as it is moved into place)."""
+    def __init__(self, path: Path) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-fold")
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        synchronous = "NORMAL" if synced else "OFF"
-        for pragma in (f"synchronous = {synchronous}", "foreign_keys = ON", "busy_timeout = 5000"):
+        for pragma in ("synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000"):
             self._conn.execute(f"PRAGMA {pragma}")
         self.db = InlineDatabase(self._conn)
 

@@ -1,8 +1,7 @@
-"""Read model of jobs, their targets' progress and every flow's status.
+"""Read model of jobs and their targets' progress.
 
-What a flow's events mean is ``schemas.flow_lifecycle`` (the dispatcher applies the
-same rule), and a job that is closed (refused, completed, failed or cancelled) keeps
-its status and counts whatever arrives after.
+A job that is closed (refused, completed, failed or cancelled) keeps its status, and
+counts whatever arrives after; what its flows add to the counts is ``projections.flows``.
 """
 
 from __future__ import annotations
@@ -14,12 +13,6 @@ from projections.db import iso
 from schemas.events import (
     EgressRefused,
     Envelope,
-    FlowDispatched,
-    FlowDone,
-    FlowFailed,
-    FlowReleased,
-    FlowStalled,
-    FlowStarted,
     JobApprovalRequested,
     JobApproved,
     JobCancelled,
@@ -33,7 +26,6 @@ from schemas.events import (
     JobResumed,
     JobStarted,
 )
-from schemas.flow_lifecycle import FlowProgress, FlowState, FlowStatus, flow_transition
 from schemas.values import TERMINAL_JOB_STATUSES, JobSettings, JobStatus, Platform
 
 SCHEMA = (
@@ -82,22 +74,6 @@ SCHEMA = (
         click_done INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job_id, idx)
     )""",
-    # no foreign key: limits retention may have dropped a job's JobCreated while its
-    # flow events remain, and the model must still fold what the log holds
-    """CREATE TABLE IF NOT EXISTS flows (
-        flow_id TEXT PRIMARY KEY,
-        job_id TEXT NOT NULL,
-        target_idx INTEGER,
-        status TEXT NOT NULL,
-        attempt INTEGER NOT NULL,
-        tries INTEGER NOT NULL DEFAULT 0,
-        runner_id TEXT,
-        reason TEXT,
-        clicks_done INTEGER NOT NULL DEFAULT 0,
-        duration_ms INTEGER NOT NULL DEFAULT 0,
-        updated_at TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS flows_by_job ON flows (job_id, status)",
     # one row per refusal a flow attempt reported: a refusal stored again after the
     # dedupe window (a redelivered work item reports under the same n) counts once
     """CREATE TABLE IF NOT EXISTS egress_refusals (
@@ -112,16 +88,12 @@ _CLOSED = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_JOB_STATUS
 
 
 async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
-    """Fold one job or flow event; returns the ids of the jobs whose rows changed."""
+    """Fold one job event or egress refusal (flow progress is ``projections.flows``);
+    returns the ids of the jobs whose rows changed."""
     event = env.event
     match event:
         case JobCreated():
             return await _created(db, env, event)
-        case (
-            FlowDispatched() | FlowStarted() | FlowDone() | FlowFailed() | FlowStalled()
-            | FlowReleased()
-        ):  # fmt: skip
-            return await _flow(db, env, event)
         case JobApprovalRequested() | JobApproved():
             approval = "requested" if isinstance(event, JobApprovalRequested) else "approved"
             return await _update(db, env, event.job_id, "approval = ?", approval)
@@ -252,98 +224,3 @@ async def _status(
     return await _update(
         db, env, job_id, assignments, status.value, reason or None, *params, *extra
     )
-
-
-class _FlowRow(msgspec.Struct, array_like=True):
-    job_id: str
-    target_idx: int | None = None
-    status: FlowStatus = "queued"
-    attempt: int = 0
-    tries: int = 0
-    runner_id: str | None = None
-    reason: str | None = None
-    clicks_done: int = 0
-    duration_ms: int = 0
-
-
-async def _flow(db: aiosqlite.Connection, env: Envelope, event: FlowProgress) -> set[str]:
-    row, max_attempts, job_open = await _flow_row(db, event)
-    old = FlowState(row.status, row.attempt, row.tries) if row else None
-    step = flow_transition(old, event, max_attempts=max_attempts, job_open=job_open)
-    if step.state is None or step.state == old:
-        return set()  # a duplicate, stale or late report: the flow's state stands
-    new = _next_row(row or _FlowRow(job_id=event.job_id), event, step.state)
-    await db.execute(
-        "INSERT INTO flows (flow_id, job_id, target_idx, status, attempt, tries, runner_id,"
-        " reason, clicks_done, duration_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (flow_id) DO UPDATE SET target_idx = excluded.target_idx,"
-        " status = excluded.status, attempt = excluded.attempt, tries = excluded.tries,"
-        " runner_id = excluded.runner_id, reason = excluded.reason,"
-        " clicks_done = excluded.clicks_done, duration_ms = excluded.duration_ms,"
-        " updated_at = excluded.updated_at",
-        (event.flow_id, *msgspec.structs.astuple(new), iso(event.at)),
-    )
-    clicks = new.clicks_done if step.done else 0
-    duration = new.duration_ms if step.done else 0
-    await db.execute(
-        "UPDATE jobs SET flows_done = flows_done + ?, flows_failed = flows_failed + ?,"
-        " clicks_done = clicks_done + ?, duration_ms_total = duration_ms_total + ?,"
-        " updated_at = ?, last_seq = ? WHERE job_id = ?",
-        (step.done, step.failed, clicks, duration, iso(event.at), env.seq, new.job_id),
-    )
-    if step.counted:
-        await db.execute(
-            "UPDATE targets SET flow_done = flow_done + ?, flow_failed = flow_failed + ?,"
-            " click_done = click_done + ? WHERE job_id = ? AND idx = ?",
-            (step.done, step.failed, clicks, new.job_id, new.target_idx),
-        )
-    return {new.job_id}
-
-
-def _next_row(row: _FlowRow, event: FlowProgress, state: FlowState) -> _FlowRow:
-    runner_id, reason = row.runner_id, row.reason
-    match event:
-        case FlowDispatched():
-            runner_id = None  # a new attempt waits for whichever runner pulls it
-        case FlowStarted() | FlowDone() | FlowFailed() | FlowReleased():
-            runner_id = event.runner_id or runner_id
-    match event:
-        case FlowFailed() | FlowReleased():
-            reason = event.reason
-        case FlowStalled():
-            reason = f"no end reported after {event.waited_seconds:g}s"
-        case FlowDone():
-            reason = None
-    new = msgspec.structs.replace(
-        row,
-        status=state.status,
-        attempt=state.attempt,
-        tries=state.tries,
-        runner_id=runner_id,
-        reason=reason,
-        target_idx=row.target_idx if isinstance(event, FlowStarted) else event.target_index,
-    )
-    if isinstance(event, FlowDone):
-        return msgspec.structs.replace(
-            new, clicks_done=event.clicks_done, duration_ms=event.duration_ms
-        )
-    return new
-
-
-async def _flow_row(
-    db: aiosqlite.Connection, event: FlowProgress
-) -> tuple[_FlowRow | None, int, bool]:
-    """The flow's row, if any, its job's attempt limit and whether the job is still open,
-    in one round trip (a flow whose job has no row counts as open, with default limits)."""
-    rows = await db.execute_fetchall(
-        "SELECT f.job_id, f.target_idx, f.status, f.attempt, f.tries, f.runner_id, f.reason,"
-        " f.clicks_done, f.duration_ms, j.max_attempts, j.status"
-        " FROM (SELECT ? AS flow_id, ? AS job_id) AS k"
-        " LEFT JOIN flows AS f ON f.flow_id = k.flow_id"
-        " LEFT JOIN jobs AS j ON j.job_id = k.job_id",
-        (event.flow_id, event.job_id),
-    )
-    [(*flow, max_attempts, job_status)] = rows
-    row = msgspec.convert(flow, _FlowRow) if flow[0] is not None else None
-    job_open = job_status not in TERMINAL_JOB_STATUSES
-    return row, max_attempts or JobSettings().max_attempts, job_open

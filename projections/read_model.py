@@ -12,6 +12,7 @@ from projections import (
     audit,
     consents,
     datasets,
+    flows,
     jobs,
     licences,
     proxies,
@@ -24,6 +25,7 @@ from projections.db import checkpoint, connect, create_schema, set_checkpoint, t
 from schemas.events import (
     ConsentEvent,
     DatasetEvent,
+    EgressRefused,
     Envelope,
     FlowDone,
     FlowEvent,
@@ -39,6 +41,7 @@ from schemas.events import (
 CHECKPOINT = "read_model"
 SCHEMA = (
     *jobs.SCHEMA,
+    *flows.SCHEMA,
     *runners.SCHEMA,
     *consents.SCHEMA,
     *proxies.SCHEMA,
@@ -58,6 +61,14 @@ SCHEMA = (
 SCHEMA_VERSION = 15
 
 
+def _creates_index(statement: str) -> bool:
+    return statement.lstrip().startswith("CREATE INDEX")
+
+
+TABLES = tuple(statement for statement in SCHEMA if not _creates_index(statement))
+INDEXES = tuple(statement for statement in SCHEMA if _creates_index(statement))
+
+
 class ProjectionUpdate(msgspec.Struct, frozen=True):
     """What one applied batch changed, for live pushes; ``seq`` is the new checkpoint."""
 
@@ -68,20 +79,29 @@ class ProjectionUpdate(msgspec.Struct, frozen=True):
     proxy_ids: set[str] = msgspec.field(default_factory=set)
 
 
-async def open_read_model(path: Path) -> aiosqlite.Connection:
+async def open_read_model(path: Path, *, indexes: bool = True) -> aiosqlite.Connection:
     """Open (or create) the read model; one of another schema version starts over empty,
-    and the projector refolds the log into it from sequence 1."""
+    and the projector refolds the log into it from sequence 1.
+
+    ``indexes=False``: the tables alone, for a file that is filled before anything reads
+    it (a rebuild; the folds look rows up by primary key only). ``create_indexes`` adds
+    them after, sorting each once instead of keeping it in order row by row.
+    """
     db = await connect(path)
     try:
         [(version,)] = await db.execute_fetchall("PRAGMA user_version")
         if version != SCHEMA_VERSION:
             await _drop_everything(db)
-        await create_schema(db, SCHEMA)
+        await create_schema(db, SCHEMA if indexes else TABLES)
         await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         await db.close()
         raise
     return db
+
+
+async def create_indexes(db: aiosqlite.Connection) -> None:
+    await create_schema(db, INDEXES)
 
 
 async def _drop_everything(db: aiosqlite.Connection) -> None:
@@ -109,27 +129,41 @@ async def apply_batch(
         seq = max([last_seq, *(env.seq for env in fresh)])
         if seq <= applied:
             return None  # redelivered after a crash: already counted
+        flow_batch = await flows.FlowBatch.load(db, fresh)
+        runs = runners.Runs()
         for env in fresh:
             event = env.event
-            if isinstance(event, JobEvent | FlowEvent):
-                update.job_ids.update(await jobs.apply(db, env))
+            if flows.is_progress(event):
+                job_id = flow_batch.apply(env, event)
+                if job_id is not None:
+                    update.job_ids.add(job_id)
                 if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
-                    update.runner_ids.update(await runners.apply(db, env))
-                if isinstance(event, ProxyFailed):
+                    runs.count(event)
+            elif isinstance(event, FlowEvent):  # pages and clicks: counted below
+                if isinstance(event, EgressRefused):
+                    update.job_ids.update(await jobs.apply(db, env))
+                elif isinstance(event, ProxyFailed):
                     update.proxy_ids.update(await proxies.apply(db, env))
+            elif isinstance(event, JobEvent):
+                await flow_batch.flush(db)  # the job's row as its flows left it, in order
+                update.job_ids.update(await jobs.apply(db, env))
+                await flow_batch.reload_job(db, event.job_id)
+            elif isinstance(event, ProxyEvent):
+                update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, RunnerEvent):
+                update.runner_ids.update(await runs.flush(db))  # the runs before a restart
                 update.runner_ids.update(await runners.apply(db, env))
             elif isinstance(event, ConsentEvent):
                 update.domains.update(await consents.apply(db, env))
-            elif isinstance(event, ProxyEvent):
-                update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, DatasetEvent):
                 await datasets.apply(db, env)
             elif isinstance(event, LicenseAssigned):
                 await licences.apply(db, env)
             elif isinstance(event, UserEvent):
                 await users.apply(db, env)
-        await run_metrics.apply_batch(db, fresh)  # reads the flow rows jobs just wrote
+        await flow_batch.flush(db)
+        update.runner_ids.update(await runs.flush(db))
+        await run_metrics.apply_batch(db, fresh)  # reads the flow rows just written
         await audit.apply(db, fresh)
         await set_checkpoint(db, CHECKPOINT, seq)
     return msgspec.structs.replace(update, seq=seq)

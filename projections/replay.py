@@ -10,14 +10,13 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from engine.bus import Bus
 from projections.db import connect
-from projections.inline import BatchWriter
-from projections.read_model import applied_seq, apply_batch, open_read_model
+from projections.fold_process import FoldProcess, Stored
+from projections.read_model import applied_seq, create_indexes, open_read_model
 from projections.verify import tables
 
 log = structlog.get_logger("tb.projections")
@@ -36,11 +35,12 @@ async def rebuild(
         target = min(target, upto)
     tmp = db_path.with_name(f"{db_path.name}.rebuild")
     _remove_db_files(tmp)
-    db = await open_read_model(tmp)
+    db = await open_read_model(tmp, indexes=False)
     try:
         if target > 0:
             await _fold(bus, tmp, target, progress)
         last = await applied_seq(db)
+        await create_indexes(db)
         # a self-contained file: no -wal to carry along when it is moved into place; the
         # checkpoint this makes (synchronous NORMAL) also syncs what the fold wrote unsynced
         await db.execute("PRAGMA journal_mode = DELETE")
@@ -54,32 +54,36 @@ async def rebuild(
 
 
 async def _fold(bus: Bus, path: Path, target: int, progress: Progress | None) -> None:
-    """Read the next batch while the last one is applied (the writer has its own thread)."""
-    writer = BatchWriter(path, synced=False)  # a scratch file until it is moved into place
-    batches = bus.read_batches(1, follow=False)
-    applying: asyncio.Task[Any] | None = None
-    applied_to = 0
+    """Read the log here while a process of its own decodes and folds it."""
+    writer = await FoldProcess.start(path)
+    answers = asyncio.ensure_future(_answers(bus, writer, target, progress))
+    batches = bus.read_stored(1, follow=False)
     try:
-        async for batch in batches:
-            if applying is not None:
-                await applying
-                if progress is not None:
-                    progress(applied_to, target)
-            applied_to = min(batch.last_seq, target)
-            envelopes = [env for env in batch.envelopes if env.seq <= target]
-            applying = asyncio.ensure_future(writer.run(apply_batch, envelopes, applied_to))
+        async for msgs in batches:
+            if answers.done():
+                break  # the fold failed: raised below
+            stored = [Stored(seq, m.subject, m.data, m.headers) for seq, m in msgs if seq <= target]
+            applied_to = min(msgs[-1][0], target)
+            await writer.send(stored, applied_to)
             if applied_to >= target:
                 break
-        if applying is not None:
-            await applying
-            if progress is not None:
-                progress(applied_to, target)
+        writer.finish()
+        await answers
     finally:
-        if applying is not None and not applying.done():
-            applying.cancel()
-            await asyncio.wait([applying])
+        if not answers.done():
+            answers.cancel()
+        await asyncio.wait([answers])
         await batches.aclose()
         await writer.close()
+
+
+async def _answers(bus: Bus, writer: FoldProcess, target: int, progress: Progress | None) -> None:
+    async for folded in writer.answers():
+        for refused in folded.refused:  # left out of the read model, as every reader does
+            m = refused.message
+            await bus.quarantine_stored(m.seq, m.subject, m.data, refused.reason)
+        if progress is not None:
+            progress(folded.seq, target)
 
 
 async def dump_tables(db_path: Path) -> dict[str, list[tuple[object, ...]]]:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal, TypeGuard
 
 import aiosqlite
 
-from schemas.events import Envelope, FlowDone, FlowFailed, FlowStalled, PageVisited
+from projections.db import select_in
+from schemas.events import Envelope, Event, FlowDone, FlowFailed, FlowStalled, PageVisited
 
 Metric = Literal["flow_duration_ms", "ttfb_ms", "fcp_ms", "lcp_ms", "cls"]
 VITALS: tuple[Metric, ...] = ("ttfb_ms", "fcp_ms", "lcp_ms", "cls")
@@ -51,8 +52,8 @@ SCALE: dict[Metric, int] = {
     "cls": 1_000_000,
 }
 MINUTES_KEPT = timedelta(days=1)
-IN_CHUNK = 500  # ids per ``IN (…)``
 PAGES_TRACKED = 62  # bits of a page set that fit a signed 64-bit integer
+_ENDS: frozenset[type[Event]] = frozenset({FlowDone, FlowFailed, FlowStalled})
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS metric_histograms (
@@ -127,26 +128,28 @@ class _Deltas:
 
 async def apply_batch(db: aiosqlite.Connection, batch: Sequence[Envelope]) -> None:
     """Fold a batch's events, after the jobs read model has applied them."""
-    await _count_events(db, (type(env.event).__name__ for env in batch))
+    events = [env.event for env in batch]
+    types = Counter(map(type, events))
+    await _count_events(db, types)
     deltas = _Deltas()
-    visits = [env.event for env in batch if isinstance(env.event, PageVisited)]
-    if visits:
+    if PageVisited in types:
+        visits = [event for event in events if isinstance(event, PageVisited)]
         await _page_timings(db, visits, deltas)
-    ends = {
-        env.event.flow_id
-        for env in batch
-        if isinstance(env.event, FlowDone | FlowFailed | FlowStalled)
-    }
-    if ends:
+    if not _ENDS.isdisjoint(types):
+        ends = {event.flow_id for event in events if _ends_a_flow(event)}
         await _outcomes(db, sorted(ends), deltas)
     await _write(db, deltas)
 
 
-async def _count_events(db: aiosqlite.Connection, types: Iterable[str]) -> None:
+def _ends_a_flow(event: Event) -> TypeGuard[FlowDone | FlowFailed | FlowStalled]:
+    return type(event) in _ENDS  # event classes are final: the type is enough
+
+
+async def _count_events(db: aiosqlite.Connection, types: Counter[type[Event]]) -> None:
     await db.executemany(
         "INSERT INTO metric_events (type, count) VALUES (?, ?)"
         " ON CONFLICT (type) DO UPDATE SET count = count + excluded.count",
-        sorted(Counter(types).items()),
+        sorted((kind.__name__, n) for kind, n in types.items()),
     )
 
 
@@ -154,7 +157,7 @@ async def _page_timings(
     db: aiosqlite.Connection, visits: list[PageVisited], deltas: _Deltas
 ) -> None:
     """Count each page's timings once per flow attempt (the latest one of the flow)."""
-    seen = await _select_in(
+    seen = await select_in(
         db, "SELECT flow_id, attempt, pages FROM metric_flows WHERE flow_id IN ({})",
         sorted({v.flow_id for v in visits}),
     )  # fmt: skip
@@ -192,7 +195,7 @@ async def _page_timings(
 
 async def _outcomes(db: aiosqlite.Connection, flow_ids: list[str], deltas: _Deltas) -> None:
     """Flows the batch ended and not counted yet: their duration and outcome minute."""
-    ended = await _select_in(
+    ended = await select_in(
         db,
         "SELECT f.flow_id, f.job_id, f.status, f.duration_ms, f.updated_at FROM flows AS f"
         " LEFT JOIN metric_flows AS m ON m.flow_id = f.flow_id"
@@ -234,12 +237,3 @@ async def _write(db: aiosqlite.Connection, deltas: _Deltas) -> None:
     except (OverflowError, ValueError):
         return  # a time at the calendar's edge: nothing to drop
     await db.execute("DELETE FROM metric_minutes WHERE minute < ?", (oldest,))
-
-
-async def _select_in(db: aiosqlite.Connection, sql: str, ids: list[str]) -> list[tuple[Any, ...]]:
-    rows: list[tuple[Any, ...]] = []
-    for start in range(0, len(ids), IN_CHUNK):
-        chunk = ids[start : start + IN_CHUNK]
-        marks = ", ".join("?" for _ in chunk)
-        rows.extend(tuple(row) for row in await db.execute_fetchall(sql.format(marks), chunk))
-    return rows

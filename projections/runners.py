@@ -5,7 +5,8 @@ The counts are folded from the flow events that name the runner (``FlowDone``,
 ``FlowFailed``): each event is one flow run that runner reported, so a flow retried on
 the same runner counts once per run. A ``FlowFailed`` the dispatcher wrote (stalled,
 spent attempts) names no runner and counts for none. ``RunnerRegistered`` starts the
-counts afresh: they are the runner's since its start, as its uptime is.
+counts afresh: they are the runner's since its start, as its uptime is. A batch sums
+its runs per runner (``Runs``) and adds them before the next runner event.
 """
 
 from __future__ import annotations
@@ -50,9 +51,36 @@ SCHEMA = (
 _labels = msgspec.json.Encoder()
 
 
+class Runs:
+    """Flow runs that runners reported in a batch: completed and failed, per runner."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, list[int]] = {}
+
+    def count(self, event: FlowDone | FlowFailed) -> None:
+        if event.runner_id:
+            counts = self._counts.get(event.runner_id)
+            if counts is None:
+                counts = self._counts[event.runner_id] = [0, 0]
+            counts[0 if isinstance(event, FlowDone) else 1] += 1
+
+    async def flush(self, db: aiosqlite.Connection) -> set[str]:
+        """Add the counts; returns the ids of the runners that have a row."""
+        changed: set[str] = set()
+        for runner_id, (completed, failed) in self._counts.items():
+            cur = await db.execute(
+                "UPDATE runners SET flows_completed = flows_completed + ?,"
+                " flows_failed = flows_failed + ? WHERE runner_id = ?",
+                (completed, failed, runner_id),
+            )
+            if cur.rowcount:
+                changed.add(runner_id)
+        self._counts.clear()
+        return changed
+
+
 async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
-    """Fold one runner event, or one flow end a runner reported; returns the ids of the
-    runners whose rows changed."""
+    """Fold one runner event; returns the ids of the runners whose rows changed."""
     event = env.event
     match event:
         case RunnerRegistered():
@@ -87,10 +115,4 @@ async def apply(db: aiosqlite.Connection, env: Envelope) -> set[str]:
                 (status, reason, iso(event.at), env.seq, event.runner_id),
             )
             return {event.runner_id} if cur.rowcount else set()
-        case FlowDone(runner_id=runner_id) | FlowFailed(runner_id=runner_id) if runner_id:
-            column = "flows_completed" if isinstance(event, FlowDone) else "flows_failed"
-            cur = await db.execute(
-                f"UPDATE runners SET {column} = {column} + 1 WHERE runner_id = ?", (runner_id,)
-            )
-            return {runner_id} if cur.rowcount else set()
     return set()

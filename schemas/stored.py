@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import msgspec
 
 from schemas import subjects
-from schemas.events import JobCreated, TbEvent, decode_event
+from schemas.events import Envelope, JobCreated, TbEvent, decode_event
 
 
 class Undecodable(Exception):
@@ -43,6 +43,15 @@ def decode_stored(subject: str, data: bytes, headers: Mapping[str, str] | None) 
     if isinstance(event, JobCreated) and not _first_of_its_job(event, headers):
         raise Undecodable("JobCreated not stored as the job's first event")
     return event
+
+
+def stored_envelope(
+    seq: int, subject: str, data: bytes, headers: Mapping[str, str] | None
+) -> Envelope:
+    """The envelope of a stored message (``decode_stored``), with its msg-id."""
+    event = decode_stored(subject, data, headers)
+    msg_id = headers.get(subjects.MSG_ID_HEADER, "") if headers else ""
+    return Envelope(seq, subject, event, msg_id)
 
 
 def _first_of_its_job(event: JobCreated, headers: Mapping[str, str] | None) -> bool:

@@ -501,17 +501,31 @@ async def test_rebuild_from_the_log_equals_the_live_projection(
     await projector.stop()
     live = await dump_tables(db_path)
     assert live["jobs"] and live["flows"] and live["runners"] and live["consents"]
+    tables_and_indexes = await schema_of(db_path)
 
     await asyncio.to_thread(db_path.unlink)
     calls: list[tuple[int, int]] = []
     last = await rebuild(bus, db_path, progress=lambda done, total: calls.append((done, total)))
     assert last == seq and calls[-1] == (seq, seq)
     assert await dump_tables(db_path) == live
+    # its indexes are made after the rows: the same ones
+    assert await schema_of(db_path) == tables_and_indexes
 
     # rebuilding over an existing model (with its -wal) gives the same rows again
     await rebuild(bus, db_path)
     assert await dump_tables(db_path) == live
     assert not db_path.with_name(f"{db_path.name}.rebuild").exists()
+
+
+async def schema_of(path: Path) -> list[tuple[object, ...]]:
+    db = await connect(path, readonly=True)
+    try:
+        rows = await db.execute_fetchall(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+        )
+        return [tuple(row) for row in rows]
+    finally:
+        await db.close()
 
 
 async def test_runners_read_model(

@@ -58,6 +58,7 @@ from schemas.stored import Undecodable, stored_envelope
 log = structlog.get_logger("tb.bus")
 
 INVALID_SUBJECT = 10052  # JetStream: a consumer's filter is not a valid subject
+GONE_AFTER = 30.0  # seconds a finite read waits for counted messages that do not come
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
@@ -556,15 +557,26 @@ class Bus:
                         return
                     if on_caught_up is not None:
                         on_caught_up()
+                quiet = 0  # fetches in a row that brought nothing
                 while True:
                     raise_if_cancelled()
                     msgs = await puller.fetch(batch, idle_timeout)
                     if not msgs:
+                        quiet += 1
                         if not follow:
-                            return
+                            # a slow server is no end of the stream: what the consumer
+                            # counted at its start is still coming, unless it is gone
+                            # (removed by the stream's limits) for this long
+                            if remaining <= 0 or puller.pending == 0:
+                                return
+                            if quiet * idle_timeout >= GONE_AFTER:
+                                log.warning("reader.pending_never_came", left=remaining)
+                                return
+                            continue
                         if on_caught_up is not None:
                             on_caught_up()
                         continue
+                    quiet = 0
                     fresh: list[tuple[int, Msg]] = []
                     for msg in msgs:
                         seq = stream_seq(msg)

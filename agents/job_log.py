@@ -16,6 +16,7 @@ import nats.errors
 import structlog
 
 from engine.bus import Bus
+from engine.cancellation import stop_task
 from schemas import subjects
 from schemas.events import FlowDispatched
 from schemas.ids import utcnow
@@ -104,7 +105,6 @@ class JobLog:
                 await self.bus.nc.flush()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await stop_task(task)
         if self.lost:
             log.warning("job_log.lines_lost", runner_id=self.runner_id, lost=self.lost)

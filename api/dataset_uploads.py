@@ -15,7 +15,6 @@ import route one small file (``UploadsConfig``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import tempfile
 from collections.abc import AsyncIterator
@@ -38,6 +37,7 @@ from api.deps import services_from_state
 from api.inputs import command_id
 from api.openapi import problems
 from api.services import Services
+from engine.cancellation import stop_task
 from engine.datasets.imports import RowsRefused, Source, import_file
 from engine.datasets.service import DatasetCommands, checked_dataset_id
 from engine.datasets.tables import Problem
@@ -445,6 +445,4 @@ async def uploads_lifespan(app: Litestar) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        await stop_task(sweeper)

@@ -30,6 +30,7 @@ from api.openapi import MEANING
 from api.origins import ANY, same_origin
 from api.services import IdentityConfig, Services
 from engine.bus import Bus
+from engine.cancellation import stop_task
 from engine.errors import Conflict
 from engine.identity.api_keys import ApiKey, ApiKeys, looks_like_key, may_ingest, role_of_key
 from engine.identity.buckets import API_KEYS_BUCKET, SESSIONS_BUCKET, bucket
@@ -399,8 +400,6 @@ async def identity_lifespan(app: Litestar) -> AsyncIterator[None]:
         await warm_up()
         yield
     finally:
-        cleaner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await cleaner
+        await stop_task(cleaner)
         await keys.stop()
         await sessions.stop()

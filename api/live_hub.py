@@ -37,6 +37,7 @@ from api.live_messages import (
     job_info,
     progress_update,
 )
+from engine.cancellation import stop_task
 from projections import db as read_db
 from projections import proxies as proxy_views
 from projections import queries
@@ -166,8 +167,7 @@ class LiveHub:
         self.projector.unlisten(self._notice)
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+            await stop_task(task)
         for listener in self._listeners:
             listener.overflowed.set()  # wake handlers: the hub is gone
         for request in self._snapshots:

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from api.live_hub import LiveHub
 from api.services import Services
 from engine.bus import Bus
+from engine.cancellation import stop_task
 from engine.job_logs import save_log
 from projections import queries
 from schemas import subjects
@@ -152,6 +153,5 @@ async def job_logs_lifespan(app: Litestar) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        saver.cancel()
-        await asyncio.gather(saver, return_exceptions=True)
+        await stop_task(saver)
         await feed.stop()

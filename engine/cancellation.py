@@ -10,6 +10,7 @@ turn stops as asked instead of running on until the next cancel, which may never
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 def raise_if_cancelled() -> None:
@@ -17,3 +18,14 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def stop_task(task: asyncio.Task[Any], *, ask_every: float = 1.0) -> None:
+    """Cancel ``task`` and wait until it has ended, asking again every ``ask_every``
+    seconds: a cancel lost inside a library (see above) must not leave the caller
+    waiting for ever. What the task raised while stopping is its own business."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=ask_every)
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never seen

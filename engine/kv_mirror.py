@@ -21,6 +21,8 @@ import nats.js.errors
 import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from engine.cancellation import stop_task
+
 log = structlog.get_logger("tb.kv")
 
 T = TypeVar("T")
@@ -48,9 +50,7 @@ class KvMirror(Generic[T]):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     def get(self, key: str) -> T | None:
         return self.records.get(key)

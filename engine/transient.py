@@ -21,6 +21,8 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
+from engine.cancellation import raise_if_cancelled
+
 log = structlog.get_logger("tb.engine")
 
 T = TypeVar("T")
@@ -58,6 +60,7 @@ class Backoff:
 
     async def failed(self, err: BaseException) -> None:
         """Note a transient error and wait before the next try."""
+        raise_if_cancelled()  # a cancel lost inside nats-py must not keep the loop going
         if self.failures == 0:
             self._since = time.monotonic()
             log.warning("nats.unavailable", loop=self.what, error=repr(err), retrying=True)

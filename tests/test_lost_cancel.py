@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 
 from engine.bus import Bus
+from engine.cancellation import stop_task
 from engine.dispatcher import Dispatcher
+from engine.transient import Backoff
 from schemas.events import LicenseAssigned
 from schemas.ids import new_id, utcnow
 
@@ -61,3 +63,44 @@ async def test_a_reader_ends_at_its_next_batch_after_a_cancel_was_swallowed(bus:
     running.cancel()
     done, _ = await asyncio.wait([running], timeout=WAIT)
     assert running in done and running.cancelled()
+
+
+async def test_a_retry_loop_ends_at_its_next_wait_after_a_cancel_was_swallowed() -> None:
+    """NATS down: the loop's step fails, is retried after a back-off; a cancel swallowed
+    inside the step must not leave it retrying for ever."""
+    inside = asyncio.Event()
+
+    async def retry_for_ever() -> None:
+        backoff = Backoff("test", base=0.01, cap=0.01)
+        while True:
+            await swallow_a_cancel(inside)
+            await backoff.failed(TimeoutError())
+
+    running = asyncio.create_task(retry_for_ever())
+    await asyncio.wait_for(inside.wait(), WAIT)
+    running.cancel()
+    done, _ = await asyncio.wait([running], timeout=WAIT)
+    assert running in done and running.cancelled()
+
+
+async def test_stopping_a_task_asks_again_until_it_has_ended() -> None:
+    """A task that loses the first cancel and has no check of its own still ends."""
+    inside = asyncio.Event()
+    swallowed = 0
+
+    async def loses_cancels() -> None:
+        nonlocal swallowed
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                inside.set()
+                await asyncio.sleep(WAIT * 2)
+                continue
+            swallowed += 1
+            if swallowed == 1:
+                continue  # the first cancel is lost, as in 3.11's wait_for
+            raise asyncio.CancelledError
+
+    running = asyncio.create_task(loses_cancels())
+    await asyncio.wait_for(inside.wait(), WAIT)
+    await asyncio.wait_for(stop_task(running, ask_every=0.05), WAIT)
+    assert running.cancelled() and swallowed == 2

@@ -138,12 +138,9 @@ class RunnerKeys:
             return None  # a record nobody can read is no key
 
     async def all(self) -> list[RunnerKeyRecord]:
-        kv = await self.bucket()
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        found = [await self.get(key_id) for key_id in sorted(keys)]
+        await self.bucket()  # the bucket exists
+        keys = await self.bus.kv_keys(subjects.RUNNER_KEYS_BUCKET)
+        found = [await self.get(key_id) for key_id in keys]
         return [record for record in found if record is not None]
 
     async def set_platform(

@@ -198,7 +198,7 @@ class Uploads:
         kv = await self._bucket()
         try:
             entry = await kv.get(upload_id)
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             raise NotFound(
                 "upload_id", f"no upload {upload_id} (finished long ago, expired or never started)"
             ) from None
@@ -355,11 +355,8 @@ class Uploads:
 
     async def sweep(self) -> list[str]:
         """Remove every upload idle longer than the lifetime; the ids removed."""
-        kv = await self._bucket()
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        await self._bucket()  # the bucket exists
+        keys = await self.bus.kv_keys(subjects.UPLOADS_BUCKET)
         now = self.clock()
         removed = []
         for key in keys:

@@ -55,11 +55,8 @@ class UserCommands:
         return await self.load(user_id_for(username))
 
     async def any_user(self) -> bool:
-        kv = await self.credentials()
-        try:
-            return bool(await kv.keys())
-        except nats.js.errors.NoKeysError:
-            return False
+        await self.credentials()  # the bucket exists
+        return bool(await self.bus.kv_keys(CREDENTIALS_BUCKET))
 
     async def _append(self, user: User, events: list[TbEvent], command_id: str) -> Appended:
         stream_filter = subjects.user_stream_filter(user.user_id)

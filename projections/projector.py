@@ -16,6 +16,7 @@ import nats.errors
 import structlog
 
 from engine.bus import Bus
+from engine.cancellation import raise_if_cancelled, stop_task
 from projections.inline import BatchWriter
 from projections.read_model import ProjectionUpdate, applied_seq, apply_batch, open_read_model
 
@@ -158,8 +159,7 @@ class Projector:
                 try:
                     await self._watch(reader, stall_after)
                 finally:
-                    reader.cancel()
-                    await asyncio.wait([reader])
+                    await stop_task(reader)
                 self.restarts += 1
                 # a reader that stalls again without any progress: back off, don't spin
                 no_progress = self._position == restarted_at
@@ -179,6 +179,7 @@ class Projector:
         behind_since: float | None = None
         behind_at = -1
         while True:
+            raise_if_cancelled()
             done, _ = await asyncio.wait([reader], timeout=self._check_every)
             if done:
                 reader.result()

@@ -21,7 +21,7 @@ from litestar.exceptions import (
 from litestar.params import JSONBody
 
 from api.authz import access, principal_of
-from api.identity import SESSION_COOKIE, Identity, identity_of
+from api.identity import SESSION_COOKIE, Identity, authenticate, identity_of
 from api.openapi import problems
 from engine.errors import Conflict
 from engine.identity.users import User
@@ -172,8 +172,11 @@ class AuthController(Controller):
         opt=access("viewer"),
     )
     async def me(self, request: Request[Any, Any, Any]) -> Me:
-        principal = principal_of(request)
-        assert principal is not None  # the access guard let only a user through
+        # the guard resolved the caller before the TB-Min-Seq barrier; after it, the
+        # role and plan are read again, so the answer includes the writes waited for
+        principal = await authenticate(request)
+        if principal is None:  # disabled, or signed out, by what was waited for
+            raise NotAuthorizedException("credentials no longer valid")
         plan = principal.plan
         return Me(
             user_id=principal.user_id,

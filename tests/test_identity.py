@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from api.app import create_app
 from api.services import ApiConfig, IdentityConfig
 from engine.bus import Bus
 from engine.identity.sessions import SessionPolicy
+from projections import projector as projector_module
 from schemas import subjects
 from schemas.events import LoginFailed, UserLoggedIn, UserLoggedOut
 from schemas.licences import plan_named
@@ -412,3 +414,30 @@ async def test_two_logins_at_once_on_two_replicas_leave_one_session(
             assert codes != [401, 401]
             assert time.monotonic() - started < 1.0, codes
             await asyncio.sleep(0.02)
+
+
+async def test_who_am_i_with_a_read_barrier_answers_the_role_written_before_it(
+    client: AsyncTestClient, client_as: ClientAs, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard resolves the caller before the ``TB-Min-Seq`` wait; /auth/me must answer
+    as of after it (here the read model is held back while the role changes)."""
+    viewer = await client_as("viewer")
+    me = (await viewer.get("/api/v1/auth/me")).json()
+    released = threading.Event()  # the read model is folded in a thread: a thread's hold
+    plain_apply = projector_module.apply_batch
+
+    async def held_apply(*args: Any) -> Any:
+        released.wait(20)
+        return await plain_apply(*args)
+
+    monkeypatch.setattr(projector_module, "apply_batch", held_apply)
+    r = await client.patch(f"/api/v1/users/{me['user_id']}", json={"role": "operator"})
+    assert r.status_code == 200, r.text
+    written = (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+    # released while the request waits at the barrier, its guard past (the test client
+    # holds this loop until the answer, so the release comes from another thread)
+    threading.Timer(1.0, released.set).start()
+    answer = await viewer.get("/api/v1/auth/me", headers={"TB-Min-Seq": str(written)})
+    released.set()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["role"] == "operator"

@@ -35,6 +35,11 @@ CHROMIUM_ARGS = [
     "--webrtc-ip-handling-policy=disable_non_proxied_udp",
     "--dns-prefetch-disable",
 ]
+# Browser UI no flow uses. With it on, each browser context's window preloads its
+# omnibox popup (a WebUI page) in a renderer process of its own: ~25 MiB PSS a flow,
+# as much as a light page's own renderer. Passed only through the seeded launcher,
+# which joins it with Playwright's own --disable-features (Chromium keeps one).
+UNUSED_FEATURES = "--disable-features=WebUIOmniboxPopup,WebUIOmniboxAimPopup"
 INSTALL_HINT = (
     "apt-get install chromium (Debian/Ubuntu) or: python -m playwright install --with-deps chromium"
 )
@@ -66,25 +71,32 @@ def managed_chromium_installed() -> bool:
 
 async def launch_chromium(playwright: Playwright, headless: bool = True) -> Browser:
     """Launch the system Chromium, falling back to Playwright's managed build; either
-    starts with a profile that keeps speculative loads off (``agents.egress.launcher``)."""
+    starts with a profile that keeps speculative loads off (``agents.egress.launcher``)
+    and without the browser UI no flow uses (``UNUSED_FEATURES``)."""
     launch = functools.partial(
         playwright.chromium.launch,
         headless=headless,
-        args=CHROMIUM_ARGS,
         # the runner decides what a stop signal means (it drains), not Playwright: a
         # Ctrl-C reaching the whole process group must not close the browser
         handle_sigint=False,
         handle_sigterm=False,
         handle_sighup=False,
     )
+
+    async def start(executable: str) -> Browser:
+        launcher = seeded_launcher(executable)
+        joined = launcher != executable  # no launcher (no POSIX shell): Playwright's list stays
+        args = [*CHROMIUM_ARGS, UNUSED_FEATURES] if joined else CHROMIUM_ARGS
+        return await launch(executable_path=launcher, args=args)
+
     path = find_chromium()
     if path is not None:
         try:
-            return await launch(executable_path=seeded_launcher(path))
+            return await start(path)
         except PlaywrightError as err:
             log.warning("browser.launch_failed", executable=path, error=first_line(err))
     try:
-        return await launch(executable_path=seeded_launcher(playwright.chromium.executable_path))
+        return await start(playwright.chromium.executable_path)
     except PlaywrightError as err:
         tried = (
             f"{path} and Playwright's managed Chromium" if path else "Playwright's managed Chromium"

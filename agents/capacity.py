@@ -25,12 +25,13 @@ from pathlib import Path
 
 MIB = 1024**2
 
-# What one flow adds: `just bench-runner`'s executor on its test page measured a peak PSS
-# (all browser processes, shared pages once) of ~70 MiB per concurrent context at 4-8
-# contexts (one context: +144 MiB over the idle browser; 16: ~45 MiB each), about two
-# renderer processes per context. A real site's page (scripts, images, a larger DOM)
-# weighs more than that static page, so a flow is reckoned at twice the measure.
-PER_FLOW_BYTES = 160 * MIB
+# What one flow adds: the executor's flows on `just bench-runner`'s test page measured
+# a PSS (all browser processes, shared pages once) of 34-41 MiB per concurrent context
+# at 4-8 contexts (16: 32 MiB each), one renderer process per context (Chromium starts
+# without the omnibox popup that took a second one, ``agents.browser.UNUSED_FEATURES``).
+# A real site's page (scripts, images, a larger DOM) weighs more than that static page,
+# so a flow is reckoned at twice the measure.
+PER_FLOW_BYTES = 80 * MIB
 # The runner itself before any flow: its Python process, the Playwright driver and the
 # idle browser measured ~260-300 MiB PSS together; the rest is headroom.
 BASE_BYTES = 512 * MIB

@@ -24,22 +24,34 @@ PROFILE_PREFS = {"net": {"network_prediction_options": 2}}  # 2: never preload p
 SEEDING_FAILED = 97  # the launcher's exit status when it could not write the preferences
 
 LAUNCHER = """#!/bin/sh
-# Seeds the new Chromium profile with TrafficBuster's preferences, then starts Chromium.
+# Seeds the new Chromium profile with TrafficBuster's preferences and joins the
+# --disable-features switches into one, then starts Chromium.
+disabled=""
 for arg in "$@"; do
+  shift
   case "$arg" in
     --user-data-dir=*)
       dir="${{arg#--user-data-dir=}}"
       mkdir -p "$dir/Default" || exit {failed}
       printf '%s' {prefs} > "$dir/Default/Preferences" || exit {failed}
       ;;
+    --disable-features=*)
+      disabled="${{disabled:+$disabled,}}${{arg#--disable-features=}}"
+      continue
+      ;;
   esac
+  set -- "$@" "$arg"
 done
+if [ -n "$disabled" ]; then
+  set -- "$@" "--disable-features=$disabled"
+fi
 exec {executable} "$@"
 """
 
 
 def seeded_launcher(executable: str) -> str:
-    """A launcher for ``executable`` that seeds each profile with ``PROFILE_PREFS``.
+    """A launcher for ``executable`` that seeds each profile with ``PROFILE_PREFS`` and
+    joins the ``--disable-features`` switches it is given.
 
     Where there is no POSIX shell (Windows) the executable itself is returned."""
     if os.name != "posix":

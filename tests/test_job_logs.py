@@ -4,10 +4,12 @@ answers crawler-style workers read, SSE, external jobs, saved logs, runner lines
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -385,61 +387,62 @@ async def test_runners_write_their_flows_into_the_jobs_log(
     assert {line.level for line in done} == {"SUCCESS"}
 
 
-async def test_the_websocket_pushes_log_lines(serve: Serve) -> None:
-    from websockets.asyncio.client import connect
+async def pushed_lines(
+    base: str, client: httpx.AsyncClient, send: Callable[[int], Awaitable[None]], count: int
+) -> list[dict[str, Any]]:
+    """The first ``count`` logLine messages /ws pushes; ``send(n)`` is called again and
+    again until the feed (it listens once the socket is open) pushes one."""
+    from websockets.asyncio.client import ClientConnection, connect
 
+    async def next_line(ws: ClientConnection) -> dict[str, Any]:
+        while (pushed := json.loads(await ws.recv()))["type"] != "logLine":
+            pass
+        return cast(dict[str, Any], pushed)
+
+    ws_url = base.replace("http", "ws") + "/ws"
+    auth = {"Authorization": client.headers["Authorization"]}
+    async with connect(ws_url, additional_headers=auth) as ws:
+        async with asyncio.timeout(10):
+            for n in itertools.count():
+                await send(n)
+                try:
+                    async with asyncio.timeout(0.5):
+                        first = await next_line(ws)
+                    break
+                except TimeoutError:
+                    continue
+            return [first, *[await next_line(ws) for _ in range(count - 1)]]
+
+
+async def test_the_websocket_pushes_log_lines(serve: Serve) -> None:
     base = await serve()
     async with http(base) as client:
         job_id = await start_external(client)
-        ws_url = base.replace("http", "ws") + "/ws"
-        auth = {"Authorization": client.headers["Authorization"]}
-        async with connect(ws_url, additional_headers=auth) as ws:
-            async with asyncio.timeout(10):
-                while True:  # the feed listens once the socket is open
-                    r = await client.post(
-                        "/api/v1/logs", json={"job_id": job_id, "message": "[INFO] ws"}
-                    )
-                    assert r.status_code == 200
-                    try:
-                        async with asyncio.timeout(0.5):
-                            while (pushed := json.loads(await ws.recv()))["type"] != "logLine":
-                                pass
-                        break
-                    except TimeoutError:
-                        continue
+
+        async def post(n: int) -> None:
+            r = await client.post("/api/v1/logs", json={"job_id": job_id, "message": "[INFO] ws"})
+            assert r.status_code == 200
+
+        (pushed,) = await pushed_lines(base, client, post, 1)
     assert pushed["job_id"] == job_id and pushed["message"] == "[INFO] ws"
     assert (pushed["level"], pushed["source"]) == ("INFO", "ingest")
 
 
 async def test_the_websocket_pushes_each_of_the_lines_sent_together(serve: Serve, bus: Bus) -> None:
-    from websockets.asyncio.client import connect
-
     from schemas.ids import utcnow
     from schemas.logs import encode_log_line, log_line
 
     base = await serve()
     async with http(base) as client:
         job_id = await start_external(client)
-        ws_url = base.replace("http", "ws") + "/ws"
-        auth = {"Authorization": client.headers["Authorization"]}
-        async with connect(ws_url, additional_headers=auth) as ws:
-            async with asyncio.timeout(10):
-                for n in range(100):  # the feed listens once the socket is open
-                    texts = [f"[INFO] {n} first", f"[ERROR] {n} second"]
-                    lines = [
-                        encode_log_line(log_line(job_id, t, utcnow(), "runner_t")) for t in texts
-                    ]
-                    await bus.log_nowait(job_id, lines, f"ws {n}")
-                    try:
-                        async with asyncio.timeout(0.5):
-                            while (first := json.loads(await ws.recv()))["type"] != "logLine":
-                                pass
-                        break
-                    except TimeoutError:
-                        continue
-                while (second := json.loads(await ws.recv()))["type"] != "logLine":
-                    pass
-    sent = first["message"].split()[1]  # the batch the feed caught first
+
+        async def send_two(n: int) -> None:
+            texts = [f"[INFO] {n} first", f"[ERROR] {n} second"]
+            lines = [encode_log_line(log_line(job_id, t, utcnow(), "runner_t")) for t in texts]
+            await bus.log_nowait(job_id, lines, f"ws {n}")
+
+        first, second = await pushed_lines(base, client, send_two, 2)
+    sent = first["message"].split()[1]  # the two lines the feed passed on first
     assert [first["message"], second["message"]] == [
         f"[INFO] {sent} first",
         f"[ERROR] {sent} second",

@@ -4,6 +4,12 @@ Best effort and off the flow's path: a line is queued (bounded) and one task sen
 the queue to ``tb.log.<job_id>`` without waiting for acks. A line NATS does not take,
 or one the full queue pushes out, is lost and counted; a flow never waits for, nor
 fails because of, its log.
+
+The lines gathered within ``WINDOW`` go out as one message per job (up to
+``BATCH_BYTES``): two messages a flow cost the server as much as the flow's events.
+A message's id is made of its lines' keys, so the same lines sent twice are stored
+once. A redelivered work item is another delivery, whose lines are new lines: its
+log says so twice, as it happened.
 """
 
 from __future__ import annotations
@@ -20,21 +26,30 @@ from engine.cancellation import stop_task
 from schemas import subjects
 from schemas.events import FlowDispatched
 from schemas.ids import utcnow
-from schemas.logs import LogLevel, LogLine
+from schemas.logs import LogLevel, LogLine, encode_log_line
 
 log = structlog.get_logger("tb.agent")
 
 QUEUED_LINES = 10_000  # lines waiting to be sent at most; beyond, the oldest are dropped
 CLOSE_GRACE = 2.0  # seconds a stopping runner gives its queued lines to go out
+WINDOW = 0.05  # seconds lines are gathered before they go out: a line shows that much later
+BATCH_BYTES = 128 * 1024  # encoded lines in one message at most (a line alone may be more)
 
 
 class JobLog:
     """``enabled=False`` writes nothing (``TB_RUNNER_JOB_LOGS=false``)."""
 
     def __init__(
-        self, bus: Bus, runner_id: str, *, enabled: bool = True, queued: int = QUEUED_LINES
+        self,
+        bus: Bus,
+        runner_id: str,
+        *,
+        enabled: bool = True,
+        queued: int = QUEUED_LINES,
+        window: float = WINDOW,
     ) -> None:
         self.bus, self.runner_id, self.enabled = bus, runner_id, enabled
+        self.window = window
         self._queue: deque[tuple[LogLine, str]] = deque(maxlen=queued)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -75,7 +90,7 @@ class JobLog:
         if len(self._queue) == self._queue.maxlen:
             self.lost += 1
         self._queue.append(
-            (line, subjects.runner_log_msg_id(item.flow_id, item.attempt, delivery, what))
+            (line, subjects.runner_log_key(item.flow_id, item.attempt, delivery, what))
         )
         if self._task is None:
             self._task = asyncio.create_task(self._send(), name="runner-job-log")
@@ -84,18 +99,36 @@ class JobLog:
     async def _send(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(self.window)
             self._wake.clear()
             await self._send_queued()
 
     async def _send_queued(self) -> None:
         queue = self._queue
+        by_job: dict[str, list[tuple[LogLine, str]]] = {}
         while queue:
-            line, msg_id = queue.popleft()
-            try:
-                await self.bus.log_nowait(line, msg_id)
-                self.sent += 1
-            except nats.errors.Error:
-                self.lost += 1
+            line, key = queue.popleft()
+            by_job.setdefault(line.job_id, []).append((line, key))
+        for job_id, lines in by_job.items():
+            encoded: list[bytes] = []
+            keys: list[str] = []
+            size = 0
+            for line, key in lines:
+                data = encode_log_line(line)
+                if encoded and size + len(data) > BATCH_BYTES:
+                    await self._publish(job_id, encoded, keys)
+                    encoded, keys, size = [], [], 0
+                encoded.append(data)
+                keys.append(key)
+                size += len(data) + 1
+            await self._publish(job_id, encoded, keys)
+
+    async def _publish(self, job_id: str, encoded: list[bytes], keys: list[str]) -> None:
+        try:
+            await self.bus.log_nowait(job_id, encoded, subjects.runner_log_msg_id(job_id, keys))
+            self.sent += len(encoded)
+        except nats.errors.Error:
+            self.lost += len(encoded)
 
     async def close(self) -> None:
         """Send what is queued (for ``CLOSE_GRACE`` seconds at most), then stop."""

@@ -29,7 +29,7 @@ from engine.cancellation import stop_task
 from engine.job_logs import save_log
 from projections import queries
 from schemas import subjects
-from schemas.logs import LogLevel, decode_log_line
+from schemas.logs import LogLevel, decode_log_lines
 from schemas.values import TERMINAL_JOB_STATUSES
 
 log = structlog.get_logger("tb.api")
@@ -68,11 +68,12 @@ class LogFeed:
         if not self.hub.clients:
             return  # nobody to tell
         try:
-            line = decode_log_line(msg.data)
+            lines = decode_log_lines(msg.data)  # one, or a runner's lines sent together
         except msgspec.DecodeError:
             return  # not a log line: nothing to show
-        update = LogLineUpdate(line.job_id, line.level, line.message, line.at, line.source)
-        self.hub.publish(line.job_id, update)
+        for line in lines:
+            update = LogLineUpdate(line.job_id, line.level, line.message, line.at, line.source)
+            self.hub.publish(line.job_id, update)
 
 
 class LogSaver:

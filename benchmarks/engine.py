@@ -22,7 +22,7 @@ from schemas.events import JobCompleted, JobFailed
 from schemas.values import JobSettings, Platform, Target
 
 PAYLOAD = b"x" * 420  # about the size of an encoded FlowDispatched
-per_flow: list[tuple[float, float]] = []  # stored (events, job log lines) per flow, by round
+per_flow: list[tuple[float, float]] = []  # stored (events, job log messages) per flow, by round
 
 
 async def raw_publish_rate(bus: Bus, count: int) -> float:
@@ -48,7 +48,7 @@ async def raw_publish_rate(bus: Bus, count: int) -> float:
 
 
 async def stored(bus: Bus) -> tuple[int, int]:
-    """Messages stored so far: events in TB, lines in TB_LOGS."""
+    """Messages stored so far: events in TB, job log messages in TB_LOGS."""
     events = await bus.js.stream_info(subjects.EVENTS_STREAM)
     logs = await bus.js.stream_info(subjects.LOGS_STREAM)
     return events.state.messages, logs.state.messages
@@ -103,10 +103,11 @@ async def main(flows: int, messages: int, rounds: int) -> None:
     )
     print(f"ratio flows/s : publishes/s = {flow / raw:.2f}  (goal >= 0.25)")
     # context, not the goal: each flow stores its events (FlowDispatched, FlowStarted,
-    # FlowDone) and, unless TB_RUNNER_JOB_LOGS=false, the runner's job log lines
+    # FlowDone) and, unless TB_RUNNER_JOB_LOGS=false, a share of the runner's job log
+    # messages (its lines about a flow go out with others of the same job)
     events, lines = per_flow[-1]
     print(
-        f"for context: each flow stored {events:.2f} events and {lines:.2f} job log lines;"
+        f"for context: each flow stored {events:.2f} events and {lines:.2f} job log messages;"
         f" {(events + lines) * flow:,.0f} stored messages/s on our path"
         f" = {(events + lines) * flow / raw:.2f} of the raw publish rate"
     )

@@ -51,7 +51,7 @@ from engine.quarantine import Quarantine
 from engine.transient import WRONG_LAST_SEQUENCE, Backoff
 from schemas import subjects
 from schemas.events import Envelope, Event, encode_event
-from schemas.logs import LogLine, encode_log_line
+from schemas.logs import LogLine, encode_log_line, encode_log_lines
 from schemas.quarantine import QuarantinedMessage
 from schemas.stored import Undecodable, stored_envelope
 
@@ -422,12 +422,13 @@ class Bus:
         subject = subjects.log_subject(line.job_id)
         return await (await self.publisher.publish(subject, encode_log_line(line), headers))
 
-    async def log_nowait(self, line: LogLine, msg_id: str | None = None) -> None:
-        """Send one job log line without asking for an ack: best effort, a line NATS does
-        not take is lost (nothing waits on it, nothing fails because of it)."""
-        headers = {subjects.MSG_ID_HEADER: msg_id} if msg_id is not None else None
-        subject = subjects.log_subject(line.job_id)
-        await self.nc.publish(subject, encode_log_line(line), headers=headers)
+    async def log_nowait(self, job_id: str, encoded: Sequence[bytes], msg_id: str) -> None:
+        """Send lines of one job's log (each as ``encode_log_line`` gave it) as one message
+        without asking for an ack: best effort, lines NATS does not take are lost (nothing
+        waits on them, nothing fails because of them)."""
+        headers = {subjects.MSG_ID_HEADER: msg_id}
+        subject = subjects.log_subject(job_id)
+        await self.nc.publish(subject, encode_log_lines(encoded), headers=headers)
 
     # -- reading --------------------------------------------------------------------
 

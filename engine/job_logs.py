@@ -24,7 +24,7 @@ from engine.puller import Puller, stream_seq
 from engine.transient import Backoff, is_transient
 from schemas import subjects
 from schemas.events import JobCancelled, JobCompleted, JobFailed, JobRefused
-from schemas.logs import LogLine, decode_log_line, encode_log_line
+from schemas.logs import LogLine, decode_log_lines, encode_log_line
 
 SPOOL_IN_MEMORY = 1 << 20  # bytes of a log kept in memory before it spills to a file
 
@@ -46,7 +46,7 @@ async def last_job_event_type(bus: Bus, job_id: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class StoredLine:
-    seq: int  # its sequence in TB_LOGS
+    seq: int  # the sequence in TB_LOGS of its message (lines sent together share one)
     line: LogLine
 
 
@@ -56,7 +56,7 @@ async def read_log(
     """The job's lines in order, in batches. With ``follow`` it never ends: an empty
     batch says it has caught up and waited ``linger`` seconds for more, so a caller can
     decide whether to go on. Without, it stops at the last line stored. A message on the
-    job's subject that is not a log line is skipped."""
+    job's subject that holds no log lines (one, or several sent together) is skipped."""
     next_seq = 1
     backoff = Backoff(f"log reader {job_id}", cap=2.0)
     while True:
@@ -75,7 +75,7 @@ async def read_log(
                         continue
                     next_seq = seq + 1
                     with contextlib.suppress(msgspec.DecodeError):
-                        lines.append(StoredLine(seq, decode_log_line(msg.data)))
+                        lines.extend(StoredLine(seq, line) for line in decode_log_lines(msg.data))
                 if lines or (follow and not msgs):
                     yield lines
                 if not follow:

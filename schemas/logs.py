@@ -9,6 +9,7 @@ here, once, without I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -23,7 +24,8 @@ Message = Annotated[str, msgspec.Meta(max_length=MESSAGE_LENGTH)]
 
 
 class LogLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One line of a job's log, stored on ``tb.log.<job_id>``.
+    """One line of a job's log, stored on ``tb.log.<job_id>``: a message of its own, or
+    one of the lines a runner sends together (``encode_log_lines``).
 
     ``source``: the runner id, or ``ingest`` for a line an external worker posted.
     ``summary``: a ``[SUMMARY]`` line's JSON object; ``flag``: what is wrong with a line
@@ -115,10 +117,28 @@ def log_line(
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LogLine)
+_lines_decoder = msgspec.json.Decoder(LogLine | list[LogLine])
 
 
 def encode_log_line(line: LogLine) -> bytes:
     return _encoder.encode(line)
+
+
+def encode_log_lines(encoded: Sequence[bytes]) -> bytes:
+    """Lines of one job sent as one message: a JSON array of lines, each as
+    ``encode_log_line`` gave it; one line alone is stored as a line."""
+    if len(encoded) == 1:
+        return encoded[0]
+    return b"[" + b",".join(encoded) + b"]"
+
+
+def decode_log_lines(data: bytes) -> list[LogLine]:
+    """The lines one ``TB_LOGS`` message holds, in order: a line (as external workers'
+    lines are stored, and every line was before runners sent theirs together) or an
+    array of lines. Raises ``msgspec.DecodeError`` (or its ``ValidationError``) when it
+    holds anything else, a bad line among good ones included: readers skip the message."""
+    lines: LogLine | list[LogLine] = _lines_decoder.decode(data)
+    return lines if isinstance(lines, list) else [lines]
 
 
 def decode_log_line(data: bytes) -> LogLine:

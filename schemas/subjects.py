@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 from schemas.events import (
     ConsentEvent,
     DatasetEvent,
@@ -123,10 +126,17 @@ def log_subject(job_id: str) -> str:
     return f"tb.log.{job_id}"
 
 
-def runner_log_msg_id(flow_id: str, attempt: int, delivery: int, what: str) -> str:
-    """A runner's line about one delivery of one work item (``received``, ``done``, …):
-    the same line sent twice is stored once."""
-    return f"log:{flow_id}:{attempt}:{delivery}:{what}"
+def runner_log_key(flow_id: str, attempt: int, delivery: int, what: str) -> str:
+    """Names a runner's line about one delivery of one work item (``received``, ``done``,
+    …): a redelivery is a new delivery, and its lines are new lines."""
+    return f"{flow_id}:{attempt}:{delivery}:{what}"
+
+
+def runner_log_msg_id(job_id: str, keys: Sequence[str]) -> str:
+    """The lines a runner sends together, named by their keys (``runner_log_key``): the
+    same lines sent twice are stored once."""
+    digest = hashlib.blake2b("\n".join(keys).encode(), digest_size=16).hexdigest()
+    return f"log:{job_id}:{digest}"
 
 
 def ingest_log_msg_id(job_id: str, key: str) -> str:

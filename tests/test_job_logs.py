@@ -4,10 +4,12 @@ answers crawler-style workers read, SSE, external jobs, saved logs, runner lines
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -385,30 +387,67 @@ async def test_runners_write_their_flows_into_the_jobs_log(
     assert {line.level for line in done} == {"SUCCESS"}
 
 
+async def pushed_lines(
+    base: str, client: httpx.AsyncClient, send: Callable[[int], Awaitable[None]], count: int
+) -> list[dict[str, Any]]:
+    """The first ``count`` logLine messages /ws pushes; ``send(n)`` is called again and
+    again until the feed (it listens once the socket is open) pushes one."""
+    from websockets.asyncio.client import ClientConnection, connect
+
+    async def next_line(ws: ClientConnection) -> dict[str, Any]:
+        while (pushed := json.loads(await ws.recv()))["type"] != "logLine":
+            pass
+        return cast(dict[str, Any], pushed)
+
+    ws_url = base.replace("http", "ws") + "/ws"
+    auth = {"Authorization": client.headers["Authorization"]}
+    async with connect(ws_url, additional_headers=auth) as ws:
+        async with asyncio.timeout(10):
+            for n in itertools.count():
+                await send(n)
+                try:
+                    async with asyncio.timeout(0.5):
+                        first = await next_line(ws)
+                    break
+                except TimeoutError:
+                    continue
+            return [first, *[await next_line(ws) for _ in range(count - 1)]]
+
+
 async def test_the_websocket_pushes_log_lines(serve: Serve) -> None:
-    from websockets.asyncio.client import connect
+    base = await serve()
+    async with http(base) as client:
+        job_id = await start_external(client)
+
+        async def post(n: int) -> None:
+            r = await client.post("/api/v1/logs", json={"job_id": job_id, "message": "[INFO] ws"})
+            assert r.status_code == 200
+
+        (pushed,) = await pushed_lines(base, client, post, 1)
+    assert pushed["job_id"] == job_id and pushed["message"] == "[INFO] ws"
+    assert (pushed["level"], pushed["source"]) == ("INFO", "ingest")
+
+
+async def test_the_websocket_pushes_each_of_the_lines_sent_together(serve: Serve, bus: Bus) -> None:
+    from schemas.ids import utcnow
+    from schemas.logs import encode_log_line, log_line
 
     base = await serve()
     async with http(base) as client:
         job_id = await start_external(client)
-        ws_url = base.replace("http", "ws") + "/ws"
-        auth = {"Authorization": client.headers["Authorization"]}
-        async with connect(ws_url, additional_headers=auth) as ws:
-            async with asyncio.timeout(10):
-                while True:  # the feed listens once the socket is open
-                    r = await client.post(
-                        "/api/v1/logs", json={"job_id": job_id, "message": "[INFO] ws"}
-                    )
-                    assert r.status_code == 200
-                    try:
-                        async with asyncio.timeout(0.5):
-                            while (pushed := json.loads(await ws.recv()))["type"] != "logLine":
-                                pass
-                        break
-                    except TimeoutError:
-                        continue
-    assert pushed["job_id"] == job_id and pushed["message"] == "[INFO] ws"
-    assert (pushed["level"], pushed["source"]) == ("INFO", "ingest")
+
+        async def send_two(n: int) -> None:
+            texts = [f"[INFO] {n} first", f"[ERROR] {n} second"]
+            lines = [encode_log_line(log_line(job_id, t, utcnow(), "runner_t")) for t in texts]
+            await bus.log_nowait(job_id, lines, f"ws {n}")
+
+        first, second = await pushed_lines(base, client, send_two, 2)
+    sent = first["message"].split()[1]  # the two lines the feed passed on first
+    assert [first["message"], second["message"]] == [
+        f"[INFO] {sent} first",
+        f"[ERROR] {sent} second",
+    ]
+    assert (first["level"], second["level"], second["source"]) == ("INFO", "ERROR", "runner_t")
 
 
 async def test_a_retried_post_with_its_key_is_stored_once(serve: Serve, bus: Bus) -> None:
@@ -501,23 +540,34 @@ async def test_many_progress_lines_at_once_are_all_taken(serve: Serve, bus: Bus)
 
 async def test_long_logs_stream_and_download_whole(serve: Serve, bus: Bus) -> None:
     from schemas.ids import utcnow
-    from schemas.logs import log_line
+    from schemas.logs import encode_log_line, log_line
 
     base = await serve()
     count = 700  # more than one batch of the reader
+    singles, together = 400, 50  # lines stored one a message, then 50 a message
     async with http(base) as client:
         job_id = await start_external(client)
-        for n in range(count - 1):
-            await bus.log_nowait(log_line(job_id, f"[INFO] line {n}", utcnow(), "runner_t"))
+        encoded = [
+            encode_log_line(log_line(job_id, f"[INFO] line {n}", utcnow(), "runner_t"))
+            for n in range(count - 1)
+        ]
+        for n in range(singles):
+            await bus.log_nowait(job_id, encoded[n : n + 1], f"single {n}")
+        for n in range(singles, count - 1, together):
+            await bus.log_nowait(job_id, encoded[n : n + together], f"together {n}")
         # acked after every line before it on this connection is stored
         await bus.append_log(log_line(job_id, f"[INFO] line {count - 1}", utcnow(), "runner_t"))
         info = await bus.js.stream_info(subjects.LOGS_STREAM)
-        assert info.state.messages == count
+        assert info.state.messages == singles + 6 + 1  # 299 lines 50 a message, the last
         async with client.stream("GET", f"/api/v1/jobs/{job_id}/logs/stream") as stream:
             async with asyncio.timeout(20):
                 lines = await sse_lines(stream, count)
         data = [line for line in lines if line.startswith("data: ")]
         assert data == [f"data: [INFO] line {n}" for n in range(count)]
+        async with client.stream("GET", f"/api/crawler/logs/{job_id}") as stream:
+            async with asyncio.timeout(20):
+                crawler = await sse_lines(stream, count)
+        assert [line for line in crawler if line.startswith("data: ")] == data
         running = await client.get(f"/api/v1/jobs/{job_id}/logs?format=jsonl")
         assert len(running.text.splitlines()) == count  # a running job: what TB_LOGS holds
 

@@ -169,20 +169,20 @@ class ActionWriter:
         state = self.reader.state
         authorised = state.authorised_hosts(now)
         items: list[tuple[FlowDispatched, str]] = []
-        hosts: dict[str, list[str]] = {}
+        # what a job's work items share, worked out on its first item in this batch: the
+        # state does not change while the batch is built
+        shared: dict[str, _JobItems] = {}
         for d in dispatches:
             if not state.dispatchable(d, now, authorised):
                 continue
             plan = state.jobs[d.job_id]
             try:
-                allowed = hosts.get(d.job_id)
-                if allowed is None:
-                    # the consents of now, not those of when the job started
-                    allowed = hosts[d.job_id] = sorted(plan.host_set & authorised)
+                common = shared.get(d.job_id)
+                if common is None:
+                    common = shared[d.job_id] = _job_items(state, plan, authorised)
                 msg_id = subjects.dispatch_msg_id(d.flow_id, d.attempt)
-                ports = {h: sorted(_consent_ports(state, h)) for h in allowed}
                 proxies = state.proxy_candidates(plan, d.flow_id, d.attempt) or []
-                item = self._work_item(plan, d, allowed, ports, proxies, now)
+                item = self._work_item(plan, d, common, proxies, now)
                 items.append((item, msg_id))
             except Exception as err:
                 state.break_job(plan, f"dispatching failed: {err!r}", err)
@@ -199,8 +199,7 @@ class ActionWriter:
         self,
         plan: JobPlan,
         d: Dispatch,
-        allowed: list[str],
-        ports: dict[str, list[int]],
+        common: _JobItems,
         proxies: list[str],
         now: datetime,
     ) -> FlowDispatched:
@@ -216,17 +215,38 @@ class ActionWriter:
             target_index=d.target_index,
             url=target.url,
             clicks=target.clicks,
-            session_seconds=job.settings.session.longest,
-            allowed_hosts=allowed,
+            session_seconds=common.session_seconds,
+            allowed_hosts=common.allowed,
             seed=d.seed,
             platform=job.platform,
             referrer=target.referrer,
-            allowed_ports=ports,
+            allowed_ports=common.ports,
             proxies=proxies,
-            settings=settings_for_runners(job.settings),
+            settings=common.settings,
             # a runner needs the catalogue only for a device the job names
             device_catalogue=job.device_catalogue if job.settings.devices else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _JobItems:
+    """What every work item of one job carries alike, as of now."""
+
+    allowed: list[str]  # the consents of now, not those of when the job started
+    ports: dict[str, list[int]]
+    session_seconds: float
+    settings: JobSettings | None
+
+
+def _job_items(state: DispatchState, plan: JobPlan, authorised: frozenset[str]) -> _JobItems:
+    allowed = sorted(plan.host_set & authorised)
+    settings = plan.job.settings
+    return _JobItems(
+        allowed=allowed,
+        ports={h: sorted(_consent_ports(state, h)) for h in allowed},
+        session_seconds=settings.session.longest,
+        settings=settings_for_runners(settings),
+    )
 
 
 def _consent_ports(state: DispatchState, host: str) -> frozenset[int]:

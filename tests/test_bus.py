@@ -167,6 +167,24 @@ GARBAGE = {
 }
 
 
+async def test_a_reader_that_reads_ahead_never_skips_nor_repeats(bus: Bus) -> None:
+    # more than two batches of 5, and not a whole number of them
+    stored = [(cancelled(f"job_{n}"), f"m{n}") for n in range(23)]
+    last = (await bus.append_pipelined(stored))[-1].seq
+    batches = [b async for b in bus.read_stored(1, batch=5, follow=False)]
+    assert all(0 < len(b) <= 5 for b in batches)
+    assert [seq for b in batches for seq, _ in b] == list(range(1, last + 1))
+    # and from the middle, following, while more is stored
+    seen: list[int] = []
+    async for batch in bus.read_stored(last - 6, batch=5):
+        seen.extend(seq for seq, _ in batch)
+        if seen[-1] == last:
+            await bus.append(cancelled("job_x"), msg_id="more")
+        if seen[-1] == last + 1:
+            break
+    assert seen == list(range(last - 6, last + 2))
+
+
 async def test_messages_that_are_not_events_are_quarantined_and_skipped(bus: Bus) -> None:
     head = await create(bus, "job_q")
     for subject, raw in GARBAGE.values():

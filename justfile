@@ -16,13 +16,19 @@ setup:
 up *ARGS: setup
     {{bin}}/tb up {{ARGS}}
 
+# Test processes working at once. The tests mostly wait (on nats-server, Chromium,
+# sockets and timers), so more workers than cores pays; each test file stays on one
+# worker, so a file's shared browser starts once. TB_TEST_WORKERS=0 runs them in one.
+test_workers := env_var_or_default("TB_TEST_WORKERS", "4")
+parallel := "-n " + test_workers + " --dist loadfile"
+
 # the default test suite (real nats-server, real Chromium), without the slow tests
 test *ARGS: setup
-    {{bin}}/python -m pytest -q -m "not slow" {{ARGS}}
+    {{bin}}/python -m pytest -q -m "not slow" {{parallel}} {{ARGS}}
 
 # every test, the slow ones too (process kills, long browser runs): what CI runs
 test-all *ARGS: setup
-    {{bin}}/python -m pytest -q {{ARGS}}
+    {{bin}}/python -m pytest -q {{parallel}} {{ARGS}}
 
 # ruff, formatting and mypy --strict
 lint: setup

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import os
+import secrets
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from cli import datasets
@@ -51,6 +54,18 @@ def memory_kib(pid: int, field: str) -> int:
     return 0
 
 
+def log_in(port: int, password: str) -> str:
+    body = json.dumps({"username": "admin", "password": password}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/auth/login",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        token: str = json.loads(response.read())["token"]
+    return token
+
+
 async def main(rows: int, within: float) -> None:
     with tempfile.TemporaryDirectory(prefix="tb-bench-import-") as tmp:
         root = Path(tmp)
@@ -61,16 +76,19 @@ async def main(rows: int, within: float) -> None:
         counted, csv_seconds = plain_csv(source)
         assert counted == rows
         nats, nats_port = await start_nats_server_on_any_port(root / "js")
+        password = secrets.token_urlsafe()
         port = free_port()
         api = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli.main", "api",
             "--nats-url", f"nats://127.0.0.1:{nats_port}", "--port", str(port),
             "--db", str(root / "read.db"),
-            env={**os.environ, "TB_LOG_LEVEL": "warning"},
+            env={**os.environ, "TB_LOG_LEVEL": "warning", "TB_ADMIN_PASSWORD": password},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         try:
             await wait_for_port("127.0.0.1", port, timeout=60)
+            # the upload client sends what TB_API_TOKEN holds: the first admin's session
+            os.environ["TB_API_TOKEN"] = await asyncio.to_thread(log_in, port, password)
             before = memory_kib(api.pid, "VmRSS:")
             began = time.perf_counter()
             async with asyncio.timeout(within):

@@ -44,6 +44,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from engine.cancellation import raise_if_cancelled
 from engine.publisher import PUBLISH_TIMEOUT, AckedPublisher, Appended
 from engine.puller import Puller, stream_seq
 from engine.quarantine import Quarantine
@@ -57,6 +58,7 @@ from schemas.stored import Undecodable, stored_envelope
 log = structlog.get_logger("tb.bus")
 
 INVALID_SUBJECT = 10052  # JetStream: a consumer's filter is not a valid subject
+GONE_AFTER = 30.0  # seconds a finite read waits for counted messages that do not come
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines about the same connection error
 T = TypeVar("T")
 
@@ -555,14 +557,26 @@ class Bus:
                         return
                     if on_caught_up is not None:
                         on_caught_up()
+                quiet = 0  # fetches in a row that brought nothing
                 while True:
+                    raise_if_cancelled()
                     msgs = await puller.fetch(batch, idle_timeout)
                     if not msgs:
+                        quiet += 1
                         if not follow:
-                            return
+                            # a slow server is no end of the stream: what the consumer
+                            # counted at its start is still coming, unless it is gone
+                            # (removed by the stream's limits) for this long
+                            if remaining <= 0 or puller.pending == 0:
+                                return
+                            if quiet * idle_timeout >= GONE_AFTER:
+                                log.warning("reader.pending_never_came", left=remaining)
+                                return
+                            continue
                         if on_caught_up is not None:
                             on_caught_up()
                         continue
+                    quiet = 0
                     fresh: list[tuple[int, Msg]] = []
                     for msg in msgs:
                         seq = stream_seq(msg)
@@ -632,6 +646,18 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         return await self.js.key_value(bucket)
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        """The keys of ``bucket`` that hold a message, a deleted key's marker included (its
+        ``get`` raises KeyNotFoundError), in one stream-info request.
+
+        nats-py's ``KeyValue.keys()`` may answer none while entries exist: its watcher
+        ends the listing when the consumer has sent everything but the client has not
+        yet handled the first message, as happens on a busy machine.
+        """
+        prefix = f"$KV.{bucket}."
+        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+        return sorted(subject[len(prefix) :] for subject in info.state.subjects or {})
 
 
 def is_auth_error(err: Exception) -> bool:

@@ -19,6 +19,7 @@ from typing import TypeVar
 import structlog
 
 from engine.bus import Bus
+from engine.cancellation import raise_if_cancelled
 from engine.dispatch.actions import ActionWriter
 from engine.dispatch.checkpoint import Checkpoint
 from engine.dispatch.deliveries import DeliveryWatch
@@ -96,6 +97,7 @@ class Dispatcher:
             await self._until_caught_up(reader, target)
             log.info("dispatcher.ready", position=self.state.position)
             while True:
+                raise_if_cancelled()
                 if reader.done():
                     reader.result()
                 await self._retrying(self.tick)

@@ -20,16 +20,12 @@ _reported: set[tuple[str, int]] = set()  # (key, revision): say it once, not on 
 
 async def online_runners(bus: Bus) -> list[RunnerPresence]:
     kv = await bus.kv(subjects.RUNNERS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     found: list[RunnerPresence] = []
-    for key in sorted(keys):
+    for key in await bus.kv_keys(subjects.RUNNERS_BUCKET):
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
-            continue  # expired between listing and reading
+            continue  # deleted, or expired between listing and reading
         if entry.value:
             try:
                 found.append(_decode(entry.value))

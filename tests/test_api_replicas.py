@@ -51,7 +51,6 @@ def token_of(client: AsyncTestClient) -> str:
 async def test_a_write_through_one_replica_reads_through_the_other(
     nats_server: NatsServer, bus: Bus, tmp_path: Path
 ) -> None:
-    await put_presence(bus)
     async with (
         replica(nats_server.url, tmp_path / "a.db") as a,
         replica(nats_server.url, tmp_path / "b.db", token_of(a)) as b,
@@ -59,6 +58,7 @@ async def test_a_write_through_one_replica_reads_through_the_other(
         await a_run(bus)  # flows with outcomes and timings, for the metrics to agree on
         for n in range(3):
             writer, reader = (a, b) if n % 2 == 0 else (b, a)
+            await put_presence(bus)  # a runner's heartbeat: ``bus`` made its TTL 3 s
             created = await writer.post("/api/v1/jobs", json={**JOB, "name": f"job {n}"})
             assert created.status_code == 201, created.text
             job_id, seq = created.json()["job_id"], created.json()["seq"]

@@ -229,3 +229,28 @@ async def test_a_filter_that_is_no_subject_is_refused_not_retried_for_ever(bus: 
             async with asyncio.timeout(5):
                 async for _ in bus.read_batches(1, bad, follow=False):
                     pass
+
+
+async def test_a_finite_read_waits_out_a_slow_server_instead_of_ending_early(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch that brings nothing within its wait is a slow server, not the end of the
+    stream, while the consumer counted more at its start."""
+    from engine.puller import Puller
+
+    job_id = new_id()
+    await create(bus, job_id)
+    for n in range(4):
+        await bus.append(cancelled(job_id, f"a{n}"), msg_id=new_id())
+    fetch = Puller.fetch
+    slow = {"left": 3}
+
+    async def slow_server(self: Puller, batch: int, linger: float) -> list[object]:
+        if slow["left"]:
+            slow["left"] -= 1
+            return []  # as when nothing arrived within the linger
+        return await fetch(self, batch, 1)  # type: ignore[return-value]
+
+    monkeypatch.setattr(Puller, "fetch", slow_server)
+    loaded = await bus.load(subjects.job_stream_filter(job_id))
+    assert len(loaded) == 5 and slow["left"] == 0

@@ -288,12 +288,16 @@ TIMED_PAGE = """<!doctype html><html><body>
 <button id='slow' onclick='const t = performance.now(); while (performance.now() - t < 120) {}'>
   slow</button>
 <script>
-setTimeout(() => {
-  const banner = document.createElement('div');
-  banner.style.height = '200px';
-  banner.textContent = 'late banner';
-  document.body.prepend(banner);
-}, 150);
+// a shift counts only once the page has painted: the banner comes after the first paint
+new PerformanceObserver((entries, observer) => {
+  observer.disconnect();
+  setTimeout(() => {
+    const banner = document.createElement('div');
+    banner.style.height = '200px';
+    banner.textContent = 'late banner';
+    document.body.prepend(banner);
+  }, 0);
+}).observe({type: 'paint', buffered: true});
 </script>
 <a href='/'>again</a>
 </body></html>"""

@@ -60,7 +60,9 @@ async def test_login_me_logout(client: AsyncTestClient, nats_server: NatsServer)
     assigned = await client.put(f"/api/v1/users/{me['user_id']}/licence", json={"plan": "trial"})
     assert assigned.status_code in (200, 201, 202), assigned.text
     seq = assigned.json()["seq"]
-    me = (await client.get(f"/api/v1/auth/me?min_seq={seq}")).json()
+    # the caller is resolved before any read barrier of the request: wait in a read first
+    assert (await client.get(f"/api/v1/jobs?limit=1&min_seq={seq}")).status_code == 200
+    me = (await client.get("/api/v1/auth/me")).json()
     assert me["plan"] == me["licence"]["plan"] == "trial"
     assert me["licence"]["features"] == plan_named("trial").matrix()["features"]
     # what the API writes names the user who asked for it

@@ -50,7 +50,6 @@ _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")  # \s: what str.isspace() c
 # every work item of a target carries its URL, and is checked where it is built and
 # wherever it is read: remember the verdicts (a pure function of the string)
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=1024)  # a log names its targets' URLs again and again
 def url_problem(url: str) -> str | None:
     """Why ``url`` is not an http(s) URL a browser can be sent to, or ``None``."""
     if _SPACE_OR_CONTROL.search(url):

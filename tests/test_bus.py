@@ -206,6 +206,23 @@ async def test_messages_that_are_not_events_are_quarantined_and_skipped(bus: Bus
     assert {r.raw for r in records} == {raw for _, raw in GARBAGE.values()}
 
 
+async def test_messages_that_are_not_events_are_skipped_across_batches_read_ahead(
+    bus: Bus,
+) -> None:
+    # events and messages that are none, alternating, read two at a time: the batches
+    # asked for ahead split them anywhere
+    seqs: list[int] = []
+    for n, (subject, raw) in enumerate(GARBAGE.values()):
+        seqs.append((await bus.append(cancelled("job_q", f"a{n}"), msg_id=f"ev{n}")).seq)
+        await bus.js.publish(subject, raw)
+    last = (await bus.append(cancelled("job_q"), msg_id="tail")).seq
+    batches = [b async for b in bus.read_batches(1, batch=2, follow=False)]
+    assert [e.seq for b in batches for e in b.envelopes] == [*seqs, last]
+    quarantined = [q.seq for b in batches for q in b.quarantined]
+    assert quarantined == [seq + 1 for seq in seqs]
+    assert batches[-1].last_seq == last
+
+
 async def test_a_quarantined_tail_still_moves_the_position(bus: Bus) -> None:
     head = await create(bus, "job_t")
     # stored (acked) before the stream's last sequence is read

@@ -629,12 +629,15 @@ class Bus:
         elif filters:
             config.filter_subjects = filters
         info = await self.js.add_consumer(subjects.EVENTS_STREAM, config)
-        puller = await self.puller(info.name)
+        puller = await self.puller(info.name, read_ahead=True)  # nothing to ack: no cost
         return puller, int(info.num_pending or 0)
 
-    async def puller(self, consumer: str) -> Puller:
-        """Batched pulls from an existing consumer of the events stream."""
-        return await Puller(self.nc, subjects.EVENTS_STREAM, consumer, self._api_prefix).start()
+    async def puller(self, consumer: str, *, read_ahead: bool = False) -> Puller:
+        """Batched pulls from an existing consumer of the events stream (``Puller``)."""
+        puller = Puller(
+            self.nc, subjects.EVENTS_STREAM, consumer, self._api_prefix, read_ahead=read_ahead
+        )
+        return await puller.start()
 
     @property
     def _api_prefix(self) -> str:

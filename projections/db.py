@@ -10,8 +10,10 @@ from typing import Any
 from urllib.parse import quote
 
 import aiosqlite
+import msgspec
 
 IN_CHUNK = 500  # ids per ``IN (…)``
+_encode = msgspec.json.Encoder().encode
 
 CHECKPOINTS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
@@ -92,17 +94,19 @@ async def select_in(db: aiosqlite.Connection, sql: str, ids: list[str]) -> list[
 
 
 def iso(at: datetime) -> str:
-    """Event time as sortable UTC text; naive datetimes are taken as UTC.
+    """Event time as sortable UTC text (``datetime.isoformat`` of it in UTC); naive
+    datetimes are taken as UTC.
 
     A time at the edge of the calendar (9999-12-31T23:00-05:00) has no UTC spelling:
     it is kept as the last (or first) representable instant instead of failing the batch.
     """
-    if at.tzinfo is UTC:
-        return at.isoformat()  # as events are decoded: nothing to convert
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    try:
-        return at.astimezone(UTC).isoformat()
-    except OverflowError:
-        edge = datetime.max if at.year > 1 else datetime.min
-        return edge.replace(tzinfo=UTC).isoformat()
+    if at.tzinfo is not UTC:
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        try:
+            at = at.astimezone(UTC)
+        except OverflowError:
+            at = (datetime.max if at.year > 1 else datetime.min).replace(tzinfo=UTC)
+    # msgspec writes RFC 3339 as isoformat does, with Z for +00:00, several times faster:
+    # this runs for every event folded (a property test holds the two equal)
+    return _encode(at)[1:-2].decode() + "+00:00"

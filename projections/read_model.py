@@ -23,15 +23,17 @@ from projections import (
 )
 from projections.db import checkpoint, connect, create_schema, set_checkpoint, transaction
 from schemas.events import (
+    ClickDone,
+    ClickSkipped,
     ConsentEvent,
     DatasetEvent,
     EgressRefused,
     Envelope,
-    FlowDone,
-    FlowEvent,
-    FlowFailed,
+    Event,
     JobEvent,
     LicenseAssigned,
+    PageLeft,
+    PageVisited,
     ProxyEvent,
     ProxyFailed,
     RunnerEvent,
@@ -59,6 +61,11 @@ SCHEMA = (
 # verified, subdomains; 12: datasets folded, their shares; 14: proxies: bypass list, DNS;
 # 15: jobs' device catalogue
 SCHEMA_VERSION = 15
+
+# most of a log, told apart by exact type (event classes are final) as isinstance costs
+_PAGES_AND_CLICKS: frozenset[type[Event]] = frozenset(
+    {PageVisited, PageLeft, ClickDone, ClickSkipped}
+)
 
 
 def _creates_index(statement: str) -> bool:
@@ -137,19 +144,17 @@ async def apply_batch(
                 job_id = flow_batch.apply(env, event)
                 if job_id is not None:
                     update.job_ids.add(job_id)
-                if isinstance(event, FlowDone | FlowFailed):  # a run a runner reported
-                    runs.count(event)
-            elif isinstance(event, FlowEvent):  # pages and clicks: counted below
-                if isinstance(event, EgressRefused):
-                    update.job_ids.update(await jobs.apply(db, env))
-                elif isinstance(event, ProxyFailed):
-                    update.proxy_ids.update(await proxies.apply(db, env))
+                runs.count(event)
+            elif type(event) in _PAGES_AND_CLICKS:
+                continue  # the run metrics and the audit trail take them below
+            elif isinstance(event, EgressRefused):
+                update.job_ids.update(await jobs.apply(db, env))
+            elif isinstance(event, ProxyFailed | ProxyEvent):
+                update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, JobEvent):
                 await flow_batch.flush(db)  # the job's row as its flows left it, in order
                 update.job_ids.update(await jobs.apply(db, env))
                 await flow_batch.reload_job(db, event.job_id)
-            elif isinstance(event, ProxyEvent):
-                update.proxy_ids.update(await proxies.apply(db, env))
             elif isinstance(event, RunnerEvent):
                 update.runner_ids.update(await runs.flush(db))  # the runs before a restart
                 update.runner_ids.update(await runners.apply(db, env))

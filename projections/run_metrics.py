@@ -133,7 +133,7 @@ async def apply_batch(db: aiosqlite.Connection, batch: Sequence[Envelope]) -> No
     await _count_events(db, types)
     deltas = _Deltas()
     if PageVisited in types:
-        visits = [event for event in events if isinstance(event, PageVisited)]
+        visits = [event for event in events if type(event) is PageVisited]
         await _page_timings(db, visits, deltas)
     if not _ENDS.isdisjoint(types):
         ends = {event.flow_id for event in events if _ends_a_flow(event)}

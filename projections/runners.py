@@ -25,6 +25,7 @@ from schemas.events import (
     RunnerDraining,
     RunnerRegistered,
 )
+from schemas.flow_lifecycle import FlowProgress
 
 RunnerStatus = Literal["registered", "draining", "deregistered"]
 
@@ -57,12 +58,20 @@ class Runs:
     def __init__(self) -> None:
         self._counts: dict[str, list[int]] = {}
 
-    def count(self, event: FlowDone | FlowFailed) -> None:
-        if event.runner_id:
-            counts = self._counts.get(event.runner_id)
+    def count(self, event: FlowProgress) -> None:
+        """A run, if the event reports one: a ``FlowDone`` or ``FlowFailed`` that names its
+        runner (told by exact type: event classes are final)."""
+        if type(event) is FlowDone:
+            runner_id, column = event.runner_id, 0
+        elif type(event) is FlowFailed:
+            runner_id, column = event.runner_id, 1
+        else:
+            return
+        if runner_id:
+            counts = self._counts.get(runner_id)
             if counts is None:
-                counts = self._counts[event.runner_id] = [0, 0]
-            counts[0 if isinstance(event, FlowDone) else 1] += 1
+                counts = self._counts[runner_id] = [0, 0]
+            counts[column] += 1
 
     async def flush(self, db: aiosqlite.Connection) -> set[str]:
         """Add the counts; returns the ids of the runners that have a row."""

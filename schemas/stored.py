@@ -40,7 +40,7 @@ def decode_stored(subject: str, data: bytes, headers: Mapping[str, str] | None) 
     expected = subjects.subject_for(event)
     if expected != subject:
         raise Undecodable(f"a {type(event).__name__} belongs on {expected}, not on {subject}")
-    if isinstance(event, JobCreated) and not _first_of_its_job(event, headers):
+    if type(event) is JobCreated and not _first_of_its_job(event, headers):
         raise Undecodable("JobCreated not stored as the job's first event")
     return event
 

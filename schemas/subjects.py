@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from schemas.events import (
     ConsentEvent,
@@ -256,28 +257,41 @@ DISPATCHER_INPUTS = [
 
 def subject_for(event: Event) -> str:
     """The subject an event is stored on, derived from its type and aggregate id."""
-    kind = type(event).__name__
-    if isinstance(event, FlowDispatched):
-        return dispatch_subject(event.platform.os, event.platform.browser)
-    if isinstance(event, FlowEvent):
-        return flow_subject(event.job_id, kind)
-    if isinstance(event, JobEvent):
-        return job_subject(event.job_id, kind)
-    if isinstance(event, RunnerEvent):
-        return runner_subject(event.runner_id, kind)
-    if isinstance(event, ConsentEvent):
-        return consent_subject(event.domain, kind)
-    if isinstance(event, ProxyEvent):
-        return proxy_subject(event.proxy_id, kind)
-    if isinstance(event, UserEvent):
-        return user_subject(event.user_id, kind)
-    if isinstance(event, RunnerKeyEvent):
-        return runner_key_subject(event.key_id, kind)
-    if isinstance(event, DatasetEvent):
-        return dataset_subject(event.dataset_id, kind)
-    if isinstance(event, DeviceCatalogueAdopted):
-        return device_catalogue_subject(kind)
-    raise TypeError(f"no subject for {kind}")
+    kind = type(event)
+    make = _SUBJECT_OF.get(kind)
+    if make is None:
+        make = _SUBJECT_OF[kind] = _subject_of(kind)
+    return make(event)
+
+
+# how each event class makes its subject, found once per class: every event read is
+# checked against its subject, and isinstance down the chain costs more than the rest
+_SUBJECT_OF: dict[type[Event], Callable[[Any], str]] = {}
+
+
+def _subject_of(kind: type[Event]) -> Callable[[Any], str]:
+    name = kind.__name__
+    if issubclass(kind, FlowDispatched):
+        return lambda event: dispatch_subject(event.platform.os, event.platform.browser)
+    if issubclass(kind, FlowEvent):
+        return lambda event: flow_subject(event.job_id, name)
+    if issubclass(kind, JobEvent):
+        return lambda event: job_subject(event.job_id, name)
+    if issubclass(kind, RunnerEvent):
+        return lambda event: runner_subject(event.runner_id, name)
+    if issubclass(kind, ConsentEvent):
+        return lambda event: consent_subject(event.domain, name)
+    if issubclass(kind, ProxyEvent):
+        return lambda event: proxy_subject(event.proxy_id, name)
+    if issubclass(kind, UserEvent):
+        return lambda event: user_subject(event.user_id, name)
+    if issubclass(kind, RunnerKeyEvent):
+        return lambda event: runner_key_subject(event.key_id, name)
+    if issubclass(kind, DatasetEvent):
+        return lambda event: dataset_subject(event.dataset_id, name)
+    if issubclass(kind, DeviceCatalogueAdopted):
+        return lambda event: device_catalogue_subject(name)
+    raise TypeError(f"no subject for {name}")
 
 
 def dispatch_msg_id(flow_id: str, attempt: int) -> str:

@@ -167,6 +167,24 @@ GARBAGE = {
 }
 
 
+async def test_a_reader_that_reads_ahead_never_skips_nor_repeats(bus: Bus) -> None:
+    # more than two batches of 5, and not a whole number of them
+    stored = [(cancelled(f"job_{n}"), f"m{n}") for n in range(23)]
+    last = (await bus.append_pipelined(stored))[-1].seq
+    batches = [b async for b in bus.read_stored(1, batch=5, follow=False)]
+    assert all(0 < len(b) <= 5 for b in batches)
+    assert [seq for b in batches for seq, _ in b] == list(range(1, last + 1))
+    # and from the middle, following, while more is stored
+    seen: list[int] = []
+    async for batch in bus.read_stored(last - 6, batch=5):
+        seen.extend(seq for seq, _ in batch)
+        if seen[-1] == last:
+            await bus.append(cancelled("job_x"), msg_id="more")
+        if seen[-1] == last + 1:
+            break
+    assert seen == list(range(last - 6, last + 2))
+
+
 async def test_messages_that_are_not_events_are_quarantined_and_skipped(bus: Bus) -> None:
     head = await create(bus, "job_q")
     for subject, raw in GARBAGE.values():
@@ -186,6 +204,23 @@ async def test_messages_that_are_not_events_are_quarantined_and_skipped(bus: Bus
     assert {r.subject for r in records} == {subject for subject, _ in GARBAGE.values()}
     assert all(r.reason and r.detected_by == "test" for r in records)
     assert {r.raw for r in records} == {raw for _, raw in GARBAGE.values()}
+
+
+async def test_messages_that_are_not_events_are_skipped_across_batches_read_ahead(
+    bus: Bus,
+) -> None:
+    # events and messages that are none, alternating, read two at a time: the batches
+    # asked for ahead split them anywhere
+    seqs: list[int] = []
+    for n, (subject, raw) in enumerate(GARBAGE.values()):
+        seqs.append((await bus.append(cancelled("job_q", f"a{n}"), msg_id=f"ev{n}")).seq)
+        await bus.js.publish(subject, raw)
+    last = (await bus.append(cancelled("job_q"), msg_id="tail")).seq
+    batches = [b async for b in bus.read_batches(1, batch=2, follow=False)]
+    assert [e.seq for b in batches for e in b.envelopes] == [*seqs, last]
+    quarantined = [q.seq for b in batches for q in b.quarantined]
+    assert quarantined == [seq + 1 for seq in seqs]
+    assert batches[-1].last_seq == last
 
 
 async def test_a_quarantined_tail_still_moves_the_position(bus: Bus) -> None:

@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 import aiosqlite
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.bus import Batch, Bus, Expect
 from projections import jobs
-from projections.db import connect, set_checkpoint, transaction
+from projections.db import connect, iso, set_checkpoint, transaction
 from projections.projector import ProjectionUpdate, Projector, ProjectorFailed
 from projections.queries import (
     get_consent,
@@ -440,6 +442,19 @@ async def test_times_at_the_edge_of_the_calendar_fold_and_read_back(db_path: Pat
         assert consent.expires_at == datetime.min.replace(tzinfo=UTC)
     finally:
         await db.close()
+
+
+OFFSETS = st.timedeltas(min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23))
+
+
+@given(st.datetimes(timezones=st.none() | st.just(UTC) | st.builds(timezone, OFFSETS)))
+def test_event_times_are_stored_as_their_utc_isoformat(at: datetime) -> None:
+    utc = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+    try:
+        utc = utc.astimezone(UTC)
+    except OverflowError:  # no UTC spelling: the calendar's edge
+        utc = (datetime.max if at.year > 1 else datetime.min).replace(tzinfo=UTC)
+    assert iso(at) == utc.isoformat()
 
 
 async def test_a_transaction_cancelled_while_it_begins_leaves_none_open(db_path: Path) -> None:

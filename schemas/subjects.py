@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -257,18 +258,12 @@ DISPATCHER_INPUTS = [
 
 def subject_for(event: Event) -> str:
     """The subject an event is stored on, derived from its type and aggregate id."""
-    kind = type(event)
-    make = _SUBJECT_OF.get(kind)
-    if make is None:
-        make = _SUBJECT_OF[kind] = _subject_of(kind)
-    return make(event)
+    return _subject_of(type(event))(event)
 
 
 # how each event class makes its subject, found once per class: every event read is
 # checked against its subject, and isinstance down the chain costs more than the rest
-_SUBJECT_OF: dict[type[Event], Callable[[Any], str]] = {}
-
-
+@functools.cache
 def _subject_of(kind: type[Event]) -> Callable[[Any], str]:
     name = kind.__name__
     if issubclass(kind, FlowDispatched):
